@@ -1,0 +1,1 @@
+"""edgeopt agent: the on-device daemon."""

@@ -1,0 +1,52 @@
+"""Inference runtimes behind one small interface (load / infer / describe).
+
+The registry maps a runtime name to ``"module:Class"`` and imports lazily, so the agent runs with only the
+runtimes that are installed; asking for a missing one raises an error that names the extra to install.
+The SDK uses the same runtimes to validate and benchmark what it builds.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ...sdk.errors import MissingDependencyError, UnsupportedError
+from .base import LoadedModel, Runtime
+
+REGISTRY: dict[str, tuple[str, str]] = {
+    # name: ("module:Class", extra that installs it)
+    "openvino": ("edgeopt.agent.runtimes.openvino:OpenVINORuntime", "openvino"),
+    "onnxruntime": ("edgeopt.agent.runtimes.onnxruntime:OnnxRuntimeRuntime", "onnxruntime"),
+    "tflite": ("edgeopt.agent.runtimes.tflite:TFLiteRuntime", "tflite"),
+}
+
+
+def get_runtime(name: str) -> type[Runtime]:
+    """The runtime class registered under ``name``; imports it on first use."""
+    try:
+        target, extra = REGISTRY[name]
+    except KeyError:
+        raise UnsupportedError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}") from None
+    module, cls = target.split(":")
+    try:
+        runtime = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"runtime {name!r} is not installed ({exc.name} cannot be imported)",
+            hint=f"install it with: pip install 'edgeopt[{extra}]'",
+        ) from None
+    runtime.check_importable()
+    return runtime
+
+
+def available_runtimes() -> dict[str, dict]:
+    """What each registered runtime reports on this machine (for the hardware probe)."""
+    out: dict[str, dict] = {}
+    for name in REGISTRY:
+        try:
+            rt = get_runtime(name)
+            out[name] = {"available": True, "version": rt.version(), "devices": rt.devices()}
+        except (MissingDependencyError, UnsupportedError) as exc:
+            out[name] = {"available": False, "reason": exc.one_line()}
+    return out
+
+
+__all__ = ["REGISTRY", "get_runtime", "available_runtimes", "Runtime", "LoadedModel"]

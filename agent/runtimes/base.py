@@ -1,0 +1,73 @@
+"""The runtime interface: load a model file for a device, run it, describe it."""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ...sdk.errors import InputError
+from ...sdk.package import TensorSpec
+
+
+class LoadedModel(abc.ABC):
+    """A model compiled for one device, ready to run. ``infer`` is safe to call from one thread at a time."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abc.abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; feeds and results are keyed by tensor name."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"inputs": [t.model_dump() for t in self.inputs], "outputs": [t.model_dump() for t in self.outputs]}
+
+    def close(self) -> None:
+        """Free runtime resources."""
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Refuse wrong names, dtypes or ranks with a message naming input, expected and found."""
+        expected = {t.name: t for t in self.inputs}
+        missing = sorted(set(expected) - set(feeds))
+        extra = sorted(set(feeds) - set(expected))
+        if missing or extra:
+            raise InputError(f"inputs do not match the model: missing {missing}, unexpected {extra}; "
+                             f"expected {sorted(expected)}")
+        for name, arr in feeds.items():
+            spec = expected[name]
+            if str(arr.dtype) != spec.dtype:
+                raise InputError(f"input {name!r}: expected dtype {spec.dtype}, found {arr.dtype}")
+            if arr.ndim != len(spec.shape):
+                raise InputError(f"input {name!r}: expected shape {spec.shape}, found {list(arr.shape)}")
+            for want, got in zip(spec.shape, arr.shape):
+                if isinstance(want, int) and want >= 0 and want != got:
+                    raise InputError(f"input {name!r}: expected shape {spec.shape}, found {list(arr.shape)}")
+
+
+class Runtime(abc.ABC):
+    """One inference runtime (OpenVINO, ONNX Runtime, TFLite)."""
+
+    name: ClassVar[str]
+    extra: ClassVar[str]
+
+    @classmethod
+    def check_importable(cls) -> None:
+        """Raise ImportError (turned into MissingDependencyError by the registry) when unusable."""
+
+    @classmethod
+    @abc.abstractmethod
+    def version(cls) -> str: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def devices(cls) -> list[str]:
+        """Devices or providers this runtime really has here (not ones it would silently fall back from)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, model_path: Path, *, device: str, threads: int | None = None,
+             performance_hint: str = "latency", cache_dir: Path | None = None,
+             options: dict[str, Any] | None = None) -> LoadedModel:
+        """Compile ``model_path`` for ``device``; raise UnsupportedError if the device is absent."""

@@ -1,0 +1,1 @@
+"""edgeopt dashboard: Flask + SQLAlchemy fleet dashboard."""

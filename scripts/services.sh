@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Starts the services the tests use when they are not already running: Mosquitto on 127.0.0.1:1883 and,
+# where installed, PostgreSQL on 127.0.0.1:5432. Prints what it found or started.
+set -uo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if port_open 1883; then
+  echo "services: mosquitto already listening on 127.0.0.1:1883"
+elif command -v mosquitto >/dev/null 2>&1; then
+  mosquitto -d -p 1883 >/dev/null 2>&1 || mosquitto -d -c /etc/mosquitto/mosquitto.conf
+  for _ in $(seq 50); do port_open 1883 && break; sleep 0.1; done
+  port_open 1883 && echo "services: started mosquitto on 127.0.0.1:1883" || echo "services: mosquitto did not start"
+fi
+
+if port_open 5432; then
+  echo "services: postgresql already listening on 127.0.0.1:5432"
+elif command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql >/dev/null 2>&1; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start >/dev/null 2>&1 || true
+  for _ in $(seq 50); do port_open 5432 && break; sleep 0.2; done
+  port_open 5432 && echo "services: started postgresql on 127.0.0.1:5432" || echo "services: postgresql did not start"
+fi
+exit 0

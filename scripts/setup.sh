@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what edgeopt needs from nothing: system packages (apt-get, only when missing), then a virtual
+# environment in .venv with the project and its extras. Safe to run again; it skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+
+want=()
+command -v mosquitto >/dev/null 2>&1 || want+=(mosquitto mosquitto-clients)
+if [[ "${EDGEOPT_SETUP_BROWSER:-1}" == 1 ]]; then
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+fi
+if [[ "${EDGEOPT_SETUP_POSTGRES:-0}" == 1 ]]; then
+  command -v pg_ctlcluster >/dev/null 2>&1 || want+=(postgresql)
+fi
+if ((${#want[@]})); then
+  if [[ $(id -u) == 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+  echo "setup: installing system packages: ${want[*]}"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edgeopt-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp ]]; then
+  echo "setup: installing edgeopt[all,test] into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[all,test]'
+  touch "$stamp"
+fi

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh), starts the services (scripts/services.sh) and runs the whole test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh tests/sdk -k profile
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/services.sh
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [[ -z "${EDGEOPT_TEST_POSTGRES_URL:-}" ]] && port_open 5432; then
+  export EDGEOPT_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test"
+fi
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [[ $rc == 5 ]]; then
+  echo "error: pytest collected no tests; failing on purpose (exit 5 must not pass silently)" >&2
+  exit 1
+fi
+exit $rc

@@ -1,0 +1,274 @@
+"""Hardware profiles: the typed, declarative description of one deployment target.
+
+A profile file (TOML or YAML) is validated into :class:`HardwareProfile`; unknown keys are refused,
+and every error names the file, the key path, the value found, what was expected and the fix.
+The shipped profiles live in ``hardware_profiles/``; users pass a path to add their own.
+"""
+from __future__ import annotations
+
+import difflib
+import enum
+import importlib.resources
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class DeviceKind(str, enum.Enum):
+    """The class of silicon a profile targets; the agent refuses a package its device cannot run."""
+
+    CPU = "cpu"
+    INTEL_GPU = "intel-gpu"
+    INTEL_NPU = "intel-npu"
+    NVIDIA_GPU = "nvidia-gpu"
+    ARM_CPU = "arm-cpu"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"  # static post-training quantization with calibration data
+    INT8_WEIGHT_ONLY = "int8-weight-only"
+
+
+class ShapePolicy(str, enum.Enum):
+    DYNAMIC_ALLOWED = "dynamic-allowed"
+    STATIC_PREFERRED = "static-preferred"
+    STATIC_REQUIRED = "static-required"
+
+
+class PerformanceHint(str, enum.Enum):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+
+class OpenVINORuntime(_Strict):
+    """OpenVINO runtime block."""
+
+    runtime: Literal["openvino"] = Field(description="Runtime key.")
+    device: Literal["CPU", "GPU", "NPU"] = Field(
+        description="OpenVINO device name. AUTO is not accepted: it silently falls back to CPU."
+    )
+    model_cache: bool = Field(True, description="Enable OpenVINO's model cache on the device.")
+
+
+class OnnxRuntimeRuntime(_Strict):
+    """ONNX Runtime block."""
+
+    runtime: Literal["onnxruntime"] = Field(description="Runtime key.")
+    providers: tuple[str, ...] = Field(
+        ("CPUExecutionProvider",),
+        min_length=1,
+        description="Execution providers in order of preference, e.g. CUDAExecutionProvider.",
+    )
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimization level."
+    )
+
+
+class TFLiteRuntime(_Strict):
+    """TFLite / LiteRT block."""
+
+    runtime: Literal["tflite"] = Field(description="Runtime key.")
+    use_xnnpack: bool = Field(True, description="Use the XNNPACK delegate (the default CPU kernels).")
+
+
+RuntimeSpec = Annotated[
+    Union[OpenVINORuntime, OnnxRuntimeRuntime, TFLiteRuntime], Field(discriminator="runtime")
+]
+
+
+class TargetSpec(_Strict):
+    device: DeviceKind = Field(description="Class of device that runs packages of this profile.")
+    arch: tuple[Literal["x86_64", "aarch64", "armv7l"], ...] = Field(
+        ("x86_64", "aarch64"), min_length=1, description="CPU architectures the package may run on."
+    )
+    cpu_flags: tuple[str, ...] = Field((), description="CPU flags the device must have (e.g. avx2).")
+
+
+class PrecisionSpec(_Strict):
+    mode: Precision = Field(description="Numeric precision of the optimized model.")
+    per_layer_fp32_fallback: bool = Field(
+        True, description="With --accuracy-aware, layers may stay in float to meet the budget."
+    )
+    per_channel: bool = Field(True, description="Per-channel weight quantization (int8).")
+    calibration_samples: int = Field(
+        300, ge=1, le=100_000, description="Maximum calibration samples used for int8."
+    )
+
+
+class ShapeSpec(_Strict):
+    policy: ShapePolicy = Field(description="Whether dynamic dimensions are allowed in the package.")
+
+
+class ThreadsSpec(_Strict):
+    policy: Literal["auto", "physical-cores", "fixed"] = Field(
+        "auto", description="How many inference threads: runtime default, one per physical core, or a fixed count."
+    )
+    count: int | None = Field(None, ge=1, le=512, description="Thread count when policy is 'fixed'.")
+
+    @model_validator(mode="after")
+    def _count_matches_policy(self) -> "ThreadsSpec":
+        if self.policy == "fixed" and self.count is None:
+            raise ValueError("policy 'fixed' needs 'count' (set count = N or use policy = 'auto')")
+        if self.policy != "fixed" and self.count is not None:
+            raise ValueError(f"'count' is only used with policy 'fixed' (policy is {self.policy!r})")
+        return self
+
+
+class AccuracyBudget(_Strict):
+    min_cosine: float = Field(
+        0.99, ge=0.0, le=1.0, description="Least output cosine similarity to fp32 on every held-out sample."
+    )
+    min_top1_agreement: float = Field(
+        0.99, ge=0.0, le=1.0, description="Least top-1 agreement with fp32 (classifiers)."
+    )
+    max_metric_drop: float = Field(
+        1.0, ge=0.0, le=100.0, description="Largest drop of the task metric, in points, when labels are given."
+    )
+    held_out_samples: int = Field(
+        64, ge=1, le=100_000, description="Held-out samples used for the accuracy check."
+    )
+
+
+class HardwareProfile(_Strict):
+    """One deployment target: runtime, device, precision, shapes and budgets."""
+
+    schema_version: Literal[1] = Field(1, description="Profile schema version.")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Profile name (file stem).")
+    description: str = Field("", description="One line for `edgeopt profiles list`.")
+    target: TargetSpec = Field(description="The device class and architectures.")
+    runtimes: tuple[RuntimeSpec, ...] = Field(
+        min_length=1,
+        description="Candidate runtimes; with more than one, the SDK measures each and records the faster.",
+    )
+    precision: PrecisionSpec = Field(description="Numeric precision.")
+    shapes: ShapeSpec = Field(description="Shape policy.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Batch size for benchmarks and the agent's max batch.")
+    performance_hint: PerformanceHint = Field(PerformanceHint.LATENCY, description="Latency or throughput.")
+    threads: ThreadsSpec = Field(default_factory=ThreadsSpec, description="Inference thread policy.")
+    accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget, description="Accuracy budget vs fp32.")
+    fallback: str | None = Field(None, description="Profile to use when this one cannot run the model.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "HardwareProfile":
+        for rt in self.runtimes:
+            if isinstance(rt, OpenVINORuntime):
+                wanted = {DeviceKind.CPU: "CPU", DeviceKind.INTEL_GPU: "GPU", DeviceKind.INTEL_NPU: "NPU",
+                          DeviceKind.ARM_CPU: "CPU"}.get(self.target.device)
+                if wanted is None or rt.device != wanted:
+                    raise ValueError(
+                        f"OpenVINO device {rt.device!r} does not match target device "
+                        f"{self.target.device.value!r}"
+                    )
+        if self.fallback == self.name:
+            raise ValueError("a profile cannot fall back to itself")
+        return self
+
+    @property
+    def requires_static_shapes(self) -> bool:
+        return self.shapes.policy is ShapePolicy.STATIC_REQUIRED
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready content, as stored in a package manifest."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: profile file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read profile file: {exc}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"{path}: unknown profile file type {suffix!r}", hint="use .toml, .yaml or .yml")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # yaml.YAMLError carries its own line/column
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a table/mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    """One line per problem: file, key path, value found, what was expected."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        value = err.get("input")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = f"unknown key (remove it or check its spelling)"
+        elif kind == "missing":
+            msg = "required key is missing"
+            value = None
+        else:
+            msg = err["msg"]
+        shown = "" if value is None or isinstance(value, dict) else f" (found {value!r})"
+        lines.append(f"{path}: {loc or '<top>'}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def load_profile_file(path: str | Path) -> HardwareProfile:
+    """Validate one profile file. Raises :class:`ConfigError` naming file, key, value and fix."""
+    path = Path(path)
+    data = _read_document(path)
+    data.setdefault("name", path.stem)
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+
+
+def builtin_profile_paths() -> dict[str, Path]:
+    """Shipped profiles by name."""
+    root = importlib.resources.files("edgeopt.hardware_profiles")
+    out: dict[str, Path] = {}
+    for entry in root.iterdir():
+        if entry.name.endswith((".toml", ".yaml", ".yml")):
+            out[entry.name.rsplit(".", 1)[0]] = Path(str(entry))
+    return dict(sorted(out.items()))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A shipped profile by name, or a user's profile file by path."""
+    text = str(name_or_path)
+    candidate = Path(text)
+    if candidate.suffix.lower() in (".toml", ".yaml", ".yml") or candidate.exists():
+        return load_profile_file(candidate)
+    shipped = builtin_profile_paths()
+    if text in shipped:
+        return load_profile_file(shipped[text])
+    close = difflib.get_close_matches(text, list(shipped), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(shipped)}, or pass a profile file"
+    raise ConfigError(f"unknown profile {text!r}", hint=hint)

@@ -1,0 +1,272 @@
+"""MQTT payloads shared by the agent (writer) and the dashboard (reader).
+
+Every payload is a JSON object with ``schema_version``, ``device_id``, UTC ``ts``, ``session_id`` and a
+per-session ``seq`` (Sparkplug B style), so a reader drops QoS 1 duplicates by (device, session, seq) and
+can order a late last will after a restart. Unknown fields are ignored; an unknown major version is
+rejected. Latency is carried as a histogram over fixed bucket bounds, so readers can merge devices and
+compute true fleet percentiles instead of averaging percentiles.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
+
+from .errors import InputError
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+# Upper bounds (ms) of the latency buckets; one more bucket counts everything above the last bound.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0,
+    100.0, 150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0, 10000.0,
+)
+
+
+class PayloadError(InputError):
+    """A payload could not be accepted; ``reason`` is a short counter key (bad_json, bad_schema, ...)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Histogram:
+    """Latency histogram over :data:`LATENCY_BUCKETS_MS`. Mergeable by adding counts."""
+
+    __slots__ = ("counts", "sum_ms", "count")
+
+    def __init__(self, counts: list[int] | None = None, sum_ms: float = 0.0):
+        self.counts = list(counts) if counts is not None else [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        if len(self.counts) != len(LATENCY_BUCKETS_MS) + 1:
+            raise ValueError(f"histogram needs {len(LATENCY_BUCKETS_MS) + 1} counts, got {len(self.counts)}")
+        self.sum_ms = sum_ms
+        self.count = sum(self.counts)
+
+    def observe(self, ms: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += n
+        self.sum_ms += ms * n
+        self.count += n
+
+    def merge(self, other: "Histogram") -> "Histogram":
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.sum_ms += other.sum_ms
+        self.count += other.count
+        return self
+
+    def quantile(self, q: float) -> float | None:
+        """Estimated q-quantile (0..1), interpolating linearly inside the bucket; None when empty."""
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, c in enumerate(self.counts):
+            if c and seen + c >= rank:
+                lo = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+                hi = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else LATENCY_BUCKETS_MS[-1] * 2
+                return lo + (hi - lo) * max(0.0, min(1.0, (rank - seen) / c))
+            seen += c
+        return LATENCY_BUCKETS_MS[-1] * 2
+
+    def to_model(self) -> "HistogramModel":
+        return HistogramModel(counts=list(self.counts), sum_ms=self.sum_ms)
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: str = Field(SCHEMA_VERSION, description="major.minor; readers reject other majors.")
+    device_id: str = Field(min_length=1, max_length=128)
+    ts: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc), description="UTC time.")
+    session_id: str = Field(min_length=1, max_length=64, description="New for every agent start.")
+    seq: int = Field(ge=0, description="Per-session sequence number, over all of this device's payloads.")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _major(cls, v: str) -> str:
+        try:
+            major = int(str(v).split(".", 1)[0])
+        except ValueError:
+            raise ValueError(f"schema_version must look like '1.0', found {v!r}") from None
+        if major != SUPPORTED_MAJOR:
+            raise ValueError(f"unsupported schema major version {major} (supported: {SUPPORTED_MAJOR})")
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return v.astimezone(timezone.utc)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+class InstalledPackage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    version: str
+    profile: str
+    runtime: str
+    precision: str | None = None
+    sha256: str | None = None
+    previous_version: str | None = None
+
+
+class StatusPayload(_Payload):
+    """Retained on ``status``: ``online`` as birth, ``offline`` as last will."""
+
+    kind: Literal["status"] = "status"
+    state: Literal["online", "offline"]
+    agent_version: str | None = None
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+    packages: list[InstalledPackage] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+
+class HistogramModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    bounds_ms: list[float] = Field(default_factory=lambda: list(LATENCY_BUCKETS_MS))
+    counts: list[Annotated[int, Field(ge=0)]]
+    sum_ms: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "HistogramModel":
+        if tuple(self.bounds_ms) != LATENCY_BUCKETS_MS:
+            raise ValueError("histogram bounds differ from the contract's fixed LATENCY_BUCKETS_MS")
+        if len(self.counts) != len(LATENCY_BUCKETS_MS) + 1:
+            raise ValueError(f"histogram needs {len(LATENCY_BUCKETS_MS) + 1} counts")
+        return self
+
+    def to_histogram(self) -> Histogram:
+        return Histogram(self.counts, self.sum_ms)
+
+
+class ModelStats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    version: str | None = None
+    requests: int = Field(ge=0, description="Requests completed in this interval.")
+    errors: int = Field(0, ge=0)
+    throughput_ips: float = Field(0.0, ge=0, description="Inferences per second over the interval.")
+    latency: HistogramModel
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    queue_depth: int = Field(0, ge=0)
+    batch_sizes: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+
+
+class SystemStats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    mem_available_bytes: int | None = None
+    temperature_c: float | None = None
+    load_1m: float | None = None
+
+
+class TelemetryPayload(_Payload):
+    kind: Literal["telemetry"] = "telemetry"
+    interval_s: float = Field(gt=0, le=86400)
+    models: list[ModelStats] = Field(default_factory=list)
+    system: SystemStats = Field(default_factory=SystemStats)
+    dropped: int = Field(0, ge=0, description="Outbox messages dropped (oldest first) since the agent started.")
+
+
+class EventPayload(_Payload):
+    kind: Literal["event"] = "event"
+    event: Literal["download", "install", "switch", "self_test", "rollback", "refused", "error", "config",
+                   "started", "stopped"]
+    ok: bool = True
+    model: str | None = None
+    version: str | None = None
+    from_version: str | None = None
+    message: str = ""
+    command_id: str | None = None
+    deployment_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandPayload(BaseModel):
+    """Sent by the dashboard on ``cmd``; the agent answers on ``cmd/result`` naming the id."""
+
+    model_config = ConfigDict(extra="ignore")
+    schema_version: str = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=64)
+    command: Literal["deploy", "rollback", "set-config", "ping"]
+    ts: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    args: dict[str, Any] = Field(default_factory=dict)
+    deployment_id: str | None = None
+
+    _major = field_validator("schema_version")(_Payload._major.__func__)  # type: ignore[attr-defined]
+
+
+class DeployArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    package_url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int | None = Field(None, ge=0)
+    name: str | None = None
+    version: str | None = None
+
+
+class RollbackArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    version: str | None = Field(None, description="Version to return to; default the previous one.")
+
+
+class CommandResultPayload(_Payload):
+    kind: Literal["cmd_result"] = "cmd_result"
+    command_id: str
+    command: str | None = None
+    ok: bool
+    status: Literal["accepted", "succeeded", "failed", "rejected"]
+    message: str = ""
+    deployment_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+PAYLOAD_BY_KIND: dict[str, type[BaseModel]] = {
+    "status": StatusPayload,
+    "telemetry": TelemetryPayload,
+    "events": EventPayload,
+    "cmd": CommandPayload,
+    "cmd/result": CommandResultPayload,
+}
+
+
+def parse_payload(kind: str, data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> BaseModel:
+    """Decode and validate a payload for a topic kind. Raises :class:`PayloadError` with a counter reason."""
+    model = PAYLOAD_BY_KIND.get(kind)
+    if model is None:
+        raise PayloadError(f"unknown payload kind {kind!r}", "unknown_kind")
+    if len(data) > max_bytes:
+        raise PayloadError(f"payload of {len(data)} bytes is over the {max_bytes}-byte limit", "oversize")
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"payload is not JSON: {exc}", "bad_json") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("payload must be a JSON object", "bad_json")
+    version = str(doc.get("schema_version", ""))
+    if version and version.split(".", 1)[0] != str(SUPPORTED_MAJOR):
+        raise PayloadError(f"unsupported schema_version {version!r}", "bad_version")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<top>"
+        raise PayloadError(f"invalid {kind} payload at {loc}: {first['msg']}", "bad_schema") from None
+
+
+_COMMAND_ADAPTER = TypeAdapter(CommandPayload)
