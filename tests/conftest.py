@@ -1,4 +1,8 @@
-"""Shared fixtures. Test assets live in tests/assets; downloaded pretrained models are cached in .cache/."""
+"""Shared fixtures. Test assets live in tests/assets; downloaded pretrained models are cached in .cache/.
+
+Model fixtures (see tests/assets/README.md for licences, shapes and preprocessing) are defined in
+tests/assets/fixtures.py and re-exported here so every test directory can use them.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +11,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
+
+
+
+def _load_asset_fixtures():
+    """Import tests/assets/fixtures.py by path (tests/ is not a package) and return its fixtures."""
+    import importlib.util
+    import sys
+
+    name = "edgeopt_test_assets_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ASSETS / "fixtures.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    module = sys.modules[name]
+    return {key: getattr(module, key) for key in module.__all__}
+
+
+globals().update(_load_asset_fixtures())
 
 
 @pytest.fixture(scope="session")
