@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgeopt.sdk import telemetry as t
+
+
+def _telemetry(**over):
+    h = t.Histogram()
+    for ms in (0.4, 0.9, 1.2, 3.0):
+        h.observe(ms)
+    doc = t.TelemetryPayload(device_id="cam-07", session_id="s1", seq=3, interval_s=10,
+                             models=[t.ModelStats(model="digits", requests=4, latency=h.to_model())]).model_dump(mode="json")
+    doc.update(over)
+    return json.dumps(doc).encode()
+
+
+def test_roundtrip_and_unknown_fields_ignored():
+    data = json.loads(_telemetry())
+    data["future_field"] = {"x": 1}
+    data["schema_version"] = "1.7"
+    p = t.parse_payload("telemetry", json.dumps(data).encode())
+    assert p.seq == 3 and p.models[0].latency.to_histogram().count == 4
+    assert p.ts.tzinfo is not None
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (b"{not json", "bad_json"),
+    (b"[1,2]", "bad_json"),
+    (_telemetry(schema_version="2.0"), "bad_version"),
+    (_telemetry(seq="three"), "bad_schema"),
+    (_telemetry(seq=-1), "bad_schema"),
+    (_telemetry(ts="2026-01-01T00:00:00"), "bad_schema"),  # naive time refused: must be UTC-aware
+    (b"{" + b" " * (t.MAX_PAYLOAD_BYTES + 1) + b"}", "oversize"),
+])
+def test_rejections_have_counter_reasons(payload, reason):
+    with pytest.raises(t.PayloadError) as err:
+        t.parse_payload("telemetry", payload)
+    assert err.value.reason == reason
+
+
+def test_histogram_bounds_are_part_of_the_contract():
+    data = json.loads(_telemetry())
+    data["models"][0]["latency"]["bounds_ms"] = [1, 2, 3]
+    with pytest.raises(t.PayloadError, match="bounds differ"):
+        t.parse_payload("telemetry", json.dumps(data).encode())
+
+
+def test_merged_histogram_quantiles_track_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.lognormal(0.5, 0.6, 5000), rng.lognormal(2.0, 0.4, 5000)
+    ha, hb = t.Histogram(), t.Histogram()
+    for x in a:
+        ha.observe(float(x))
+    for x in b:
+        hb.observe(float(x))
+    merged = t.Histogram().merge(ha).merge(hb)
+    both = np.concatenate([a, b])
+    for q in (0.5, 0.95, 0.99):
+        exact = float(np.quantile(both, q))
+        # bucket interpolation: within the width of the bucket holding the exact value
+        i = int(np.searchsorted(t.LATENCY_BUCKETS_MS, exact))
+        lo = t.LATENCY_BUCKETS_MS[i - 1] if i else 0.0
+        hi = t.LATENCY_BUCKETS_MS[i]
+        assert lo - 1e-9 <= merged.quantile(q) <= hi + 1e-9
+    # averaging the two devices' p99 is wrong, and merging is not that
+    assert abs(merged.quantile(0.99) - (ha.quantile(0.99) + hb.quantile(0.99)) / 2) > 1.0
+    assert t.Histogram().quantile(0.5) is None
+
+
+def test_commands():
+    c = t.parse_payload("cmd", b'{"id": "c1", "command": "deploy", "args": {"package_url": "http://x/p", "sha256": "' + b"a" * 64 + b'"}}')
+    assert t.DeployArgs.model_validate(c.args).package_url == "http://x/p"
+    with pytest.raises(t.PayloadError) as err:
+        t.parse_payload("cmd", b'{"id": "c2", "command": "reboot"}')
+    assert err.value.reason == "bad_schema"
