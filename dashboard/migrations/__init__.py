@@ -1,0 +1,1 @@
+"""Alembic migrations of the dashboard schema (applied by ``edgeopt-dashboard init-db``)."""
