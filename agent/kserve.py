@@ -1,0 +1,218 @@
+"""Open Inference Protocol (KServe v2) codec: request parsing, input checks, response encoding.
+
+Transport-free so it can be tested on its own; :mod:`edgeopt.agent.server` wires it to HTTP.
+Supports JSON tensors and the binary tensor data extension: a request body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw tensors of every input whose
+``parameters.binary_data_size`` is set, in input order; outputs asked for with
+``parameters.binary_data`` (or the request-level ``binary_data_output``) come back the same way.
+See https://github.com/kserve/open-inference-protocol and Triton's binary_data extension.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..sdk.package import TensorSpec
+
+# numpy dtype name <-> Open Inference Protocol datatype. BYTES (variable-length strings) is not served:
+# the runtimes here take numeric tensors only.
+DTYPE_TO_KSERVE = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+KSERVE_TO_DTYPE = {v: k for k, v in DTYPE_TO_KSERVE.items()}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ApiError(Exception):
+    """An error answered as KServe JSON ``{"error": message}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def kserve_datatype(dtype: str) -> str:
+    """The protocol datatype name for a numpy dtype name (``float32`` -> ``FP32``)."""
+    return DTYPE_TO_KSERVE.get(dtype, dtype.upper())
+
+
+def protocol_shape(spec: TensorSpec) -> list[int]:
+    """Shape as the protocol writes it: -1 for every dynamic (named or negative) dimension."""
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape]
+
+
+def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": kserve_datatype(spec.dtype), "shape": protocol_shape(spec)}
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: arrays keyed by input name plus what the client wants back."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    # Output name -> binary? ; None means every output, in the default encoding.
+    outputs: dict[str, bool] | None = None
+    binary_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        first = next(iter(self.inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def _shape_of(doc: dict, what: str) -> list[int]:
+    shape = doc.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise _bad(f"{what}: 'shape' must be a list of non-negative integers, found {shape!r}")
+    return shape
+
+
+def parse_infer_request(body: bytes, header_length: int | None, specs: list[TensorSpec]) -> InferRequest:
+    """Decode a request body and check it against the model's inputs.
+
+    Raises :class:`ApiError` (400) naming the input, what was expected and what was found.
+    """
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise _bad(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
+        header, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        header, binary = body, memoryview(b"")
+    try:
+        doc = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"request is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _bad("request must be a JSON object with an 'inputs' list")
+    items = doc.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise _bad("request must have a non-empty 'inputs' list")
+    expected = {s.name: s for s in specs}
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("'parameters' must be an object")
+
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad("every input must be an object with a 'name'")
+        name = item["name"]
+        spec = expected.get(name)
+        if spec is None:
+            raise _bad(f"unexpected input {name!r}: the model's inputs are {', '.join(sorted(expected))}")
+        if name in arrays:
+            raise _bad(f"input {name!r} is given twice")
+        datatype = item.get("datatype")
+        want_dt = kserve_datatype(spec.dtype)
+        if datatype != want_dt:
+            raise _bad(f"input {name!r}: expected datatype {want_dt}, found {datatype!r}")
+        shape = _shape_of(item, f"input {name!r}")
+        want_shape = protocol_shape(spec)
+        if len(shape) != len(want_shape) or any(w >= 0 and w != g for w, g in zip(want_shape, shape)):
+            raise _bad(f"input {name!r}: expected shape {want_shape}, found {shape}")
+        dtype = np.dtype(spec.dtype)
+        count = math.prod(shape)
+        iparams = item.get("parameters") or {}
+        size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer, found {size!r}")
+            if size != count * dtype.itemsize:
+                raise _bad(f"input {name!r}: shape {shape} of {want_dt} needs {count * dtype.itemsize} bytes, "
+                           f"binary_data_size is {size}")
+            if offset + size > len(binary):
+                raise _bad(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
+            arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            data = item.get("data")
+            if data is None:
+                raise _bad(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            try:
+                arr = np.asarray(data, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise _bad(f"input {name!r}: data is not a list of {want_dt} values ({exc})") from None
+            if arr.size != count:
+                raise _bad(f"input {name!r}: shape {shape} needs {count} values, found {arr.size}")
+            arr = arr.reshape(shape)
+        arrays[name] = arr
+    if offset != len(binary):
+        raise _bad(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise _bad(f"missing input(s) {', '.join(repr(m) for m in missing)}; "
+                   f"the model's inputs are {', '.join(sorted(expected))}")
+    batches = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(batches) > 1:
+        raise _bad(f"inputs disagree on the batch dimension: {sorted(batches)}")
+
+    binary_default = bool(params.get("binary_data_output", False))
+    outputs = None
+    if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise _bad("'outputs' must be a list")
+        outputs = {}
+        for out in doc["outputs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise _bad("every requested output must be an object with a 'name'")
+            oparams = out.get("parameters") or {}
+            outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
+    rid = doc.get("id")
+    return InferRequest(inputs=arrays, id=str(rid) if rid is not None else None, outputs=outputs,
+                        binary_default=binary_default, parameters=params)
+
+
+def check_requested_outputs(request: InferRequest, specs: list[TensorSpec]) -> None:
+    if request.outputs is None:
+        return
+    known = {s.name for s in specs}
+    for name in request.outputs:
+        if name not in known:
+            raise _bad(f"unknown output {name!r}: the model's outputs are {', '.join(sorted(known))}")
+
+
+def encode_infer_response(model: str, version: str | None, request: InferRequest,
+                          results: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header length for the response header."""
+    wanted = request.outputs if request.outputs is not None else {n: request.binary_default for n in results}
+    outs, blobs = [], []
+    for name, binary in wanted.items():
+        arr = np.ascontiguousarray(results[name])
+        entry: dict[str, Any] = {"name": name, "datatype": kserve_datatype(arr.dtype.name),
+                                 "shape": list(arr.shape)}
+        if binary:
+            raw = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        outs.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "outputs": outs}
+    if version is not None:
+        doc["model_version"] = version
+    if request.id is not None:
+        doc["id"] = request.id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

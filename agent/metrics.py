@@ -1,0 +1,177 @@
+"""Serving metrics: per-model counters and latency histograms, read two ways.
+
+* :meth:`Metrics.telemetry` returns the interval figures for the MQTT telemetry payload (and resets the
+  interval), using the contract's fixed-bucket :class:`~edgeopt.sdk.telemetry.Histogram` so the dashboard
+  can merge devices and compute true fleet percentiles.
+* :meth:`Metrics.prometheus` renders cumulative figures as Prometheus text for ``GET /metrics``.
+
+Recording is a few integer additions under one lock per model, cheap next to an inference.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from ..sdk.telemetry import LATENCY_BUCKETS_MS, Histogram, ModelStats, SystemStats
+
+
+class ModelMetrics:
+    """Counters for one model name (across its versions; ``version`` is the serving one)."""
+
+    def __init__(self, name: str, version: str | None = None):
+        self.name = name
+        self.version = version
+        self.lock = threading.Lock()
+        self.queue_depth: Callable[[], int] = lambda: 0
+        # Interval figures (reset by each telemetry snapshot) and totals (for Prometheus).
+        self.hist = Histogram()
+        self.requests = self.errors = self.samples = 0
+        self.batch_sizes: dict[int, int] = {}
+        self.total_hist = Histogram()
+        self.total_requests = self.total_errors = self.total_busy = self.total_samples = 0
+        self.total_batches: dict[int, int] = {}
+        self.interval_start = time.monotonic()
+
+    def observe(self, latency_ms: float, samples: int = 1) -> None:
+        """One request answered successfully."""
+        with self.lock:
+            self.hist.observe(latency_ms)
+            self.total_hist.observe(latency_ms)
+            self.requests += 1
+            self.total_requests += 1
+            self.samples += samples
+            self.total_samples += samples
+
+    def error(self, busy: bool = False) -> None:
+        """One request failed (bad input, runtime error) or was refused because the queue was full."""
+        with self.lock:
+            self.errors += 1
+            self.total_errors += 1
+            if busy:
+                self.total_busy += 1
+
+    def batch(self, size: int) -> None:
+        """The batcher ran one batch of ``size`` samples."""
+        with self.lock:
+            self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+            self.total_batches[size] = self.total_batches.get(size, 0) + 1
+
+    def snapshot(self) -> ModelStats:
+        """Interval statistics since the previous snapshot; resets the interval."""
+        now = time.monotonic()
+        with self.lock:
+            hist, self.hist = self.hist, Histogram()
+            requests, errors, samples = self.requests, self.errors, self.samples
+            self.requests = self.errors = self.samples = 0
+            sizes, self.batch_sizes = self.batch_sizes, {}
+            elapsed = max(now - self.interval_start, 1e-6)
+            self.interval_start = now
+        return ModelStats(
+            model=self.name, version=self.version, requests=requests, errors=errors,
+            throughput_ips=samples / elapsed, latency=hist.to_model(),
+            p50_ms=hist.quantile(0.50), p95_ms=hist.quantile(0.95), p99_ms=hist.quantile(0.99),
+            queue_depth=max(0, int(self.queue_depth())),
+            batch_sizes={str(k): v for k, v in sorted(sizes.items())},
+        )
+
+
+class Metrics:
+    """All models' metrics plus process figures."""
+
+    def __init__(self):
+        self._models: dict[str, ModelMetrics] = {}
+        self._lock = threading.Lock()
+        self.extra_gauges: dict[str, Callable[[], float]] = {}
+        self._process = None
+
+    def model(self, name: str) -> ModelMetrics:
+        with self._lock:
+            m = self._models.get(name)
+            if m is None:
+                m = self._models[name] = ModelMetrics(name)
+            return m
+
+    def models(self) -> list[ModelMetrics]:
+        with self._lock:
+            return list(self._models.values())
+
+    def telemetry(self) -> list[ModelStats]:
+        return [m.snapshot() for m in self.models()]
+
+    def system(self) -> SystemStats:
+        """Process CPU % (since the previous call, of one core), RSS, host memory and load."""
+        try:
+            import psutil
+        except ImportError:  # psutil is in the agent extra; without it report what the stdlib knows
+            return SystemStats(load_1m=os.getloadavg()[0])
+        if self._process is None:
+            self._process = psutil.Process()
+            self._process.cpu_percent(None)  # the first call only starts the measurement
+        vm = psutil.virtual_memory()
+        temp = None
+        try:
+            sensors = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+            readings = [t.current for entries in sensors.values() for t in entries if t.current]
+            temp = max(readings) if readings else None
+        except (OSError, AttributeError):
+            temp = None
+        return SystemStats(cpu_percent=self._process.cpu_percent(None), rss_bytes=self._process.memory_info().rss,
+                           mem_total_bytes=vm.total, mem_available_bytes=vm.available, temperature_c=temp,
+                           load_1m=os.getloadavg()[0])
+
+    def prometheus(self) -> str:
+        """Prometheus text exposition (version 0.0.4) of the cumulative figures."""
+        lines = [
+            "# HELP edgeopt_requests_total Inference requests answered successfully.",
+            "# TYPE edgeopt_requests_total counter",
+        ]
+        models = self.models()
+        for m in models:
+            lines.append(f'edgeopt_requests_total{{model="{_esc(m.name)}"}} {m.total_requests}')
+        lines += ["# HELP edgeopt_request_errors_total Inference requests that failed or were refused (busy).",
+                  "# TYPE edgeopt_request_errors_total counter"]
+        for m in models:
+            lines.append(f'edgeopt_request_errors_total{{model="{_esc(m.name)}"}} {m.total_errors}')
+        lines += ["# HELP edgeopt_requests_busy_total Requests refused with 503 because the queue was full.",
+                  "# TYPE edgeopt_requests_busy_total counter"]
+        for m in models:
+            lines.append(f'edgeopt_requests_busy_total{{model="{_esc(m.name)}"}} {m.total_busy}')
+        lines += ["# HELP edgeopt_inferences_total Samples inferred (sum of batch dimensions).",
+                  "# TYPE edgeopt_inferences_total counter"]
+        for m in models:
+            lines.append(f'edgeopt_inferences_total{{model="{_esc(m.name)}"}} {m.total_samples}')
+        lines += ["# HELP edgeopt_queue_depth Requests waiting in the model's batcher queue.",
+                  "# TYPE edgeopt_queue_depth gauge"]
+        for m in models:
+            lines.append(f'edgeopt_queue_depth{{model="{_esc(m.name)}"}} {int(m.queue_depth())}')
+        lines += ["# HELP edgeopt_batches_total Batches run, by batch size.", "# TYPE edgeopt_batches_total counter"]
+        for m in models:
+            with m.lock:
+                batches = sorted(m.total_batches.items())
+            for size, count in batches:
+                lines.append(f'edgeopt_batches_total{{model="{_esc(m.name)}",size="{size}"}} {count}')
+        lines += ["# HELP edgeopt_request_latency_ms Request latency inside the agent, in milliseconds.",
+                  "# TYPE edgeopt_request_latency_ms histogram"]
+        for m in models:
+            with m.lock:
+                counts, total, count = list(m.total_hist.counts), m.total_hist.sum_ms, m.total_hist.count
+            label = _esc(m.name)
+            running = 0
+            for bound, c in zip(LATENCY_BUCKETS_MS, counts):
+                running += c
+                lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="{bound:g}"}} {running}')
+            lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="+Inf"}} {count}')
+            lines.append(f'edgeopt_request_latency_ms_sum{{model="{label}"}} {total:.6f}')
+            lines.append(f'edgeopt_request_latency_ms_count{{model="{label}"}} {count}')
+        lines += ["# HELP edgeopt_model_info The version each model serves.", "# TYPE edgeopt_model_info gauge"]
+        for m in models:
+            lines.append(f'edgeopt_model_info{{model="{_esc(m.name)}",version="{_esc(m.version or "")}"}} 1')
+        for name, fn in sorted(self.extra_gauges.items()):
+            lines += [f"# TYPE {name} gauge", f"{name} {float(fn()):g}"]
+        return "\n".join(lines) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
