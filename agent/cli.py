@@ -1,0 +1,194 @@
+"""`edgeopt agent ...`: write a config, install or roll back locally, list installed models, probe.
+
+Local installs take the state directory's lock, so they never interleave with an install the running
+daemon performs; the daemon notices the changed pointer (see ``Store.pointers``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..sdk.cli.options import emit_json, json_option
+from ..sdk.errors import InputError
+
+config_option = click.option("--config", "-c", "config_path", required=True,
+                             type=click.Path(dir_okay=False, path_type=Path),
+                             help="Agent config file (see `edgeopt agent init`).")
+
+
+@click.group()
+def agent() -> None:
+    """On-device agent: configure, install packages safely, roll back, inspect."""
+
+
+@agent.command("init")
+@click.option("--device-id", required=True, help="This device's id (one MQTT topic level).")
+@click.option("--fleet", required=True, help="Fleet id (one MQTT topic level).")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="mqtt://host:port or mqtts://host:port.")
+@click.option("--state-dir", default="/var/lib/edgeopt", show_default=True,
+              help="Where packages, pointers and the outbox live.")
+@click.option("--api-host", default="127.0.0.1", show_default=True, help="Bind address of the local API.")
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the local API.")
+@click.option("--trust-key", "trust_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM public key whose signatures are accepted (repeatable).")
+@click.option("--telemetry-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds between telemetry messages.")
+@click.option("--allow-unsigned", is_flag=True, help="Accept unsigned packages (development only).")
+@click.option("--group", "groups", multiple=True, help="Deployment group (repeatable).")
+@json_option
+def init(device_id, fleet, broker, state_dir, api_host, api_port, trust_keys, telemetry_interval,
+         allow_unsigned, groups, as_json) -> None:
+    """Print a commented agent config (TOML) to stdout: edgeopt agent init ... > agent.toml"""
+    from .config import render_config
+
+    for key in trust_keys:
+        if not key.is_file():
+            raise InputError(f"--trust-key {key}: file not found", hint="pass the signer's .pub file")
+        from ..sdk.package import load_public_key
+
+        load_public_key(key)  # refuse a private key or garbage now, not at the first install
+    if not trust_keys and not allow_unsigned:
+        raise click.UsageError("give at least one --trust-key (or --allow-unsigned for development)")
+    text = render_config(device_id=device_id, fleet=fleet, broker=broker, state_dir=state_dir,
+                         trusted_keys=list(trust_keys), api_host=api_host, api_port=api_port,
+                         telemetry_interval_s=telemetry_interval, allow_unsigned=allow_unsigned,
+                         groups=list(groups))
+    if as_json:
+        import tomllib
+
+        emit_json(tomllib.loads(text))
+    else:
+        sys.stdout.write(text)
+
+
+def _events_printer(as_json: bool):
+    def show(event: dict) -> None:
+        if as_json:
+            return
+        mark = "ok" if event["ok"] else "FAILED"
+        click.echo(f"{event['event']:<9} {mark:<6} {event['message']}", err=True)
+
+    return show
+
+
+def _installer(config_path: Path, as_json: bool):
+    from .config import load_config
+    from .installer import Installer
+    from .store import Store
+
+    config = load_config(config_path)
+    store = Store(config.state_dir)
+    events: list[dict] = []
+    printer = _events_printer(as_json)
+
+    def sink(event: dict) -> None:
+        events.append(event)
+        printer(event)
+
+    return Installer(store, config, on_event=sink), events
+
+
+def _installed_doc(model) -> dict:
+    m = model.manifest
+    return {"name": model.name, "version": model.version, "previous_version": model.previous_version,
+            "profile": m.profile_name, "runtime": m.runtime, "device": m.device, "precision": m.precision,
+            "path": str(model.path)}
+
+
+@agent.command("install")
+@click.argument("package", type=click.Path(dir_okay=False, path_type=Path))
+@config_option
+@click.option("--rollback", "allow_lower", is_flag=True,
+              help="Explicit rollback: allow a version lower than the installed one.")
+@json_option
+def install(package: Path, config_path: Path, allow_lower: bool, as_json: bool) -> None:
+    """Install a package file locally: verify, stage, load, self-test, switch."""
+    installer, events = _installer(config_path, as_json)
+    installer.store.recover()
+    model = installer.install_file(package, rollback=allow_lower)
+    if as_json:
+        emit_json({"installed": _installed_doc(model), "events": events})
+    else:
+        click.echo(f"installed {model.name} {model.version}"
+                   + (f" (previous {model.previous_version})" if model.previous_version else ""))
+
+
+@agent.command("rollback")
+@click.argument("model")
+@config_option
+@click.option("--version", "version", default=None, help="Version to return to (default: the previous one).")
+@json_option
+def rollback(model: str, config_path: Path, version: str | None, as_json: bool) -> None:
+    """Return MODEL to its previous installed version (re-verified and self-tested first)."""
+    installer, events = _installer(config_path, as_json)
+    installer.store.recover()
+    result = installer.rollback(model, version)
+    if as_json:
+        emit_json({"installed": _installed_doc(result), "events": events})
+    else:
+        click.echo(f"{result.name} now at {result.version}")
+
+
+@agent.command("list")
+@config_option
+@json_option
+def list_(config_path: Path, as_json: bool) -> None:
+    """Installed models: current version, previous version and the versions kept on disk."""
+    from .config import load_config
+    from .store import Store
+
+    store = Store(load_config(config_path).state_dir)
+    rows = []
+    for name, model in sorted(store.installed().items()):
+        doc = _installed_doc(model)
+        doc["versions"] = store.versions(name)
+        rows.append(doc)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no models installed")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "current", "previous", "on disk", "profile", "runtime", "device", "precision")
+    for r in rows:
+        table.add_row(r["name"], r["version"], r["previous_version"] or "-", ", ".join(r["versions"]),
+                      r["profile"], r["runtime"], r["device"], r["precision"])
+    Console().print(table)
+
+
+@agent.command("probe")
+@json_option
+def probe_cmd(as_json: bool) -> None:
+    """What this device is and which runtimes and devices it has (as the agent reports it)."""
+    from .probe import probe
+
+    caps = probe()
+    if as_json:
+        emit_json(caps)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("item", "value", show_header=False)
+    mem = caps.get("memory_bytes")
+    table.add_row("os", f"{caps['os']} {caps['os_release']}")
+    table.add_row("arch", str(caps["arch"]))
+    table.add_row("cpu", str(caps["cpu_model"]))
+    table.add_row("cores", f"{caps['cores_logical']} logical, {caps['cores_physical']} physical")
+    table.add_row("memory", f"{mem / 1024**3:.1f} GiB" if mem else "?")
+    table.add_row("cpu flags", f"{len(caps['cpu_flags'])} (avx2: {'yes' if 'avx2' in caps['cpu_flags'] else 'no'}, "
+                               f"avx512f: {'yes' if 'avx512f' in caps['cpu_flags'] else 'no'})")
+    for name, rt in caps["runtimes"].items():
+        value = f"{rt['version']}: {', '.join(rt['devices'])}" if rt.get("available") else f"unavailable ({rt['reason']})"
+        table.add_row(name, value)
+    Console().print(table)
+    if json.dumps(caps["openvino_devices"]) == '["CPU"]':
+        click.echo("OpenVINO sees only the CPU here: packages for the igpu or npu profiles are refused.", err=True)

@@ -1,0 +1,204 @@
+"""Load an installed package with the runtime its manifest names, warm it up and self-test it.
+
+Golden samples (``golden.npz``, described by ``manifest.golden``) hold, for each sample ``i``, the inputs
+the package's builder fed and the outputs it got: keys ``input/<tensor name>`` and ``output/<tensor
+name>``, each an array whose first axis is the sample (``arr[i]`` is fed or compared as is, so it keeps
+the model's own batch dimension). :func:`write_golden` writes that layout; the SDK uses it too.
+This module imports no ML runtime at import time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..sdk.errors import AccuracyError, PackageError
+from ..sdk.package import Manifest, TensorSpec
+from .config import AgentConfig
+from .runtimes import LoadedModel, get_runtime
+from .store import InstalledModel
+
+log = logging.getLogger(__name__)
+
+INPUT_PREFIX = "input/"
+OUTPUT_PREFIX = "output/"
+
+
+# --------------------------------------------------------------------------- golden samples
+
+
+def write_golden(path: str | Path, inputs: Sequence[Mapping[str, np.ndarray]],
+                 outputs: Sequence[Mapping[str, np.ndarray]]) -> Path:
+    """Write golden samples: one dict of input arrays and one of output arrays per sample."""
+    if not inputs or len(inputs) != len(outputs):
+        raise ValueError("golden samples need as many output dicts as input dicts (at least one)")
+    arrays: dict[str, np.ndarray] = {}
+    for prefix, samples in ((INPUT_PREFIX, inputs), (OUTPUT_PREFIX, outputs)):
+        for name in samples[0]:
+            arrays[prefix + name] = np.stack([np.asarray(s[name]) for s in samples])
+    path = Path(path)
+    with open(path, "wb") as fh:  # np.savez on a path would append ".npz" to other names
+        np.savez(fh, **arrays)
+    return path
+
+
+def read_golden(path: str | Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The samples of a golden file as (inputs, outputs) lists of per-sample dicts."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"golden samples {Path(path).name} are unreadable: {exc}") from None
+    ins = {k[len(INPUT_PREFIX):]: v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)}
+    outs = {k[len(OUTPUT_PREFIX):]: v for k, v in arrays.items() if k.startswith(OUTPUT_PREFIX)}
+    counts = {len(v) for v in (*ins.values(), *outs.values())}
+    if not ins or not outs or len(counts) != 1:
+        raise PackageError(f"golden samples {Path(path).name} need input/<name> and output/<name> arrays with "
+                           f"the same number of samples (found keys {sorted(arrays)})")
+    n = counts.pop()
+    return ([{k: v[i] for k, v in ins.items()} for i in range(n)],
+            [{k: v[i] for k, v in outs.items()} for i in range(n)])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def self_test(loaded: LoadedModel, package_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """Run the golden samples and compare within the manifest's tolerance; raise AccuracyError if not.
+
+    Both checks must hold for every sample and output: ``allclose(atol, rtol)`` and cosine >= min_cosine.
+    """
+    spec = manifest.golden
+    if spec is None:
+        return {"samples": 0, "skipped": "the package has no golden samples"}
+    inputs, outputs = read_golden(package_dir / spec.file)
+    worst_abs, worst_cos = 0.0, 1.0
+    for i, (feeds, expected) in enumerate(zip(inputs, outputs)):
+        got = loaded.infer(feeds)
+        for name, want in expected.items():
+            if name not in got:
+                raise AccuracyError(f"self-test: the model has no output {name!r} named in the golden samples")
+            have = np.asarray(got[name])
+            if have.shape != want.shape:
+                raise AccuracyError(f"self-test sample {i}, output {name!r}: shape {list(have.shape)}, "
+                                    f"expected {list(want.shape)}")
+            abs_err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if have.size else 0.0
+            cos = _cosine(have, want)
+            worst_abs, worst_cos = max(worst_abs, abs_err), min(worst_cos, cos)
+            if not np.allclose(have, want, atol=spec.atol, rtol=spec.rtol) or cos < spec.min_cosine:
+                raise AccuracyError(
+                    f"self-test failed on golden sample {i}, output {name!r}: max abs error {abs_err:.3g} "
+                    f"(atol {spec.atol:g}, rtol {spec.rtol:g}), cosine {cos:.6f} (min {spec.min_cosine:g})",
+                    hint="this device computes different results than the package's builder; not switched")
+    return {"samples": len(inputs), "max_abs_error": worst_abs, "min_cosine": worst_cos}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _threads(profile: dict[str, Any]) -> int | None:
+    policy = (profile.get("threads") or {}).get("policy", "auto")
+    if policy == "fixed":
+        return int(profile["threads"]["count"])
+    if policy == "physical-cores":
+        try:
+            import psutil
+
+            return psutil.cpu_count(logical=False) or os.cpu_count()
+        except ImportError:
+            return os.cpu_count()
+    return None  # the runtime's own default
+
+
+def _runtime_block(manifest: Manifest) -> dict[str, Any]:
+    for block in (manifest.profile or {}).get("runtimes") or []:
+        if isinstance(block, dict) and block.get("runtime") == manifest.runtime:
+            return block
+    return {}
+
+
+def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
+    """Keyword arguments for ``Runtime.load`` from the manifest and its profile."""
+    profile = manifest.profile or {}
+    block = _runtime_block(manifest)
+    kwargs: dict[str, Any] = {
+        "device": manifest.device,
+        "threads": _threads(profile),
+        "performance_hint": str(profile.get("performance_hint", "latency")),
+        "options": {},
+    }
+    if manifest.runtime == "openvino" and block.get("model_cache", True):
+        # Compiled blobs survive restarts: the second start of the same package skips compilation.
+        kwargs["cache_dir"] = cache_root / "openvino"
+    if manifest.runtime == "onnxruntime":
+        kwargs["options"] = {"providers": [manifest.device],
+                             "graph_optimization_level": block.get("graph_optimization_level", "all")}
+    return kwargs
+
+
+def load_installed(installed: InstalledModel, config: AgentConfig) -> LoadedModel:
+    """Load the installed package with its manifest's runtime and device (no fallback to another device)."""
+    manifest = installed.manifest
+    model_path = installed.path / manifest.model_file
+    if not model_path.is_file():
+        raise PackageError(f"{installed.name} {installed.version}: model file {manifest.model_file} is missing")
+    runtime = get_runtime(manifest.runtime)
+    kwargs = load_options(manifest, Path(config.state_dir) / "cache")
+    log.info("loading %s %s with %s on %s (threads %s)", installed.name, installed.version, manifest.runtime,
+             manifest.device, kwargs["threads"] or "auto")
+    return runtime.load(model_path, **kwargs)
+
+
+def _zeros_for(spec: TensorSpec) -> np.ndarray:
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+    return np.zeros(shape, dtype=np.dtype(spec.dtype))
+
+
+def warm_up(loaded: LoadedModel, runs: int = 2) -> None:
+    """A few inferences on zeros, so the first real request does not pay for lazy initialisation."""
+    feeds = {spec.name: _zeros_for(spec) for spec in loaded.inputs}
+    for _ in range(runs):
+        loaded.infer(feeds)
+
+
+def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[InstalledModel, LoadedModel]]:
+    """At daemon start: recover the store, then load and warm up every model's current version.
+
+    A current version that no longer loads (a runtime was removed, a device vanished) falls back to the
+    previous version for this run, with an ``error`` event; the pointer is left alone so a fixed host
+    serves the newer version again at the next start.
+    """
+    store.recover()
+    serving: dict[str, tuple[InstalledModel, LoadedModel]] = {}
+    for name, installed in store.installed().items():
+        candidates = [installed]
+        if installed.previous_version and installed.previous_version in store.versions(name):
+            prev = store.read_manifest(name, installed.previous_version)
+            candidates.append(InstalledModel(name=name, version=installed.previous_version,
+                                             path=store.package_dir(name, installed.previous_version),
+                                             manifest=prev, previous_version=None))
+        for candidate in candidates:
+            try:
+                loaded = load_installed(candidate, config)
+                warm_up(loaded)
+                serving[name] = (candidate, loaded)
+                break
+            except Exception as exc:  # noqa: BLE001 - reported as an event, then the next candidate
+                message = exc.one_line() if hasattr(exc, "one_line") else f"{type(exc).__name__}: {exc}"
+                log.error("cannot load %s %s: %s", name, candidate.version, message)
+                if on_event is not None:
+                    on_event({"event": "error", "ok": False, "model": name, "version": candidate.version,
+                              "from_version": None, "message": f"cannot load at start: {message}",
+                              "command_id": None, "deployment_id": None, "details": {"stage": "start"}})
+    return serving

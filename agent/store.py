@@ -1,0 +1,411 @@
+"""The agent's state directory: installed packages and one atomic `current` pointer per model.
+
+Layout::
+
+    <state_dir>/
+      lock                          fcntl lock shared by the daemon, the installer and the CLI
+      journal.json                  the install or rollback in progress (absent when idle)
+      packages/<name>/<version>/    an extracted package: manifest.json, manifest.sig, artifacts
+      models/<name>/current.json    {"version": ..., "previous": ...}: the pointer, replaced with os.replace
+      staging/                      installs in progress (emptied by recover())
+      trash/                        folders being deleted (renamed here first, so deletion is atomic)
+      cache/<runtime>/              runtime caches (OpenVINO CACHE_DIR), so a restart does not recompile
+      downloads/                    packages being downloaded (``.part`` files survive restarts to resume)
+
+A version folder appears in ``packages/`` only by renaming a fully written and fsynced staging folder,
+and the pointer file only changes by ``os.replace``: after a SIGKILL at any moment the pointer names
+either the old or the new version, and that version's folder is complete. :meth:`Store.recover` removes
+what a killed install left behind (staging, a new version folder the pointer never reached).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from packaging.version import InvalidVersion, Version
+
+from ..sdk.errors import EdgeoptError, PackageError, UnavailableError
+from ..sdk.package import MANIFEST_NAME, Manifest, parse_manifest
+
+log = logging.getLogger(__name__)
+
+POINTER_NAME = "current.json"
+JOURNAL_NAME = "journal.json"
+CRASH_ENV = "EDGEOPT_AGENT_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the SIGKILL tests: kill this process here if EDGEOPT_AGENT_CRASH_AT names it."""
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("fault injection: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One model's serving version as the pointer names it."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+    previous_version: str | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """The artifact the runtime loads."""
+        return self.path / self.manifest.model_file
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    crash_point(f"before_replace_{path.stem}")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (a power cut must not leave a renamed but empty file)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _version_key(v: str):
+    try:
+        return (1, Version(v))
+    except InvalidVersion:
+        return (0, v)
+
+
+class _PathLock:
+    """One flock per state directory per process, re-entrant across this process's threads and Store objects.
+
+    flock locks belong to an open file description: two Store objects in one process opening the lock
+    file separately would block each other, hence one shared fd per path.
+    """
+
+    _registry: dict[Path, "_PathLock"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+
+    @classmethod
+    def for_path(cls, path: Path) -> "_PathLock":
+        with cls._registry_lock:
+            key = path.resolve()
+            if key not in cls._registry:
+                cls._registry[key] = cls(key)
+            return cls._registry[key]
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float | None) -> Iterator[None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.rlock.acquire(timeout=-1 if timeout is None else timeout):
+            raise UnavailableError(f"{self.path}: another thread holds the state lock")
+        try:
+            if self.depth == 0:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            os.close(fd)
+                            raise UnavailableError(
+                                f"{self.path}: another edgeopt process is installing into this state directory",
+                                hint="wait for it to finish and retry") from None
+                        time.sleep(0.05)
+                self.fd = fd
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0 and self.fd is not None:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                    os.close(self.fd)
+                    self.fd = None
+        finally:
+            self.rlock.release()
+
+
+class Store:
+    """The state directory. Mutating methods must run inside :meth:`locked`."""
+
+    def __init__(self, state_dir: str | Path):
+        self.root = Path(state_dir)
+        try:
+            for sub in ("packages", "models", "staging", "trash", "cache", "downloads"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgeoptError(f"cannot create the state directory {self.root}: {exc.strerror}",
+                               hint="check state_dir in the agent config and its permissions") from None
+        self._lock = _PathLock.for_path(self.root / "lock")
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def packages_dir(self) -> Path:
+        return self.root / "packages"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / JOURNAL_NAME
+
+    def package_dir(self, name: str, version: str) -> Path:
+        return self.packages_dir / name / version
+
+    def pointer_path(self, name: str) -> Path:
+        return self.root / "models" / name / POINTER_NAME
+
+    # ------------------------------------------------------------------ locking
+    def locked(self, timeout: float | None = 600.0):
+        """Exclusive lock on the state directory (re-entrant in this process)."""
+        return self._lock.hold(timeout)
+
+    # ------------------------------------------------------------------ reading
+    def read_pointer(self, name: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.pointer_path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{self.pointer_path(name)}: unreadable model pointer ({exc})") from None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("version"), str) else None
+
+    def pointers(self) -> dict[str, str]:
+        """Model name -> current version, read from the pointers only (cheap: for change detection)."""
+        out = {}
+        for d in sorted((self.root / "models").iterdir()):
+            ptr = self.read_pointer(d.name) if d.is_dir() else None
+            if ptr:
+                out[d.name] = ptr["version"]
+        return out
+
+    def read_manifest(self, name: str, version: str) -> Manifest:
+        path = self.package_dir(name, version) / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise PackageError(f"{name} {version} is not installed ({path} is missing)") from None
+        return parse_manifest(data, source=str(path))
+
+    def current(self, name: str) -> InstalledModel | None:
+        """The version the pointer names, or None when the model is not installed."""
+        ptr = self.read_pointer(name)
+        if ptr is None:
+            return None
+        version = ptr["version"]
+        return InstalledModel(name=name, version=version, path=self.package_dir(name, version),
+                              manifest=self.read_manifest(name, version), previous_version=ptr.get("previous"))
+
+    def installed(self) -> dict[str, InstalledModel]:
+        """Every model with a current pointer."""
+        out = {}
+        for name in self.pointers():
+            model = self.current(name)
+            if model is not None:
+                out[name] = model
+        return out
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of ``name`` present in packages/, oldest first."""
+        base = self.packages_dir / name
+        if not base.is_dir():
+            return []
+        found = [d.name for d in base.iterdir() if d.is_dir() and (d / MANIFEST_NAME).is_file()]
+        return sorted(found, key=_version_key)
+
+    def check_complete(self, name: str, version: str) -> None:
+        """Cheap completeness check (every listed file present with its size); raises PackageError."""
+        manifest = self.read_manifest(name, version)
+        root = self.package_dir(name, version)
+        for fname, entry in manifest.files.items():
+            p = root / fname
+            if not p.is_file() or p.is_symlink() or p.stat().st_size != entry.size:
+                raise PackageError(f"{name} {version}: {fname} is missing or truncated in {root}")
+
+    # ------------------------------------------------------------------ writing (inside locked())
+    def new_staging(self) -> Path:
+        """A fresh, not yet existing path under staging/."""
+        return self.staging_dir / uuid.uuid4().hex
+
+    def commit_package(self, staged: Path, name: str, version: str) -> Path:
+        """Move a fully extracted staging folder to packages/<name>/<version>; returns that path.
+
+        If that version is already there (an earlier install of the same version, e.g. after a rollback)
+        and is not the current one, it is replaced by the new copy.
+        """
+        fsync_tree(staged)
+        target = self.package_dir(name, version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            ptr = self.read_pointer(name)
+            if ptr and ptr["version"] == version:
+                raise PackageError(f"{name} {version} is the current version; it cannot be replaced in place")
+            self._trash(target)
+        os.rename(staged, target)
+        _fsync_dir(target.parent)
+        return target
+
+    def set_current(self, name: str, version: str, previous: str | None) -> None:
+        """Point ``name`` at ``version`` atomically (the single commit point of an install or rollback)."""
+        if not (self.package_dir(name, version) / MANIFEST_NAME).is_file():
+            raise PackageError(f"{name} {version} is not in {self.packages_dir}; cannot switch to it")
+        ptr = self.pointer_path(name)
+        ptr.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(ptr, {"version": version, "previous": previous,
+                                 "switched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def write_journal(self, doc: dict[str, Any]) -> None:
+        _write_json_atomic(self.journal_path, doc)
+
+    def read_journal(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.journal_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.warning("unreadable journal %s: ignored", self.journal_path)
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def clear_journal(self) -> None:
+        self.journal_path.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+
+    def remove_version(self, name: str, version: str) -> None:
+        """Delete one installed version that no pointer names (current or previous)."""
+        ptr = self.read_pointer(name) or {}
+        if version in (ptr.get("version"), ptr.get("previous")):
+            raise PackageError(f"{name} {version} is the current or previous version; not removed")
+        target = self.package_dir(name, version)
+        if target.exists():
+            self._trash(target)
+            self.empty_trash()
+
+    def prune(self, name: str, keep: int = 3) -> list[str]:
+        """Keep the current, the previous and the newest others up to ``keep`` versions; delete the rest."""
+        ptr = self.read_pointer(name) or {}
+        pinned = {ptr.get("version"), ptr.get("previous")}
+        others = [v for v in self.versions(name) if v not in pinned]
+        spare = max(0, keep - len(pinned - {None}))
+        doomed = others[:-spare] if spare else others
+        for v in doomed:
+            self.remove_version(name, v)
+        return doomed
+
+    def _trash(self, path: Path) -> None:
+        # A rename is atomic; the slow rmtree then happens outside packages/ (see empty_trash).
+        os.rename(path, self.root / "trash" / f"{path.parent.name}-{path.name}-{uuid.uuid4().hex[:8]}")
+
+    def empty_trash(self) -> None:
+        for d in (self.root / "trash").iterdir():
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> list[str]:
+        """Finish or undo what a killed install or rollback left; returns what was done (for the log).
+
+        The pointer is the commit point: a journaled install whose version the pointer does not name is
+        undone (its new folder removed, unless it existed before); one the pointer names is kept.
+        Then staging/ and trash/ are emptied and every pointer is checked to name a complete folder.
+        """
+        actions: list[str] = []
+        with self.locked():
+            journal = self.read_journal()
+            if journal is not None:
+                name, version = journal.get("model"), journal.get("version")
+                ptr = self.read_pointer(name) if isinstance(name, str) else None
+                if journal.get("op") == "install" and name and version:
+                    if ptr and ptr.get("version") == version:
+                        actions.append(f"{name} {version}: install had switched before the stop; kept")
+                    elif journal.get("created") and self.package_dir(name, version).exists():
+                        self._trash(self.package_dir(name, version))
+                        actions.append(f"{name} {version}: unfinished install undone")
+                    else:
+                        actions.append(f"{name} {version}: unfinished install had not been staged yet")
+                elif name:
+                    actions.append(f"{name}: unfinished {journal.get('op', '?')} found; pointer names "
+                                   f"{ptr.get('version') if ptr else None}")
+                self.clear_journal()
+            for d in list(self.staging_dir.iterdir()):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                actions.append(f"removed staging {d.name}")
+            for tmp in self.root.glob("models/*/.*.tmp"):
+                tmp.unlink(missing_ok=True)
+            for tmp in self.root.glob(".journal.json.*.tmp"):
+                tmp.unlink(missing_ok=True)
+            self.empty_trash()
+            actions.extend(self._check_pointers())
+        for a in actions:
+            log.info("recover: %s", a)
+        return actions
+
+    def _check_pointers(self) -> list[str]:
+        actions = []
+        for d in sorted((self.root / "models").iterdir()):
+            ptr = self.read_pointer(d.name) if d.is_dir() else None
+            if not ptr:
+                continue
+            try:
+                self.check_complete(d.name, ptr["version"])
+                continue
+            except EdgeoptError as exc:
+                problem = exc.one_line()
+            prev = ptr.get("previous")
+            try:
+                if not prev:
+                    raise PackageError("no previous version")
+                self.check_complete(d.name, prev)
+                self.set_current(d.name, prev, None)
+                actions.append(f"{d.name}: {problem}; back to {prev}")
+            except EdgeoptError:
+                self.pointer_path(d.name).unlink()
+                actions.append(f"{d.name}: {problem}; no complete version left, model removed")
+        return actions
