@@ -1,0 +1,355 @@
+"""Turns a batch of received MQTT messages into rows, in one transaction per batch.
+
+Separate from the MQTT client (``ingest.py``) so it can be tested and benchmarked without a broker.
+
+- :func:`prepare` validates every message against the contracts (``sdk.topics.parse``,
+  ``sdk.telemetry.parse_payload``) and sorts it into rows; rejected messages only add to a counter.
+- :meth:`BatchWriter.write` writes the rows with dialect-specific ``INSERT .. ON CONFLICT DO NOTHING``
+  (SQLite and PostgreSQL), so a redelivered message (QoS 1) is counted once as ``duplicate`` and
+  changes nothing else.
+- Status messages (``online`` birth / ``offline`` last will) are applied in session order
+  (:func:`status_applies`): a late last will of an old session never marks a newer session offline.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import bindparam, case, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from edgeopt.sdk import topics
+from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, CommandResultPayload, EventPayload, PayloadError,
+                                   StatusPayload, TelemetryPayload, parse_payload)
+
+from . import models as m
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVALS = 3  # no telemetry for this many intervals -> offline
+ACCEPTED_KINDS = {"telemetry": "telemetry", "events": "events", "cmd/result": "cmd_result",
+                  "status": "status"}
+
+
+@dataclass
+class Incoming:
+    """One received message: its topic, raw payload and the server time it arrived."""
+
+    topic: str
+    payload: bytes
+    received: datetime
+
+
+@dataclass
+class Prepared:
+    """The rows of one batch, before device ids are resolved to keys."""
+
+    telemetry: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (device_id, row)
+    telemetry_msgs: dict[tuple[str, str, int], int] = field(default_factory=dict)  # msg key -> rows
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    statuses: list[tuple[str, StatusPayload, datetime]] = field(default_factory=list)
+    fleets: dict[str, str] = field(default_factory=dict)  # device_id -> fleet
+    touch: dict[str, dict[str, Any]] = field(default_factory=dict)  # device_id -> newest telemetry facts
+    counters: Counter = field(default_factory=Counter)
+
+    @property
+    def size(self) -> int:
+        return len(self.telemetry_msgs) + len(self.events) + len(self.results) + len(self.statuses)
+
+
+def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
+    base = dict(ts=p.ts, session_id=p.session_id, seq=p.seq, interval_s=p.interval_s,
+                cpu_percent=p.system.cpu_percent, rss_bytes=p.system.rss_bytes,
+                temperature_c=p.system.temperature_c)
+    if not p.models:
+        return [dict(base, model="", model_version=None, requests=0, errors=0, throughput_ips=0.0,
+                     hist_counts=[0] * (len(LATENCY_BUCKETS_MS) + 1), hist_sum_ms=0.0, p50_ms=None,
+                     p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={})]
+    return [dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
+                 throughput_ips=s.throughput_ips, hist_counts=list(s.latency.counts),
+                 hist_sum_ms=s.latency.sum_ms, p50_ms=s.p50_ms, p95_ms=s.p95_ms, p99_ms=s.p99_ms,
+                 queue_depth=s.queue_depth, batch_sizes=dict(s.batch_sizes)) for s in p.models]
+
+
+def prepare(items: Iterable[Incoming], max_bytes: int = MAX_PAYLOAD_BYTES) -> Prepared:
+    """Validate and sort a batch. Never raises for bad input: it is counted by reason instead."""
+    out = Prepared()
+    for item in items:
+        try:
+            t = topics.parse(item.topic)
+        except topics.TopicError:
+            out.counters["bad_topic"] += 1
+            continue
+        if t.kind == "cmd":  # our own commands, if someone subscribed us to them
+            out.counters["unexpected_kind"] += 1
+            continue
+        try:
+            p = parse_payload(t.kind, item.payload, max_bytes=max_bytes)
+        except PayloadError as exc:
+            out.counters[exc.reason] += 1
+            continue
+        if getattr(p, "device_id", None) != t.device_id:
+            # A device may only speak for itself: the topic (which ACLs can restrict) is authoritative.
+            out.counters["device_mismatch"] += 1
+            continue
+        out.fleets.setdefault(t.device_id, t.fleet)
+        if isinstance(p, TelemetryPayload):
+            key = (t.device_id, p.session_id, p.seq)
+            if key in out.telemetry_msgs:
+                out.counters["duplicate"] += 1
+                continue
+            rows = _telemetry_rows(p)
+            out.telemetry_msgs[key] = len(rows)
+            out.telemetry.extend((t.device_id, r) for r in rows)
+            p95 = [s.p95_ms for s in p.models if s.p95_ms is not None]
+            facts = dict(ts=p.ts, session=p.session_id, interval=p.interval_s, received=item.received,
+                         p95=max(p95) if p95 else None, cpu=p.system.cpu_percent, rss=p.system.rss_bytes)
+            old = out.touch.get(t.device_id)
+            if old is None or old["ts"] <= p.ts:
+                out.touch[t.device_id] = facts
+        elif isinstance(p, EventPayload):
+            out.events.append((t.device_id, dict(
+                ts=p.ts, session_id=p.session_id, seq=p.seq, kind=p.event, ok=p.ok, model=p.model,
+                version=p.version, from_version=p.from_version, message=p.message[:4000],
+                command_id=p.command_id, deployment_id=p.deployment_id, details=p.details,
+                received_at=item.received)))
+        elif isinstance(p, CommandResultPayload):
+            out.results.append((t.device_id, dict(
+                ts=p.ts, session_id=p.session_id, seq=p.seq, command_id=p.command_id, command=p.command,
+                ok=p.ok, status=p.status, message=p.message[:4000], deployment_id=p.deployment_id,
+                details=p.details, received_at=item.received)))
+        elif isinstance(p, StatusPayload):
+            out.statuses.append((t.device_id, p, item.received))
+    return out
+
+
+def status_applies(dev: m.Device, p: StatusPayload) -> bool:
+    """Whether a status payload is newer than what the device row holds.
+
+    Within one session an ``offline`` (the last will) always applies and an ``online`` only with a larger
+    seq (a replayed retained birth changes nothing). A different session applies only when its ``ts`` is
+    newer than the newest ts of the device's current session, so the late last will of an old session
+    (sent when the old session started) never marks the new session offline.
+    """
+    if dev.session_id is None or dev.session_ts is None:
+        return True
+    if p.session_id == dev.session_id:
+        if p.state == "offline":
+            return dev.status != "offline" or dev.offline_reason != "will"
+        return dev.status_seq is None or p.seq > dev.status_seq
+    return p.ts > dev.session_ts
+
+
+def _insert(dialect: str, table):
+    return (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table))
+
+
+@dataclass
+class WriteStats:
+    telemetry_msgs: int = 0
+    telemetry_rows: int = 0
+    events: int = 0
+    results: int = 0
+    statuses: int = 0
+    duplicates: int = 0
+
+
+class BatchWriter:
+    """Writes prepared batches; keeps a cache of device id -> primary key."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database dialect {self.dialect!r}")
+        self._pks: dict[str, int] = {}
+
+    def forget_devices(self) -> None:
+        self._pks.clear()
+
+    # ------------------------------------------------------------------------------------------ write
+    def write(self, batch: Prepared, now: datetime) -> WriteStats:
+        """Write one prepared batch in one transaction; raises on database errors (nothing written)."""
+        stats = WriteStats()
+        counters = Counter(batch.counters)
+        with Session(self.engine) as session, session.begin():
+            device_ids = set(batch.fleets)
+            pks = self._resolve(session, device_ids, batch.fleets, now)
+            if batch.telemetry:
+                inserted = self._insert_telemetry(session, batch, pks)
+                stats.telemetry_msgs = len(inserted)
+                stats.telemetry_rows = sum(batch.telemetry_msgs[k] for k in inserted)
+                dup = len(batch.telemetry_msgs) - len(inserted)
+                counters["telemetry"] += len(inserted)
+                counters["duplicate"] += dup
+                stats.duplicates += dup
+                self._touch_devices(session, batch, pks)
+            for rows, model, name in ((batch.events, m.Event, "events"),
+                                      (batch.results, m.CommandResult, "cmd_result")):
+                if not rows:
+                    continue
+                n = self._insert_unique(session, model, [dict(r, device_pk=pks[d]) for d, r in rows])
+                counters[name] += n
+                counters["duplicate"] += len(rows) - n
+                stats.duplicates += len(rows) - n
+                if name == "events":
+                    stats.events = n
+                else:
+                    stats.results = n
+            for device_id, p, received in batch.statuses:
+                if self._apply_status(session, pks[device_id], p, received):
+                    stats.statuses += 1
+                counters["status"] += 1
+            self._count(session, counters, now)
+        return stats
+
+    def _resolve(self, session: Session, device_ids: set[str], fleets: dict[str, str],
+                 now: datetime) -> dict[str, int]:
+        missing = [d for d in device_ids if d not in self._pks]
+        if missing:
+            table = m.Device.__table__
+            stmt = _insert(self.dialect, table).on_conflict_do_nothing(index_elements=["device_id"])
+            session.execute(stmt, [dict(device_id=d, fleet=fleets.get(d, "default"), first_seen=now,
+                                        status="offline", capabilities={}) for d in sorted(missing)])
+            for pk, device_id in session.execute(select(table.c.id, table.c.device_id)
+                                                 .where(table.c.device_id.in_(missing))):
+                self._pks[device_id] = pk
+        return {d: self._pks[d] for d in device_ids}
+
+    def _insert_telemetry(self, session: Session, batch: Prepared, pks: dict[str, int]) -> set:
+        table = m.TelemetryRaw.__table__
+        stmt = (_insert(self.dialect, table).on_conflict_do_nothing(
+            index_elements=["device_pk", "session_id", "seq", "model"])
+            .returning(table.c.device_pk, table.c.session_id, table.c.seq))
+        rows = [dict(r, device_pk=pks[d]) for d, r in batch.telemetry]
+        by_pk = {pk: d for d, pk in pks.items()}
+        return {(by_pk[pk], s, q) for pk, s, q in session.execute(stmt, rows)}
+
+    def _insert_unique(self, session: Session, model, rows: list[dict[str, Any]]) -> int:
+        table = model.__table__
+        stmt = (_insert(self.dialect, table)
+                .on_conflict_do_nothing(index_elements=["device_pk", "session_id", "seq"])
+                .returning(table.c.id))
+        return len(session.execute(stmt, rows).all())
+
+    def _touch_devices(self, session: Session, batch: Prepared, pks: dict[str, int]) -> None:
+        """Newest telemetry facts onto each device row; revives a heartbeat-offline device of the same
+        session. One executemany UPDATE whose CASEs keep newer values already stored."""
+        c = m.Device.__table__.c
+        ts = bindparam("b_ts", type_=m.UTCDateTime())
+        deadline = bindparam("b_deadline", type_=m.UTCDateTime())
+        sess = bindparam("b_session")
+        newer = or_(c.last_seen.is_(None), c.last_seen <= ts)
+        revive = or_(c.session_id.is_(None), (c.session_id == sess) & (c.offline_reason == "heartbeat"))
+        stmt = (update(m.Device.__table__).where(c.id == bindparam("b_id")).values(
+            last_seen=case((newer, ts), else_=c.last_seen),
+            heartbeat_deadline=case((or_(c.heartbeat_deadline.is_(None), c.heartbeat_deadline < deadline),
+                                     deadline), else_=c.heartbeat_deadline),
+            telemetry_interval_s=case((newer, bindparam("b_interval")), else_=c.telemetry_interval_s),
+            last_p95_ms=case((newer, bindparam("b_p95")), else_=c.last_p95_ms),
+            last_cpu_percent=case((newer, bindparam("b_cpu")), else_=c.last_cpu_percent),
+            last_rss_bytes=case((newer, bindparam("b_rss")), else_=c.last_rss_bytes),
+            status=case((revive, "online"), else_=c.status),
+            offline_reason=case((revive, None), else_=c.offline_reason),
+            status_changed_at=case(((c.status == "offline") & revive, bindparam("b_now", type_=m.UTCDateTime())),
+                                   else_=c.status_changed_at),
+            session_id=case((c.session_id.is_(None), sess), else_=c.session_id),
+            session_ts=case((c.session_id.is_(None), ts), else_=c.session_ts),
+        ).execution_options(synchronize_session=False))
+        params = []
+        for device_id, f in batch.touch.items():
+            params.append(dict(
+                b_id=pks[device_id], b_ts=f["ts"], b_session=f["session"], b_interval=f["interval"],
+                b_deadline=f["received"] + timedelta(seconds=HEARTBEAT_INTERVALS * f["interval"]),
+                b_p95=f["p95"], b_cpu=f["cpu"], b_rss=f["rss"], b_now=f["received"]))
+        session.connection().execute(stmt, params)
+
+    def _apply_status(self, session: Session, pk: int, p: StatusPayload, received: datetime) -> bool:
+        dev = session.scalars(select(m.Device).where(m.Device.id == pk).with_for_update()).one()
+        # Every status is also kept as an event for the device's log; ON CONFLICT drops replays.
+        self._insert_unique(session, m.Event, [dict(
+            device_pk=pk, ts=p.ts, session_id=p.session_id, seq=p.seq, kind=p.state, ok=p.state == "online",
+            message=f"agent {p.agent_version or '?'} {p.state}", details={}, received_at=received)])
+        if not status_applies(dev, p):
+            return False
+        if dev.status != p.state:
+            dev.status_changed_at = received
+        if dev.session_id != p.session_id:
+            dev.session_ts = p.ts
+        else:
+            dev.session_ts = max(dev.session_ts or p.ts, p.ts)
+        dev.session_id = p.session_id
+        dev.status_seq = p.seq
+        dev.status = p.state
+        dev.offline_reason = "will" if p.state == "offline" else None
+        if p.state == "online":
+            dev.last_seen = max(dev.last_seen or p.ts, p.ts)
+            dev.heartbeat_deadline = None  # telemetry sets it; a birth alone never times out
+            self._sync_inventory(session, dev, p, received)
+        return True
+
+    def _sync_inventory(self, session: Session, dev: m.Device, p: StatusPayload, now: datetime) -> None:
+        dev.agent_version = p.agent_version
+        dev.capabilities = dict(p.capabilities)
+        profile = p.capabilities.get("profile") if isinstance(p.capabilities.get("profile"), str) else None
+        dev.profile = profile or (p.packages[0].profile if p.packages else dev.profile)
+        session.execute(delete(m.InstalledPackage).where(m.InstalledPackage.device_pk == dev.id))
+        seen: set[str] = set()
+        for pkg in p.packages:
+            if pkg.name in seen:
+                continue
+            seen.add(pkg.name)
+            session.add(m.InstalledPackage(device_pk=dev.id, name=pkg.name, version=pkg.version,
+                                           profile=pkg.profile, runtime=pkg.runtime, precision=pkg.precision,
+                                           sha256=pkg.sha256, previous_version=pkg.previous_version,
+                                           updated_at=now))
+        # Groups reported by the agent replace its earlier reported ones; manual memberships stay.
+        wanted = set(p.groups)
+        if wanted:
+            session.execute(_insert(self.dialect, m.DeviceGroup.__table__).on_conflict_do_nothing(
+                index_elements=["name"]), [dict(name=g, description="", created_at=now) for g in sorted(wanted)])
+        group_ids = dict(session.execute(select(m.DeviceGroup.name, m.DeviceGroup.id)
+                                         .where(m.DeviceGroup.name.in_(wanted))).all()) if wanted else {}
+        for member in list(dev.memberships):
+            if member.source == "agent" and member.group_id not in group_ids.values():
+                session.delete(member)
+        have = {mb.group_id for mb in dev.memberships}
+        for name, gid in group_ids.items():
+            if gid not in have:
+                session.add(m.DeviceGroupMember(group_id=gid, device_pk=dev.id, source="agent"))
+        # Tags are only added (an operator may tag devices in the dashboard too).
+        have_tags = {t.tag for t in dev.tag_rows}
+        for tag in sorted(set(p.tags) - have_tags):
+            session.add(m.DeviceTag(device_pk=dev.id, tag=tag))
+        session.flush()
+
+    def _count(self, session: Session, counters: Counter, now: datetime) -> None:
+        counters = +counters
+        if counters:
+            add_counters(session, counters, now, self.dialect)
+
+
+def add_counters(session: Session, counters: dict[str, int], now: datetime, dialect: str) -> None:
+    """Add to the ingest counters (upsert: count = count + n)."""
+    table = m.IngestCounter.__table__
+    stmt = _insert(dialect, table)
+    stmt = stmt.on_conflict_do_update(index_elements=["reason"],
+                                      set_=dict(count=table.c.count + stmt.excluded.count,
+                                                updated_at=stmt.excluded.updated_at))
+    session.execute(stmt, [dict(reason=k, count=v, updated_at=now) for k, v in sorted(counters.items())])
+
+
+def mark_heartbeat_offline(session: Session, now: datetime) -> int:
+    """Devices online whose telemetry stopped for 3 intervals become offline (reason ``heartbeat``)."""
+    d = m.Device.__table__.c
+    res = session.execute(update(m.Device.__table__)
+                          .where(d.status == "online", d.heartbeat_deadline.is_not(None),
+                                 d.heartbeat_deadline < now)
+                          .values(status="offline", offline_reason="heartbeat", status_changed_at=now))
+    return res.rowcount or 0

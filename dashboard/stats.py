@@ -1,0 +1,358 @@
+"""Queries behind the dashboard's pages and JSON API. Every function takes an ORM ``Session`` and returns
+plain JSON-ready dicts/lists (datetimes as ISO 8601 UTC strings, latencies in ms).
+
+Latency percentiles are always computed from MERGED histograms (bucket counts summed over devices and
+time, :class:`edgeopt.sdk.telemetry.Histogram`), never by averaging percentiles.
+
+API (all keyword arguments optional unless shown):
+
+``fleet_summary(session, now=None, slowest=10) -> dict``
+    ``{"devices", "online", "offline", "profiles": [{"profile", "devices"}],
+    "package_versions": [{"name", "version", "devices"}], "slowest": [device row, ...],
+    "models": [str], "open_alerts": int}``
+``slowest_devices(session, limit=10) -> list[dict]``
+    devices ordered by their latest reported p95 (``last_p95_ms``), largest first.
+``fleet_latency_series(session, start, end, model=None, group=None, profile=None, resolution=None,
+max_points=300) -> dict``
+    fleet p50/p95/p99 over time: ``{"resolution", "step_s", "model", "points": [{"t", "p50", "p95",
+    "p99", "requests", "errors", "throughput_ips", "devices"}]}``; without group/profile it reads the
+    fleet-wide rollups, otherwise the per-device rollups of the matching devices.
+``device_series(session, device_id, start, end, model=None, resolution=None, max_points=500) -> dict``
+    ``{"device_id", "resolution", "step_s", "models": [str], "points": [{"t", "p50", "p95", "p99",
+    "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes", "queue_depth",
+    "batch_sizes"}]}``; raises :class:`LookupError` for an unknown device.
+``choose_resolution(start, end, kind="device") -> "raw" | "1m" | "1h"``
+    raw up to 6 h, 1 min up to 7 days (fleet: 2 days), else 1 h.
+``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
+sort="device_id", order="asc", page=1, per_page=50) -> dict``
+    ``{"total", "page", "per_page", "pages", "items": [device row]}``; ``package`` is ``name`` or
+    ``name@version``; sort keys: :data:`SORT_KEYS`.
+``device_detail(session, device_id) -> dict | None``
+    device row plus ``capabilities``, ``packages``, ``session_id``, ``telemetry_interval_s``.
+``device_events(session, device_id, limit=100, before_id=None) -> list[dict]``  newest first.
+``ingest_counters(session) -> dict[str, int]``
+``models_seen(session) -> list[str]``
+
+A "device row" is ``{"device_id", "fleet", "status", "offline_reason", "last_seen", "profile",
+"agent_version", "p95_ms", "cpu_percent", "rss_bytes", "groups", "tags", "packages": [{"name",
+"version"}]}``.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS, Histogram
+
+from . import models as m
+
+NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
+RES_SECONDS = {"raw": 0, "1m": 60, "1h": 3600}
+SORT_KEYS = {"device_id": m.Device.device_id, "status": m.Device.status, "profile": m.Device.profile,
+             "last_seen": m.Device.last_seen, "p95": m.Device.last_p95_ms,
+             "agent_version": m.Device.agent_version}
+MAX_PER_PAGE = 500
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if dt else None
+
+
+def _aware(dt: datetime) -> datetime:
+    if dt.tzinfo is None:
+        raise ValueError(f"naive datetime {dt!r}: pass a timezone-aware (UTC) datetime")
+    return dt.astimezone(timezone.utc)
+
+
+def _round(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def choose_resolution(start: datetime, end: datetime, kind: str = "device") -> str:
+    """The stored resolution to read for a range: raw up to 6 h, 1 min up to 7 days (fleet: raw is
+    never read and 1 min up to 2 days), else 1 h."""
+    span = (end - start).total_seconds()
+    if kind == "device" and span <= 6 * 3600:
+        return "raw"
+    if span <= (7 if kind == "device" else 2) * 86400:
+        return "1m"
+    return "1h"
+
+
+def _step(start: datetime, end: datetime, resolution: str, max_points: int) -> int:
+    span = max(1.0, (end - start).total_seconds())
+    base = max(RES_SECONDS[resolution], 1)
+    want = span / max(1, max_points)
+    # Round the step up to a whole multiple of the stored resolution so buckets never split a row.
+    return int(max(base, math.ceil(want / base) * base))
+
+
+def _bucket(ts: datetime, start: datetime, step: int) -> int:
+    return int((ts - start).total_seconds() // step)
+
+
+class _Acc:
+    """Accumulates rows of one output bucket."""
+
+    __slots__ = ("counts", "sum_ms", "requests", "errors", "cpu", "rss", "queue", "batch", "devices")
+
+    def __init__(self) -> None:
+        self.counts = [0] * NBUCKETS
+        self.sum_ms = 0.0
+        self.requests = self.errors = self.queue = 0
+        self.cpu: list[float] = []
+        self.rss: list[float] = []
+        self.batch: dict[str, int] = defaultdict(int)
+        self.devices: set[int] = set()
+
+    def add_hist(self, counts: list[int] | None, sum_ms: float | None) -> None:
+        if counts and len(counts) == NBUCKETS:
+            for i, c in enumerate(counts):
+                if c:
+                    self.counts[i] += c
+            self.sum_ms += sum_ms or 0.0
+
+    def percentiles(self) -> dict[str, float | None]:
+        h = Histogram(self.counts, self.sum_ms)
+        return {"p50": _round(h.quantile(0.50)), "p95": _round(h.quantile(0.95)),
+                "p99": _round(h.quantile(0.99))}
+
+
+def merged_percentiles(hists: Iterable[list[int]], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list:
+    """Quantiles of the sum of several histograms' counts."""
+    acc = _Acc()
+    for counts in hists:
+        acc.add_hist(counts, 0.0)
+    h = Histogram(acc.counts)
+    return [h.quantile(q) for q in qs]
+
+
+# -------------------------------------------------------------------------------------------- fleet
+def fleet_latency_series(session: Session, start: datetime, end: datetime, *, model: str | None = None,
+                         group: str | None = None, profile: str | None = None,
+                         resolution: str | None = None, max_points: int = 300) -> dict[str, Any]:
+    """Fleet (or one group's / profile's) latency percentiles over time from merged histograms."""
+    start, end = _aware(start), _aware(end)
+    res = resolution or choose_resolution(start, end, kind="fleet")
+    if res == "raw":
+        res = "1m"  # fleet charts never scan raw rows
+    step = _step(start, end, res, max_points)
+    accs: dict[int, _Acc] = defaultdict(_Acc)
+    if group is None and profile is None:
+        f = m.FleetRollup
+        q = select(f.bucket_start, f.hist_counts, f.hist_sum_ms, f.requests, f.errors, f.devices).where(
+            f.resolution == res, f.bucket_start >= start, f.bucket_start < end)
+        q = q.where(f.model == model) if model is not None else q.where(f.model != "")
+        for b, counts, sum_ms, req, err, ndev in session.execute(q):
+            a = accs[_bucket(b, start, step)]
+            a.add_hist(counts, sum_ms)
+            a.requests += req
+            a.errors += err
+            a.devices.add(ndev)  # a count, not ids: the max is reported below
+    else:
+        r = m.Rollup1m if res == "1m" else m.Rollup1h
+        q = (select(r.bucket_start, r.hist_counts, r.hist_sum_ms, r.requests, r.errors, r.device_pk)
+             .where(r.bucket_start >= start, r.bucket_start < end))
+        q = q.where(r.model == model) if model is not None else q.where(r.model != "")
+        if profile is not None:
+            q = q.join(m.Device, m.Device.id == r.device_pk).where(m.Device.profile == profile)
+        if group is not None:
+            q = (q.join(m.DeviceGroupMember, m.DeviceGroupMember.device_pk == r.device_pk)
+                 .join(m.DeviceGroup, m.DeviceGroup.id == m.DeviceGroupMember.group_id)
+                 .where(m.DeviceGroup.name == group))
+        for b, counts, sum_ms, req, err, dpk in session.execute(q):
+            a = accs[_bucket(b, start, step)]
+            a.add_hist(counts, sum_ms)
+            a.requests += req
+            a.errors += err
+            a.devices.add(dpk)
+    points = []
+    for i in sorted(accs):
+        a = accs[i]
+        ndev = (max(a.devices) if a.devices else 0) if group is None and profile is None else len(a.devices)
+        points.append(dict(t=_iso(start + timedelta(seconds=i * step)), **a.percentiles(),
+                           requests=a.requests, errors=a.errors,
+                           throughput_ips=_round(a.requests / step), devices=ndev))
+    return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
+            "start": _iso(start), "end": _iso(end), "points": points}
+
+
+def _device_row(d: m.Device) -> dict[str, Any]:
+    return {"device_id": d.device_id, "fleet": d.fleet, "status": d.status,
+            "offline_reason": d.offline_reason, "last_seen": _iso(d.last_seen), "profile": d.profile,
+            "agent_version": d.agent_version, "p95_ms": _round(d.last_p95_ms),
+            "cpu_percent": _round(d.last_cpu_percent, 1), "rss_bytes": d.last_rss_bytes,
+            "groups": d.groups, "tags": d.tags,
+            "packages": [{"name": p.name, "version": p.version} for p in d.packages]}
+
+
+def _with_related(q):
+    return q.options(selectinload(m.Device.packages),
+                     selectinload(m.Device.memberships).selectinload(m.DeviceGroupMember.group),
+                     selectinload(m.Device.tag_rows))
+
+
+def slowest_devices(session: Session, limit: int = 10) -> list[dict[str, Any]]:
+    """Devices with the largest latest-reported p95, largest first."""
+    q = (select(m.Device).where(m.Device.last_p95_ms.is_not(None))
+         .order_by(m.Device.last_p95_ms.desc(), m.Device.device_id).limit(limit))
+    return [_device_row(d) for d in session.scalars(_with_related(q))]
+
+
+def fleet_summary(session: Session, now: datetime | None = None, slowest: int = 10) -> dict[str, Any]:
+    """Counts for the fleet overview: status, profiles, package versions, slowest devices, alerts."""
+    status = dict(session.execute(select(m.Device.status, func.count()).group_by(m.Device.status)).all())
+    profiles = session.execute(select(m.Device.profile, func.count()).group_by(m.Device.profile)
+                               .order_by(func.count().desc())).all()
+    pkgs = session.execute(select(m.InstalledPackage.name, m.InstalledPackage.version, func.count())
+                           .group_by(m.InstalledPackage.name, m.InstalledPackage.version)
+                           .order_by(m.InstalledPackage.name, func.count().desc())).all()
+    open_alerts = session.scalar(select(func.count()).select_from(m.Alert).where(m.Alert.state == "open"))
+    return {"devices": sum(status.values()), "online": status.get("online", 0),
+            "offline": status.get("offline", 0),
+            "profiles": [{"profile": p, "devices": n} for p, n in profiles],
+            "package_versions": [{"name": a, "version": v, "devices": n} for a, v, n in pkgs],
+            "slowest": slowest_devices(session, slowest), "models": models_seen(session),
+            "open_alerts": open_alerts or 0, "generated_at": _iso(now or datetime.now(timezone.utc))}
+
+
+def models_seen(session: Session) -> list[str]:
+    """Model names with fleet rollups (falls back to installed package names)."""
+    names = set(session.scalars(select(m.FleetRollup.model).where(m.FleetRollup.model != "").distinct()))
+    if not names:
+        names = set(session.scalars(select(m.InstalledPackage.name).distinct()))
+    return sorted(names)
+
+
+# ------------------------------------------------------------------------------------------ devices
+def list_devices(session: Session, *, search: str | None = None, status: str | None = None,
+                 profile: str | None = None, group: str | None = None, package: str | None = None,
+                 sort: str = "device_id", order: str = "asc", page: int = 1,
+                 per_page: int = 50) -> dict[str, Any]:
+    """One page of the device list. Raises ValueError for an unknown sort key, order or page."""
+    if sort not in SORT_KEYS:
+        raise ValueError(f"unknown sort key {sort!r}; expected one of {', '.join(SORT_KEYS)}")
+    if order not in ("asc", "desc"):
+        raise ValueError(f"order must be 'asc' or 'desc', found {order!r}")
+    if page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
+        raise ValueError(f"page must be >= 1 and per_page 1..{MAX_PER_PAGE}, found {page} and {per_page}")
+    q = select(m.Device)
+    if search:
+        like = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        q = q.where(func.lower(m.Device.device_id).like(like, escape="\\"))
+    if status:
+        q = q.where(m.Device.status == status)
+    if profile:
+        q = q.where(m.Device.profile == profile)
+    if group:
+        q = q.where(m.Device.id.in_(select(m.DeviceGroupMember.device_pk)
+                                    .join(m.DeviceGroup, m.DeviceGroup.id == m.DeviceGroupMember.group_id)
+                                    .where(m.DeviceGroup.name == group)))
+    if package:
+        name, _, version = package.partition("@")
+        sub = select(m.InstalledPackage.device_pk).where(m.InstalledPackage.name == name)
+        if version:
+            sub = sub.where(m.InstalledPackage.version == version)
+        q = q.where(m.Device.id.in_(sub))
+    total = session.scalar(select(func.count()).select_from(q.order_by(None).subquery())) or 0
+    col = SORT_KEYS[sort]
+    key = col.asc() if order == "asc" else col.desc()
+    # NULLs last either way, then device_id so paging is stable.
+    q = q.order_by(col.is_(None), key, m.Device.device_id).offset((page - 1) * per_page).limit(per_page)
+    items = [_device_row(d) for d in session.scalars(_with_related(q))]
+    return {"total": total, "page": page, "per_page": per_page,
+            "pages": max(1, math.ceil(total / per_page)), "items": items}
+
+
+def _device(session: Session, device_id: str) -> m.Device | None:
+    return session.scalars(_with_related(select(m.Device).where(m.Device.device_id == device_id))).first()
+
+
+def device_detail(session: Session, device_id: str) -> dict[str, Any] | None:
+    """Everything the device page shows besides charts and events; None for an unknown device."""
+    d = _device(session, device_id)
+    if d is None:
+        return None
+    row = _device_row(d)
+    row.update(capabilities=d.capabilities, session_id=d.session_id,
+               telemetry_interval_s=d.telemetry_interval_s, first_seen=_iso(d.first_seen),
+               status_changed_at=_iso(d.status_changed_at),
+               packages=[{"name": p.name, "version": p.version, "profile": p.profile, "runtime": p.runtime,
+                          "precision": p.precision, "sha256": p.sha256,
+                          "previous_version": p.previous_version, "updated_at": _iso(p.updated_at)}
+                         for p in d.packages])
+    return row
+
+
+def device_events(session: Session, device_id: str, limit: int = 100,
+                  before_id: int | None = None) -> list[dict[str, Any]]:
+    """The device's events (and status changes), newest first; page with ``before_id``."""
+    q = (select(m.Event).join(m.Device, m.Device.id == m.Event.device_pk)
+         .where(m.Device.device_id == device_id).order_by(m.Event.ts.desc(), m.Event.id.desc())
+         .limit(min(limit, 1000)))
+    if before_id is not None:
+        q = q.where(m.Event.id < before_id)
+    return [{"id": e.id, "ts": _iso(e.ts), "kind": e.kind, "ok": e.ok, "model": e.model,
+             "version": e.version, "from_version": e.from_version, "message": e.message,
+             "command_id": e.command_id, "deployment_id": e.deployment_id, "details": e.details,
+             "session_id": e.session_id, "seq": e.seq} for e in session.scalars(q)]
+
+
+def device_series(session: Session, device_id: str, start: datetime, end: datetime, *,
+                  model: str | None = None, resolution: str | None = None,
+                  max_points: int = 500) -> dict[str, Any]:
+    """One device's charts over [start, end): merged percentiles, throughput, errors, batch sizes, CPU, RSS."""
+    start, end = _aware(start), _aware(end)
+    pk = session.scalar(select(m.Device.id).where(m.Device.device_id == device_id))
+    if pk is None:
+        raise LookupError(f"unknown device {device_id!r}")
+    res = resolution or choose_resolution(start, end)
+    step = _step(start, end, res, max_points)
+    if res == "raw":
+        t = m.TelemetryRaw
+        q = select(t.ts, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, t.cpu_percent,
+                   t.rss_bytes, t.queue_depth, t.batch_sizes).where(t.device_pk == pk, t.ts >= start, t.ts < end)
+    else:
+        t = m.Rollup1m if res == "1m" else m.Rollup1h
+        q = select(t.bucket_start, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, t.cpu_avg,
+                   t.rss_avg, t.queue_depth_max, t.batch_sizes).where(
+            t.device_pk == pk, t.bucket_start >= start, t.bucket_start < end)
+    if model is not None:
+        q = q.where(t.model == model)
+    accs: dict[int, _Acc] = defaultdict(_Acc)
+    models: set[str] = set()
+    for ts, mdl, counts, sum_ms, req, err, cpu, rss, queue, batch in session.execute(q):
+        a = accs[_bucket(ts, start, step)]
+        if mdl:
+            models.add(mdl)
+            a.add_hist(counts, sum_ms)
+            a.requests += req
+            a.errors += err
+            a.queue = max(a.queue, queue or 0)
+            for k, v in (batch or {}).items():
+                a.batch[k] += int(v)
+        if cpu is not None:
+            a.cpu.append(cpu)
+        if rss is not None:
+            a.rss.append(rss)
+    points = []
+    for i in sorted(accs):
+        a = accs[i]
+        points.append(dict(t=_iso(start + timedelta(seconds=i * step)), **a.percentiles(),
+                           requests=a.requests, errors=a.errors, throughput_ips=_round(a.requests / step),
+                           cpu_percent=_round(sum(a.cpu) / len(a.cpu), 1) if a.cpu else None,
+                           rss_bytes=int(sum(a.rss) / len(a.rss)) if a.rss else None,
+                           queue_depth=a.queue, batch_sizes=dict(a.batch)))
+    return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
+            "models": sorted(models), "start": _iso(start), "end": _iso(end), "points": points}
+
+
+def ingest_counters(session: Session) -> dict[str, int]:
+    """Ingest outcome counters by reason (accepted kinds and rejection reasons)."""
+    return dict(session.execute(select(m.IngestCounter.reason, m.IngestCounter.count)
+                                .order_by(m.IngestCounter.reason)).all())
