@@ -1,0 +1,290 @@
+"""ONNX Runtime backend: fp32 / fp16 / int8 static QDQ (per-channel) / int8 weight-only ONNX files.
+
+Old-opset models (opset < 13) are upgraded before per-channel QDQ: ONNX Runtime's quantizer would write
+``DequantizeLinear`` with an ``axis`` attribute that opset 11 does not have, and ONNX Runtime then refuses
+its own output. ``quant_pre_process`` is retried without symbolic shape inference when that fails
+("Incomplete symbolic shape inference"), which real exported detection models trigger.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..pipeline.types import Artifact
+from .base import Backend, BuildJob, Layer
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "onnxruntime"
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MIN_QDQ_OPSET = 13  # per-axis DequantizeLinear
+
+
+class OnnxRuntimeBackend(Backend):
+    name: ClassVar[str] = RUNTIME
+    extra: ClassVar[str] = "sdk"
+    accepts: ClassVar[tuple[str, ...]] = ("onnx",)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8-weight-only")
+
+    @classmethod
+    def check_importable(cls) -> None:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+    # ------------------------------------------------------------------ checks
+
+    def check_ops(self, source: Path, source_format: str) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        if source_format != "onnx":
+            raise UnsupportedError(f"ONNX Runtime needs an ONNX model; {source.name} is {source_format}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 4
+        try:
+            ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # pybind errors: Fail, InvalidGraph, NotImplemented
+            text = " ".join(str(exc).split())
+            model = onnx.load(str(source), load_external_data=False)
+            ops = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node
+                          if n.op_type in text})
+            what = f"op {', '.join(ops)}" if ops else "the model"
+            raise UnsupportedError(f"ONNX Runtime {ort.__version__} cannot run {what} in {source.name}: {text[:200]}",
+                                   hint="choose a profile with another runtime, or replace the op") from None
+
+    def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:
+        from ...agent.runtimes import get_runtime
+
+        wanted = runtime_options.providers[0]
+        available = get_runtime(RUNTIME).devices()
+        if wanted in available:
+            return wanted, wanted, False
+        return wanted, "CPUExecutionProvider", True
+
+    # ------------------------------------------------------------------ builds
+
+    def build(self, job: BuildJob) -> Artifact:
+        import onnx
+
+        out = job.workdir / "model.onnx"
+        notes: list[str] = []
+        if job.precision == "fp32":
+            self._optimize_offline(job.source, out, job.graph_level, notes)
+        elif job.precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = onnx.load(str(job.source))
+            # keep_io_types: the package takes and returns float32 like the original, so callers don't change.
+            fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+            tmp = job.workdir / "fp16.onnx"
+            onnx.save(fp16, str(tmp))
+            self._optimize_offline(tmp, out, job.graph_level, notes)
+        elif job.precision == "int8":
+            pre = self.layer_reference(job)
+            self._quantize_static(pre, out, job, notes)
+        elif job.precision == "int8-weight-only":
+            model = upgrade_opset(onnx.load(str(job.source)), MIN_QDQ_OPSET, notes)
+            n = quantize_weights_only(model, exclude=set(job.float_layers))
+            notes.append(f"{n} weight tensors stored as int8 (per-channel, symmetric); activations stay float")
+            onnx.save(model, str(out))
+        else:
+            raise UnsupportedError(f"ONNX Runtime backend has no precision {job.precision!r}")
+        return Artifact(model_file=out, files={"model.onnx": out}, runtime=RUNTIME, precision=job.precision,
+                        float_layers=list(job.float_layers), notes=notes)
+
+    def _optimize_offline(self, src: Path, out: Path, level: str, notes: list[str]) -> None:
+        """Graph level 'all': ONNX Runtime's own basic (portable) optimizations saved into the file."""
+        if level != "all":
+            shutil.copyfile(src, out)
+            return
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        # Only the basic level is saved: extended/all levels write hardware-specific fused ops.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(out)
+        so.log_severity_level = 4
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        notes.append("ONNX Runtime basic graph optimizations applied offline")
+
+    def layer_reference(self, job: BuildJob) -> Path:
+        """opset upgrade + quant_pre_process, cached in the job's workdir: the fp32 graph QDQ works on."""
+        import onnx
+
+        pre = job.workdir.parent / f"ort-pre-{job.graph_level}.onnx"
+        if pre.exists():
+            return pre
+        notes: list[str] = []
+        upgraded = job.workdir.parent / "ort-upgraded.onnx"
+        onnx.save(upgrade_opset(onnx.load(str(job.source)), MIN_QDQ_OPSET, notes), str(upgraded))
+        preprocess(upgraded, pre, skip_optimization=job.graph_level == "none")
+        return pre
+
+    def _quantize_static(self, pre: Path, out: Path, job: BuildJob, notes: list[str]) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if not job.calibration:
+            raise UnsupportedError("int8 static quantization needs calibration data")
+        reader = _Reader(job.calibration)
+        quantize_static(
+            str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=job.profile.precision.per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(job.float_layers) or None, op_types_to_quantize=None,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        notes.append(f"QDQ int8 ({'per-channel' if job.profile.precision.per_channel else 'per-tensor'}), "
+                     f"{len(job.calibration)} calibration samples")
+
+    # ------------------------------------------------------------------ sensitivity
+
+    def layers(self, reference: Path) -> list[Layer]:
+        import onnx
+
+        model = onnx.load(str(reference), load_external_data=False)
+        producer = {o: n for n in model.graph.node for o in n.output}
+        picked = [n for n in model.graph.node if n.op_type in QUANTIZABLE and n.name]
+        names = {n.name for n in picked}
+        out = []
+        for node in picked:
+            ups, seen, stack = [], set(), list(node.input)
+            while stack:
+                t = stack.pop()
+                p = producer.get(t)
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.name in names:
+                    ups.append(p.name)
+                else:
+                    stack.extend(p.input)
+            out.append(Layer(node.name, node.output[0], ups))
+        return out
+
+    def layer_outputs(self, model_file: Path, layers: list[Layer], feeds: list[dict]) -> dict[str, list]:
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(model_file))
+        present = {o for n in model.graph.node for o in n.output}
+        have = {o.name for o in model.graph.output}
+        wanted = [l for l in layers if l.output in present]
+        for layer in wanted:
+            if layer.output not in have:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(layer.output))
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        # Basic level keeps every requested tensor materialized, in float, as the quantized graph computes it.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [l.output for l in wanted]
+        result: dict[str, list] = {l.name: [] for l in wanted}
+        for feed in feeds:
+            values = sess.run(names, feed)
+            for layer, v in zip(wanted, values):
+                result[layer.name].append(np.asarray(v, dtype=np.float32))
+        return result
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def upgrade_opset(model, minimum: int, notes: list[str]):
+    """Convert the default-domain opset up to ``minimum`` (no-op when already there)."""
+    import onnx
+    from onnx import version_converter
+
+    from ..pipeline.load import opset_of
+
+    current = opset_of(model)
+    if current >= minimum:
+        return model
+    try:
+        converted = version_converter.convert_version(model, minimum)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError
+        raise UnsupportedError(f"the model's opset {current} must be upgraded to {minimum} for per-channel int8, "
+                               f"and the ONNX version converter failed: {' '.join(str(exc).split())[:200]}",
+                               hint="re-export the model with opset 13 or newer") from None
+    notes.append(f"opset upgraded {current} -> {minimum} for per-channel QDQ")
+    log.info("opset upgraded %d -> %d", current, minimum)
+    return converted
+
+
+def preprocess(src: Path, out: Path, skip_optimization: bool = False) -> str:
+    """ONNX Runtime's quant_pre_process; without symbolic shape inference when that fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(out), skip_optimization=skip_optimization)
+        return "full"
+    except Exception as exc:  # "Incomplete symbolic shape inference" and friends
+        log.info("quant_pre_process with symbolic shape inference failed (%s); retrying without it", exc)
+    try:
+        quant_pre_process(str(src), str(out), skip_optimization=skip_optimization, skip_symbolic_shape=True)
+        return "no-symbolic"
+    except Exception as exc:
+        log.info("quant_pre_process failed again (%s); quantizing the model as is", exc)
+        shutil.copyfile(src, out)
+        return "none"
+
+
+def quantize_weights_only(model, exclude: set[str] = frozenset()) -> int:
+    """Store Conv/Gemm/MatMul float weights as int8 + DequantizeLinear (per output channel, symmetric).
+
+    ONNX Runtime folds the DequantizeLinear at load time, so this shrinks the file (about 4x for the weights)
+    without changing the compute precision.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done = 0
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE or node.name in exclude or len(node.input) < 2:
+            continue
+        wname = node.input[1]
+        init = inits.get(wname)
+        if init is None or uses.get(wname, 0) != 1:
+            continue
+        w = numpy_helper.to_array(init)
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("Conv",):
+            axis = 0
+        elif node.op_type == "ConvTranspose":
+            axis = 1
+        elif node.op_type == "Gemm":
+            axis = 0 if attrs.get("transB", 0) else 1
+        else:  # MatMul: weight [K, N], one scale per output column
+            axis = w.ndim - 1
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / 127.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        qname, sname, zname = wname + "_int8", wname + "_scale", wname + "_zero"
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([numpy_helper.from_array(q, qname),
+                                        numpy_helper.from_array(scale.astype(np.float32), sname),
+                                        numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zname)])
+        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [qname, sname, zname], [wname],
+                                                    name=wname + "_DequantizeLinear", axis=axis))
+        done += 1
+    return done

@@ -1,0 +1,159 @@
+"""OpenVINO backend: OpenVINO IR in fp32 / fp16 (compressed weights) / int8 static PTQ (NNCF) / int8
+weight-only (NNCF ``compress_weights``).
+
+Devices the host lacks (NPU, Intel GPU) are targeted by the IR itself (an IR is device-neutral) and
+measured on the host CPU as a proxy: ``run_device`` says so, it never pretends the device ran.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..pipeline.types import Artifact
+from .base import Backend, BuildJob, Layer
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "openvino"
+QUANTIZABLE = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+_NNCF_DEVICE = {"CPU": "CPU", "GPU": "GPU", "NPU": "NPU"}
+
+
+class OpenVINOBackend(Backend):
+    name: ClassVar[str] = RUNTIME
+    extra: ClassVar[str] = "sdk"
+    accepts: ClassVar[tuple[str, ...]] = ("onnx", "openvino-ir")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8-weight-only")
+
+    @classmethod
+    def check_importable(cls) -> None:
+        import openvino  # noqa: F401
+
+    def _read(self, source: Path, source_format: str):
+        import openvino as ov
+
+        try:
+            if source_format == "openvino-ir":
+                return _core().read_model(str(source))
+            return ov.convert_model(str(source))
+        except Exception as exc:  # OpConversionFailure, GeneralFailure, RuntimeError
+            text = " ".join(str(exc).split())
+            m = re.search(r"No conversion rule found for operations: ([^\n]+?)(?: Summary| \[| -|$)", text)
+            ops = m.group(1).strip() if m else None
+            what = f"op {ops}" if ops else "the model"
+            raise UnsupportedError(f"OpenVINO {ov.get_version().split('-')[0]} cannot convert {what} in {source.name}"
+                                   + ("" if ops else f": {text[:200]}"),
+                                   hint="choose a profile with another runtime, or replace the op") from None
+
+    def check_ops(self, source: Path, source_format: str) -> None:
+        if source_format not in self.accepts:
+            raise UnsupportedError(f"OpenVINO takes ONNX or OpenVINO IR; {source.name} is {source_format}")
+        self._read(source, source_format)
+
+    def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:
+        from ...agent.runtimes import get_runtime
+
+        wanted = runtime_options.device
+        if wanted in get_runtime(RUNTIME).devices():
+            return wanted, wanted, False
+        return wanted, "CPU", True
+
+    def build(self, job: BuildJob) -> Artifact:
+        import openvino as ov
+
+        model = self._read(job.source, job.source_format)
+        notes: list[str] = []
+        if job.precision == "int8":
+            model = self._quantize(model, job, notes)
+        elif job.precision == "int8-weight-only":
+            import nncf
+
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                          ignored_scope=_scope(job.float_layers))
+            notes.append("weights int8 (NNCF compress_weights, asymmetric); activations stay float")
+        elif job.precision not in ("fp32", "fp16"):
+            raise UnsupportedError(f"OpenVINO backend has no precision {job.precision!r}")
+        xml = job.workdir / "model.xml"
+        # fp16 stores weights as f16 (half the size); the device's plugin picks its execution precision.
+        ov.save_model(model, str(xml), compress_to_fp16=job.precision == "fp16")
+        return Artifact(model_file=xml, files={"model.xml": xml, "model.bin": xml.with_suffix(".bin")},
+                        runtime=RUNTIME, precision=job.precision, float_layers=list(job.float_layers), notes=notes)
+
+    def _quantize(self, model, job: BuildJob, notes: list[str]):
+        import nncf
+
+        if not job.calibration:
+            raise UnsupportedError("int8 static quantization needs calibration data")
+        device = _NNCF_DEVICE.get(getattr(job.runtime_options, "device", "CPU"), "ANY")
+        quantized = nncf.quantize(
+            model, nncf.Dataset(job.calibration), subset_size=len(job.calibration),
+            target_device=nncf.TargetDevice(device), preset=nncf.QuantizationPreset.PERFORMANCE,
+            ignored_scope=_scope(job.float_layers),
+        )
+        notes.append(f"NNCF post-training int8 for {device}, {len(job.calibration)} calibration samples"
+                     + (f", {len(job.float_layers)} layers kept in float" if job.float_layers else ""))
+        return quantized
+
+    # ------------------------------------------------------------------ sensitivity
+
+    def layer_reference(self, job: BuildJob) -> Path:
+        import openvino as ov
+
+        ref = job.workdir.parent / "ov-fp32-reference.xml"
+        if not ref.exists():
+            ov.save_model(self._read(job.source, job.source_format), str(ref), compress_to_fp16=False)
+        return ref
+
+    def layers(self, reference: Path) -> list[Layer]:
+        model = _core().read_model(str(reference))
+        picked = [op for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE
+                  and op.input_value(1).get_node().get_type_name() != "Parameter"]
+        names = {op.get_friendly_name() for op in picked}
+        out = []
+        for op in picked:
+            ups, seen, stack = [], set(), [op.input_value(0).get_node()]
+            while stack:
+                node = stack.pop()
+                name = node.get_friendly_name()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if name in names:
+                    ups.append(name)
+                else:
+                    stack.extend(v.get_node() for v in node.input_values())
+            out.append(Layer(op.get_friendly_name(), op.get_friendly_name(), ups))
+        return out
+
+    def layer_outputs(self, model_file: Path, layers: list[Layer], feeds: list[dict]) -> dict[str, list]:
+        model = _core().read_model(str(model_file))
+        ops = {op.get_friendly_name(): op for op in model.get_ops()}
+        wanted = [l for l in layers if l.name in ops]
+        first_new = len(model.outputs)
+        model.add_outputs([ops[l.name].output(0) for l in wanted])
+        compiled = _core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        result: dict[str, list] = {l.name: [] for l in wanted}
+        for feed in feeds:
+            values = request.infer(feed)
+            for i, layer in enumerate(wanted):
+                result[layer.name].append(np.asarray(values[compiled.outputs[first_new + i]], dtype=np.float32).copy())
+        return result
+
+
+def _scope(names: list[str]):
+    import nncf
+
+    # validate=False: a name may have been fused away in the quantizer's graph; that is not an error here.
+    return nncf.IgnoredScope(names=list(names), validate=False) if names else None
+
+
+def _core():
+    from ...agent.runtimes.openvino import core
+
+    return core()

@@ -1,0 +1,77 @@
+"""Progress reporting for the pipeline: a silent default and a rich display on stderr."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterator, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What the pipeline calls to report progress. Implementations must not raise."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """A context manager around one stage (shown as a spinner, then a tick with its duration)."""
+
+    def note(self, message: str) -> None:
+        """A line of information under the current stage."""
+
+    def warn(self, message: str) -> None:
+        """A warning the user must see (random calibration, host proxy, ...)."""
+
+
+class NullProgress:
+    """Logs stages and notes; draws nothing."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage: %s", name)
+        yield
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        log.info("%s", message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
+
+
+class RichProgress:
+    """Stages with a spinner, a tick and their duration, on stderr (stdout stays free for --json)."""
+
+    def __init__(self, console=None, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.warnings: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if self.quiet:
+            yield
+            return
+        with self.console.status(f"[bold cyan]{name}…[/]", spinner="dots"):
+            try:
+                yield
+            except BaseException:
+                self.console.print(f"[red]✗[/] {name}")
+                raise
+        self.console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+    def note(self, message: str) -> None:
+        log.info("%s", message)
+        if not self.quiet:
+            self.console.print(f"  [dim]{message}[/]", highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.console.print(f"  [yellow]warning:[/] {message}", highlight=False)
