@@ -1,0 +1,211 @@
+"""`edgeopt compare`: one table of candidate configurations per profile, and the one each profile would pick."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from ..errors import InputError
+from .options import emit_json, json_option
+
+log = logging.getLogger(__name__)
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    """``name:1,3,224,224`` (repeatable) -> {name: [1, 3, 224, 224]}."""
+    out: dict[str, list[int]] = {}
+    for text in values:
+        name, sep, dims = text.rpartition(":")
+        try:
+            shape = [int(d) for d in dims.split(",")] if sep and name else None
+        except ValueError:
+            shape = None
+        if not shape or any(d <= 0 for d in shape):
+            raise InputError(f"--input-shape {text!r}: expected NAME:D1,D2,... with positive integers",
+                             hint="for example --input-shape images:1,3,224,224")
+        out[name] = shape
+    return out
+
+
+def _split(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+class _StageProgress:
+    """The pipeline's Progress protocol, shown as the description of one rich progress task."""
+
+    def __init__(self, bar, task, prefix: str) -> None:
+        self.bar, self.task, self.prefix = bar, task, prefix
+        self.warnings: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.bar.update(self.task, description=f"{self.prefix}: {name}")
+        yield
+
+    def note(self, message: str) -> None:
+        log.info("%s", message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
+
+
+@click.command("compare")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--profiles", "profiles_text", default="cpu", show_default=True,
+              help="Comma-separated profiles (shipped names or profile files), e.g. cpu,npu,igpu,arm.")
+@click.option("--calib", help="Calibration data for int8: .npz keyed by input name, an image folder, or 'random'.")
+@click.option("--heldout", type=click.Path(path_type=Path),
+              help="Held-out data for the accuracy check: .npz (inputs keyed by name, optional 'labels') or images.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
+              help="Fix an input's dims (repeatable), e.g. images:1,3,224,224.")
+@click.option("--precisions", "precisions_text", default=None,
+              help="Only these precisions: fp32, fp16, int8, int8-aa (accuracy-aware), int8-weight-only.")
+@click.option("--iterations", type=click.IntRange(5, 100_000), default=50, show_default=True,
+              help="Timed iterations per model in each benchmark.")
+@click.option("--noise", type=click.FloatRange(0.0, 0.5), default=None,
+              help="Relative latency difference treated as a tie (default 0.03); ties go to the smaller package.")
+@click.option("--peak", "measure_peak", is_flag=True,
+              help="Also measure this machine's fp32/int8 peak GOP/s (a few seconds) to put GFLOP/s in context.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a self-contained HTML report (table + latency/accuracy chart per profile).")
+@json_option
+def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
+            precisions_text: str | None, iterations: int, noise: float | None, measure_peak: bool,
+            html_path: Path | None, as_json: bool) -> None:
+    """Try each profile's candidate configurations on MODEL and show which one each profile would pick.
+
+    For every profile: runtimes the profile lists x precisions (fp32, fp16 where the device computes in fp16,
+    int8 static, int8 with accuracy-aware float fallback, weight-only int8) x graph optimization level. Each is
+    built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
+    fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
+    """
+    from ..compare import DEFAULT_NOISE, CompareReport, compare_profile
+    from ..profile import load_profile
+
+    # Everything the user typed is checked before the first (slow) measurement.
+    names = _split(profiles_text)
+    if not names:
+        raise InputError("--profiles is empty", hint="for example --profiles cpu,arm")
+    profiles = [load_profile(n) for n in names]
+    shapes = _parse_shapes(input_shapes)
+    precisions = _split(precisions_text) if precisions_text is not None else None
+    if not model.exists():
+        raise InputError(f"{model}: model file not found")
+    if html_path is not None and not html_path.parent.exists():
+        raise InputError(f"--html {html_path}: folder {html_path.parent} does not exist", hint="create it first")
+    noise = DEFAULT_NOISE if noise is None else noise
+    model_format = "tflite" if model.suffix.lower() == ".tflite" else "onnx"
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..pipeline import PackageRequest, evaluate, prepare
+
+    err = Console(stderr=True)
+    report = CompareReport(model=model, profiles=[], noise=noise)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        for profile in profiles:
+            task = bar.add_task(f"{profile.name}: preparing", total=None)
+            stage = _StageProgress(bar, task, profile.name)
+            request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
+                                     input_shapes=shapes, bench_iterations=iterations)
+            with prepare(request, stage) as prepared:
+                def hook(_profile: str, label: str, index: int, total: int) -> None:
+                    stage.prefix = f"{profile.name} {label}"
+                    bar.update(task, total=total, completed=index, description=f"{profile.name}: {label}")
+
+                def run_one(candidate, _prepared=prepared):
+                    return evaluate(_prepared, candidate, stage)
+
+                pc = compare_profile(profile, run_one, model_format=model_format, precisions=precisions,
+                                     noise=noise, progress=hook)
+            report.profiles.append(pc)
+            bar.remove_task(task)
+            # Warnings that change how to read the figures (e.g. random calibration) go into the report.
+            pc.notes.extend(w for w in dict.fromkeys(stage.warnings) if "random" in w)
+        report.flops = _count_flops(model, shapes)
+        if measure_peak:
+            from ..peak import measure_peak as _peak
+
+            task = bar.add_task("measuring this machine's peak GOP/s", total=None)
+            report.peak = _peak().to_dict()
+            bar.remove_task(task)
+
+    doc = report.to_dict()
+    if html_path is not None:
+        from ..report import write_html
+
+        write_html(doc, html_path)
+    if as_json:
+        emit_json(doc)
+        return
+    _print_table(doc, Console())
+    if html_path is not None:
+        Console().print(f"HTML report: {html_path}")
+
+
+def _calib(value: str | None):
+    if value is None or value == "random":
+        return value
+    return Path(value)
+
+
+def _count_flops(model: Path, shapes: dict[str, list[int]]):
+    """FLOPs of the source ONNX model (None for other formats, or when shapes cannot be inferred)."""
+    if model.suffix.lower() != ".onnx":
+        return None
+    from ..errors import EdgeoptError
+    from ..flops import count_file
+
+    try:
+        return count_file(model, input_shapes=shapes or None)
+    except EdgeoptError as exc:
+        log.info("FLOPs not counted: %s", exc.one_line())
+        return None
+
+
+def _print_table(doc: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"edgeopt compare: {Path(doc['model']).name}", title_justify="left")
+    for col, justify in (("profile", "left"), ("configuration", "left"), ("size", "right"), ("p50 ms", "right"),
+                         ("thr/s", "right"), ("speedup", "right"), ("GFLOP/s", "right"), ("min cos", "right"),
+                         ("top-1", "right"), ("metric Δ", "right"), ("", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "")
+    notes: list[str] = []
+    for i, p in enumerate(doc["profiles"]):
+        if i:
+            table.add_section()
+        label = p["profile"] + (" †" if p["host_proxy"] else "")
+        if p["host_proxy"]:
+            notes.append(f"† {p['profile']}: {p['proxy_note']}")
+        notes.extend(f"{p['profile']}: {n}" for n in p["notes"])
+        for r in p["candidates"]:
+            picked = r.get("picked")
+            style = "bold green" if picked else ("dim" if r["status"] != "measured" else None)
+            verdict = r.get("reason") or ""
+            size = r.get("size_bytes")
+            top1 = r.get("top1_agreement")
+            thr = 1000.0 / r["p50_ms"] * p["batch_size"] if r.get("p50_ms") else None
+            table.add_row(
+                label, ("★ " if picked else "  ") + r["candidate"],
+                f"{size / 1024:.0f} KiB" if size else "–", _f(r.get("p50_ms"), ".3f"), _f(thr, ".0f"),
+                _f(r.get("speedup"), ".2f", "x"), _f(r.get("achieved_gflops"), ".1f"), _f(r.get("min_cosine"), ".4f"),
+                _f(top1 * 100 if top1 is not None else None, ".1f", "%"), _f(r.get("metric_drop"), "+.2f"),
+                verdict, style=style)
+            label = ""
+    console.print(table)
+    base = ", ".join(f"{p['profile']} {_f(p['baseline']['p50_ms'], '.3f')} ms" for p in doc["profiles"])
+    console.print(f"speedup vs ONNX Runtime fp32 (all graph optimizations), same run; baseline p50: {base}")
+    for n in notes:
+        console.print(n, highlight=False)
+
+
+def _f(value, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else format(value, spec) + suffix

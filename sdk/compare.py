@@ -1,0 +1,298 @@
+"""`edgeopt compare`: try the candidate configurations of each profile, measure them, pick one per profile.
+
+The measuring is the pipeline's job (:func:`edgeopt.sdk.pipeline.evaluate` optimizes, validates and
+benchmarks one candidate without writing a package); this module only decides *what* to try
+(:func:`enumerate_candidates`), *which* result wins (:func:`select`, a pure function) and collects everything
+into a :class:`CompareReport` that the CLI prints and :mod:`edgeopt.sdk.report` renders as HTML.
+
+Selection rule: among the candidates that ran and hold the profile's accuracy budget, the fastest one; when
+several are within ``noise`` of the fastest (a tie on a shared, noisy machine), the smallest of those.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import EdgeoptError
+from .pipeline.types import Candidate, CandidateResult
+from .profile import DeviceKind, HardwareProfile, OnnxRuntimeRuntime, OpenVINORuntime, Precision, TFLiteRuntime
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NOISE = 0.03  # relative latency difference treated as a tie (p50 repeat spread here is ~1-3%)
+
+Evaluator = Callable[[Candidate], CandidateResult]
+"""Measures one candidate for the profile being compared: ``lambda c: pipeline.evaluate(prepared, c)``,
+or a fake in unit tests."""
+
+ALL_PRECISIONS = ("fp32", "fp16", "int8", "int8-aa", "int8-weight-only")
+
+
+# --------------------------------------------------------------------------- enumeration
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A candidate to measure, or one listed but not run (``skip`` says why)."""
+
+    candidate: Candidate
+    skip: str | None = None
+
+
+def _wants_fp16(profile: HardwareProfile, runtime: str) -> bool:
+    # fp16 is the native precision of GPUs; on a CPU without fp16 arithmetic it only adds conversions.
+    if profile.precision.mode is Precision.FP16:
+        return True
+    return runtime == "openvino" and profile.target.device in (DeviceKind.INTEL_GPU, DeviceKind.INTEL_NPU)
+
+
+def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx",
+                         precisions: Iterable[str] | None = None) -> list[Planned]:
+    """The configurations `compare` tries for ``profile``, in the order they are measured.
+
+    Per runtime the profile lists: fp32 (for ONNX Runtime at graph levels ``all`` and ``basic``), fp16 where the
+    device computes in fp16, int8 static, int8 with accuracy-aware float fallback (measured only when plain int8
+    misses the budget: otherwise it is the same model), and weight-only int8. ``precisions`` limits the set
+    (names from :data:`ALL_PRECISIONS`).
+    """
+    wanted = set(precisions) if precisions is not None else set(ALL_PRECISIONS)
+    unknown = wanted - set(ALL_PRECISIONS)
+    if unknown:
+        raise EdgeoptError(f"unknown precision(s) {', '.join(sorted(unknown))}",
+                           hint=f"choose from {', '.join(ALL_PRECISIONS)}")
+    out: list[Planned] = []
+    for spec in profile.runtimes:
+        name = spec.runtime
+        if isinstance(spec, TFLiteRuntime):
+            if model_format != "tflite":
+                out.append(Planned(Candidate("tflite", "fp32"),
+                                   skip="LiteRT runs .tflite models only; pass a .tflite file to compare it "
+                                        "(ONNX to TFLite conversion is not part of this environment)"))
+            elif "fp32" in wanted:
+                # A .tflite file is measured as given: its precision was fixed when it was converted.
+                out.append(Planned(Candidate("tflite", "fp32", "none")))
+            continue
+        if model_format == "tflite" and not isinstance(spec, OpenVINORuntime):
+            out.append(Planned(Candidate(name, "fp32"), skip=f"{name} does not read .tflite models"))
+            continue
+        levels = ("all", "basic") if isinstance(spec, OnnxRuntimeRuntime) else ("all",)
+        if "fp32" in wanted:
+            out.extend(Planned(Candidate(name, "fp32", lvl)) for lvl in levels)
+        if "fp16" in wanted and _wants_fp16(profile, name):
+            out.append(Planned(Candidate(name, "fp16")))
+        if "int8" in wanted:
+            out.append(Planned(Candidate(name, "int8")))
+        if "int8-aa" in wanted:
+            out.append(Planned(Candidate(name, "int8", accuracy_aware=True)))
+        if "int8-weight-only" in wanted:
+            out.append(Planned(Candidate(name, "int8-weight-only")))
+    return out
+
+
+# --------------------------------------------------------------------------- selection (pure)
+
+
+def latency_ms(result: CandidateResult) -> float | None:
+    """The p50 latency a result is ranked by, or None when it did not run."""
+    if not result.ok or result.optimized is None:
+        return None
+    return result.optimized.p50_ms
+
+
+def eligible(results: Iterable[CandidateResult]) -> list[CandidateResult]:
+    """Results that ran and hold the accuracy budget."""
+    return [r for r in results if r.ok and r.passed and latency_ms(r) is not None]
+
+
+def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE) -> CandidateResult | None:
+    """The result `compare` picks: fastest within budget; within ``noise`` of the fastest, the smallest.
+
+    Over-budget and failed results are never picked. Returns None when no result holds the budget.
+    """
+    ok = eligible(results)
+    if not ok:
+        return None
+    fastest = min(latency_ms(r) for r in ok)
+    tied = [r for r in ok if latency_ms(r) <= fastest * (1.0 + noise)]
+    # Among ties the smaller package wins (less to ship to devices); then the faster; then the earlier.
+    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), latency_ms(r)))
+
+
+def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
+            noise: float = DEFAULT_NOISE) -> str:
+    """One short phrase: why ``result`` was, or was not, picked among ``results``."""
+    if not result.ok:
+        return f"failed: {result.error or 'unknown error'}"
+    if not result.passed:
+        failures = result.validation.failures if result.validation else []
+        text = "; ".join(failures[:2]) if failures else "accuracy budget missed"
+        layers = result.validation.sensitive_layers[:3] if result.validation else []
+        if layers:
+            text += " (most sensitive layers: " + ", ".join(le.layer for le in layers) + ")"
+        return f"over budget: {text}"
+    if pick is None:
+        return ""
+    fastest = min(latency_ms(r) for r in eligible(results))
+    mine, best = latency_ms(result), latency_ms(pick)
+    if result is pick:
+        if best > fastest:
+            return f"picked: smallest of those within {noise:.0%} of the fastest"
+        return "picked: fastest within budget"
+    if mine <= fastest * (1.0 + noise):
+        return f"tied within {noise:.0%} of the fastest; larger package than the pick"
+    return f"slower: {mine / best:.2f}x the pick's latency"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def host_proxy_note(profile: HardwareProfile, devices: dict[str, list[str]] | None = None) -> str | None:
+    """A plain sentence when this host cannot run the profile's device, else None.
+
+    ``devices`` maps runtime name to the devices it really has here (see the agent's runtime registry);
+    probed when not given.
+    """
+    arch = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    kind = profile.target.device
+    if kind is DeviceKind.CPU:
+        return None if arch in profile.target.arch else (
+            f"this host is {arch}, the profile targets {', '.join(profile.target.arch)}: host-CPU proxy figures")
+    if kind is DeviceKind.ARM_CPU:
+        if arch in ("aarch64", "armv7l"):
+            return None
+        return (f"no ARM CPU here: figures measured on this {arch} host CPU as a proxy; "
+                "latency on a Cortex-A device will be several times higher")
+    devices = devices if devices is not None else _probe_devices()
+    if kind in (DeviceKind.INTEL_GPU, DeviceKind.INTEL_NPU):
+        want = "GPU" if kind is DeviceKind.INTEL_GPU else "NPU"
+        if any(d.startswith(want) for d in devices.get("openvino", [])):
+            return None
+        label = "Intel iGPU" if want == "GPU" else "Intel NPU"
+        return f"no {label} on this host (OpenVINO devices: {', '.join(devices.get('openvino', [])) or 'none'}): " \
+               f"figures are host-CPU proxies, not {label} measurements"
+    if kind is DeviceKind.NVIDIA_GPU:
+        if "CUDAExecutionProvider" in devices.get("onnxruntime", []):
+            return None
+        return "no NVIDIA GPU / CUDA execution provider on this host: figures are host-CPU proxies, not GPU " \
+               "measurements"
+    return None
+
+
+def _probe_devices() -> dict[str, list[str]]:
+    from ..agent.runtimes import available_runtimes
+
+    return {name: info.get("devices", []) for name, info in available_runtimes().items() if info.get("available")}
+
+
+@dataclass
+class ProfileComparison:
+    """Every candidate measured for one profile, and the pick."""
+
+    profile: HardwareProfile
+    results: list[CandidateResult] = field(default_factory=list)
+    skipped: list[Planned] = field(default_factory=list)
+    pick: CandidateResult | None = None
+    proxy_note: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def baseline_p50_ms(self) -> float | None:
+        """Median of the fp32 ONNX Runtime baselines measured beside each candidate."""
+        values = sorted(r.fp32.p50_ms for r in self.results if r.fp32 is not None)
+        if not values:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+@dataclass
+class CompareReport:
+    """What `edgeopt compare` measured, ready for the table, --json and --html."""
+
+    model: Path
+    profiles: list[ProfileComparison]
+    noise: float = DEFAULT_NOISE
+    flops: Any = None  # edgeopt.sdk.flops.FlopCount of the source model at batch 1, when countable
+    peak: dict[str, Any] | None = None  # edgeopt.sdk.peak figures when measured
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def achieved_gflops(self, result: CandidateResult, batch: int) -> float | None:
+        lat = latency_ms(result)
+        if self.flops is None or lat is None or not self.flops.macs:
+            return None
+        return self.flops.achieved_gflops(lat, batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --json document."""
+        out = {
+            "model": str(self.model), "created_at": self.created_at.isoformat(), "noise": self.noise,
+            "machine": {"arch": platform.machine(), "processor": platform.processor() or None,
+                        "python": platform.python_version()},
+            "flops": self.flops.to_dict() if self.flops is not None else None,
+            "peak": self.peak, "profiles": [],
+        }
+        for pc in self.profiles:
+            batch = pc.profile.batch_size
+            rows = []
+            for index, r in enumerate(pc.results, start=1):
+                row = r.row()
+                gf = self.achieved_gflops(r, batch)
+                row.update(index=index, picked=r is pc.pick, reason=explain(r, pc.pick, pc.results, self.noise), status="measured" if r.ok
+                           else "failed", achieved_gflops=round(gf, 3) if gf is not None else None)
+                rows.append(row)
+            for p in pc.skipped:
+                rows.append({"candidate": p.candidate.label, "runtime": p.candidate.runtime,
+                             "precision": p.candidate.precision, "graph_level": p.candidate.graph_level,
+                             "accuracy_aware": p.candidate.accuracy_aware, "ok": False, "passed": False,
+                             "picked": False, "status": "skipped", "reason": p.skip})
+            out["profiles"].append({
+                "profile": pc.profile.name, "target_device": pc.profile.target.device.value,
+                "batch_size": batch, "budget": pc.profile.accuracy.model_dump(mode="json"),
+                "host_proxy": pc.proxy_note is not None, "proxy_note": pc.proxy_note,
+                "baseline": {"runtime": "onnxruntime", "precision": "fp32", "graph_level": "all",
+                             "p50_ms": pc.baseline_p50_ms()},
+                "pick": pc.pick.candidate.label if pc.pick else None, "notes": list(pc.notes), "candidates": rows,
+            })
+        return out
+
+
+ProgressHook = Callable[[str, str, int, int], None]  # (profile, candidate label, index, total)
+
+
+def compare_profile(profile: HardwareProfile, evaluate: Evaluator, *, model_format: str = "onnx",
+                    precisions: Iterable[str] | None = None, noise: float = DEFAULT_NOISE,
+                    progress: ProgressHook | None = None, devices: dict[str, list[str]] | None = None,
+                    ) -> ProfileComparison:
+    """Measure every planned candidate of ``profile`` with ``evaluate`` and pick one."""
+    plan = enumerate_candidates(profile, model_format=model_format, precisions=precisions)
+    pc = ProfileComparison(profile=profile, proxy_note=host_proxy_note(profile, devices))
+    to_run = [p for p in plan if p.skip is None]
+    pc.skipped = [p for p in plan if p.skip is not None]
+    plain_int8: dict[str, CandidateResult] = {}
+    for i, planned in enumerate(to_run):
+        cand = planned.candidate
+        if progress:
+            progress(profile.name, cand.label, i, len(to_run))
+        if cand.accuracy_aware and cand.runtime in plain_int8 and plain_int8[cand.runtime].passed:
+            # Plain int8 already holds the budget: the accuracy-aware search would return the same model.
+            pc.skipped.append(Planned(cand, skip="plain int8 already within budget (same model)"))
+            continue
+        try:
+            result = evaluate(cand)
+        except EdgeoptError as exc:  # one candidate failing must not stop the comparison
+            log.info("candidate %s failed for profile %s: %s", cand.label, profile.name, exc.one_line())
+            result = CandidateResult(candidate=cand, ok=False, passed=False, error=exc.one_line())
+        if cand.precision == "int8" and not cand.accuracy_aware:
+            plain_int8[cand.runtime] = result
+        pc.results.append(result)
+        if result.host_proxy and pc.proxy_note is None:
+            pc.proxy_note = f"measured on the host CPU as a proxy for {result.device or profile.target.device.value}"
+    if progress:
+        progress(profile.name, "done", len(to_run), len(to_run))
+    pc.pick = select(pc.results, noise)
+    if pc.pick is None:
+        pc.notes.append("no candidate holds the accuracy budget: nothing would be packaged for this profile")
+    return pc
