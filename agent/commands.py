@@ -1,0 +1,191 @@
+"""Commands from the dashboard: ``deploy``, ``rollback``, ``set-config``, ``ping``.
+
+Every command gets at least one result on ``cmd/result`` naming its id: malformed JSON, an unknown
+command or bad arguments get ``rejected`` (never an exception in the agent); ``deploy`` and ``rollback``
+answer ``accepted`` at once and ``succeeded`` or ``failed`` when the worker thread finishes, so a long
+download never blocks ``ping``. Installs run one at a time, in arrival order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..sdk.errors import EdgeoptError
+from ..sdk.telemetry import (CommandPayload, CommandResultPayload, DeployArgs, EventPayload, PayloadError,
+                             RollbackArgs, parse_payload)
+
+log = logging.getLogger(__name__)
+
+
+class BatchingPatch(BaseModel):
+    """The batching limits ``set-config`` may change (omitted keys keep their value)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = Field(None, description="Group concurrent requests.")
+    max_batch: int | None = Field(None, ge=1, le=4096, description="Largest batch.")
+    max_delay_ms: float | None = Field(None, ge=0.0, le=1000.0, description="Longest wait for a batch to fill.")
+    max_queue: int | None = Field(None, ge=1, le=1_000_000, description="Queued requests before 503.")
+
+
+class SetConfigArgs(BaseModel):
+    """``set-config`` arguments; runtime settings only (they last until the agent restarts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    telemetry_interval_s: float | None = Field(None, ge=0.1, le=3600, description="Seconds between telemetry.")
+    batching: BatchingPatch | None = Field(None, description="Batching limits.")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<args>"
+    return f"{loc}: {err['msg']}"
+
+
+class CommandHandler:
+    """Turns raw ``cmd`` payloads into actions and results.
+
+    ``emit(kind, payload)`` queues a payload (the MQTT link's outbox); ``installer`` provides
+    ``install_url`` and ``rollback``; ``set_interval`` and ``set_batching`` apply ``set-config``.
+    """
+
+    def __init__(self, envelope: Any, emit: Callable[[str, Any], Any], *, installer: Any = None,
+                 set_interval: Callable[[float], None] | None = None,
+                 set_batching: Callable[..., None] | None = None):
+        self.envelope = envelope
+        self.emit = emit
+        self.installer = installer
+        self.set_interval = set_interval
+        self.set_batching = set_batching
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="commands-install", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ results
+    def result(self, command_id: str, command: str | None, status: str, message: str = "",
+               deployment_id: str | None = None, **details: Any) -> None:
+        ok = status in ("accepted", "succeeded")
+        payload = self.envelope.make(CommandResultPayload, command_id=command_id[:64] or "unknown", command=command,
+                                     ok=ok, status=status, message=message, deployment_id=deployment_id,
+                                     details=details)
+        self.emit("cmd/result", payload)
+        (log.info if ok else log.warning)("command %s %s: %s %s", command, command_id, status, message)
+
+    # ------------------------------------------------------------------ intake
+    def handle(self, raw: bytes) -> None:
+        """Handle one raw command payload. Never raises."""
+        try:
+            cmd = parse_payload("cmd", raw)
+        except PayloadError as exc:
+            cid, name = _best_effort_id(raw)
+            self.result(cid, name, "rejected", exc.one_line())
+            return
+        assert isinstance(cmd, CommandPayload)
+        try:
+            getattr(self, "_" + cmd.command.replace("-", "_"))(cmd)
+        except ValidationError as exc:
+            self.result(cmd.id, cmd.command, "rejected", f"bad {cmd.command} arguments: {_first_error(exc)}",
+                        cmd.deployment_id)
+        except Exception as exc:  # never let a command crash the agent; say what happened instead
+            log.exception("command %s failed", cmd.id)
+            self.result(cmd.id, cmd.command, "failed", _describe(exc), cmd.deployment_id)
+
+    def _ping(self, cmd: CommandPayload) -> None:
+        self.result(cmd.id, cmd.command, "succeeded", "pong", cmd.deployment_id,
+                    session_id=self.envelope.session_id)
+
+    def _deploy(self, cmd: CommandPayload) -> None:
+        args = DeployArgs.model_validate(cmd.args)
+        if self.installer is None:
+            self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
+            return
+        self.result(cmd.id, cmd.command, "accepted", f"downloading {args.package_url}", cmd.deployment_id)
+        self._jobs.put((cmd, lambda: self.installer.install_url(
+            args.package_url, args.sha256, size=args.size, command_id=cmd.id, deployment_id=cmd.deployment_id)))
+
+    def _rollback(self, cmd: CommandPayload) -> None:
+        args = RollbackArgs.model_validate(cmd.args)
+        if self.installer is None:
+            self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
+            return
+        self.result(cmd.id, cmd.command, "accepted", f"rolling back {args.model}", cmd.deployment_id)
+        self._jobs.put((cmd, lambda: self.installer.rollback(args.model, version=args.version, command_id=cmd.id)))
+
+    def _set_config(self, cmd: CommandPayload) -> None:
+        args = SetConfigArgs.model_validate(cmd.args)
+        applied: dict[str, Any] = {}
+        if args.telemetry_interval_s is not None:
+            if self.set_interval is None:
+                raise EdgeoptError("telemetry interval cannot be changed on this agent")
+            self.set_interval(args.telemetry_interval_s)
+            applied["telemetry_interval_s"] = args.telemetry_interval_s
+        if args.batching is not None:
+            patch = args.batching.model_dump(exclude_none=True)
+            if patch:
+                if self.set_batching is None:
+                    raise EdgeoptError("batching cannot be changed on this agent")
+                self.set_batching(**patch)
+                applied["batching"] = patch
+        if not applied:
+            self.result(cmd.id, cmd.command, "rejected", "set-config needs telemetry_interval_s and/or batching",
+                        cmd.deployment_id)
+            return
+        self.emit("events", self.envelope.make(EventPayload, event="config", message="runtime settings changed",
+                                               command_id=cmd.id, details=applied))
+        self.result(cmd.id, cmd.command, "succeeded", "applied until the agent restarts", cmd.deployment_id,
+                    **applied)
+
+    # ------------------------------------------------------------------ install worker
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            cmd, run = job
+            try:
+                outcome = run()
+            except EdgeoptError as exc:
+                self.result(cmd.id, cmd.command, "failed", exc.one_line(), cmd.deployment_id)
+            except Exception as exc:
+                log.exception("command %s (%s) crashed", cmd.id, cmd.command)
+                self.result(cmd.id, cmd.command, "failed", _describe(exc), cmd.deployment_id)
+            else:
+                self.result(cmd.id, cmd.command, "succeeded", "done", cmd.deployment_id, **_outcome(outcome))
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(1.0)
+
+
+def _outcome(value: Any) -> dict[str, Any]:
+    """Result details from whatever the installer returned (an InstalledModel, a dict, or nothing)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value, default=str))
+    out = {}
+    for key in ("name", "version", "previous_version"):
+        if getattr(value, key, None) is not None:
+            out["model" if key == "name" else key] = str(getattr(value, key))
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.one_line() if isinstance(exc, EdgeoptError) else f"{type(exc).__name__}: {exc}"
+
+
+def _best_effort_id(raw: bytes) -> tuple[str, str | None]:
+    """The id and command of a payload that failed validation, when they can be read at all."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "unknown", None
+    if not isinstance(doc, dict):
+        return "unknown", None
+    cid, name = doc.get("id"), doc.get("command")
+    return (str(cid)[:64] if isinstance(cid, (str, int)) and str(cid) else "unknown",
+            str(name)[:64] if isinstance(name, str) else None)
