@@ -119,7 +119,7 @@ class Installer:
         except EdgeoptError as exc:
             self._refuse(exc, None, None, None, ctx, "open")
             raise
-        with reader:
+        try:
             manifest = reader.manifest
             name, version = manifest.name, manifest.version
             current = self.store.current(name)
@@ -147,6 +147,8 @@ class Installer:
                 err = exc if isinstance(exc, EdgeoptError) else PackageError(f"extraction failed: {exc}")
                 self._refuse(err, name, version, from_version, ctx, "extract")
                 raise err from None
+        finally:
+            reader.close()
         crash_point("after_extract")
         return self._activate(staging, manifest, current, rollback, ctx)
 

@@ -362,7 +362,7 @@ class Store:
             if journal is not None:
                 name, version = journal.get("model"), journal.get("version")
                 ptr = self.read_pointer(name) if isinstance(name, str) else None
-                if journal.get("op") == "install" and name and version:
+                if journal.get("op") in ("install", "rollback-install") and name and version:
                     if ptr and ptr.get("version") == version:
                         actions.append(f"{name} {version}: install had switched before the stop; kept")
                     elif journal.get("created") and self.package_dir(name, version).exists():
