@@ -1,0 +1,256 @@
+"""``edgeopt-dashboard``: database setup, users and tokens, the ingest process, rollups and the web server.
+
+Every command takes ``--database-url`` (default ``EDGEOPT_DATABASE_URL``, else SQLite in the data
+directory). Errors print one line and exit with the code of :class:`edgeopt.sdk.errors.ExitCode`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from edgeopt.sdk.cli import run_cli
+from edgeopt.sdk.cli.options import emit_json, json_option
+from edgeopt.sdk.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+database_option = click.option(
+    "--database-url", envvar="EDGEOPT_DATABASE_URL", default=None, metavar="URL",
+    help="sqlite:///path.db or postgresql+psycopg://user@host/db (default: EDGEOPT_DATABASE_URL, "
+         "else SQLite in the data directory).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--traceback", is_flag=True, help="Show the full Python traceback on errors.")
+def cli(verbose: int, traceback: bool) -> None:
+    """edgeopt fleet dashboard: database, users, MQTT ingest, rollups and the web app."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _engine(url: str | None):
+    from .db import check_connection, make_engine
+
+    engine = make_engine(url)
+    check_connection(engine)
+    return engine
+
+
+def _require_schema(engine) -> None:
+    from .db import current_revision, head_revision, redact
+
+    rev = current_revision(engine)
+    if rev != head_revision():
+        raise ConfigError(f"database {redact(str(engine.url))} is at schema revision {rev or 'none'}, "
+                          f"expected {head_revision()}", hint="run: edgeopt-dashboard init-db")
+
+
+@cli.command("init-db")
+@database_option
+@json_option
+def init_db_cmd(database_url: str | None, as_json: bool) -> None:
+    """Create the database schema or upgrade it to this version (alembic upgrade head)."""
+    from .db import database_url as resolve, init_db, redact
+
+    url = resolve(database_url)
+    rev = init_db(url)
+    if as_json:
+        emit_json({"database": redact(url), "revision": rev})
+    else:
+        click.echo(f"database {redact(url)} is at revision {rev}")
+
+
+def _read_password(password: str | None) -> str:
+    if password is None:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@cli.command("create-user")
+@click.argument("username")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), default="viewer", show_default=True,
+              help="viewer reads; operator also deploys and edits alert rules; admin also manages users.")
+@click.option("--password", default=None, help="The password (prompted for when omitted; at least 8 characters).")
+@click.option("--update", is_flag=True, help="Change the password and role of an existing user.")
+@database_option
+@json_option
+def create_user(username: str, role: str, password: str | None, update: bool, database_url: str | None,
+                as_json: bool) -> None:
+    """Create a dashboard user (or change one with --update)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from . import models as m
+    from .security import MIN_PASSWORD_LENGTH, hash_password
+
+    if not username or len(username) > 64 or not username.isprintable() or username.strip() != username:
+        raise InputError(f"invalid user name {username!r}", hint="use 1-64 printable characters, no spaces around")
+    engine = _engine(database_url)
+    _require_schema(engine)
+    with Session(engine) as session, session.begin():
+        user = session.scalars(select(m.User).where(m.User.username == username)).first()
+        if user is not None and not update:
+            raise InputError(f"user {username!r} already exists", hint="pass --update to change it")
+        if user is None and update:
+            raise InputError(f"user {username!r} does not exist", hint="leave out --update to create it")
+        pw = _read_password(password)
+        if len(pw) < MIN_PASSWORD_LENGTH:
+            raise InputError(f"password too short: expected at least {MIN_PASSWORD_LENGTH} characters, "
+                             f"found {len(pw)}", hint="choose a longer password")
+        if user is None:
+            user = m.User(username=username, role=role, password_hash=hash_password(pw))
+            session.add(user)
+        else:
+            user.role, user.password_hash = role, hash_password(pw)
+    if as_json:
+        emit_json({"username": username, "role": role, "updated": update})
+    else:
+        click.echo(f"user {username} ({role}) {'updated' if update else 'created'}")
+
+
+@cli.command("create-token")
+@click.argument("username")
+@click.option("--name", default="", help="A label for the token (e.g. the script that uses it).")
+@database_option
+@json_option
+def create_token(username: str, name: str, database_url: str | None, as_json: bool) -> None:
+    """Create an API token for USERNAME and print it once (only its hash is stored)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from . import models as m
+    from .security import new_token
+
+    engine = _engine(database_url)
+    _require_schema(engine)
+    with Session(engine) as session, session.begin():
+        user = session.scalars(select(m.User).where(m.User.username == username)).first()
+        if user is None:
+            raise InputError(f"user {username!r} does not exist",
+                             hint=f"create it first: edgeopt-dashboard create-user {username} --role viewer")
+        plain, hashed = new_token()
+        session.add(m.ApiToken(user_id=user.id, token_hash=hashed, name=name))
+    if as_json:
+        emit_json({"username": username, "name": name, "token": plain})
+    else:
+        click.echo(plain)
+        click.echo("Store this token now: it is not shown again. Use it as 'Authorization: Bearer <token>'.",
+                   err=True)
+
+
+@cli.command()
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGEOPT_BROKER",
+              help="MQTT broker URL.")
+@click.option("--group", default="edgeopt-ingest", show_default=True,
+              help="Shared subscription group: processes of one group split the messages ('' = no sharing).")
+@click.option("--client-id", default=None, help="MQTT client id (default edgeopt-ingest-<host>-<pid>).")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 50_000),
+              help="Write after this many messages...")
+@click.option("--flush-ms", default=200, show_default=True, type=click.IntRange(1, 60_000),
+              help="...or after this many milliseconds.")
+@click.option("--max-buffer", default=100_000, show_default=True, type=click.IntRange(100),
+              help="Messages held in memory while the database is unavailable.")
+@click.option("--rollup-every", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds between rollups in this process (0: never; run `rollup` separately).")
+@click.option("--heartbeat-check", default=5.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds between heartbeat-timeout checks.")
+@database_option
+def ingest(broker, group, client_id, batch_size, flush_ms, max_buffer, rollup_every, heartbeat_check,
+           database_url) -> None:
+    """Run an ingest process: MQTT telemetry, events, results and status into the database."""
+    from .ingest import IngestService, IngestSettings
+
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("edgeopt").setLevel(logging.INFO)
+    settings = IngestSettings(broker=broker, group=group, client_id=client_id, batch_size=batch_size,
+                              flush_ms=flush_ms, max_buffer=max_buffer, rollup_every_s=rollup_every,
+                              heartbeat_check_s=heartbeat_check, database_url=database_url)
+    settings.broker_address()
+    engine = _engine(database_url)
+    _require_schema(engine)
+    engine.dispose()
+    IngestService(settings).run_forever()
+
+
+@cli.command()
+@click.option("--raw-hours", default=48.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Keep raw telemetry this many hours.")
+@click.option("--minute-days", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Keep 1-minute rollups this many days.")
+@click.option("--hour-days", default=400.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Keep 1-hour rollups this many days.")
+@database_option
+@json_option
+def rollup(raw_hours, minute_days, hour_days, database_url, as_json) -> None:
+    """Roll raw telemetry up into 1-minute and 1-hour buckets and apply retention (idempotent)."""
+    from .rollup import RetentionSettings, run_rollup
+
+    engine = _engine(database_url)
+    _require_schema(engine)
+    stats = run_rollup(engine, retention=RetentionSettings(raw_hours=raw_hours, rollup_1m_days=minute_days,
+                                                           rollup_1h_days=hour_days))
+    if as_json:
+        emit_json(stats.as_dict())
+    else:
+        click.echo(f"rolled up {stats.raw_rows_scanned} raw rows into {stats.buckets_1m} 1-minute and "
+                   f"{stats.buckets_1h} 1-hour buckets; deleted {stats.deleted} expired rows "
+                   f"({stats.seconds} s)")
+
+
+@cli.command()
+@database_option
+@json_option
+def counters(database_url, as_json) -> None:
+    """Show the ingest counters (accepted messages by kind, rejections by reason)."""
+    from sqlalchemy.orm import Session
+
+    from .stats import ingest_counters
+
+    engine = _engine(database_url)
+    _require_schema(engine)
+    with Session(engine) as session:
+        data = ingest_counters(session)
+    if as_json:
+        emit_json(data)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("reason", "count")
+    for k, v in data.items():
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port.")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256), help="Worker threads.")
+@database_option
+def serve(host: str, port: int, threads: int, database_url: str | None) -> None:
+    """Run the web app with waitress (use gunicorn for several worker processes)."""
+    from . import create_app
+
+    try:
+        import waitress
+    except ImportError:
+        from edgeopt.sdk.errors import missing_extra
+
+        raise missing_extra("waitress", "dashboard") from None
+    engine = _engine(database_url)
+    _require_schema(engine)
+    engine.dispose()
+    app = create_app({"DATABASE_URL": database_url} if database_url else None)
+    click.echo(f"serving on http://{host}:{port}", err=True)
+    waitress.serve(app, host=host, port=port, threads=threads, ident="edgeopt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_cli(cli, argv, prog_name="edgeopt-dashboard"))
+
+
+if __name__ == "__main__":
+    main()

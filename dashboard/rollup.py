@@ -1,0 +1,238 @@
+"""Rollups: raw telemetry -> 1-minute buckets -> 1-hour buckets (per device and model) and fleet-wide
+buckets per model, plus retention.
+
+A bucket is always RECOMPUTED from the level below (never incremented), so a rerun, an overlap, or two
+processes running it give the same rows. Which buckets to recompute is found from the raw rows added since
+the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
+commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
+Histograms are merged by adding bucket counts, so percentiles of any rollup are exact to the bucket
+bounds. Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import delete, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS
+
+from . import models as m
+
+log = logging.getLogger(__name__)
+
+NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
+WATERMARK = "rollup_raw_id"
+ADVISORY_LOCK = 0x6564676F  # "edgo": one rollup at a time across ingest processes (PostgreSQL)
+CHUNK = 1000
+
+
+class RetentionSettings(BaseModel):
+    """How long each level is kept. Raw rows older than ``raw_hours`` are also never rolled up again."""
+
+    model_config = ConfigDict(extra="forbid")
+    raw_hours: float = Field(48, gt=0, description="Raw telemetry kept this many hours.")
+    rollup_1m_days: float = Field(30, gt=0, description="1-minute rollups kept this many days.")
+    rollup_1h_days: float = Field(400, gt=0, description="1-hour rollups kept this many days.")
+    events_days: float = Field(400, gt=0, description="Events and command results kept this many days.")
+
+
+@dataclass
+class RollupStats:
+    raw_rows_scanned: int = 0
+    buckets_1m: int = 0
+    buckets_1h: int = 0
+    fleet_buckets: int = 0
+    deleted: int = 0
+    skipped_locked: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def floor_minute(ts: datetime) -> datetime:
+    return ts.replace(second=0, microsecond=0)
+
+
+def floor_hour(ts: datetime) -> datetime:
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+def _upsert(session: Session, model, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = model.__table__
+    ins = postgresql.insert(table) if session.bind.dialect.name == "postgresql" else sqlite.insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = ins.on_conflict_do_update(index_elements=keys, set_={
+        c.name: ins.excluded[c.name] for c in table.columns if c.name not in keys})
+    for i in range(0, len(rows), CHUNK):
+        session.execute(stmt, rows[i:i + CHUNK])
+
+
+class _Agg:
+    __slots__ = ("requests", "errors", "samples", "counts", "sum_ms", "cpu_sum", "cpu_n", "rss_sum", "rss_n",
+                 "queue", "batch")
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.samples = self.queue = 0
+        self.counts = [0] * NBUCKETS
+        self.sum_ms = self.cpu_sum = self.rss_sum = 0.0
+        self.cpu_n = self.rss_n = 0
+        self.batch: dict[str, int] = defaultdict(int)
+
+    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight: int = 1) -> None:
+        self.requests += requests or 0
+        self.errors += errors or 0
+        self.samples += samples
+        if counts and len(counts) == NBUCKETS:
+            for i, c in enumerate(counts):
+                if c:
+                    self.counts[i] += c
+        self.sum_ms += sum_ms or 0.0
+        # Averages of averages are weighted by the rows behind them, so 1 h = mean of every raw sample.
+        if cpu is not None:
+            self.cpu_sum += cpu * weight
+            self.cpu_n += weight
+        if rss is not None:
+            self.rss_sum += rss * weight
+            self.rss_n += weight
+        self.queue = max(self.queue, queue or 0)
+        for k, v in (batch or {}).items():
+            self.batch[str(k)] += int(v)
+
+    def row(self, **keys) -> dict[str, Any]:
+        return dict(keys, requests=self.requests, errors=self.errors, samples=self.samples,
+                    hist_counts=self.counts, hist_sum_ms=self.sum_ms,
+                    cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
+                    rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
+                    queue_depth_max=self.queue, batch_sizes=dict(self.batch))
+
+
+def _lock(session: Session) -> bool:
+    if session.bind.dialect.name != "postgresql":
+        return True  # SQLite serializes writers itself
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}))
+
+
+def _chunks(seq: list, n: int = CHUNK) -> Iterable[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def run_rollup(engine: Engine, now: datetime | None = None, retention: RetentionSettings | None = None,
+               overlap_ids: int = 10_000, max_raw_rows: int = 500_000) -> RollupStats:
+    """Roll up the raw rows added since the last run, then apply retention. Safe to run concurrently."""
+    t0 = time.perf_counter()
+    now = now or datetime.now(timezone.utc)
+    retention = retention or RetentionSettings()
+    raw_cutoff = now - timedelta(hours=retention.raw_hours)
+    stats = RollupStats()
+    with Session(engine) as session, session.begin():
+        if not _lock(session):
+            stats.skipped_locked = True
+            return stats
+        state = session.get(m.RollupState, WATERMARK)
+        mark = state.value if state else 0
+        r = m.TelemetryRaw
+        rows = session.execute(select(r.id, r.device_pk, r.model, r.ts)
+                               .where(r.id > max(0, mark - overlap_ids)).order_by(r.id).limit(max_raw_rows)).all()
+        stats.raw_rows_scanned = len(rows)
+        # minute -> devices touched in it (recomputed for every model of those devices)
+        minutes: dict[datetime, set[int]] = defaultdict(set)
+        for _id, dpk, _model, ts in rows:
+            if ts >= raw_cutoff:
+                minutes[floor_minute(ts)].add(dpk)
+        hours: dict[datetime, set[int]] = defaultdict(set)
+        for minute, devs in sorted(minutes.items()):
+            stats.buckets_1m += _recompute_minute(session, minute, sorted(devs))
+            hours[floor_hour(minute)].update(devs)
+        for hour, devs in sorted(hours.items()):
+            stats.buckets_1h += _recompute_hour(session, hour, sorted(devs))
+        for minute in sorted(minutes):
+            stats.fleet_buckets += _recompute_fleet(session, "1m", minute)
+        for hour in sorted(hours):
+            stats.fleet_buckets += _recompute_fleet(session, "1h", hour)
+        if rows:
+            new_mark = max(mark, rows[-1][0])
+            if state is None:
+                session.add(m.RollupState(name=WATERMARK, value=new_mark, updated_at=now))
+            else:
+                state.value, state.updated_at = new_mark, now
+        stats.deleted = apply_retention(session, now, retention)
+    stats.seconds = round(time.perf_counter() - t0, 3)
+    log.debug("rollup: %s", stats)
+    return stats
+
+
+def _recompute_minute(session: Session, minute: datetime, devices: list[int]) -> int:
+    r = m.TelemetryRaw
+    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    end = minute + timedelta(minutes=1)
+    for chunk in _chunks(devices):
+        q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
+                   r.rss_bytes, r.queue_depth, r.batch_sizes).where(
+            r.ts >= minute, r.ts < end, r.device_pk.in_(chunk))
+        for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
+            aggs[(dpk, model)].add(req, err, 1, counts, sum_ms, cpu, rss, queue, batch)
+    _upsert(session, m.Rollup1m, [a.row(device_pk=d, model=mo, bucket_start=minute)
+                                  for (d, mo), a in aggs.items()])
+    return len(aggs)
+
+
+def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int:
+    r = m.Rollup1m
+    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    end = hour + timedelta(hours=1)
+    for chunk in _chunks(devices):
+        q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
+                   r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
+            r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk))
+        for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
+            aggs[(dpk, model)].add(req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n)
+    _upsert(session, m.Rollup1h, [a.row(device_pk=d, model=mo, bucket_start=hour)
+                                  for (d, mo), a in aggs.items()])
+    return len(aggs)
+
+
+def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int:
+    r = m.Rollup1m if resolution == "1m" else m.Rollup1h
+    aggs: dict[str, _Agg] = defaultdict(_Agg)
+    devices: dict[str, set[int]] = defaultdict(set)
+    q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
+        r.bucket_start == bucket, r.model != "")
+    for dpk, model, req, err, counts, sum_ms in session.execute(q):
+        aggs[model].add(req, err, 0, counts, sum_ms, None, None, 0, None)
+        devices[model].add(dpk)
+    _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
+                                          devices=len(devices[mo]), requests=a.requests, errors=a.errors,
+                                          hist_counts=a.counts, hist_sum_ms=a.sum_ms)
+                                     for mo, a in aggs.items()])
+    return len(aggs)
+
+
+def apply_retention(session: Session, now: datetime, retention: RetentionSettings) -> int:
+    """Delete rows older than the retention settings; returns how many."""
+    n = 0
+    cut_raw = now - timedelta(hours=retention.raw_hours)
+    cut_1m = now - timedelta(days=retention.rollup_1m_days)
+    cut_1h = now - timedelta(days=retention.rollup_1h_days)
+    cut_ev = now - timedelta(days=retention.events_days)
+    for stmt in (delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw),
+                 delete(m.Rollup1m).where(m.Rollup1m.bucket_start < cut_1m),
+                 delete(m.Rollup1h).where(m.Rollup1h.bucket_start < cut_1h),
+                 delete(m.FleetRollup).where(m.FleetRollup.resolution == "1m", m.FleetRollup.bucket_start < cut_1m),
+                 delete(m.FleetRollup).where(m.FleetRollup.resolution == "1h", m.FleetRollup.bucket_start < cut_1h),
+                 delete(m.Event).where(m.Event.ts < cut_ev),
+                 delete(m.CommandResult).where(m.CommandResult.ts < cut_ev)):
+        n += session.execute(stmt.execution_options(synchronize_session=False)).rowcount or 0
+    return n
