@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import EdgeoptError
+from .errors import EdgeoptError, InputError
 from .pipeline.types import Candidate, CandidateResult
-from .profile import DeviceKind, HardwareProfile, OnnxRuntimeRuntime, OpenVINORuntime, Precision, TFLiteRuntime
+from .profile import DeviceKind, HardwareProfile, OnnxRuntimeRuntime, Precision
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ Evaluator = Callable[[Candidate], CandidateResult]
 """Measures one candidate for the profile being compared: ``lambda c: pipeline.evaluate(prepared, c)``,
 or a fake in unit tests."""
 
-ALL_PRECISIONS = ("fp32", "fp16", "int8", "int8-aa", "int8-weight-only")
+ALL_PRECISIONS = ("fp32", "fp16", "int8", "int8-aa", "int8-weight-only", "as-exported")
+_NO_TF = "ONNX to TFLite conversion needs TensorFlow, which cannot share this environment"
 
 
 # --------------------------------------------------------------------------- enumeration
@@ -43,6 +44,21 @@ class Planned:
     skip: str | None = None
 
 
+def backend_accepts(runtime: str) -> tuple[str, ...] | None:
+    """Model formats the SDK backend of ``runtime`` builds from (None when that runtime is not installed)."""
+    import importlib
+
+    from .backends import REGISTRY
+
+    if runtime not in REGISTRY:
+        return None
+    module, cls = REGISTRY[runtime][0].split(":")
+    try:
+        return tuple(getattr(importlib.import_module(module), cls).accepts)
+    except ImportError:
+        return None
+
+
 def _wants_fp16(profile: HardwareProfile, runtime: str) -> bool:
     # fp16 is the native precision of GPUs; on a CPU without fp16 arithmetic it only adds conversions.
     if profile.precision.mode is Precision.FP16:
@@ -51,43 +67,49 @@ def _wants_fp16(profile: HardwareProfile, runtime: str) -> bool:
 
 
 def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx",
-                         precisions: Iterable[str] | None = None) -> list[Planned]:
+                         precisions: Iterable[str] | None = None, calibration: bool = True,
+                         accepts: Callable[[str], tuple[str, ...] | None] = backend_accepts) -> list[Planned]:
     """The configurations `compare` tries for ``profile``, in the order they are measured.
 
     Per runtime the profile lists: fp32 (for ONNX Runtime at graph levels ``all`` and ``basic``), fp16 where the
     device computes in fp16, int8 static, int8 with accuracy-aware float fallback (measured only when plain int8
-    misses the budget: otherwise it is the same model), and weight-only int8. ``precisions`` limits the set
-    (names from :data:`ALL_PRECISIONS`).
+    misses the budget: otherwise it is the same model), and weight-only int8. A .tflite model runs on LiteRT as
+    exported. ``precisions`` limits the set (names from :data:`ALL_PRECISIONS`); without ``calibration`` data the
+    int8 static candidates are listed as not run.
     """
     wanted = set(precisions) if precisions is not None else set(ALL_PRECISIONS)
     unknown = wanted - set(ALL_PRECISIONS)
     if unknown:
-        raise EdgeoptError(f"unknown precision(s) {', '.join(sorted(unknown))}",
-                           hint=f"choose from {', '.join(ALL_PRECISIONS)}")
+        raise InputError(f"unknown precision(s) {', '.join(sorted(unknown))}",
+                         hint=f"choose from {', '.join(ALL_PRECISIONS)}")
     out: list[Planned] = []
     for spec in profile.runtimes:
         name = spec.runtime
-        if isinstance(spec, TFLiteRuntime):
-            if model_format != "tflite":
-                out.append(Planned(Candidate("tflite", "fp32"),
-                                   skip="LiteRT runs .tflite models only; pass a .tflite file to compare it "
-                                        "(ONNX to TFLite conversion is not part of this environment)"))
-            elif "fp32" in wanted:
-                # A .tflite file is measured as given: its precision was fixed when it was converted.
-                out.append(Planned(Candidate("tflite", "fp32", "none")))
+        formats = accepts(name)
+        if formats is None:
+            out.append(Planned(Candidate(name, "fp32"), skip=f"runtime {name} is not installed here"))
             continue
-        if model_format == "tflite" and not isinstance(spec, OpenVINORuntime):
-            out.append(Planned(Candidate(name, "fp32"), skip=f"{name} does not read .tflite models"))
+        if model_format not in formats:
+            why = f"{name} does not take {model_format} models"
+            if name == "tflite":
+                why = f"LiteRT runs .tflite models only ({_NO_TF})"
+            out.append(Planned(Candidate(name, "as-exported" if name == "tflite" else "fp32"), skip=why))
+            continue
+        if name == "tflite":
+            if wanted & {"fp32", "as-exported"}:
+                # A .tflite file is measured as given: its precision was fixed when it was converted.
+                out.append(Planned(Candidate("tflite", "as-exported")))
             continue
         levels = ("all", "basic") if isinstance(spec, OnnxRuntimeRuntime) else ("all",)
         if "fp32" in wanted:
             out.extend(Planned(Candidate(name, "fp32", lvl)) for lvl in levels)
         if "fp16" in wanted and _wants_fp16(profile, name):
             out.append(Planned(Candidate(name, "fp16")))
+        no_calib = None if calibration else "int8 static needs calibration data: pass --calib"
         if "int8" in wanted:
-            out.append(Planned(Candidate(name, "int8")))
+            out.append(Planned(Candidate(name, "int8"), skip=no_calib))
         if "int8-aa" in wanted:
-            out.append(Planned(Candidate(name, "int8", accuracy_aware=True)))
+            out.append(Planned(Candidate(name, "int8", accuracy_aware=True), skip=no_calib))
         if "int8-weight-only" in wanted:
             out.append(Planned(Candidate(name, "int8-weight-only")))
     return out
@@ -97,10 +119,29 @@ def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx"
 
 
 def latency_ms(result: CandidateResult) -> float | None:
-    """The p50 latency a result is ranked by, or None when it did not run."""
+    """The measured p50 latency of a result, or None when it did not run."""
     if not result.ok or result.optimized is None:
         return None
     return result.optimized.p50_ms
+
+
+def ranking(results: Sequence[CandidateResult]) -> Callable[[CandidateResult], float | None]:
+    """The latency results are ranked by: p50 rescaled by the drift of the baseline measured beside it.
+
+    The pipeline measures the fp32 baseline interleaved with each candidate. On a shared host the load changes
+    between candidates; ``p50 / same-run fp32 p50 x median fp32 p50`` cancels most of that drift, and equals the
+    raw p50 when the machine was steady.
+    """
+    bases = sorted(r.fp32.p50_ms for r in results if r.ok and r.fp32 is not None and r.fp32.p50_ms > 0)
+    reference = bases[len(bases) // 2] if bases else None
+
+    def key(r: CandidateResult) -> float | None:
+        lat = latency_ms(r)
+        if lat is None or reference is None or r.fp32 is None or r.fp32.p50_ms <= 0:
+            return lat
+        return lat / r.fp32.p50_ms * reference
+
+    return key
 
 
 def eligible(results: Iterable[CandidateResult]) -> list[CandidateResult]:
@@ -116,10 +157,11 @@ def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE) -> 
     ok = eligible(results)
     if not ok:
         return None
-    fastest = min(latency_ms(r) for r in ok)
-    tied = [r for r in ok if latency_ms(r) <= fastest * (1.0 + noise)]
+    key = ranking(results)
+    fastest = min(key(r) for r in ok)
+    tied = [r for r in ok if key(r) <= fastest * (1.0 + noise)]
     # Among ties the smaller package wins (less to ship to devices); then the faster; then the earlier.
-    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), latency_ms(r)))
+    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), key(r)))
 
 
 def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
@@ -136,8 +178,9 @@ def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequ
         return f"over budget: {text}"
     if pick is None:
         return ""
-    fastest = min(latency_ms(r) for r in eligible(results))
-    mine, best = latency_ms(result), latency_ms(pick)
+    key = ranking(results)
+    fastest = min(key(r) for r in eligible(results))
+    mine, best = key(result), key(pick)
     if result is pick:
         if best > fastest:
             return f"picked: smallest of those within {noise:.0%} of the fastest"
@@ -263,11 +306,11 @@ ProgressHook = Callable[[str, str, int, int], None]  # (profile, candidate label
 
 
 def compare_profile(profile: HardwareProfile, evaluate: Evaluator, *, model_format: str = "onnx",
-                    precisions: Iterable[str] | None = None, noise: float = DEFAULT_NOISE,
+                    precisions: Iterable[str] | None = None, calibration: bool = True, noise: float = DEFAULT_NOISE,
                     progress: ProgressHook | None = None, devices: dict[str, list[str]] | None = None,
                     ) -> ProfileComparison:
     """Measure every planned candidate of ``profile`` with ``evaluate`` and pick one."""
-    plan = enumerate_candidates(profile, model_format=model_format, precisions=precisions)
+    plan = enumerate_candidates(profile, model_format=model_format, precisions=precisions, calibration=calibration)
     pc = ProfileComparison(profile=profile, proxy_note=host_proxy_note(profile, devices))
     to_run = [p for p in plan if p.skip is None]
     pc.skipped = [p for p in plan if p.skip is not None]

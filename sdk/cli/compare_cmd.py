@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -99,7 +100,6 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     if html_path is not None and not html_path.parent.exists():
         raise InputError(f"--html {html_path}: folder {html_path.parent} does not exist", hint="create it first")
     noise = DEFAULT_NOISE if noise is None else noise
-    model_format = "tflite" if model.suffix.lower() == ".tflite" else "onnx"
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -108,23 +108,34 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
 
     err = Console(stderr=True)
     report = CompareReport(model=model, profiles=[], noise=noise)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+    # Third-party quantizers print progress bars and INFO lines on stdout; stdout belongs to --json and the
+    # table, so everything printed while measuring goes to stderr instead.
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("nncf").setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(sys.stderr), contextlib.ExitStack() as stack, \
+            Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TimeElapsedColumn(), console=err, transient=True) as bar:
+        # Prepare every profile first: a profile that cannot take the model (dynamic dims for a static-shape
+        # profile, say) fails in seconds, before minutes of measuring the others.
+        prepared_all = []
         for profile in profiles:
             task = bar.add_task(f"{profile.name}: preparing", total=None)
             stage = _StageProgress(bar, task, profile.name)
+            # precision only steers what prepare() reads: with --calib it loads calibration data for every
+            # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
             request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
-                                     input_shapes=shapes, bench_iterations=iterations)
-            with prepare(request, stage) as prepared:
-                def hook(_profile: str, label: str, index: int, total: int) -> None:
-                    stage.prefix = f"{profile.name} {label}"
-                    bar.update(task, total=total, completed=index, description=f"{profile.name}: {label}")
+                                     input_shapes=shapes, bench_iterations=iterations,
+                                     precision="int8" if calib else "fp32")
+            prepared_all.append((profile, task, stage, stack.enter_context(prepare(request, stage))))
+        for profile, task, stage, prepared in prepared_all:
+            def hook(_profile: str, label: str, index: int, total: int, task=task) -> None:
+                bar.update(task, total=total, completed=index, description=f"{_profile}: {label}")
 
-                def run_one(candidate, _prepared=prepared):
-                    return evaluate(_prepared, candidate, stage)
+            def run_one(candidate, prepared=prepared, stage=stage):
+                return evaluate(prepared, candidate, stage)
 
-                pc = compare_profile(profile, run_one, model_format=model_format, precisions=precisions,
-                                     noise=noise, progress=hook)
+            pc = compare_profile(profile, run_one, model_format=prepared.source.format, precisions=precisions,
+                                 calibration=prepared.calibration is not None, noise=noise, progress=hook)
             report.profiles.append(pc)
             bar.remove_task(task)
             # Warnings that change how to read the figures (e.g. random calibration) go into the report.
@@ -145,9 +156,11 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     if as_json:
         emit_json(doc)
         return
-    _print_table(doc, Console())
+    # A pipe gets the full table (rich would squeeze it into 80 columns); a terminal gets its own width.
+    out = Console() if sys.stdout.isatty() else Console(width=220)
+    _print_table(doc, out)
     if html_path is not None:
-        Console().print(f"HTML report: {html_path}")
+        out.print(f"HTML report: {html_path}")
 
 
 def _calib(value: str | None):
@@ -176,8 +189,9 @@ def _print_table(doc: dict, console) -> None:
     table = Table(title=f"edgeopt compare: {Path(doc['model']).name}", title_justify="left")
     for col, justify in (("profile", "left"), ("configuration", "left"), ("size", "right"), ("p50 ms", "right"),
                          ("thr/s", "right"), ("speedup", "right"), ("GFLOP/s", "right"), ("min cos", "right"),
-                         ("top-1", "right"), ("metric Δ", "right"), ("", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "")
+                         ("top-1", "right"), ("metric Δ", "right"), ("why", "left")):
+        # Figures never wrap; the reason column takes what width is left and wraps.
+        table.add_column(col, justify=justify, no_wrap=col != "why", min_width=24 if col == "why" else None)
     notes: list[str] = []
     for i, p in enumerate(doc["profiles"]):
         if i:

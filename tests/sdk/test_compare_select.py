@@ -85,8 +85,30 @@ def test_arm_lists_litert_as_not_run_for_an_onnx_model_and_runs_it_for_tflite():
     assert [p.candidate.runtime for p in skipped] == ["tflite"]
     assert "LiteRT runs .tflite models only" in skipped[0].skip
     tfl = enumerate_candidates(load_profile("arm"), model_format="tflite")
-    assert [(p.candidate.label, p.skip is None) for p in tfl][0] == ("tflite/fp32/none", True)
-    assert tfl[1].skip == "onnxruntime does not read .tflite models"
+    assert [(p.candidate.label, p.skip is None) for p in tfl][0] == ("tflite/as-exported/all", True)
+    assert tfl[1].skip == "onnxruntime does not take tflite models"
+
+
+def test_int8_static_is_listed_as_not_run_without_calibration():
+    plan = enumerate_candidates(load_profile("cpu"), calibration=False, precisions=["int8", "int8-aa", "fp32"])
+    skipped = {p.candidate.label: p.skip for p in plan if p.skip}
+    assert skipped == {label: "int8 static needs calibration data: pass --calib" for label in (
+        "openvino/int8/all", "openvino/int8/all+aa", "onnxruntime/int8/all", "onnxruntime/int8/all+aa")}
+
+
+def test_a_runtime_that_is_not_installed_is_listed_not_run():
+    plan = enumerate_candidates(load_profile("cpu"), accepts=lambda rt: None if rt == "openvino" else ("onnx",))
+    assert plan[0].skip == "runtime openvino is not installed here"
+    assert all(p.skip is None for p in plan[1:])
+
+
+def test_ranking_cancels_machine_load_drift_between_candidates():
+    # A ran while the host was busy (its own fp32 baseline took 4 ms): 2 ms is half the baseline.
+    # B ran on a quiet host (baseline 2 ms): 1.5 ms is 0.75 of it. A is the faster configuration.
+    a = fake(precision="int8", p50=2.0, fp32_ms=4.0)
+    b = fake(precision="fp32", p50=1.5, fp32_ms=2.0)
+    assert select([a, b]) is a
+    assert explain(b, a, [a, b]) == "slower: 1.50x the pick's latency"
 
 
 def test_fp16_only_where_the_device_computes_in_fp16_and_filter():
@@ -99,7 +121,7 @@ def test_fp16_only_where_the_device_computes_in_fp16_and_filter():
     with pytest.raises(EdgeoptError) as exc:
         enumerate_candidates(load_profile("cpu"), precisions=["int4"])
     assert exc.value.one_line() == (
-        "unknown precision(s) int4 (choose from fp32, fp16, int8, int8-aa, int8-weight-only)")
+        "unknown precision(s) int4 (choose from fp32, fp16, int8, int8-aa, int8-weight-only, as-exported)")
 
 
 def _runner(table):
