@@ -1,0 +1,81 @@
+"""Fleet and device endpoints: summary, fleet latency series, device list, detail, series, events."""
+from __future__ import annotations
+
+from flask import abort, request
+
+from edgeopt.sdk.errors import InputError
+
+from .. import stats
+from ..views import get_db
+from ..views.devices import list_args
+from . import bp, ok
+from .serialize import parse_range
+
+
+@bp.get("/fleet")
+def fleet():
+    """Fleet overview: counts, profiles, package versions, slowest devices, open alerts."""
+    slowest = request.args.get("slowest", 10, type=int)
+    return ok(stats.fleet_summary(get_db(), slowest=max(0, min(slowest, 100))))
+
+
+@bp.get("/fleet/series")
+def fleet_series():
+    """Fleet p50/p95/p99 (merged histograms), requests, errors and throughput over a range."""
+    name, start, end = parse_range(request.args.get("range"))
+    out = stats.fleet_latency_series(get_db(), start, end, model=request.args.get("model") or None,
+                                     group=request.args.get("group") or None,
+                                     profile=request.args.get("profile") or None)
+    out["range"] = name
+    return ok(out)
+
+
+@bp.get("/devices")
+def devices():
+    """One page of devices: q, status, profile, group, package, sort, order, page, per_page."""
+    try:
+        return ok(stats.list_devices(get_db(), **list_args(request.args)))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+@bp.get("/devices/<device_id>")
+def device(device_id: str):
+    d = stats.device_detail(get_db(), device_id)
+    if d is None:
+        abort(404, description=f"no device {device_id!r}")
+    return ok(d)
+
+
+@bp.get("/devices/<device_id>/series")
+def device_series(device_id: str):
+    """A device's latency percentiles, throughput, errors, CPU, memory and batch sizes over a range."""
+    name, start, end = parse_range(request.args.get("range"))
+    try:
+        out = stats.device_series(get_db(), device_id, start, end, model=request.args.get("model") or None)
+    except LookupError:
+        abort(404, description=f"no device {device_id!r}")
+    totals: dict[str, int] = {}
+    for p in out["points"]:
+        for k, v in (p.get("batch_sizes") or {}).items():
+            totals[k] = totals.get(k, 0) + int(v)
+    out["range"] = name
+    out["batch_sizes"] = totals
+    return ok(out)
+
+
+@bp.get("/devices/<device_id>/events")
+def device_events(device_id: str):
+    db = get_db()
+    if stats.device_detail(db, device_id) is None:
+        abort(404, description=f"no device {device_id!r}")
+    limit = max(1, min(request.args.get("limit", 100, type=int), 1000))
+    return ok({"device_id": device_id,
+               "events": stats.device_events(db, device_id, limit=limit,
+                                             before_id=request.args.get("before_id", type=int))})
+
+
+@bp.get("/ingest/counters")
+def ingest_counters():
+    """Ingest outcomes by reason, rejections included."""
+    return ok(stats.ingest_counters(get_db()))
