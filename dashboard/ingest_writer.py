@@ -281,11 +281,12 @@ class BatchWriter:
         if dev.status != p.state:
             dev.status_changed_at = received
         if dev.session_id != p.session_id:
-            dev.session_ts = p.ts
+            dev.session_ts, dev.status_seq = p.ts, p.seq
         else:
+            # Keep the largest seq: a will (prepared at connect, small seq) must not let a replayed birth in.
             dev.session_ts = max(dev.session_ts or p.ts, p.ts)
+            dev.status_seq = max(dev.status_seq if dev.status_seq is not None else p.seq, p.seq)
         dev.session_id = p.session_id
-        dev.status_seq = p.seq
         dev.status = p.state
         dev.offline_reason = "will" if p.state == "offline" else None
         if p.state == "online":
