@@ -38,7 +38,8 @@ KEEP_VERSIONS = 3
 # Crash points in install order (EDGEOPT_AGENT_CRASH_AT=<one of these>); the store adds
 # before_replace_current and before_replace_journal inside its atomic writes.
 CRASH_POINTS = ("after_extract", "after_journal", "after_commit", "after_load", "after_self_test",
-                "before_switch", "after_switch_pointer", "after_on_switch", "after_install")
+                "before_switch", "after_switch_pointer", "after_on_switch", "after_install",
+                "rollback_before_switch", "rollback_after_switch_pointer")
 _SAFE_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}$")
 
 
@@ -325,8 +326,10 @@ class Installer:
                        message=f"{report.get('samples', 0)} golden samples within tolerance", ctx=ctx, details=report)
             self.store.write_journal({"op": "rollback", "model": model, "version": target,
                                       "from_version": current.version, "created": False})
+            crash_point("rollback_before_switch")
             self.store.set_current(model, target, previous)
             switched = True
+            crash_point("rollback_after_switch_pointer")
             if self.on_switch is not None:
                 self.on_switch(new, loaded)
             self.store.clear_journal()
