@@ -50,6 +50,9 @@ class Broker:
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
+            # As root mosquitto would drop to the "mosquitto" user, who cannot read pytest's private tmp
+            # folders; the option has no effect when the tests run as a normal user.
+            "user root\n"
             f"listener {self.port} 127.0.0.1\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             f"log_dest file {self.dir / 'mosquitto.log'}\n"

@@ -1,0 +1,154 @@
+"""`edgeopt-agent` as a real process: --help, one-line errors, serving while the broker is unreachable,
+SIGTERM shutdown, and an outbox left by one run delivered, in order, by the next."""
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from agent_support import Broker, Subscriber, agent_test_fixtures, free_port, infer, wait_for
+from edgeopt.agent.config import render_config
+from edgeopt.agent.outbox import Outbox
+from edgeopt.sdk.telemetry import parse_payload
+
+_fx = agent_test_fixtures()
+make_package = _fx.make_package
+agent_keys = _fx.agent_keys
+
+AGENT = [sys.executable, "-m", "edgeopt.agent.daemon"]
+
+
+def _run(args, **kw):
+    return subprocess.run(AGENT + args, capture_output=True, text=True, timeout=120, **kw)
+
+
+def _write_config(tmp_path: Path, keys, broker_port: int, api_port: int, device_id: str = "daemon-1") -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(render_config(device_id=device_id, fleet="itest", broker=f"mqtt://127.0.0.1:{broker_port}",
+                                  state_dir=tmp_path / "state", trusted_keys=[keys.trusted_public],
+                                  api_port=api_port, telemetry_interval_s=0.3))
+    return path
+
+
+def test_help():
+    out = _run(["--help"])
+    assert out.returncode == 0
+    assert "--config" in out.stdout and "SIGTERM" in out.stdout
+
+
+def test_missing_and_invalid_config_are_one_line_errors(tmp_path, agent_keys):
+    out = _run(["--config", str(tmp_path / "nope.toml")])
+    assert out.returncode == 3
+    assert out.stderr.strip().splitlines() == [
+        f"edgeopt-agent: error: {tmp_path / 'nope.toml'}: agent config file not found "
+        "(create one with: edgeopt agent init ... > agent.toml)"]
+    bad = _write_config(tmp_path, agent_keys, 1883, 0)
+    bad.write_text(bad.read_text() + "\ncolour = 'red'\n")
+    out = _run(["--config", str(bad)])
+    assert out.returncode == 3
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("edgeopt-agent: error: ") and "colour" in line
+
+
+def test_port_in_use_is_a_clear_error(tmp_path, agent_keys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _run(["--config", str(_write_config(tmp_path, agent_keys, free_port(), port))])
+    assert out.returncode == 8
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"edgeopt-agent: error: local API port 127.0.0.1:{port} is already in use "
+        "(stop the other process or set [api] port in the config)")
+
+
+def _outbox_payloads(state_dir: Path) -> list:
+    box = Outbox(state_dir)
+    try:
+        rows = box.peek(100_000)
+    finally:
+        box.close()
+    return [parse_payload(r.topic.split("/", 4)[4], r.payload) for r in rows]
+
+
+def test_unreachable_broker_then_restart_delivers_the_outbox(tmp_path, agent_keys, make_package, digits_heldout):
+    from edgeopt.agent.config import load_config
+    from edgeopt.agent.installer import Installer
+    from edgeopt.agent.store import Store
+
+    api_port, broker_port = free_port(), free_port()
+    config_path = _write_config(tmp_path, agent_keys, broker_port, api_port)
+    config = load_config(config_path)
+    Installer(Store(config.state_dir), config).install_file(make_package("1.0.0"))
+    images = np.load(digits_heldout)["images"][:4]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    # Run 1: the broker is down. The agent serves anyway and buffers telemetry and events on disk.
+    proc = subprocess.Popen(AGENT + ["--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited: {proc.stderr.read()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=2)
+                conn.request("GET", "/v2/health/ready")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 60, what="the agent's API")
+        for i in range(4):
+            code, body = infer(("127.0.0.1", api_port), images[i:i + 1])
+            assert code == 200 and body["model_version"] == "1.0.0"
+        wait_for(lambda: sum(1 for p in _outbox_payloads(config.state_dir) if p.kind == "telemetry") >= 3, 30,
+                 what="telemetry in the outbox")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    pending = _outbox_payloads(config.state_dir)
+    first_session = {p.session_id for p in pending}
+    assert len(first_session) == 1
+    assert [p.seq for p in pending] == sorted(p.seq for p in pending)
+    assert any(p.kind == "event" and p.event == "stopped" for p in pending)
+    assert sum(m.requests for p in pending if p.kind == "telemetry" for m in p.models) == 4
+
+    # Run 2: the broker is up. Everything run 1 left is delivered, in order, before/alongside run 2's own.
+    broker = Broker(tmp_path / "broker", port=broker_port).start()
+    sub = Subscriber("127.0.0.1", broker_port, "itest", "daemon-1")
+    proc = subprocess.Popen(AGENT + ["--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    online: list = []
+    try:
+        want = [(p.session_id, p.seq) for p in pending]
+
+        def delivered():
+            with sub.lock:
+                got = [(p.session_id, p.seq) for _, p in sub.messages if p is not None]
+            return [g for g in got if g in set(want)] if set(want) <= set(got) else None
+
+        got = wait_for(delivered, 60, what="the first run's outbox at the subscriber")
+        deduped = list(dict.fromkeys(got))
+        assert deduped == want  # in order, none missing
+        online = wait_for(lambda: [s for s in sub.of("status") if s.state == "online"], 20, what="birth")
+        assert online[-1].session_id not in first_session and online[-1].packages[0].version == "1.0.0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        try:
+            assert proc.returncode == 0, err[-2000:]
+            offline = wait_for(lambda: [s for s in sub.of("status") if s.state == "offline"], 10,
+                               what="the offline status on SIGTERM")
+            assert not online or offline[-1].session_id == online[-1].session_id
+        finally:
+            sub.close()
+            broker.stop()
+    assert _outbox_payloads(config.state_dir) == []  # flushed on the clean stop
