@@ -29,7 +29,8 @@ sort="device_id", order="asc", page=1, per_page=50) -> dict``
     ``name@version``; sort keys: :data:`SORT_KEYS`.
 ``device_detail(session, device_id) -> dict | None``
     device row plus ``capabilities``, ``packages``, ``session_id``, ``telemetry_interval_s``.
-``device_events(session, device_id, limit=100, before_id=None) -> list[dict]``  newest first.
+``device_events(session, device_id, limit=100, before_id=None) -> list[dict]``
+    newest first (device time); the next page is ``before_id=<last id of this page>``.
 ``ingest_counters(session) -> dict[str, int]``
 ``models_seen(session) -> list[str]``
 
@@ -44,7 +45,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS, Histogram
@@ -296,7 +297,11 @@ def device_events(session: Session, device_id: str, limit: int = 100,
          .where(m.Device.device_id == device_id).order_by(m.Event.ts.desc(), m.Event.id.desc())
          .limit(min(limit, 1000)))
     if before_id is not None:
-        q = q.where(m.Event.id < before_id)
+        # Keyset paging in (ts, id) order: the events after the one with id ``before_id``.
+        bts = session.scalar(select(m.Event.ts).where(m.Event.id == before_id))
+        if bts is None:
+            return []
+        q = q.where(or_(m.Event.ts < bts, (m.Event.ts == bts) & (m.Event.id < before_id)))
     return [{"id": e.id, "ts": _iso(e.ts), "kind": e.kind, "ok": e.ok, "model": e.model,
              "version": e.version, "from_version": e.from_version, "message": e.message,
              "command_id": e.command_id, "deployment_id": e.deployment_id, "details": e.details,
