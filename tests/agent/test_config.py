@@ -1,0 +1,132 @@
+"""Agent config: validation errors name file, key, value and fix; `init` output loads back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeopt.agent.config import AgentConfig, load_config, render_config
+from edgeopt.sdk.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, body: str, key_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'trusted_keys = ["{key_path}"]\n' + body)
+    return path
+
+
+BASE = 'device_id = "cam-07"\nfleet = "plant-a"\nstate_dir = "state"\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n'
+
+
+def test_minimal_config_defaults_and_relative_paths(tmp_path, agent_keys):
+    cfg = load_config(_write(tmp_path, BASE, agent_keys.trusted_public))
+    assert cfg.state_dir == tmp_path / "state"  # relative to the file, not to the cwd
+    assert (cfg.api.host, cfg.api.port) == ("127.0.0.1", 8470)
+    assert (cfg.batching.enabled, cfg.batching.max_batch, cfg.batching.max_delay_ms, cfg.batching.max_queue) == \
+        (True, None, 2.0, 256)
+    assert (cfg.download.max_bytes, cfg.download.timeout_s) == (2 * 1024**3, 60)
+    assert cfg.outbox.max_messages == 100_000
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("127.0.0.1", 1883, False)
+    assert cfg.telemetry_interval_s == 10.0 and cfg.allow_unsigned is False
+
+
+def test_relative_key_path(tmp_path, agent_keys):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "k.pub").write_bytes(agent_keys.trusted_public.read_bytes())
+    path = tmp_path / "agent.toml"
+    path.write_text('trusted_keys = ["keys/k.pub"]\n' + BASE)
+    assert load_config(path).trusted_keys == [tmp_path / "keys" / "k.pub"]
+
+
+@pytest.mark.parametrize("body,message", [
+    (BASE + "[api]\nprot = 1\n", r"agent.toml: api.prot: unknown key \(remove it or check its spelling\)"),
+    (BASE.replace("mqtt://127.0.0.1:1883", "http://x:1883"),
+     r"broker.url: Value error, broker url must start with mqtt:// or mqtts://, found 'http://x:1883'"),
+    (BASE.replace("mqtt://127.0.0.1:1883", "mqtt://:1883"), r"broker url 'mqtt://:1883' has no host"),
+    (BASE.replace("mqtt://127.0.0.1:1883", "mqtt://h:99999"), r"broker url 'mqtt://h:99999' has an invalid port"),
+    (BASE.replace('"cam-07"', '"cam/07"'), r"device_id: Value error, invalid device_id 'cam/07'"),
+    (BASE.replace('"plant-a"', '"plant+"'), r"fleet: Value error, invalid fleet 'plant\+'"),
+    (BASE + 'ca_file = "ca.pem"\n', r"ca_file/cert_file/key_file need an mqtts:// url"),
+    (BASE.replace("mqtt://", "mqtts://") + 'cert_file = "c.pem"\n', r"cert_file and key_file go together"),
+    (BASE + 'password = "x"\n', r"password is set but username is not"),
+    (BASE + "[batching]\nmax_queue = 0\n", r"batching.max_queue: Input should be greater than or equal to 1 \(found 0\)"),
+    (BASE.replace('fleet = "plant-a"\n', ""), r"agent.toml: fleet: required key is missing"),
+    ("telemetry_interval_s = 'fast'\n" + BASE, r"telemetry_interval_s: Input should be a valid number"),
+])
+def test_validation_errors(tmp_path, agent_keys, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, body, agent_keys.trusted_public))
+
+
+def test_file_level_errors(tmp_path, agent_keys):
+    with pytest.raises(ConfigError, match=r"missing.toml: agent config file not found") as err:
+        load_config(tmp_path / "missing.toml")
+    assert err.value.one_line().endswith("(create one with: edgeopt agent init ... > agent.toml)")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("device_id = \n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(bad)
+    nokeys = tmp_path / "nokeys.toml"
+    nokeys.write_text(BASE)
+    with pytest.raises(ConfigError, match="trusted_keys is empty: no package could be installed"):
+        load_config(nokeys)
+    missing_key = tmp_path / "mk.toml"
+    missing_key.write_text('trusted_keys = ["nope.pub"]\n' + BASE)
+    with pytest.raises(ConfigError, match=r"trusted_keys: public key file .*nope.pub not found"):
+        load_config(missing_key)
+    ca = tmp_path / "ca.toml"
+    ca.write_text(f'trusted_keys = ["{agent_keys.trusted_public}"]\n'
+                  + BASE.replace("mqtt://", "mqtts://") + 'ca_file = "ca.pem"\n')
+    with pytest.raises(ConfigError, match=r"broker.ca_file: file .*ca.pem not found"):
+        load_config(ca)
+
+
+def test_mqtts_with_client_cert(tmp_path, agent_keys):
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (tmp_path / name).write_text("x")
+    body = BASE.replace("mqtt://127.0.0.1:1883", "mqtts://broker.example") + \
+        'ca_file = "ca.pem"\ncert_file = "c.pem"\nkey_file = "c.key"\nusername = "u"\npassword = "p"\n'
+    cfg = load_config(_write(tmp_path, body, agent_keys.trusted_public))
+    assert (cfg.broker.tls, cfg.broker.port, cfg.broker.ca_file) == (True, 8883, tmp_path / "ca.pem")
+
+
+def test_render_config_round_trips(tmp_path, agent_keys):
+    text = render_config(device_id="cam-07", fleet="plant-a", broker="mqtts://b:8883", state_dir=tmp_path / "s",
+                         trusted_keys=[agent_keys.trusted_public], api_port=9000, groups=["line-1"])
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert (cfg.device_id, cfg.fleet, cfg.api.port, cfg.groups) == ("cam-07", "plant-a", 9000, ["line-1"])
+    assert cfg.trusted_keys == [agent_keys.trusted_public.resolve()]
+    assert text.count("\n#") >= 10  # commented for humans
+
+
+def test_render_config_refuses_bad_values(agent_keys):
+    with pytest.raises(ConfigError, match=r"agent init: device_id: Value error, invalid device_id 'a b'"):
+        render_config(device_id="a b", fleet="f", broker="mqtt://h", state_dir="/x",
+                      trusted_keys=[agent_keys.trusted_public])
+
+
+def test_shipped_example_config_validates(tmp_path, agent_keys):
+    # The example names keys/edgeopt.pub relative to itself: put a key there in a copy.
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "edgeopt.pub").write_bytes(agent_keys.trusted_public.read_bytes())
+    copy = tmp_path / "agent.toml"
+    copy.write_text((ROOT / "agent" / "examples" / "agent.toml").read_text())
+    cfg = load_config(copy)
+    assert cfg.device_id == "cam-07" and cfg.state_dir == Path("/var/lib/edgeopt")
+
+
+def test_model_has_titles_and_descriptions():
+    schema = AgentConfig.model_json_schema()
+    for name, prop in schema["properties"].items():
+        assert prop.get("title") and prop.get("description"), name
+
+
+def test_systemd_unit_runs_the_daemon_with_the_config():
+    unit = (ROOT / "agent" / "systemd" / "edgeopt-agent.service").read_text()
+    for line in ("Type=simple", "ExecStart=/usr/local/bin/edgeopt-agent --config /etc/edgeopt/agent.toml",
+                 "Restart=on-failure", "StateDirectory=edgeopt", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+        assert line in unit.splitlines(), line
