@@ -85,6 +85,9 @@ def make_engine(url: str | None = None, **kwargs) -> Engine:
         raise ConfigError(f"invalid database URL {url!r}",
                           hint="expected e.g. sqlite:///path/edgeopt.db or "
                                "postgresql+psycopg://user@host:5432/name") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"unsupported database URL {redact(url)!r}: only SQLite and PostgreSQL are supported",
+                          hint="use sqlite:///path/edgeopt.db or postgresql+psycopg://user@host:5432/name")
     try:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
