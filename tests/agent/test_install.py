@@ -196,3 +196,28 @@ def test_load_serving_after_restart(installer, make_package, events):
     assert loaded.infer({"images": np.zeros((1, 1, 8, 8), np.float32)})["logits"].shape == (1, 10)
     # OpenVINO's model cache lives in the state dir, so the restart did not recompile from scratch
     assert any((installer.store.cache_dir / "openvino").iterdir())
+
+
+def test_reads_the_sdk_golden_layout(tmp_path):
+    """The SDK writes golden.npz; the agent reads it without importing the SDK pipeline."""
+    from edgeopt.agent.loader import read_golden
+    from edgeopt.sdk.pipeline.golden import make_golden
+
+    ins = [{"images": np.full((1, 1, 8, 8), i, np.float32)} for i in range(3)]
+    outs = [{"logits": np.arange(10, dtype=np.float32)[None] * i} for i in range(3)]
+    data, spec = make_golden(ins, outs, max_abs_error=0.0, min_cosine=0.99)
+    (tmp_path / spec.file).write_bytes(data)
+    got_in, got_out = read_golden(tmp_path / spec.file)
+    assert len(got_in) == 3 and all(np.array_equal(a["images"], b["images"]) for a, b in zip(got_in, ins))
+    assert all(np.array_equal(a["logits"], b["logits"]) for a, b in zip(got_out, outs))
+
+
+def test_malformed_golden_file_is_refused(tmp_path):
+    from edgeopt.agent.loader import read_golden
+
+    np.savez(tmp_path / "g.npz", weird=np.zeros(1))
+    with pytest.raises(PackageError, match=r"golden samples g.npz: unexpected key 'weird'"):
+        read_golden(tmp_path / "g.npz")
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(PackageError, match="golden samples bad.npz are unreadable"):
+        read_golden(tmp_path / "bad.npz")
