@@ -126,6 +126,17 @@ def create_app(config: Mapping[str, Any] | None = None):
             return jsonify(status="error", database="unreachable"), 503
         return jsonify(status="ok", database="ok")
 
+    @app.cli.command("evaluate-alerts")
+    def evaluate_alerts_cmd():
+        """Evaluate the alert rules once (the ingest process does it every 30 s)."""
+        import click
+
+        from .alerting import evaluate
+        from .views import get_db
+
+        result = evaluate(get_db())
+        click.echo(f"alerts: {result['opened']} opened, {result['resolved']} resolved")
+
     @app.after_request
     def _security_headers(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -27,8 +27,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 login_manager = LoginManager()
 login_manager.login_view = "auth.login"
 login_manager.login_message = "Please log in to see this page."
-# "strong" drops the session when the client's IP/user agent hash changes (a stolen cookie elsewhere).
-login_manager.session_protection = "strong"
+# "basic": a session used from another IP/user agent loses its "fresh" mark. ("strong" would also
+# ignore a valid Bearer token sent together with any leftover session cookie.)
+login_manager.session_protection = "basic"
 
 
 @dataclass

@@ -31,7 +31,7 @@ class UserForm(FlaskForm):
         Regexp(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$", message="letters, digits, '.', '_', '@' or '-' only")])
     password = PasswordField("Password", validators=[
         DataRequired(), Length(min=MIN_PASSWORD_LENGTH, message=f"at least {MIN_PASSWORD_LENGTH} characters")])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="viewer")
+    role = SelectField("Role", choices=list(ROLES), default="viewer")
 
 
 class TokenForm(FlaskForm):
