@@ -67,9 +67,11 @@ class Backend(abc.ABC):
         """The fp32 model whose layer names the quantizer uses (after the backend's own pre-processing)."""
         return None
 
-    def layer_outputs(self, model_file: Path, layers: list[Layer], feeds: list[dict]) -> dict[str, list]:
-        """Intermediate outputs of ``layers`` for each feed (runs on the host CPU)."""
-        return {}
+    def layer_probe(self, model_file: Path, layers: list[Layer]):
+        """A function feed -> {layer name: its output} for ``model_file`` (runs on the host CPU); None if
+        the backend cannot look inside its models. Outputs are consumed one feed at a time: intermediate
+        tensors of a whole network are too large to keep for many samples."""
+        return None
 
     def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:
         """(target device, device to run on here, host_proxy)."""

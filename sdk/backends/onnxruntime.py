@@ -21,7 +21,12 @@ from .base import Backend, BuildJob, Layer
 log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
-QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops with weights (weight-only int8)
+# Ops whose inputs or outputs the QDQ quantizer may quantize with their own scales: the candidates for
+# keeping in float. Pure data movement (Reshape, Transpose, MaxPool, ...) shares its input's scale.
+SENSITIVE_OPS = QUANTIZABLE + ("Add", "Mul", "Sub", "Concat", "Resize", "AveragePool", "GlobalAveragePool",
+                               "Sigmoid", "HardSigmoid", "HardSwish", "Softmax", "LeakyRelu", "Div",
+                               "InstanceNormalization", "LayerNormalization", "ReduceMean", "Pow")
 MIN_QDQ_OPSET = 13  # per-axis DequantizeLinear
 
 
@@ -148,7 +153,7 @@ class OnnxRuntimeBackend(Backend):
 
         model = onnx.load(str(reference), load_external_data=False)
         producer = {o: n for n in model.graph.node for o in n.output}
-        picked = [n for n in model.graph.node if n.op_type in QUANTIZABLE and n.name]
+        picked = [n for n in model.graph.node if n.op_type in SENSITIVE_OPS and n.name]
         names = {n.name for n in picked}
         out = []
         for node in picked:
@@ -166,7 +171,7 @@ class OnnxRuntimeBackend(Backend):
             out.append(Layer(node.name, node.output[0], ups))
         return out
 
-    def layer_outputs(self, model_file: Path, layers: list[Layer], feeds: list[dict]) -> dict[str, list]:
+    def layer_probe(self, model_file: Path, layers: list[Layer]):
         import onnx
         import onnxruntime as ort
 
@@ -183,12 +188,12 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         names = [l.output for l in wanted]
-        result: dict[str, list] = {l.name: [] for l in wanted}
-        for feed in feeds:
+
+        def probe(feed: dict) -> dict[str, np.ndarray]:
             values = sess.run(names, feed)
-            for layer, v in zip(wanted, values):
-                result[layer.name].append(np.asarray(v, dtype=np.float32))
-        return result
+            return {layer.name: np.asarray(v, dtype=np.float32) for layer, v in zip(wanted, values)}
+
+        return probe
 
 
 class _Reader:

@@ -20,7 +20,10 @@ from .base import Backend, BuildJob, Layer
 log = logging.getLogger(__name__)
 
 RUNTIME = "openvino"
-QUANTIZABLE = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+WEIGHTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+# Ops NNCF may place quantizers on (their inputs): the candidates for keeping in float.
+SENSITIVE_OPS = WEIGHTED + ("Add", "Multiply", "Subtract", "Divide", "Concat", "Interpolate", "AvgPool",
+                            "ReduceMean", "Sigmoid", "HSigmoid", "HSwish", "Swish", "SoftMax", "Softmax", "MVN")
 _NNCF_DEVICE = {"CPU": "CPU", "GPU": "GPU", "NPU": "NPU"}
 
 
@@ -86,6 +89,10 @@ class OpenVINOBackend(Backend):
 
     def _quantize(self, model, job: BuildJob, notes: list[str]):
         import nncf
+        from nncf.common.logging import nncf_logger
+
+        # NNCF logs every ignored node at INFO through its own handler; keep it to warnings unless -vv.
+        nncf_logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
 
         if not job.calibration:
             raise UnsupportedError("int8 static quantization needs calibration data")
@@ -111,12 +118,14 @@ class OpenVINOBackend(Backend):
 
     def layers(self, reference: Path) -> list[Layer]:
         model = _core().read_model(str(reference))
-        picked = [op for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE
-                  and op.input_value(1).get_node().get_type_name() != "Parameter"]
+        picked = [op for op in model.get_ordered_ops() if op.get_type_name() in SENSITIVE_OPS
+                  and not (op.get_type_name() in WEIGHTED
+                           and op.input_value(1).get_node().get_type_name() == "Parameter")
+                  and not _is_constant_subgraph(op)]
         names = {op.get_friendly_name() for op in picked}
         out = []
         for op in picked:
-            ups, seen, stack = [], set(), [op.input_value(0).get_node()]
+            ups, seen, stack = [], set(), [v.get_node() for v in op.input_values()]
             while stack:
                 node = stack.pop()
                 name = node.get_friendly_name()
@@ -130,7 +139,7 @@ class OpenVINOBackend(Backend):
             out.append(Layer(op.get_friendly_name(), op.get_friendly_name(), ups))
         return out
 
-    def layer_outputs(self, model_file: Path, layers: list[Layer], feeds: list[dict]) -> dict[str, list]:
+    def layer_probe(self, model_file: Path, layers: list[Layer]):
         model = _core().read_model(str(model_file))
         ops = {op.get_friendly_name(): op for op in model.get_ops()}
         wanted = [l for l in layers if l.name in ops]
@@ -138,12 +147,18 @@ class OpenVINOBackend(Backend):
         model.add_outputs([ops[l.name].output(0) for l in wanted])
         compiled = _core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         request = compiled.create_infer_request()
-        result: dict[str, list] = {l.name: [] for l in wanted}
-        for feed in feeds:
+
+        def probe(feed: dict) -> dict[str, np.ndarray]:
             values = request.infer(feed)
-            for i, layer in enumerate(wanted):
-                result[layer.name].append(np.asarray(values[compiled.outputs[first_new + i]], dtype=np.float32).copy())
-        return result
+            return {layer.name: np.asarray(values[compiled.outputs[first_new + i]], dtype=np.float32).copy()
+                    for i, layer in enumerate(wanted)}
+
+        return probe
+
+
+def _is_constant_subgraph(op) -> bool:
+    """True for ops computing on constants only (weight decompression chains): not activations."""
+    return all(v.get_node().get_type_name() in ("Constant", "Convert") for v in op.input_values())
 
 
 def _scope(names: list[str]):

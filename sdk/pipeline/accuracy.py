@@ -87,21 +87,34 @@ def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget
                             passed=not failures, failures=failures)
 
 
-def layer_errors(layers, reference: dict[str, list], optimized: dict[str, list]) -> list[LayerError]:
-    """Error each quantizable layer adds: (1 - cosine of its output vs fp32) minus the worst upstream one.
+def layer_errors(layers, reference_probe, optimized_probe, feeds: list[dict]) -> list[LayerError]:
+    """Error each layer adds: (1 - cosine of its output vs fp32) minus the worst one among its upstream layers.
 
     Errors accumulate through a network, so the raw per-layer error points at the last layers; the
-    increase over the layers feeding it points at the layer that breaks the budget.
+    increase over the layers feeding it points at the layer that breaks the budget. Cosines are
+    accumulated one feed at a time (dot products and norms), so memory stays at one sample's tensors.
     """
+    dot: dict[str, float] = {}
+    n_ref: dict[str, float] = {}
+    n_opt: dict[str, float] = {}
+    for feed in feeds:
+        ref, opt = reference_probe(feed), optimized_probe(feed)
+        for name, r in ref.items():
+            o = opt.get(name)
+            if o is None or o.shape != r.shape:
+                continue
+            r64, o64 = r.astype(np.float64).ravel(), np.nan_to_num(o.astype(np.float64).ravel())
+            dot[name] = dot.get(name, 0.0) + float(r64 @ o64)
+            n_ref[name] = n_ref.get(name, 0.0) + float(r64 @ r64)
+            n_opt[name] = n_opt.get(name, 0.0) + float(o64 @ o64)
     raw: dict[str, float] = {}
-    for layer in layers:
-        if layer.name not in reference or layer.name not in optimized:
-            continue
-        r = np.concatenate([np.ravel(x) for x in reference[layer.name]]).astype(np.float64)
-        o = np.concatenate([np.ravel(x) for x in optimized[layer.name]]).astype(np.float64)
-        if r.shape != o.shape:
-            continue
-        raw[layer.name] = max(0.0, 1.0 - cosine(r, o))
+    for name in dot:
+        if n_ref[name] == 0.0 and n_opt[name] == 0.0:
+            raw[name] = 0.0
+        elif n_ref[name] == 0.0 or n_opt[name] == 0.0:
+            raw[name] = 1.0
+        else:
+            raw[name] = max(0.0, 1.0 - dot[name] / np.sqrt(n_ref[name] * n_opt[name]))
     added = []
     for layer in layers:
         if layer.name not in raw:

@@ -19,7 +19,7 @@ from .types import Artifact, BuildResult, Candidate, CandidateResult, PackageReq
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_SAMPLES = 8  # held-out samples used for per-layer errors (intermediate tensors are large)
+SENSITIVITY_SAMPLES = 4  # held-out samples used for per-layer errors (intermediate tensors are large)
 REFERENCE_RUNTIME = {"onnx": "onnxruntime", "openvino-ir": "openvino", "tflite": "tflite"}
 
 
@@ -387,10 +387,11 @@ def _sensitivity(backend, job, artifact: Artifact, prep: Prepared):
     layers = backend.layers(ref_path)
     if not layers:
         return []
-    feeds = prep.heldout.samples[:SENSITIVITY_SAMPLES]
-    ref = backend.layer_outputs(ref_path, layers, feeds)
-    opt = backend.layer_outputs(artifact.model_file, layers, feeds)
-    return accuracy.layer_errors(layers, ref, opt)
+    ref = backend.layer_probe(ref_path, layers)
+    opt = backend.layer_probe(artifact.model_file, layers)
+    if ref is None or opt is None:
+        return []
+    return accuracy.layer_errors(layers, ref, opt, prep.heldout.samples[:SENSITIVITY_SAMPLES])
 
 
 def _float_search(prep, ranking, build_and_check, progress, first_report):
@@ -475,8 +476,8 @@ def _failure(prep: Prepared, results: list[CandidateResult]) -> EdgeoptError:
     layers = ", ".join(f"{e.layer} ({e.error:.3g})" for e in v.sensitive_layers[:5])
     hint = ("rerun with --accuracy-aware to keep the most sensitive layers in float, or choose --precision fp16/fp32"
             if not r.candidate.accuracy_aware else "choose --precision fp16/fp32, or give better calibration data")
-    return AccuracyError(f"{r.candidate.precision} on {r.candidate.runtime} misses profile {prep.profile.name!r}'s "
-                         f"accuracy budget: {'; '.join(v.failures)}"
+    return AccuracyError(f"{r.candidate.precision} on {r.candidate.runtime} misses the accuracy budget of profile {prep.profile.name!r}"
+                         f": {'; '.join(v.failures)}"
                          + (f"; most sensitive layers (error added vs fp32): {layers}" if layers else "")
                          + "; no package written", hint=hint)
 

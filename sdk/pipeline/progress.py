@@ -59,6 +59,9 @@ class RichProgress:
         if self.quiet:
             yield
             return
+        from rich.markup import escape
+
+        name = escape(name)
         with self.console.status(f"[bold cyan]{name}…[/]", spinner="dots"):
             try:
                 yield
@@ -68,10 +71,14 @@ class RichProgress:
         self.console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
 
     def note(self, message: str) -> None:
+        from rich.markup import escape
+
         log.info("%s", message)
         if not self.quiet:
-            self.console.print(f"  [dim]{message}[/]", highlight=False)
+            self.console.print(f"  [dim]{escape(message)}[/]", highlight=False)
 
     def warn(self, message: str) -> None:
+        from rich.markup import escape
+
         self.warnings.append(message)
-        self.console.print(f"  [yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"  [yellow]warning:[/] {escape(message)}", highlight=False)

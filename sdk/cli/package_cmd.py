@@ -1,0 +1,161 @@
+"""`edgeopt package`: model -> optimized, validated, benchmarked, signed .eopkg for one hardware profile."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+from .options import conflicting, emit_json, json_option, profile_option
+
+PRECISION_CHOICES = ["fp32", "fp16", "int8", "int8-weight-only"]
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=flag) from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{text!r} is not H,W (e.g. 224,224)", param_hint="--image-size")
+    return int(parts[0]), int(parts[1])
+
+
+@click.command("package")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@profile_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .eopkg file to write (atomically: nothing is left there on failure).")
+@click.option("--calib", help="Calibration data: .npz keyed by input name, a folder of images, or 'random' "
+                              "(smoke test only: the accuracy check becomes meaningless).")
+@click.option("--heldout", type=click.Path(path_type=Path),
+              help="Held-out data for the accuracy check (.npz with inputs and optional 'labels', or an image "
+                   "folder). Default: the last samples of --calib, never used for calibration.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
+              help="Fix an input's dims, e.g. images:1,3,224,224 (repeat per input).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), help="Ed25519 private key (PEM).")
+@click.option("--no-sign", is_flag=True, help="Write an unsigned package on purpose (agents refuse it by default).")
+@click.option("--accuracy-aware", is_flag=True,
+              help="If int8 misses the accuracy budget, keep the most sensitive layers in float until it holds.")
+@click.option("--weight-only", is_flag=True, help="int8 weights only, activations stay float (no calibration).")
+@click.option("--runtime", help="Use this one of the profile's runtimes instead of measuring each.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), help="Override the profile's precision.")
+@click.option("--graph-level", type=click.Choice(["none", "basic", "all"]),
+              help="Graph optimization: none, basic (onnxslim) or all (+ the runtime's optimizer). Default all.")
+@click.option("--name", help="Package name (default: the model file's stem).")
+@click.option("--version", "version_", default="1.0.0", show_default=True, help="Package version.")
+@click.option("--image-size", help="Images: resize to H,W (default: the model's input size).")
+@click.option("--mean", help="Images: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Images: per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel multiplier.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Images: tensor layout (default: guessed).")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True,
+              help="Images: channel order.")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="Cap on calibration samples.")
+@click.option("--heldout-samples", type=click.IntRange(min=1), help="Cap on held-out samples.")
+@click.option("--iterations", type=click.IntRange(min=5), default=100, show_default=True,
+              help="Timed iterations per model in the host benchmark.")
+@json_option
+def package(model: Path, profile: str, output: Path, calib: str | None, heldout: Path | None,
+            input_shapes: tuple[str, ...], sign_key: Path | None, no_sign: bool, accuracy_aware: bool,
+            weight_only: bool, runtime: str | None, precision: str | None, graph_level: str | None,
+            name: str | None, version_: str, image_size: str | None, mean: str | None, std: str | None,
+            scale: float, layout: str | None, channel_order: str, calib_samples: int | None,
+            heldout_samples: int | None, iterations: int, as_json: bool) -> None:
+    """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
+
+    \b
+    edgeopt package model.onnx --profile npu --calib calib.npz \\
+        --input-shape images:1,3,224,224 --sign-key keys/edgeopt.key -o model-npu.eopkg
+    """
+    from pydantic import ValidationError
+
+    from ..pipeline import ImagePreprocessing, PackageRequest, RichProgress, build_package
+    from ..pipeline.shapes import parse_input_shape
+
+    if sign_key and no_sign:
+        raise conflicting("--sign-key", "--no-sign")
+    if not sign_key and not no_sign:
+        raise click.UsageError("--sign-key KEY is required (create one with: edgeopt keygen --out keys/); "
+                               "pass --no-sign to write an unsigned package on purpose")
+    if weight_only and precision not in (None, "int8-weight-only"):
+        raise conflicting("--weight-only", f"--precision {precision}")
+    if accuracy_aware and weight_only:
+        raise conflicting("--accuracy-aware", "--weight-only")
+    if accuracy_aware and precision in ("fp32", "fp16"):
+        raise conflicting("--accuracy-aware", f"--precision {precision}")
+    image_opts = {"size": _size(image_size), "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
+                  "layout": layout}
+    preprocessing = None
+    if any(v is not None for v in image_opts.values()) or channel_order != "RGB" or scale != 1 / 255:
+        try:
+            preprocessing = ImagePreprocessing(
+                **{k: v for k, v in image_opts.items() if v is not None}, scale=scale, channel_order=channel_order)
+        except ValidationError as exc:
+            raise click.UsageError(f"image preprocessing options: {exc.errors()[0]['msg']}") from None
+    shapes = {}
+    for text in input_shapes:
+        n, dims = parse_input_shape(text)
+        if n in shapes:
+            raise InputError(f"--input-shape given twice for input {n!r}")
+        shapes[n] = dims
+    try:
+        request = PackageRequest(
+            model=model, profile=profile, output=output,
+            calib=("random" if calib == "random" else Path(calib)) if calib else None,
+            preprocessing=preprocessing, input_shapes=shapes, sign_key=sign_key, unsigned=no_sign,
+            accuracy_aware=accuracy_aware, weight_only=weight_only, name=name, version=version_, heldout=heldout,
+            runtime=runtime, precision=precision, graph_level=graph_level, calib_samples=calib_samples,
+            heldout_samples=heldout_samples, bench_iterations=iterations)
+    except ValidationError as exc:
+        raise click.UsageError(exc.errors()[0]["msg"]) from None
+    progress = RichProgress()
+    result = build_package(request, progress)
+    if as_json:
+        emit_json(result.summary())
+        return
+    print_summary(result)
+
+
+def print_summary(result) -> None:
+    """The human summary table (stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m, b, v = result.manifest, result.benchmark, result.validation
+    con = Console()
+    table = Table(title=f"{m.name} {m.version} -> {result.output}", show_header=True)
+    table.add_column("")
+    table.add_column("value")
+    where = (f"host CPU as a proxy for {b.target_device} (this host has no {b.target_device})" if b.host_proxy
+             else "this host")
+    rows = [
+        ("profile", f"{m.profile_name} ({m.profile.get('target', {}).get('device', '?')})"),
+        ("runtime", f"{m.runtime} {m.runtime_version} on {m.device}"),
+        ("precision", m.precision + (f" ({len(v.float_layers)} layers kept in float)" if v.float_layers else "")),
+        ("size", f"{result.chosen.size_bytes:,} bytes (source {result.chosen.source_size_bytes:,})"),
+        ("accuracy", ("PASS" if v.passed else "FAIL") + f": min cosine {v.min_cosine:.4f}, max abs err {v.max_abs_error:.3g}"
+         + (f", top-1 agreement {v.top1_agreement:.1%}" if v.top1_agreement is not None else "")
+         + (f", accuracy {v.metric.fp32:.2f} -> {v.metric.optimized:.2f}" if v.metric else "")
+         + f" ({v.samples} held-out samples)"),
+        ("latency", f"p50 {b.optimized.p50_ms:.3f} ms, p90 {b.optimized.p90_ms:.3f}, p99 {b.optimized.p99_ms:.3f} "
+                    f"(fp32 ONNX Runtime p50 {b.fp32.p50_ms:.3f} ms)"),
+        ("throughput", f"{b.optimized.throughput_ips:.1f}/s at batch {b.batch_size}; {b.speedup:.2f}x vs fp32"),
+        ("measured on", where),
+        ("signed", "yes" if result.signed else "NO (--no-sign)"),
+    ]
+    if m.calibration and not m.calibration.meaningful:
+        rows.append(("calibration", "RANDOM: the accuracy check is meaningless"))
+    for k, val in rows:
+        table.add_row(k, val)
+    con.print(table)
+    for d in m.decisions:
+        con.print(f"- {d}", highlight=False)

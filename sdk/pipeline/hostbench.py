@@ -1,0 +1,76 @@
+"""Benchmark an existing package on this host (``edgeopt bench``)."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..package import PackageReader, load_public_key
+from . import benchmark
+from .golden import GOLDEN_FILE, read_golden
+
+_CPU = {"openvino": "CPU", "onnxruntime": "CPUExecutionProvider", "tflite": "CPU"}
+
+
+def bench_package(path: str | Path, *, iterations: int = 200, batch_size: int | None = None, warmup: int = 5,
+                  public_keys: list | None = None) -> dict[str, Any]:
+    """Verify hashes (and the signature when keys are given), load with the package's runtime, measure.
+
+    A device this host lacks is replaced by the host CPU, and the result says so (``host_proxy``).
+    """
+    from ...agent.runtimes import get_runtime
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgeopt-bench-"))
+    try:
+        with PackageReader(path) as pkg:
+            if public_keys:
+                signer = pkg.verify([load_public_key(k) for k in public_keys])
+            else:
+                pkg.verify_hashes()
+                signer = None
+            m = pkg.manifest
+            root = pkg.extract_to(tmp / "pkg")
+        runtime = get_runtime(m.runtime)
+        devices = runtime.devices()
+        proxy = m.device not in devices
+        device = _CPU.get(m.runtime, "CPU") if proxy else m.device
+        threads = m.benchmark.threads if m.benchmark else None
+        hint = str(m.profile.get("performance_hint", "latency"))
+        loaded = runtime.load(root / m.model_file, device=device, threads=threads, performance_hint=hint)
+        try:
+            feeds = _feeds(root, m, loaded)
+            first = loaded.inputs[0].shape[0] if loaded.inputs and loaded.inputs[0].shape else 1
+            static = isinstance(first, int)
+            batch = batch_size or int(m.profile.get("batch_size", 1))
+            if static and batch != first:
+                batch = first  # a fixed batch dim cannot change at run time
+            feeds = benchmark.batch_feeds(feeds, batch, static_batch=static)
+            stats = benchmark.measure({"pkg": loaded}, {"pkg": feeds}, batch, iterations, warmup=warmup, rounds=1,
+                                      runtimes={"pkg": m.runtime})["pkg"]
+        finally:
+            loaded.close()
+        where = (f"measured on the host CPU as a proxy: the package targets {m.device}, which this host does not "
+                 f"have (available: {', '.join(devices)})" if proxy else f"measured on {device} of this host")
+        return {"name": m.name, "version": m.version, "runtime": m.runtime, "runtime_version": runtime.version(),
+                "precision": m.precision, "target_device": m.device, "run_device": device, "host_proxy": proxy,
+                "batch_size": batch, "threads": threads, "latency": stats.model_dump(mode="json"),
+                "machine": benchmark.machine(), "where": where, "signer_key_id": signer}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _feeds(root: Path, manifest, loaded) -> dict[str, np.ndarray]:
+    """The first golden sample's inputs; random inputs of the right shape when there are none."""
+    if manifest.golden and (root / GOLDEN_FILE).is_file():
+        samples = read_golden((root / GOLDEN_FILE).read_bytes())
+        if samples:
+            return samples[0][0]
+    rng = np.random.default_rng(0)
+    out = {}
+    for spec in loaded.inputs:
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return out
