@@ -1,0 +1,4 @@
+"""`python -m edgeopt.sdk.cli` runs the `edgeopt` command."""
+from . import main
+
+main()
