@@ -58,6 +58,7 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 (scheme checked above)
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 416 and offset:  # our partial file is already complete, or the file changed
             part.unlink()
             raise DownloadError(f"server refused the resume range at byte {offset}; starting over") from None

@@ -123,9 +123,9 @@ class Installer:
         try:
             manifest = reader.manifest
             name, version = manifest.name, manifest.version
-            current = self.store.current(name)
-            from_version = current.version if current else None
             try:
+                current = self.store.current(name)
+                from_version = current.version if current else None
                 self._verify(reader, path)
                 self._check_manifest_paths(manifest)
                 ok, reason = can_run(manifest, self.capabilities)

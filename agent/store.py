@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 POINTER_NAME = "current.json"
 JOURNAL_NAME = "journal.json"
 CRASH_ENV = "EDGEOPT_AGENT_CRASH_AT"
+STALE_DOWNLOAD_S = 24 * 3600
 
 
 def crash_point(name: str) -> None:
@@ -382,6 +383,12 @@ class Store:
             for tmp in self.root.glob(".journal.json.*.tmp"):
                 tmp.unlink(missing_ok=True)
             self.empty_trash()
+            # A partial download is kept so a restarted agent can resume it; one nobody resumed for a day
+            # belongs to an abandoned deploy.
+            for part in self.downloads_dir.iterdir():
+                if time.time() - part.stat().st_mtime > STALE_DOWNLOAD_S:
+                    part.unlink(missing_ok=True)
+                    actions.append(f"removed stale download {part.name}")
             actions.extend(self._check_pointers())
         for a in actions:
             log.info("recover: %s", a)

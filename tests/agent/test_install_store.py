@@ -90,3 +90,19 @@ def test_unwritable_state_dir_is_one_line(tmp_path):
     blocker.write_text("x")
     with pytest.raises(Exception, match=r"cannot create the state directory .*file/state"):
         Store(blocker / "state")
+
+
+def test_recover_keeps_fresh_partial_downloads_and_drops_stale_ones(tmp_path):
+    import os
+    import time
+
+    store = Store(tmp_path / "state")
+    fresh = store.downloads_dir / ("a" * 64 + ".eopkg.part")
+    stale = store.downloads_dir / ("b" * 64 + ".eopkg.part")
+    fresh.write_bytes(b"x")
+    stale.write_bytes(b"y")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    actions = store.recover()
+    assert fresh.exists() and not stale.exists()
+    assert f"removed stale download {stale.name}" in actions
