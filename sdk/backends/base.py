@@ -52,8 +52,8 @@ class Backend(abc.ABC):
         """Raise ImportError when the backend's libraries are missing (the registry turns it into the fix)."""
 
     @abc.abstractmethod
-    def check_ops(self, source: Path, source_format: str) -> None:
-        """Raise UnsupportedError naming the ops this runtime cannot run."""
+    def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:
+        """Raise UnsupportedError naming the ops this runtime cannot run (``display``: the user's file name)."""
 
     @abc.abstractmethod
     def build(self, job: BuildJob) -> "Artifact":  # noqa: F821 (Artifact from pipeline.types)

@@ -43,12 +43,12 @@ class OnnxRuntimeBackend(Backend):
 
     # ------------------------------------------------------------------ checks
 
-    def check_ops(self, source: Path, source_format: str) -> None:
+    def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
         if source_format != "onnx":
-            raise UnsupportedError(f"ONNX Runtime needs an ONNX model; {source.name} is {source_format}")
+            raise UnsupportedError(f"ONNX Runtime needs an ONNX model; {display or source.name} is {source_format}")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 4
@@ -60,7 +60,8 @@ class OnnxRuntimeBackend(Backend):
             ops = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node
                           if n.op_type in text})
             what = f"op {', '.join(ops)}" if ops else "the model"
-            raise UnsupportedError(f"ONNX Runtime {ort.__version__} cannot run {what} in {source.name}: {text[:200]}",
+            raise UnsupportedError(f"ONNX Runtime {ort.__version__} cannot run {what} in {display or source.name}: "
+                                   f"{text[:200]}",
                                    hint="choose a profile with another runtime, or replace the op") from None
 
     def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:

@@ -37,7 +37,7 @@ class OpenVINOBackend(Backend):
     def check_importable(cls) -> None:
         import openvino  # noqa: F401
 
-    def _read(self, source: Path, source_format: str):
+    def _read(self, source: Path, source_format: str, display: str | None = None):
         import openvino as ov
 
         try:
@@ -49,14 +49,15 @@ class OpenVINOBackend(Backend):
             m = re.search(r"No conversion rule found for operations: ([^\n]+?)(?: Summary| \[| -|$)", text)
             ops = m.group(1).strip() if m else None
             what = f"op {ops}" if ops else "the model"
-            raise UnsupportedError(f"OpenVINO {ov.get_version().split('-')[0]} cannot convert {what} in {source.name}"
+            raise UnsupportedError(f"OpenVINO {ov.get_version().split('-')[0]} cannot convert {what} in "
+                                   f"{display or source.name}"
                                    + ("" if ops else f": {text[:200]}"),
                                    hint="choose a profile with another runtime, or replace the op") from None
 
-    def check_ops(self, source: Path, source_format: str) -> None:
+    def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:
         if source_format not in self.accepts:
-            raise UnsupportedError(f"OpenVINO takes ONNX or OpenVINO IR; {source.name} is {source_format}")
-        self._read(source, source_format)
+            raise UnsupportedError(f"OpenVINO takes ONNX or OpenVINO IR; {display or source.name} is {source_format}")
+        self._read(source, source_format, display)
 
     def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:
         from ...agent.runtimes import get_runtime

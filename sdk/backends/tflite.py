@@ -31,7 +31,7 @@ class TFLiteBackend(Backend):
 
         get_runtime(RUNTIME)
 
-    def check_ops(self, source: Path, source_format: str) -> None:
+    def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:
         from ...agent.runtimes import get_runtime
 
         if source_format != "tflite":

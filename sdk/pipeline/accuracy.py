@@ -80,7 +80,7 @@ def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget
     else:
         budget_doc["rule"] = "cosine" + (" and top-1 agreement" if classifier else "")
         if report["min_cosine"] < budget.min_cosine:
-            failures.append(f"min output cosine {report['min_cosine']:.4f} < {budget.min_cosine}")
+            failures.append(f"min output cosine {report['min_cosine']:.6f} < {budget.min_cosine}")
         if top1 is not None and top1 < budget.min_top1_agreement:
             failures.append(f"top-1 agreement {top1:.2%} < {budget.min_top1_agreement:.0%}")
     return ValidationReport(**report, top1_agreement=top1, metric=metric, budget=budget_doc,

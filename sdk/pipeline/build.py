@@ -15,6 +15,7 @@ from .load import SourceModel, load_source
 from .optimize import GraphReport, simplify
 from .progress import Progress
 from .shapes import InputSpec, enforce_policy, fix_ir_shapes, fix_onnx_shapes, ir_input_specs, onnx_input_specs
+from ..backends import get_backend
 from .types import Artifact, BuildResult, Candidate, CandidateResult, PackageRequest
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Prepared:
     graphs: dict[str, tuple[Path, GraphReport]] = field(default_factory=dict)
     progress: Progress | None = None
     batch: int = 1
+    runtimes: list[str] = field(default_factory=list)  # the profile's runtimes that can run this model
 
     def __enter__(self) -> "Prepared":
         return self
@@ -152,8 +154,17 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
             decisions.append("held-out: random inputs (no --heldout or --calib data given)")
         progress.note(f"held-out samples: {len(heldout)}" + (f", calibration samples: {len(calibration)}"
                                                                  if calibration else ""))
+    with progress.stage("check ops"):
+        runtimes = _usable_runtimes(req, profile, source, reference, decisions, progress)
     with progress.stage("fp32 reference"):
         rt_name = REFERENCE_RUNTIME[source.format]
+        if source.format == "onnx" and "onnxruntime" not in runtimes:
+            try:
+                get_backend("onnxruntime").check_ops(reference, "onnx", source.path.name)
+            except EdgeoptError as exc:
+                # ONNX Runtime cannot run it, but a profile runtime can: that runtime's fp32 is the reference.
+                rt_name = runtimes[0]
+                decisions.append(f"fp32 reference and baseline: {rt_name} ({exc.one_line()})")
         rt = get_runtime(rt_name)
         device = "CPUExecutionProvider" if rt_name == "onnxruntime" else "CPU"
         baseline = rt.load(reference, device=device, threads=threads, performance_hint=profile.performance_hint.value,
@@ -168,8 +179,42 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
     prep = Prepared(request=req, profile=profile, workdir=workdir, source=source, reference=reference, specs=specs,
                     heldout=heldout, reference_outputs=ref_out, baseline=baseline, baseline_runtime=rt_name,
                     calibration=calibration, calibration_info=calib_info, threads=threads, decisions=decisions,
-                    progress=progress, batch=batch)
+                    progress=progress, batch=batch, runtimes=runtimes)
     return prep
+
+
+def _usable_runtimes(req, profile, source, reference, decisions, progress) -> list[str]:
+    """The profile's runtimes (or --runtime) that take this model format and can run all its ops."""
+    from ..backends import get_backend
+
+    names = [rt.runtime for rt in profile.runtimes]
+    if req.runtime:
+        if req.runtime not in names:
+            raise ConfigError(f"runtime {req.runtime!r} is not one of profile {profile.name!r}'s runtimes "
+                              f"({', '.join(names)})", hint="drop --runtime or choose another profile")
+        names = [req.runtime]
+    usable, errors = [], []
+    for name in names:
+        if source.format not in _accepts(name):
+            note = f"runtime {name}: skipped, it does not take {source.format} models"
+            if name == "tflite":
+                note += " (ONNX -> TFLite conversion needs TensorFlow, which cannot share this environment)"
+            decisions.append(note)
+            progress.note(note)
+            continue
+        try:
+            get_backend(name).check_ops(reference, source.format, source.path.name)
+            usable.append(name)
+        except EdgeoptError as exc:
+            errors.append(exc)
+            decisions.append(f"runtime {name}: skipped, {exc.one_line()}")
+            progress.note(f"runtime {name}: {exc.one_line()}")
+    if usable:
+        return usable
+    if errors:
+        raise errors[0]
+    raise UnsupportedError(f"no runtime of profile {profile.name!r} ({', '.join(names)}) takes a "
+                           f"{source.format} model", hint="give an ONNX model, or choose another profile")
 
 
 def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress):
@@ -214,28 +259,8 @@ def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, w
 
 
 def candidates_for(prep: Prepared, all_precisions: bool = False) -> list[Candidate]:
-    from ..backends import REGISTRY
-
     req, profile = prep.request, prep.profile
-    names = [rt.runtime for rt in profile.runtimes]
-    if req.runtime:
-        if req.runtime not in names:
-            raise ConfigError(f"runtime {req.runtime!r} is not one of profile {profile.name!r}'s runtimes "
-                              f"({', '.join(names)})", hint="drop --runtime or choose another profile")
-        names = [req.runtime]
-    usable = []
-    for name in names:
-        accepts = _accepts(name) if name in REGISTRY else ()
-        if prep.source.format in accepts:
-            usable.append(name)
-        else:
-            note = f"runtime {name}: skipped, it does not take {prep.source.format} models"
-            if name == "tflite":
-                note += " (ONNX -> TFLite conversion needs TensorFlow, which cannot share this environment)"
-            _decide(prep, note)
-    if not usable:
-        raise UnsupportedError(f"no runtime of profile {profile.name!r} ({', '.join(names)}) takes a "
-                               f"{prep.source.format} model", hint="give an ONNX model, or choose another profile")
+    usable = list(prep.runtimes)
     level = req.graph_level or "all"
     out = []
     for name in usable:
@@ -296,15 +321,16 @@ def evaluate(prep: Prepared, cand: Candidate, progress: Progress) -> CandidateRe
 
 def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: CandidateResult) -> None:
     from ...agent.runtimes import get_runtime
-    from ..backends import BuildJob, get_backend
+    from ..backends import BuildJob
 
     backend = get_backend(cand.runtime)
     rt_opts = next(rt for rt in prep.profile.runtimes if rt.runtime == cand.runtime)
     source, graph = prep.fp32_model(cand.graph_level)
     workdir = prep.workdir / cand.label.replace("/", "_").replace("+", "_")
     workdir.mkdir(parents=True, exist_ok=True)
-    with progress.stage(f"{cand.label}: check ops"):
-        backend.check_ops(source, prep.source.format if prep.source.format != "onnx" else "onnx")
+    if cand.runtime not in prep.runtimes:
+        with progress.stage(f"{cand.label}: check ops"):
+            backend.check_ops(source, prep.source.format, prep.source.path.name)
     if prep.source.format == "onnx":
         progress.note(graph.line())
         result.decisions.append(graph.line())
