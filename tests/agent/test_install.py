@@ -189,13 +189,16 @@ def test_prune_keeps_three_versions(installer, make_package):
 
 def test_load_serving_after_restart(installer, make_package, events):
     installer.install_file(make_package("1.0.0", runtime="openvino"))
+    cache = installer.store.cache_dir / "openvino"
+    blobs = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert blobs, "OpenVINO wrote no compiled blob into the state dir's cache"
     store = Store(installer.config.state_dir)  # a new process would open the store afresh
     serving = load_serving(store, installer.config)
     model, loaded = serving["digits"]
     assert model.version == "1.0.0"
     assert loaded.infer({"images": np.zeros((1, 1, 8, 8), np.float32)})["logits"].shape == (1, 10)
-    # OpenVINO's model cache lives in the state dir, so the restart did not recompile from scratch
-    assert any((installer.store.cache_dir / "openvino").iterdir())
+    # the restart loaded the cached blob: no new blob, the old one untouched
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == blobs
 
 
 def test_reads_the_sdk_golden_layout(tmp_path):
