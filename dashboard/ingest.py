@@ -134,6 +134,7 @@ class IngestService:
         if bad:
             log.error("broker refused subscriptions: %s", bad)
             return
+        log.info("subscriptions granted")
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -195,7 +196,9 @@ class IngestService:
                 res = self.writer.write(pending, now)
                 with self._lock:
                     self.stats["written"] += pending.size
+                    self.stats["telemetry"] += res.telemetry_msgs
                     self.stats["duplicates"] += res.duplicates
+                    self.stats["rejected"] += sum(pending.counters.values()) - pending.counters["duplicate"]
                 if down_since is not None:
                     log.warning("database is back after %.1f s; writing resumed", time.monotonic() - down_since)
                     down_since, delay = None, 0.5
@@ -308,6 +311,7 @@ class IngestService:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
         self.engine.dispose()
+        log.info("ingest stopped: %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
 
     def run_forever(self) -> None:
         """Run until SIGTERM/SIGINT."""

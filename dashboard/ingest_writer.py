@@ -181,6 +181,11 @@ class BatchWriter:
         with Session(self.engine) as session, session.begin():
             device_ids = set(batch.fleets)
             pks = self._resolve(session, device_ids, batch.fleets, now)
+            # Statuses first: a birth resets the heartbeat deadline that this batch's telemetry then sets.
+            for device_id, p, received in batch.statuses:
+                if self._apply_status(session, pks[device_id], p, received):
+                    stats.statuses += 1
+                counters["status"] += 1
             if batch.telemetry:
                 inserted = self._insert_telemetry(session, batch, pks)
                 stats.telemetry_msgs = len(inserted)
@@ -202,10 +207,6 @@ class BatchWriter:
                     stats.events = n
                 else:
                     stats.results = n
-            for device_id, p, received in batch.statuses:
-                if self._apply_status(session, pks[device_id], p, received):
-                    stats.statuses += 1
-                counters["status"] += 1
             self._count(session, counters, now)
         return stats
 
