@@ -127,10 +127,13 @@ def seed_fleet(app, n: int = 3, minutes: int = 30, fleet: str = "test", groups=(
 
     engine = app.extensions["edgeopt_engine"]
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    devices = [SimDevice(f"edge-{i:03d}", fleet=fleet, median_ms=2.0 + i, profile="cpu", groups=groups, tags=tags,
+    devices = [SimDevice(f"edge-{i:03d}", fleet=fleet, median_ms=2.0 * 3 ** i, profile="cpu", groups=groups, tags=tags,
                          seed=i) for i in range(n)]
-    ingest(engine, [(d.topic("status"), d.status("online").to_json()) for d in devices], now)
-    series = minute_series(devices, now - timedelta(minutes=minutes), minutes, interval_s=30.0, requests=20)
+    start = now - timedelta(minutes=minutes)
+    # Birth before the telemetry: the device rows then take the newest telemetry's p95, CPU and RSS.
+    ingest(engine, [(d.topic("status"), d.status("online", ts=start - timedelta(seconds=1)).to_json())
+                    for d in devices], start)
+    series = minute_series(devices, start, minutes, interval_s=30.0, requests=20)
     ingest(engine, [(t, p) for t, p, _ in series], now)
     run_rollup(engine, now + timedelta(minutes=2))
     return devices
