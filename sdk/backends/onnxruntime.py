@@ -255,24 +255,22 @@ def quantize_weights_only(model, exclude: set[str] = frozenset()) -> int:
     """
     from onnx import helper, numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    done = 0
+    replaced: dict[str, list] = {}  # weight name -> its int8, scale and zero-point initializers
+    dq_nodes = []
     for node in model.graph.node:
         if node.op_type not in QUANTIZABLE or node.name in exclude or len(node.input) < 2:
             continue
         wname = node.input[1]
-        init = inits.get(wname)
-        if init is None or uses.get(wname, 0) != 1:
-            continue
-        w = numpy_helper.to_array(init)
-        if w.dtype != np.float32 or w.ndim < 2:
+        w = inits.get(wname)
+        if w is None or uses.get(wname, 0) != 1 or w.dtype != np.float32 or w.ndim < 2 or wname in replaced:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type in ("Conv",):
+        if node.op_type == "Conv":
             axis = 0
         elif node.op_type == "ConvTranspose":
             axis = 1
@@ -281,16 +279,22 @@ def quantize_weights_only(model, exclude: set[str] = frozenset()) -> int:
         else:  # MatMul: weight [K, N], one scale per output column
             axis = w.ndim - 1
         red = tuple(i for i in range(w.ndim) if i != axis)
-        scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / 127.0
+        scale = (np.maximum(np.abs(w).max(axis=red), 1e-12) / 127.0).astype(np.float32)
         shape = [1] * w.ndim
         shape[axis] = -1
         q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
         qname, sname, zname = wname + "_int8", wname + "_scale", wname + "_zero"
-        model.graph.initializer.remove(init)
-        model.graph.initializer.extend([numpy_helper.from_array(q, qname),
-                                        numpy_helper.from_array(scale.astype(np.float32), sname),
-                                        numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zname)])
-        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [qname, sname, zname], [wname],
-                                                    name=wname + "_DequantizeLinear", axis=axis))
-        done += 1
+        replaced[wname] = [numpy_helper.from_array(q, qname), numpy_helper.from_array(scale, sname),
+                           numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zname)]
+        dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [wname],
+                                         name=wname + "_DequantizeLinear", axis=axis))
+    # Rebuild the repeated fields once: protobuf element references go stale while a field is edited.
+    kept = [t for t in model.graph.initializer if t.name not in replaced]
+    new_inits = kept + [t for group in replaced.values() for t in group]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(new_inits)
+    nodes = dq_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    done = len(replaced)
     return done

@@ -6,8 +6,10 @@ measured on the host CPU as a proxy: ``run_device`` says so, it never pretends t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,8 +79,9 @@ class OpenVINOBackend(Backend):
         elif job.precision == "int8-weight-only":
             import nncf
 
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                          ignored_scope=_scope(job.float_layers))
+            with _progress_to_stderr():
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                              ignored_scope=_scope(job.float_layers))
             notes.append("weights int8 (NNCF compress_weights, asymmetric); activations stay float")
         elif job.precision not in ("fp32", "fp16"):
             raise UnsupportedError(f"OpenVINO backend has no precision {job.precision!r}")
@@ -98,11 +101,12 @@ class OpenVINOBackend(Backend):
         if not job.calibration:
             raise UnsupportedError("int8 static quantization needs calibration data")
         device = _NNCF_DEVICE.get(getattr(job.runtime_options, "device", "CPU"), "ANY")
-        quantized = nncf.quantize(
-            model, nncf.Dataset(job.calibration), subset_size=len(job.calibration),
-            target_device=nncf.TargetDevice(device), preset=nncf.QuantizationPreset.PERFORMANCE,
-            ignored_scope=_scope(job.float_layers),
-        )
+        with _progress_to_stderr():
+            quantized = nncf.quantize(
+                model, nncf.Dataset(job.calibration), subset_size=len(job.calibration),
+                target_device=nncf.TargetDevice(device), preset=nncf.QuantizationPreset.PERFORMANCE,
+                ignored_scope=_scope(job.float_layers),
+            )
         notes.append(f"NNCF post-training int8 for {device}, {len(job.calibration)} calibration samples"
                      + (f", {len(job.float_layers)} layers kept in float" if job.float_layers else ""))
         return quantized
@@ -155,6 +159,11 @@ class OpenVINOBackend(Backend):
                     for i, layer in enumerate(wanted)}
 
         return probe
+
+
+def _progress_to_stderr():
+    """NNCF draws its progress bars on stdout (rich's global console); stdout is for --json."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _is_constant_subgraph(op) -> bool:

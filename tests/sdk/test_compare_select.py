@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeopt.sdk.compare import (CompareReport, compare_profile, enumerate_candidates,
+from edgeopt.sdk.compare import (CompareReport, auto_iterations, compare_profile, enumerate_candidates,
                                  explain, host_proxy_note, select)
 from edgeopt.sdk.errors import EdgeoptError, UnsupportedError
 from edgeopt.sdk.package import LatencyStats, LayerError, ValidationReport
@@ -184,3 +184,10 @@ def test_no_pick_is_said_plainly():
                          precisions=["int8"])
     assert pc.pick is None
     assert pc.notes == ["no candidate holds the accuracy budget: nothing would be packaged for this profile"]
+
+
+def test_auto_iterations_time_about_a_second_within_bounds():
+    assert auto_iterations(0.03) == 2000  # a 30 us model: capped
+    assert auto_iterations(10.0) == 100
+    assert auto_iterations(150.0) == 20  # a slow model: at least 20 samples for a median
+    assert auto_iterations(0.0) == 2000
