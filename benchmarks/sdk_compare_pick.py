@@ -27,16 +27,19 @@ def check(key: str, args, con) -> dict:
     from rich.table import Table
 
     from edgeopt.agent.runtimes import get_runtime
-    from edgeopt.sdk.compare import compare_profile, eligible, ranking
+    from edgeopt.sdk.compare import auto_iterations, compare_profile, eligible, probe_latency_ms, ranking
     from edgeopt.sdk.pipeline import PackageRequest, evaluate, prepare
 
     model = sdk_assets.get(key)
     profile = sdk_assets.cpu_profile_for(model)
     req = PackageRequest(model=model["model"], profile=profile, calib=model["calib"], heldout=model["heldout"],
                          input_shapes={model["input"]: model["shape"]}, precision="int8",
-                         bench_iterations=args.compare_iterations)
+                         bench_iterations=args.compare_iterations or 50)
     t0 = time.perf_counter()
     with prepare(req) as prep:
+        if not args.compare_iterations:  # what `edgeopt compare` does without --iterations
+            lat = probe_latency_ms(prep.baseline, prep.heldout.samples[0])
+            prep.request = req.model_copy(update={"bench_iterations": auto_iterations(lat)})
         pc = compare_profile(profile, lambda c: evaluate(prep, c), model_format=prep.source.format,
                              precisions=args.precisions.split(",") if args.precisions else None)
         compare_s = time.perf_counter() - t0
@@ -83,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet18,digits")
     ap.add_argument("--precisions", default=None, help="limit candidate precisions (compare's names)")
-    ap.add_argument("--compare-iterations", type=int, default=50, help="iterations of compare's own benchmark")
+    ap.add_argument("--compare-iterations", type=int, default=None,
+                    help="iterations of compare's own benchmark (default: compare's automatic count)")
     ap.add_argument("--iterations", type=int, default=200, help="iterations of the re-measurement")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -115,6 +115,31 @@ def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx"
     return out
 
 
+def auto_iterations(latency_ms: float, seconds: float = 1.0, low: int = 20, high: int = 2000) -> int:
+    """Timed iterations for a model whose fp32 inference takes ``latency_ms``: about ``seconds`` of timing each.
+
+    A fixed count is wrong at both ends: 50 runs of a 30 µs model are 1.5 ms of timing, all noise, while 50 runs
+    of a 100 ms model are 5 s per candidate and baseline.
+    """
+    if latency_ms <= 0:
+        return high
+    return int(min(high, max(low, round(seconds * 1000.0 / latency_ms))))
+
+
+def probe_latency_ms(model, feeds: dict, runs: int = 5) -> float:
+    """Median latency of a loaded model over a few runs, after two warm-up runs (to size the benchmark)."""
+    import time
+
+    for _ in range(2):
+        model.infer(feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model.infer(feeds)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return sorted(times)[len(times) // 2]
+
+
 # --------------------------------------------------------------------------- selection (pure)
 
 

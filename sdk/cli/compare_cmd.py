@@ -66,8 +66,8 @@ class _StageProgress:
               help="Fix an input's dims (repeatable), e.g. images:1,3,224,224.")
 @click.option("--precisions", "precisions_text", default=None,
               help="Only these precisions: fp32, fp16, int8, int8-aa (accuracy-aware), int8-weight-only.")
-@click.option("--iterations", type=click.IntRange(5, 100_000), default=50, show_default=True,
-              help="Timed iterations per model in each benchmark.")
+@click.option("--iterations", type=click.IntRange(5, 100_000), default=None,
+              help="Timed iterations per model in each benchmark (default: about 1 s of timing, 20 to 2000).")
 @click.option("--noise", type=click.FloatRange(0.0, 0.5), default=None,
               help="Relative latency difference treated as a tie (default 0.03); ties go to the smaller package.")
 @click.option("--peak", "measure_peak", is_flag=True,
@@ -76,7 +76,7 @@ class _StageProgress:
               help="Write a self-contained HTML report (table + latency/accuracy chart per profile).")
 @json_option
 def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
-            precisions_text: str | None, iterations: int, noise: float | None, measure_peak: bool,
+            precisions_text: str | None, iterations: int | None, noise: float | None, measure_peak: bool,
             html_path: Path | None, as_json: bool) -> None:
     """Try each profile's candidate configurations on MODEL and show which one each profile would pick.
 
@@ -85,7 +85,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
     fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
     """
-    from ..compare import DEFAULT_NOISE, CompareReport, compare_profile
+    from ..compare import DEFAULT_NOISE, CompareReport, auto_iterations, compare_profile, probe_latency_ms
     from ..profile import load_profile
 
     # Everything the user typed is checked before the first (slow) measurement.
@@ -124,9 +124,15 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
             # precision only steers what prepare() reads: with --calib it loads calibration data for every
             # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
             request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
-                                     input_shapes=shapes, bench_iterations=iterations,
+                                     input_shapes=shapes, bench_iterations=iterations or 50,
                                      precision="int8" if calib else "fp32")
-            prepared_all.append((profile, task, stage, stack.enter_context(prepare(request, stage))))
+            prepared = stack.enter_context(prepare(request, stage))
+            if iterations is None:
+                lat = probe_latency_ms(prepared.baseline, prepared.heldout.samples[0])
+                prepared.request = request.model_copy(update={"bench_iterations": auto_iterations(lat)})
+                log.info("%s: fp32 probe %.3f ms -> %d timed iterations per model", profile.name, lat,
+                         prepared.request.bench_iterations)
+            prepared_all.append((profile, task, stage, prepared))
         for profile, task, stage, prepared in prepared_all:
             def hook(_profile: str, label: str, index: int, total: int, task=task) -> None:
                 bar.update(task, total=total, completed=index, description=f"{_profile}: {label}")
