@@ -46,7 +46,7 @@ class ClosedError(Exception):
 class Pending:
     """One accepted request; :meth:`result` blocks until the worker has run it."""
 
-    __slots__ = ("feeds", "n", "signature", "enqueued", "_done", "outputs", "error")
+    __slots__ = ("feeds", "n", "signature", "enqueued", "_done", "outputs", "error", "_callback")
 
     def __init__(self, feeds: dict[str, np.ndarray], n: int, signature: tuple):
         self.feeds = feeds
@@ -56,10 +56,23 @@ class Pending:
         self._done = threading.Event()
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
+        self._callback = None
+
+    def on_done(self, callback) -> None:
+        """Call ``callback()`` (from the worker thread) when the result is ready; at once if it already is."""
+        self._callback = callback
+        if self._done.is_set():
+            callback()
 
     def finish(self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None) -> None:
         self.outputs, self.error = outputs, error
         self._done.set()
+        callback = self._callback
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # e.g. the server's event loop is already closed: the client is gone
+                log.debug("pending result callback failed", exc_info=True)
 
     def result(self, timeout: float | None = None) -> dict[str, np.ndarray]:
         if not self._done.wait(timeout):

@@ -1,0 +1,197 @@
+"""Open Inference Protocol (KServe v2) routes, independent of the HTTP transport.
+
+:meth:`Api.handle` turns (method, path, headers, body) into a :class:`Response`, or for inference into a
+:class:`Deferred`: the request is queued in the model's batcher and no thread waits for it.
+
+Endpoints (``{v}`` parts optional)::
+
+    GET  /v2/health/live | /v2/health/ready | /v2
+    GET  /v2/models/{name}[/versions/{v}]            model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models/{name}[/versions/{v}]/config     Triton-style config (tritonclient's get_model_config)
+    POST /v2/models/{name}[/versions/{v}]/infer      JSON tensors or the binary tensor data extension
+    POST /v2/repository/index                        loaded models
+    GET  /metrics                                    Prometheus text
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..sdk.errors import EdgeoptError, InputError
+from .batcher import BusyError, ClosedError
+from .kserve import (HEADER_LENGTH, ApiError, check_requested_outputs, encode_infer_response, error_body,
+                     parse_infer_request, tensor_metadata)
+from .registry import ModelEntry, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    AGENT_VERSION = _dist_version("edgeopt")
+except Exception:  # not installed as a distribution (source checkout)
+    AGENT_VERSION = "0.1.0"
+
+_HEADER_LENGTH_LOWER = HEADER_LENGTH.lower()
+_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json(status: int, doc: Any) -> Response:
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, error_body(message), headers=headers or {})
+
+
+class Api:
+    """The protocol's routes over a :class:`ModelRegistry`. ``ready`` is the server-level readiness."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self.metrics = registry.metrics
+        self.ready = threading.Event()
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> "Response | Deferred":
+        """Route one request; ``headers`` have lower-case names."""
+        path = path.split("?", 1)[0]
+        try:
+            if path.startswith("/v2/models/"):
+                m = _MODEL_PATH.match(path)
+                if not m:
+                    raise ApiError(404, f"unknown path {path}")
+                return self._model_route(method, m["name"], m["version"], m["rest"] or "", headers, body)
+            if method == "GET" and path == "/v2/health/live":
+                return _json(200, {"live": True})
+            if method == "GET" and path == "/v2/health/ready":
+                ready = self.ready.is_set()
+                return _json(200 if ready else 503, {"ready": ready})
+            if method == "GET" and path in ("/v2", "/v2/"):
+                return _json(200, {"name": "edgeopt-agent", "version": AGENT_VERSION,
+                                   "extensions": ["binary_tensor_data", "model_repository"]})
+            if method == "POST" and path == "/v2/repository/index":
+                return _json(200, [{"name": e.name, "version": e.version, "state": "READY", "reason": ""}
+                                   for e in self.registry.entries()])
+            if method == "GET" and path == "/metrics":
+                return Response(200, self.metrics.prometheus().encode(), "text/plain; version=0.0.4")
+            raise ApiError(404, f"unknown path {method} {path}")
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+
+    def _entry(self, name: str, version: str | None) -> ModelEntry:
+        entry = self.registry.get(name)
+        if entry is None:
+            known = ", ".join(sorted(e.name for e in self.registry.entries())) or "none"
+            raise ApiError(404, f"unknown model {name!r} (served models: {known})")
+        if version is not None and version != entry.version:
+            raise ApiError(404, f"model {name!r} version {version!r} is not served (serving {entry.version})")
+        return entry
+
+    def _model_route(self, method: str, name: str, version: str | None, rest: str, headers: dict[str, str],
+                     body: bytes) -> "Response | Deferred":
+        if method == "POST" and rest == "/infer":
+            entry = self._entry(name, version)
+            return self._infer(entry, name, version, headers, body)
+        if method != "GET" or rest not in ("", "/ready", "/config"):
+            raise ApiError(404 if rest not in ("", "/ready", "/config", "/infer") else 405,
+                           f"{method} /v2/models/{name}{rest} is not supported")
+        entry = self._entry(name, version)
+        if rest == "":
+            return _json(200, entry.metadata())
+        if rest == "/ready":
+            return _json(200, {"name": entry.name, "ready": True})
+        return _json(200, {"name": entry.name, "platform": entry.platform,
+                           "max_batch_size": entry.batcher.max_batch if entry.batcher.batchable else 0,
+                           "input": [tensor_metadata(s) for s in entry.loaded.inputs],
+                           "output": [tensor_metadata(s) for s in entry.loaded.outputs]})
+
+    def _infer(self, entry: ModelEntry, name: str, version: str | None, headers: dict[str, str],
+               body: bytes) -> "Response | Deferred":
+        """Decode, check and queue one request; the answer comes from :meth:`Deferred.finish` once the
+        batcher has run it (no thread waits for it)."""
+        start = time.perf_counter()
+        mm = entry.metrics or self.metrics.model(name)
+        try:
+            body = _decode_body(headers, body)
+            raw_len = headers.get(_HEADER_LENGTH_LOWER)
+            try:
+                header_len = int(raw_len) if raw_len is not None else None
+            except ValueError:
+                raise ApiError(400, f"{HEADER_LENGTH} is not a number: {raw_len!r}") from None
+            # A swap may close the batcher between lookup and submit: take the new entry and decode again.
+            for _ in range(3):
+                request = parse_infer_request(body, header_len, entry.loaded.inputs)
+                check_requested_outputs(request, entry.loaded.outputs)
+                try:
+                    pending = entry.batcher.submit(request.inputs)
+                    break
+                except ClosedError:
+                    entry = self._entry(name, version)
+            else:
+                raise ApiError(503, f"model {name!r} is being replaced; retry", {"Retry-After": "1"})
+        except BusyError as exc:
+            mm.error(busy=True)
+            return error_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+        except ApiError as exc:
+            mm.error()
+            return error_response(exc.status, exc.message, exc.headers)
+        return Deferred(pending, lambda: self._infer_done(entry, name, request, pending, mm, start))
+
+    def _infer_done(self, entry: ModelEntry, name: str, request: Any, pending: Any, mm: Any,
+                    start: float) -> Response:
+        try:
+            try:
+                outputs = pending.result(0)
+            except InputError as exc:
+                raise ApiError(400, f"model {name!r} refused the request: {exc.one_line()}") from None
+            except EdgeoptError as exc:
+                raise ApiError(500, f"model {name!r} failed: {exc.one_line()}") from None
+            except Exception as exc:  # a runtime bug: answer 500 naming it rather than dropping the request
+                log.error("model %s failed: %s: %s", name, type(exc).__name__, exc)
+                raise ApiError(500, f"model {name!r} failed: {type(exc).__name__}: {exc}") from None
+            payload, json_len = encode_infer_response(entry.name, entry.version, request, outputs)
+        except ApiError as exc:
+            mm.error()
+            return error_response(exc.status, exc.message, exc.headers)
+        mm.observe((time.perf_counter() - start) * 1000.0, request.batch)
+        if json_len is None:
+            return Response(200, payload)
+        return Response(200, payload, "application/octet-stream", {HEADER_LENGTH: str(json_len)})
+
+
+class Deferred:
+    """An accepted inference: ``pending`` completes in the batcher's thread, then ``finish()`` builds the
+    response (call it from the transport's own thread)."""
+
+    __slots__ = ("pending", "finish")
+
+    def __init__(self, pending: Any, finish: Callable[[], Response]):
+        self.pending = pending
+        self.finish = finish
+
+
+def _decode_body(headers: dict[str, str], body: bytes) -> bytes:
+    encoding = headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise ApiError(400, f"request body is not valid {encoding}: {exc}") from None
+    if encoding not in ("", "identity"):
+        raise ApiError(400, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
