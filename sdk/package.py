@@ -465,6 +465,21 @@ class PackageReader:
         except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
             raise PackageError(f"{self.path}: cannot read {name!r}: truncated or corrupt ({exc})") from None
 
+    def _stream(self, name: str, chunk: int = 1 << 20):
+        """Yield a member's bytes in chunks, so multi-GB models never sit in memory whole."""
+        assert self._tar is not None, "package is not open"
+        member = self._members.get(name)
+        if member is None:
+            raise PackageError(f"{self.path}: member {name!r} not found")
+        fh = self._tar.extractfile(member)
+        if fh is None:
+            return
+        try:
+            while block := fh.read(chunk):
+                yield block
+        except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+            raise PackageError(f"{self.path}: cannot read {name!r}: truncated or corrupt ({exc})") from None
+
     def verify_hashes(self) -> None:
         """Every listed file present with its size and sha256; no unlisted member."""
         listed = set(self.manifest.files)
@@ -474,8 +489,12 @@ class PackageReader:
         if listed - present:
             raise PackageError(f"{self.path}: files listed in the manifest are missing: {sorted(listed - present)}")
         for name, entry in self.manifest.files.items():
-            data = self.read(name)
-            if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+            h = hashlib.sha256()
+            size = 0
+            for block in self._stream(name):
+                h.update(block)
+                size += len(block)
+            if size != entry.size or h.hexdigest() != entry.sha256:
                 raise SecurityError(f"{self.path}: {name} does not match its sha256 in the manifest "
                                     f"(file was changed after signing)")
 
@@ -502,7 +521,8 @@ class PackageReader:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(self.read(name))
+                for block in self._stream(name):
+                    fh.write(block)
         return dest
 
 
