@@ -12,8 +12,10 @@ retained ``offline`` status, requests already accepted finished.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -105,12 +107,10 @@ class Agent:
 
     def start(self) -> "Agent":
         from .installer import Installer
-        from .probe import probe
-
         self.server = self._bind()  # first: a port in use must fail before anything else happens
         Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
         if self.capabilities is None:
-            self.capabilities = probe()
+            self.capabilities = probe_capabilities()
         self.link = MqttLink(self.config, self.envelope, self.outbox, status_fields=self.status_fields)
         self.link.start()
         recovered = self.store.recover()
@@ -193,6 +193,24 @@ class Agent:
             self.server.stop()
         self.registry.close()
         self.outbox.close()
+
+
+def probe_capabilities() -> dict[str, Any]:
+    """The hardware probe, run in a child interpreter.
+
+    Probing imports every runtime (OpenVINO, ONNX Runtime, LiteRT) to list its devices; doing that in
+    the daemon would keep ~40 MB of runtimes it may never use resident (measured in BENCHMARKS.md).
+    Falls back to probing in-process if the child fails.
+    """
+    code = "import json; from edgeopt.agent.probe import probe; print(json.dumps(probe(), default=str))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("probe in a child process failed (%s); probing in-process", exc)
+        from .probe import probe
+
+        return probe()
 
 
 def _setup_logging(level: str) -> None:

@@ -1,0 +1,166 @@
+"""HTTP/1.1 framing of the agent's API on raw sockets: pipelining, Connection: close, 100-continue,
+chunked uploads refused, malformed requests, and a clean stop that finishes requests in progress."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from edgeopt.agent.runtimes import get_runtime
+from edgeopt.agent.server import BatchLimits, InferenceServer, ModelRegistry
+
+
+@pytest.fixture
+def server(digits_model):
+    registry = ModelRegistry(limits=BatchLimits(max_batch=4))
+    registry.swap("digits", "1.0.0", get_runtime("onnxruntime").load(digits_model, device="CPUExecutionProvider"))
+    srv = InferenceServer(registry, "127.0.0.1", 0).start()
+    yield srv
+    srv.stop()
+    registry.close()
+
+
+def _conn(srv) -> socket.socket:
+    s = socket.create_connection(srv.address, timeout=10)
+    return s
+
+
+def _read_response(sock: socket.socket, buf: bytearray) -> tuple[int, dict, bytes]:
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(buf) < end + 4 + length:
+        buf += sock.recv(65536)
+    body = bytes(buf[end + 4:end + 4 + length])
+    del buf[:end + 4 + length]
+    return int(lines[0].split()[1]), headers, body
+
+
+def _infer_bytes(connection: str | None = None, expect: bool = False) -> tuple[bytes, bytes]:
+    body = json.dumps({"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": [0.5] * 64}]}).encode()
+    head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    if connection:
+        head += f"Connection: {connection}\r\n"
+    if expect:
+        head += "Expect: 100-continue\r\n"
+    return (head + "\r\n").encode(), body
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    s, buf = _conn(server), bytearray()
+    head, body = _infer_bytes()
+    s.sendall((head + body) * 3 + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    statuses = [_read_response(s, buf) for _ in range(4)]
+    assert [st for st, _, _ in statuses] == [200, 200, 200, 200]
+    assert [json.loads(b).get("live") for _, _, b in statuses] == [None, None, None, True]
+    s.close()
+
+
+def test_connection_close_is_honoured(server):
+    s, buf = _conn(server), bytearray()
+    head, body = _infer_bytes("close")
+    s.sendall(head + body)
+    status, headers, _ = _read_response(s, buf)
+    assert status == 200 and headers["connection"] == "close"
+    assert s.recv(10) == b""  # the server closed its side
+    s.close()
+
+
+def test_expect_100_continue(server):
+    s, buf = _conn(server), bytearray()
+    head, body = _infer_bytes(expect=True)
+    s.sendall(head)
+    status, _, _ = _read_response(s, buf)
+    assert status == 100
+    s.sendall(body)
+    assert _read_response(s, buf)[0] == 200
+    s.close()
+
+
+@pytest.mark.parametrize("raw, status, message", [
+    (b"POST /v2/models/digits/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411,
+     "chunked request bodies are not supported: send Content-Length"),
+    (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: lots\r\n\r\n", 400, "Content-Length is not a number"),
+    (b"HELLO\r\n\r\n", 400, "malformed request line 'HELLO'"),
+    (b"GET / HTTP/2.0\r\n\r\n", 505, "malformed request line 'GET / HTTP/2.0'"),
+    (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed header line 'no colon here'"),
+    (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n", 413,
+     "request body of 999999999999 bytes is over the 268435456-byte limit"),
+])
+def test_framing_errors_answer_and_close(server, raw, status, message):
+    s, buf = _conn(server), bytearray()
+    s.sendall(raw)
+    got, headers, body = _read_response(s, buf)
+    assert got == status and json.loads(body) == {"error": message}
+    assert headers["connection"] == "close"
+    s.close()
+
+
+def test_wrong_method_is_405(server):
+    s, buf = _conn(server), bytearray()
+    s.sendall(b"GET /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = _read_response(s, buf)
+    assert status == 405 and json.loads(body) == {"error": "GET /v2/models/digits/infer is not supported"}
+    s.close()
+
+
+def test_gzip_request_body(server):
+    import gzip
+
+    s, buf = _conn(server), bytearray()
+    _, body = _infer_bytes()
+    packed = gzip.compress(body)
+    s.sendall(f"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: {len(packed)}"
+              f"\r\n\r\n".encode() + packed)
+    status, _, out = _read_response(s, buf)
+    assert status == 200 and np.array(json.loads(out)["outputs"][0]["data"]).shape == (10,)
+    s.close()
+
+
+def test_stop_finishes_requests_in_progress(digits_model):
+    gate = threading.Event()
+    real = get_runtime("onnxruntime").load(digits_model, device="CPUExecutionProvider")
+
+    class Held:
+        inputs, outputs = real.inputs, real.outputs
+
+        def infer(self, feeds):
+            gate.wait(10)
+            return real.infer(feeds)
+
+        def describe(self):
+            return real.describe()
+
+        def close(self):
+            pass
+
+    registry = ModelRegistry(limits=BatchLimits(max_batch=1))
+    registry.swap("digits", "1.0.0", Held())
+    srv = InferenceServer(registry, "127.0.0.1", 0).start()
+    s, buf = _conn(srv), bytearray()
+    head, body = _infer_bytes()
+    s.sendall(head + body)
+    stopper = threading.Thread(target=srv.stop)
+    for _ in range(100):
+        if registry.get("digits").batcher.queue_depth == 0 and srv._connections and \
+                any(c.busy for c in srv._connections):
+            break
+        threading.Event().wait(0.02)
+    stopper.start()
+    threading.Event().wait(0.1)
+    gate.set()
+    status, _, _ = _read_response(s, buf)
+    stopper.join(15)
+    assert status == 200 and not stopper.is_alive()
+    s.close()
+    registry.close()
