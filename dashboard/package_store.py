@@ -138,7 +138,7 @@ def resolve_download_token(secret_key: str, token: str, max_age_s: int) -> tuple
 def manifest_checks(manifest: dict) -> list[tuple[str, bool, str]]:
     """What the package page shows under "checks": (name, passed, detail)."""
     checks: list[tuple[str, bool, str]] = [("signature", True, "verified against a trusted key on upload"),
-                                           ("file hashes", True, f"{len(manifest.get('files', {}))} files match")]
+                                           ("file hashes", True, f"{len(manifest.get('files', {}))} file(s) match the signed manifest")]
     val = manifest.get("validation")
     if val is None:
         checks.append(("accuracy validation", False, "no validation report in the manifest"))

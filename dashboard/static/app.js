@@ -5,7 +5,19 @@
   var COLORS = {p50: "#2456c9", p95: "#d9822b", p99: "#c23030"};
   var PALETTE = ["#2456c9", "#d9822b", "#c23030", "#1c8a4a", "#7a4bc2", "#0f8a9c"];
 
+  var inflight = {};
+
+  /* One request per URL at a time: the device page's six charts share one series answer. */
   function getJSON(url) {
+    if (!inflight[url]) {
+      inflight[url] = fetchJSON(url);
+      var clear = function () { delete inflight[url]; };
+      inflight[url].then(clear, clear);
+    }
+    return inflight[url];
+  }
+
+  function fetchJSON(url) {
     return fetch(url, {headers: {"Accept": "application/json"}, credentials: "same-origin"}).then(function (r) {
       return r.json().then(function (body) {
         if (!r.ok) throw new Error(body.message || ("HTTP " + r.status));

@@ -68,7 +68,7 @@ def register_error_handlers(app: Flask) -> None:
                 return json_error(401, "unauthorized", f"authentication required: {reason}")
             return json_error(code, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
         if code == 401:
-            return redirect(url_for("auth.login", next=request.full_path if request.method == "GET" else None))
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?") if request.method == "GET" else None))
         return render_template("error.html", code=code, title=exc.name, message=exc.description), code
 
     @app.errorhandler(Exception)
