@@ -6,9 +6,8 @@ limit. The worker takes the oldest request and adds queued requests with the sam
 until the batch holds ``max_batch`` samples or the first request has waited ``max_delay_ms``.
 
 Waiting is adaptive so a lone client does not pay the delay: the worker waits for more requests only
-while the previous batch was bigger than what it holds now (concurrent clients are active) or while
-the server is decoding a request for this model. Under load the batch fills to the clients' number;
-a single client runs at once, as it would without a batcher.
+while the previous batch was bigger than what it holds now (concurrent clients are active). Under load
+the batch fills to the clients' number; a single client runs at once, as it would without a batcher.
 
 Errors are per request: if a merged batch fails, its requests are run one by one so a bad request
 cannot fail its neighbours. :meth:`Batcher.close` stops accepting and drains what was accepted, which
@@ -29,6 +28,7 @@ from ..sdk.errors import EdgeoptError
 from .runtimes.base import LoadedModel
 
 log = logging.getLogger(__name__)
+_EVENT_LOCK = threading.Lock()
 
 
 class BusyError(Exception):
@@ -46,37 +46,54 @@ class ClosedError(Exception):
 class Pending:
     """One accepted request; :meth:`result` blocks until the worker has run it."""
 
-    __slots__ = ("feeds", "n", "signature", "enqueued", "_done", "outputs", "error", "_callback")
+    __slots__ = ("feeds", "n", "signature", "enqueued", "done", "_event", "outputs", "error", "_callback")
 
     def __init__(self, feeds: dict[str, np.ndarray], n: int, signature: tuple):
         self.feeds = feeds
         self.n = n
         self.signature = signature
         self.enqueued = time.monotonic()
-        self._done = threading.Event()
+        self.done = False
+        # Created only when a caller blocks in result(): the API's event loop never does, and an Event
+        # per request was a measurable share of the per-request cost.
+        self._event: threading.Event | None = None
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
         self._callback = None
 
     def on_done(self, callback) -> None:
-        """Call ``callback()`` (from the worker thread) when the result is ready; at once if it already is."""
+        """Call ``callback()`` once (from the worker thread) when the result is ready; at once if it is."""
         self._callback = callback
-        if self._done.is_set():
-            callback()
+        if self.done:
+            self._fire()
 
-    def finish(self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None) -> None:
-        self.outputs, self.error = outputs, error
-        self._done.set()
-        callback = self._callback
+    def _fire(self) -> None:
+        # on_done() and finish() may race: whoever takes the callback first calls it, exactly once.
+        with _EVENT_LOCK:
+            callback, self._callback = self._callback, None
         if callback is not None:
             try:
                 callback()
             except Exception:  # e.g. the server's event loop is already closed: the client is gone
                 log.debug("pending result callback failed", exc_info=True)
 
+    def finish(self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None) -> None:
+        self.outputs, self.error = outputs, error
+        self.done = True
+        event = self._event
+        if event is not None:
+            event.set()
+        if self._callback is not None:
+            self._fire()
+
     def result(self, timeout: float | None = None) -> dict[str, np.ndarray]:
-        if not self._done.wait(timeout):
-            raise TimeoutError("inference did not finish in time")
+        if not self.done:
+            with _EVENT_LOCK:
+                if self._event is None:
+                    self._event = threading.Event()
+            # finish() sets `done` before it looks for the event, so checking again here cannot miss it.
+            if not self.done and not self._event.wait(timeout):
+                raise TimeoutError("inference did not finish in time")
         if self.error is not None:
             raise self.error
         return self.outputs  # type: ignore[return-value]
@@ -104,20 +121,12 @@ class Batcher:
         self._queue: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._arriving = 0
         self._last_batch = 1
         self._batch_seconds = 0.001  # moving average of one batch's run time (for Retry-After)
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ client side
-    def arriving(self, delta: int) -> None:
-        """The server is decoding (+1) or has finished decoding (-1) a request for this model."""
-        with self._cond:
-            self._arriving += delta
-            if delta < 0:
-                self._cond.notify()
-
     def submit(self, feeds: dict[str, np.ndarray]) -> Pending:
         """Queue one request (inputs already checked against the model). Raises BusyError or ClosedError."""
         first = next(iter(feeds.values()))
@@ -179,9 +188,9 @@ class Batcher:
                     total += item.n
                 if total >= self.max_batch or self._queue or self._closed:
                     break  # full, or the head of the queue cannot join this batch
-                # Wait only when more requests are likely: a request is being decoded right now, or the
-                # previous batch was bigger (concurrent clients). A lone client is served at once.
-                if not (self._arriving > 0 or total < self._last_batch):
+                # Wait only when more requests are likely: the previous batch was bigger (concurrent
+                # clients). A lone client is served at once.
+                if total >= self._last_batch:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -200,7 +209,7 @@ class Batcher:
             except BaseException as exc:  # never let the worker die: that would hang every client
                 log.exception("batcher %s: unexpected failure", self.name)
                 for p in batch:
-                    if not p._done.is_set():
+                    if not p.done:
                         p.finish(error=exc)
 
     def _execute(self, batch: list[Pending]) -> None:

@@ -215,3 +215,28 @@ def test_broker_outage_loses_no_telemetry(tmp_path, agent_keys, make_package, im
         agent.stop(flush_timeout=2)
         sub.close()
         broker.stop()
+
+
+def test_full_outbox_drops_the_oldest_and_telemetry_counts_them(tmp_path, agent_keys):
+    """Broker unreachable, outbox bounded at 10: the newest 10 messages are kept, in order, and the
+    telemetry payloads carry the number dropped so far."""
+    from agent_support import free_port
+    from edgeopt.sdk.telemetry import parse_payload
+
+    config = agent_config(tmp_path / "state", agent_keys, f"mqtt://127.0.0.1:{free_port()}",
+                          telemetry_interval_s=0.1, outbox={"max_messages": 10})
+    agent = Agent(config).start()
+    try:
+        wait_for(lambda: agent.outbox.dropped >= 5, 30, what="outbox drops")
+        agent.reporter.report()
+        rows = agent.outbox.peek(100)
+        assert len(rows) == 10
+        kinds = [r.topic.rsplit("/", 1)[1] for r in rows]
+        payloads = [parse_payload(k, r.payload) for k, r in zip(kinds, rows)]
+        seqs = [p.seq for p in payloads]
+        assert seqs == sorted(seqs)
+        last = payloads[-1]
+        assert last.kind == "telemetry" and 5 <= last.dropped <= agent.outbox.dropped
+        assert not agent.link.connected.is_set()
+    finally:
+        agent.stop(flush_timeout=0.5)
