@@ -307,7 +307,7 @@ class CompareReport:
             rows = []
             for index, r in enumerate(pc.results, start=1):
                 row = r.row()
-                gf = self.achieved_gflops(r, batch)
+                gf = self.achieved_gflops(r, getattr(r, "batch", None) or batch)
                 row.update(index=index, picked=r is pc.pick, reason=explain(r, pc.pick, pc.results, self.noise), status="measured" if r.ok
                            else "failed", achieved_gflops=round(gf, 3) if gf is not None else None)
                 rows.append(row)

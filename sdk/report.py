@@ -126,7 +126,8 @@ def _table(profile: dict[str, Any]) -> str:
                 tds.append(f"<td>{html.escape(c)}</td>")
         cls = ' class="picked"' if r.get("picked") else ""
         body.append(f"<tr{cls}>{''.join(tds)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            "</div>")
 
 
 def _section(profile: dict[str, Any]) -> str:
