@@ -132,6 +132,16 @@ def _deploy_command(dep: Deployment, target: DeploymentTarget) -> tuple[str, byt
     return topic(target.device.fleet, target.device.device_id, "cmd"), cmd.model_dump_json().encode()
 
 
+def _publish(publish: Publish, topic_: str, payload: bytes) -> None:
+    """Any publish failure becomes UnavailableError: callers record it instead of crashing halfway."""
+    try:
+        publish(topic_, payload)
+    except UnavailableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. the ingest's client not connected (RuntimeError)
+        raise UnavailableError(f"publish to {topic_} failed: {exc}") from None
+
+
 def _send_stage(db: Session, dep: Deployment, stage: int, publish: Publish, now: datetime) -> int:
     """Send deploy commands to the stage's pending targets; each gets a fresh command id."""
     sent = 0
@@ -139,7 +149,7 @@ def _send_stage(db: Session, dep: Deployment, stage: int, publish: Publish, now:
         if target.stage != stage or target.state != TargetState.pending.value:
             continue
         target.command_id = target.command_id or new_id()
-        publish(*_deploy_command(dep, target))
+        _publish(publish, *_deploy_command(dep, target))
         target.state = TargetState.sent.value
         target.sent_at = now
         target.message = "deploy command sent"
@@ -299,7 +309,7 @@ def rollback(db: Session, dep: Deployment, publish: Publish, now: datetime | Non
         for t in todo:
             cmd_id = new_id()
             cmd = CommandPayload(id=cmd_id, command="rollback", args=args, deployment_id=dep.id)
-            publish(topic(t.device.fleet, t.device.device_id, "cmd"), cmd.model_dump_json().encode())
+            _publish(publish, topic(t.device.fleet, t.device.device_id, "cmd"), cmd.model_dump_json().encode())
             t.command_id, t.state, t.sent_at, t.message = cmd_id, TargetState.sent.value, now, "rollback command sent"
             sent += 1
     except UnavailableError as exc:

@@ -79,3 +79,19 @@ def device_events(device_id: str):
 def ingest_counters():
     """Ingest outcomes by reason, rejections included."""
     return ok(stats.ingest_counters(get_db()))
+
+
+@bp.get("/groups")
+def groups():
+    """Device groups (with member counts) and tags: the deployment form's targets."""
+    from sqlalchemy import func, select
+
+    from ..models import DeviceGroup, DeviceGroupMember, DeviceTag
+
+    db = get_db()
+    rows = db.execute(select(DeviceGroup.name, func.count(DeviceGroupMember.device_pk))
+                      .outerjoin(DeviceGroupMember, DeviceGroupMember.group_id == DeviceGroup.id)
+                      .group_by(DeviceGroup.name).order_by(DeviceGroup.name)).all()
+    tags = db.execute(select(DeviceTag.tag, func.count()).group_by(DeviceTag.tag).order_by(DeviceTag.tag)).all()
+    return ok({"groups": [{"name": n, "devices": c} for n, c in rows],
+               "tags": [{"tag": t, "devices": c} for t, c in tags]})

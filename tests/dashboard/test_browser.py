@@ -131,4 +131,23 @@ def test_login_fleet_device_chart_and_deployment(app, server, browser, mqtt_brok
         shot(page, f"deployment-{db_backend}")
     finally:
         sub.close()
+
+    # Alert rules are edited on the alerts page by operators.
+    page.goto(server + "/alerts")
+    page.fill("#rule-name", "digits p95 SLO")
+    page.select_option("#rule-kind", "p95_slo")
+    page.fill("#rule-model", "digits")
+    page.fill("#rule-ms", "50")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_selector("text=rule 'digits p95 SLO' saved")
+    # edge-003..005 (medians 54, 162, 486 ms) break a 50 ms p95 SLO.
+    assert page.locator("#open-alerts tbody tr").count() == 3
+    shot(page, f"alerts-{db_backend}")
+
+    # Narrow screen: the layout folds into one column and stays readable.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(server + "/devices/edge-001")
+    page.wait_for_selector("#latency-chart[data-state=ready]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, f"device-mobile-{db_backend}")
     assert problems == [], problems

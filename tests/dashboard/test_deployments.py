@@ -294,3 +294,36 @@ def test_end_to_end_through_the_ingest_process(broker_app, client, mqtt_broker, 
         agent.disconnect()
         agent.loop_stop()
         service.stop()
+
+
+def test_agent_events_show_progress_and_a_failed_publish_is_retried(broker_app, client, sub):
+    from edgeopt.dashboard.deployments import tick as do_tick
+    from edgeopt.sdk.telemetry import EventPayload
+
+    app = broker_app
+    dep = create(client, app, ["edge-000", "edge-001"], stage_percent=50, threshold=0.5).get_json()
+    (t, cmd), = sub.wait_for(1)
+    ev = EventPayload(device_id="edge-000", session_id="agent-sess", seq=5000, event="download", ok=True,
+                      message="downloaded 211 KiB", command_id=cmd.id, deployment_id=dep["id"])
+    ingest(app.extensions["edgeopt_engine"], [(topics.topic("test", "edge-000", "events"), ev.to_json())])
+    d = get(client, app, dep["id"])
+    assert d["targets"][0]["state"] == "installing" and d["targets"][0]["message"] == "download: downloaded 211 KiB"
+    agent_result(app, "edge-000", cmd, "succeeded")
+
+    def broken(topic, payload):
+        raise RuntimeError("ingest client is not running")
+
+    with app.extensions["edgeopt_sessionmaker"]() as s:
+        do_tick(s, broken, alerts=False)
+    d = get(client, app, dep["id"])
+    assert d["state"] == "running" and d["current_stage"] == 1
+    assert d["message"].startswith("stage 2 not sent yet: publish to edgeopt/v1/test/edge-001/cmd failed: "
+                                   "ingest client is not running")
+    tick(app)  # the broker is back: the next tick sends stage 2
+    assert device_of(sub.wait_for(2)[1][0]) == "edge-001"
+    assert get(client, app, dep["id"])["current_stage"] == 2
+
+
+def test_groups_api_lists_targets(broker_app, client):
+    body = client.get("/api/v1/groups", headers=bearer(broker_app.config["_token"])).get_json()
+    assert body == {"groups": [{"name": "line-1", "devices": 4}], "tags": [{"tag": "cam", "devices": 4}]}
