@@ -16,19 +16,45 @@ log = logging.getLogger(__name__)
 
 
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
-    """``name:1,3,224,224`` (repeatable) -> {name: [1, 3, 224, 224]}."""
+    """``name:1,3,224,224`` (repeatable) -> {name: [1, 3, 224, 224]}, parsed as `edgeopt package` does."""
+    from ..pipeline.shapes import parse_input_shape
+
     out: dict[str, list[int]] = {}
     for text in values:
-        name, sep, dims = text.rpartition(":")
-        try:
-            shape = [int(d) for d in dims.split(",")] if sep and name else None
-        except ValueError:
-            shape = None
-        if not shape or any(d <= 0 for d in shape):
-            raise InputError(f"--input-shape {text!r}: expected NAME:D1,D2,... with positive integers",
-                             hint="for example --input-shape images:1,3,224,224")
-        out[name] = shape
+        name, dims = parse_input_shape(text)
+        if name in out:
+            raise InputError(f"--input-shape given twice for input {name!r}")
+        out[name] = dims
     return out
+
+
+def _numbers(text: str | None, flag: str, kind=float) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    return values
+
+
+def _preprocessing(image_size, mean, std, scale, layout, channel_order):
+    """Image-folder preprocessing, from the same options as `edgeopt package` (None when none is given)."""
+    from pydantic import ValidationError
+
+    from ..pipeline import ImagePreprocessing
+
+    opts = {"size": _numbers(image_size, "--image-size", int), "mean": _numbers(mean, "--mean"),
+            "std": _numbers(std, "--std"), "layout": layout}
+    if all(v is None for v in opts.values()) and channel_order == "RGB" and scale is None:
+        return None
+    if opts["size"] is not None and len(opts["size"]) != 2:
+        raise InputError(f"--image-size {image_size!r}: expected H,W", hint="for example --image-size 224,224")
+    try:
+        return ImagePreprocessing(**{k: v for k, v in opts.items() if v is not None}, channel_order=channel_order,
+                                  **({"scale": scale} if scale is not None else {}))
+    except ValidationError as exc:
+        raise InputError(f"image preprocessing options: {exc.errors()[0]['msg']}") from None
 
 
 def _split(text: str | None) -> list[str]:
@@ -64,6 +90,13 @@ class _StageProgress:
               help="Held-out data for the accuracy check: .npz (inputs keyed by name, optional 'labels') or images.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
               help="Fix an input's dims (repeatable), e.g. images:1,3,224,224.")
+@click.option("--image-size", help="Image folders: resize to H,W (default: the model's input size).")
+@click.option("--mean", help="Image folders: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Image folders: per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--scale", type=float, default=None, help="Image folders: pixel multiplier (default 1/255).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Image folders: tensor layout (default: guessed).")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True,
+              help="Image folders: channel order the model expects.")
 @click.option("--precisions", "precisions_text", default=None,
               help="Only these precisions: fp32, fp16, int8, int8-aa (accuracy-aware), int8-weight-only.")
 @click.option("--iterations", type=click.IntRange(5, 100_000), default=None,
@@ -76,8 +109,9 @@ class _StageProgress:
               help="Write a self-contained HTML report (table + latency/accuracy chart per profile).")
 @json_option
 def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
-            precisions_text: str | None, iterations: int | None, noise: float | None, measure_peak: bool,
-            html_path: Path | None, as_json: bool) -> None:
+            image_size: str | None, mean: str | None, std: str | None, scale: float | None, layout: str | None,
+            channel_order: str, precisions_text: str | None, iterations: int | None, noise: float | None,
+            measure_peak: bool, html_path: Path | None, as_json: bool) -> None:
     """Try each profile's candidate configurations on MODEL and show which one each profile would pick.
 
     For every profile: runtimes the profile lists x precisions (fp32, fp16 where the device computes in fp16,
@@ -94,6 +128,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
         raise InputError("--profiles is empty", hint="for example --profiles cpu,arm")
     profiles = [load_profile(n) for n in names]
     shapes = _parse_shapes(input_shapes)
+    preprocessing = _preprocessing(image_size, mean, std, scale, layout, channel_order)
     precisions = _split(precisions_text) if precisions_text is not None else None
     if not model.exists():
         raise InputError(f"{model}: model file not found")
@@ -124,7 +159,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
             # precision only steers what prepare() reads: with --calib it loads calibration data for every
             # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
             request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
-                                     input_shapes=shapes, bench_iterations=iterations or 50,
+                                     preprocessing=preprocessing, input_shapes=shapes, bench_iterations=iterations or 50,
                                      precision="int8" if calib else "fp32")
             prepared = stack.enter_context(prepare(request, stage))
             if iterations is None:

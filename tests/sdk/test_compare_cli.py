@@ -58,8 +58,13 @@ def test_compare_digits_cpu_arm_json_and_html(capsys, tmp_path, digits_model, di
     (["--profiles", "cpx"], "error: unknown profile 'cpx' (did you mean 'cpu'?)", 3),
     (["--profiles", ","], "error: --profiles is empty (for example --profiles cpu,arm)", 3),
     (["--input-shape", "images=1,1,8,8"],
-     "error: --input-shape 'images=1,1,8,8': expected NAME:D1,D2,... with positive integers "
-     "(for example --input-shape images:1,3,224,224)", 3),
+     "error: --input-shape 'images=1,1,8,8' is not NAME:D1,D2,... (e.g. --input-shape images:1,3,224,224)", 3),
+    (["--input-shape", "images:1,1,8,8", "--input-shape", "images:2,1,8,8"],
+     "error: --input-shape given twice for input 'images'", 3),
+    (["--image-size", "224"], "error: --image-size '224': expected H,W (for example --image-size 224,224)", 3),
+    (["--mean", "0.5,a"], "error: --mean '0.5,a': expected comma-separated numbers", 3),
+    (["--mean", "0.5,0.5,0.5", "--std", "1,1"],
+     "error: image preprocessing options: Value error, mean has 3 values but std has 2; give one per channel", 3),
     (["--precisions", "int4", "--calib", "random"],
      "error: unknown precision(s) int4 (choose from fp32, fp16, int8, int8-aa, int8-weight-only, as-exported)", 3),
 ])
