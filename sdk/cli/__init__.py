@@ -76,14 +76,16 @@ def _unavailable(name: str, exc: ImportError) -> click.Command:
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeopt")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Log output: -v info, -vv debug (default: errors only; "
+              "commands report what matters themselves).")
 @click.option("--traceback", is_flag=True, help="Show the full Python traceback on errors.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, traceback: bool) -> None:
     """edgeopt: compile, quantize, validate, benchmark and sign models for edge hardware profiles."""
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback
-    level = logging.WARNING - 10 * min(verbose, 2)
+    # Commands print their own results and one-line errors; library warnings would repeat them.
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
