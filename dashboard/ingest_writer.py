@@ -12,6 +12,7 @@ Separate from the MQTT client (``ingest.py``) so it can be tested and benchmarke
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from edgeopt.sdk import topics
-from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, CommandResultPayload, EventPayload, PayloadError,
+from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload, EventPayload, PayloadError,
                                    StatusPayload, TelemetryPayload, parse_payload)
 
 from . import models as m
@@ -77,6 +78,19 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
                  queue_depth=s.queue_depth, batch_sizes=dict(s.batch_sizes)) for s in p.models]
 
 
+def _parse(kind: str, data: bytes, max_bytes: int):
+    """``parse_payload`` with a fast path: pydantic's own JSON parser validates a good payload in one step
+    (about twice as fast as ``json.loads`` + validation); anything it refuses goes through
+    ``parse_payload`` itself, so the accepted payloads and the rejection reasons are exactly the contract's."""
+    model = PAYLOAD_BY_KIND.get(kind)
+    if model is not None and len(data) <= max_bytes:
+        try:
+            return model.model_validate_json(data)
+        except ValueError:
+            pass
+    return parse_payload(kind, data, max_bytes=max_bytes)
+
+
 def prepare(items: Iterable[Incoming], max_bytes: int = MAX_PAYLOAD_BYTES) -> Prepared:
     """Validate and sort a batch. Never raises for bad input: it is counted by reason instead."""
     out = Prepared()
@@ -90,7 +104,7 @@ def prepare(items: Iterable[Incoming], max_bytes: int = MAX_PAYLOAD_BYTES) -> Pr
             out.counters["unexpected_kind"] += 1
             continue
         try:
-            p = parse_payload(t.kind, item.payload, max_bytes=max_bytes)
+            p = _parse(t.kind, item.payload, max_bytes)
         except PayloadError as exc:
             out.counters[exc.reason] += 1
             continue
@@ -224,12 +238,14 @@ class BatchWriter:
         return {d: self._pks[d] for d in device_ids}
 
     def _insert_telemetry(self, session: Session, batch: Prepared, pks: dict[str, int]) -> set:
+        by_pk = {pk: d for d, pk in pks.items()}
+        if self.dialect == "postgresql":
+            return {(by_pk[pk], s, q) for pk, s, q in _pg_unnest_insert(session, batch, pks)}
         table = m.TelemetryRaw.__table__
         stmt = (_insert(self.dialect, table).on_conflict_do_nothing(
             index_elements=["device_pk", "session_id", "seq", "model"])
             .returning(table.c.device_pk, table.c.session_id, table.c.seq))
         rows = [dict(r, device_pk=pks[d]) for d, r in batch.telemetry]
-        by_pk = {pk: d for d, pk in pks.items()}
         return {(by_pk[pk], s, q) for pk, s, q in session.execute(stmt, rows)}
 
     def _insert_unique(self, session: Session, model, rows: list[dict[str, Any]]) -> int:
@@ -269,7 +285,10 @@ class BatchWriter:
                 b_id=pks[device_id], b_ts=f["ts"], b_session=f["session"], b_interval=f["interval"],
                 b_deadline=f["received"] + timedelta(seconds=HEARTBEAT_INTERVALS * f["interval"]),
                 b_p95=f["p95"], b_cpu=f["cpu"], b_rss=f["rss"], b_now=f["received"]))
-        session.connection().execute(stmt, params)
+        if self.dialect == "postgresql":
+            _pg_unnest_touch(session, params)
+        else:
+            session.connection().execute(stmt, params)
 
     def _apply_status(self, session: Session, pk: int, p: StatusPayload, received: datetime) -> bool:
         dev = session.scalars(select(m.Device).where(m.Device.id == pk).with_for_update()).one()
@@ -335,6 +354,67 @@ class BatchWriter:
         counters = +counters
         if counters:
             add_counters(session, counters, now, self.dialect)
+
+
+# PostgreSQL fast path: COPY + INSERT .. SELECT, and one UPDATE over unnest()ed arrays, instead of statements
+# with thousands of placeholders (psycopg parses such a statement in Python for every batch: 5x slower).
+_TEL_COLS = (("device_pk", "int"), ("model", "text"), ("model_version", "text"), ("ts", "timestamptz"),
+             ("session_id", "text"), ("seq", "bigint"), ("interval_s", "float8"), ("requests", "bigint"),
+             ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "json"),
+             ("hist_sum_ms", "float8"), ("p50_ms", "float8"), ("p95_ms", "float8"), ("p99_ms", "float8"),
+             ("queue_depth", "int"), ("batch_sizes", "json"), ("cpu_percent", "float8"), ("rss_bytes", "bigint"),
+             ("temperature_c", "float8"))
+_STAGE_SQL = ("CREATE TEMP TABLE IF NOT EXISTS telemetry_stage "
+              "(LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+_STAGE_COLS = ", ".join(c for c, _ in _TEL_COLS)
+_FROM_STAGE_SQL = (f"INSERT INTO telemetry_raw ({_STAGE_COLS}) SELECT {_STAGE_COLS} FROM telemetry_stage "
+                   "ON CONFLICT (device_pk, session_id, seq, model) DO NOTHING RETURNING device_pk, session_id, seq")
+
+
+def _pg_unnest_insert(session: Session, batch: Prepared, pks: dict[str, int]) -> list:
+    """COPY the rows into a per-connection temporary table, then INSERT .. SELECT .. ON CONFLICT: COPY
+    is formatted in C by psycopg, where a multi-VALUES insert or array parameters are formatted in Python."""
+    conn = session.connection()
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(_STAGE_SQL)
+        with cur.copy(f"COPY telemetry_stage ({_STAGE_COLS}) FROM STDIN") as copy:
+            for device_id, row in batch.telemetry:
+                copy.write_row([pks[device_id] if c == "device_pk" else
+                                json.dumps(row[c], separators=(",", ":")) if t == "json" else row[c]
+                                for c, t in _TEL_COLS])
+        cur.execute(_FROM_STAGE_SQL)
+        return cur.fetchall()  # the stage empties itself at commit (ON COMMIT DELETE ROWS)
+
+
+_TOUCH_SQL = """
+UPDATE devices AS d SET
+  last_seen = CASE WHEN d.last_seen IS NULL OR d.last_seen <= u.ts THEN u.ts ELSE d.last_seen END,
+  heartbeat_deadline = GREATEST(d.heartbeat_deadline, u.deadline),
+  telemetry_interval_s = CASE WHEN d.last_seen IS NULL OR d.last_seen <= u.ts THEN u.intv ELSE d.telemetry_interval_s END,
+  last_p95_ms = CASE WHEN d.last_seen IS NULL OR d.last_seen <= u.ts THEN u.p95 ELSE d.last_p95_ms END,
+  last_cpu_percent = CASE WHEN d.last_seen IS NULL OR d.last_seen <= u.ts THEN u.cpu ELSE d.last_cpu_percent END,
+  last_rss_bytes = CASE WHEN d.last_seen IS NULL OR d.last_seen <= u.ts THEN u.rss ELSE d.last_rss_bytes END,
+  status = CASE WHEN d.session_id IS NULL OR (d.session_id = u.sess AND d.offline_reason = 'heartbeat')
+                THEN 'online' ELSE d.status END,
+  offline_reason = CASE WHEN d.session_id IS NULL OR (d.session_id = u.sess AND d.offline_reason = 'heartbeat')
+                THEN NULL ELSE d.offline_reason END,
+  status_changed_at = CASE WHEN d.status = 'offline' AND (d.session_id IS NULL OR
+                (d.session_id = u.sess AND d.offline_reason = 'heartbeat')) THEN u.now ELSE d.status_changed_at END,
+  session_id = COALESCE(d.session_id, u.sess),
+  session_ts = CASE WHEN d.session_id IS NULL THEN u.ts ELSE d.session_ts END
+FROM unnest(%(id)s::int[], %(ts)s::timestamptz[], %(sess)s::text[], %(intv)s::float8[],
+            %(deadline)s::timestamptz[], %(p95)s::float8[], %(cpu)s::float8[], %(rss)s::bigint[],
+            %(now)s::timestamptz[]) AS u(id, ts, sess, intv, deadline, p95, cpu, rss, now)
+WHERE d.id = u.id
+"""
+
+
+def _pg_unnest_touch(session: Session, params: list[dict[str, Any]]) -> None:
+    keys = ("id", "ts", "session", "interval", "deadline", "p95", "cpu", "rss", "now")
+    names = ("id", "ts", "sess", "intv", "deadline", "p95", "cpu", "rss", "now")
+    cols = {n: [p[f"b_{k}"] for p in params] for k, n in zip(keys, names)}
+    session.connection().exec_driver_sql(_TOUCH_SQL, cols)
 
 
 def add_counters(session: Session, counters: dict[str, int], now: datetime, dialect: str) -> None:
