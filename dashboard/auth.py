@@ -19,9 +19,7 @@ from .security import hash_token
 
 log = logging.getLogger(__name__)
 
-PUBLIC_ENDPOINTS = frozenset({
-    "auth.login", "static", "healthz", "packages_download.download", "api.openapi",
-})
+PUBLIC_ENDPOINTS = frozenset({"auth.login", "static", "healthz", "packages_download.download"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 login_manager = LoginManager()

@@ -93,5 +93,5 @@ def build_document() -> dict:
 
 @bp.get("/openapi.json")
 def openapi():
-    """This document (no authentication needed)."""
+    """This document."""
     return ok(build_document())

@@ -19,8 +19,8 @@ def operator(app):
     return bearer(api_token(app, "operator"))
 
 
-def test_openapi_lists_every_api_route(app, client):
-    doc = client.get("/api/v1/openapi.json").get_json()
+def test_openapi_lists_every_api_route(app, client, viewer):
+    doc = client.get("/api/v1/openapi.json", headers=viewer).get_json()
     listed = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/v1") and rule.endpoint != "api.openapi":

@@ -9,7 +9,7 @@ import pytest
 
 from dashboard_web_fixtures import (app, client, db, login, runner, seed_fleet, trusted_keys)  # noqa: F401
 
-PUBLIC = {"auth.login", "static", "healthz", "packages_download.download", "api.openapi"}
+PUBLIC = {"auth.login", "static", "healthz", "packages_download.download"}
 
 
 def _fill(rule) -> str:
@@ -57,9 +57,10 @@ def test_api_401_message_names_the_fix(client):
     assert "Authorization: Bearer <token>" in body["message"]
 
 
-def test_openapi_is_public(client):
-    doc = client.get("/api/v1/openapi.json").get_json()
-    assert doc["openapi"].startswith("3.")
+def test_openapi_needs_login_too(client):
+    assert client.get("/api/v1/openapi.json").status_code == 401
+    login(client, "viewer")
+    assert client.get("/api/v1/openapi.json").get_json()["openapi"].startswith("3.")
 
 
 def test_secret_key_is_generated_once_and_kept(tmp_path, monkeypatch):
