@@ -85,8 +85,11 @@ def _load_user_from_token(req):
     if token.revoked or not user.active:
         g.auth_error = "the API token was revoked or its user is disabled"
         return None
-    token.last_used = utcnow()
-    db.commit()
+    now = utcnow()
+    # Record use at most once a minute: a script polling the API should not write on every call.
+    if token.last_used is None or (now - token.last_used).total_seconds() > 60:
+        token.last_used = now
+        db.commit()
     return CurrentUser.from_row(user, via_token=True, token_id=token.id)
 
 

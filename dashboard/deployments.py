@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from edgeopt.sdk.errors import InputError, UnavailableError
@@ -169,7 +169,15 @@ def update_progress(db: Session, dep: Deployment, now: datetime | None = None,
         return False
     changed = False
     ids = list(waiting)
-    for ev in db.scalars(select(Event).where(Event.command_id.in_(ids)).order_by(Event.ts, Event.id)):
+    events: list[Event] = []
+    results: list[CommandResult] = []
+    for i in range(0, len(ids), 500):  # bounded IN lists, whatever the fleet size
+        chunk = ids[i:i + 500]
+        events += db.scalars(select(Event).where(Event.command_id.in_(chunk)))
+        results += db.scalars(select(CommandResult).where(CommandResult.command_id.in_(chunk)))
+    events.sort(key=lambda e: (e.ts, e.id))
+    results.sort(key=lambda r: (r.ts, r.id))
+    for ev in events:
         t = waiting[ev.command_id]
         if t.state in IN_FLIGHT and ev.kind in ("download", "install", "switch", "self_test", "rollback", "error",
                                                 "refused"):
@@ -177,8 +185,7 @@ def update_progress(db: Session, dep: Deployment, now: datetime | None = None,
             msg = f"{ev.kind}: {ev.message}" if ev.message else f"{ev.kind} {'ok' if ev.ok else 'failed'}"
             if (t.state, t.message) != (new_state, msg):
                 t.state, t.message, changed = new_state, msg, True
-    for res in db.scalars(select(CommandResult).where(CommandResult.command_id.in_(ids))
-                          .order_by(CommandResult.ts, CommandResult.id)):
+    for res in results:
         t = waiting[res.command_id]
         if res.status == "accepted":
             if t.state == TargetState.sent.value:
@@ -260,7 +267,12 @@ def tick(session: Session, publish: Publish | None, now: datetime | None = None,
             session.rollback()
             log.exception("alert evaluation failed")
     changed = 0
-    deps = session.scalars(select(Deployment).where(Deployment.state.in_(FOLLOWED))).all()
+    # Running ones, and stopped ones whose sent commands may still answer; finished history is skipped.
+    in_flight = select(DeploymentTarget.id).where(DeploymentTarget.deployment_id == Deployment.id,
+                                                  DeploymentTarget.state.in_(IN_FLIGHT)).exists()
+    deps = session.scalars(select(Deployment).where(
+        or_(Deployment.state == DeploymentState.running.value,
+            Deployment.state.in_(FOLLOWED) & in_flight))).all()
     for dep in deps:
         before = (dep.state, dep.current_stage, dep.message)
         moved = update_progress(session, dep, now, timeout_s)
