@@ -219,6 +219,12 @@ def main() -> None:
             for d in r["decisions"]:
                 if "chosen" in d or "lost" in d or "float" in d:
                     con.print(f"   decision: {d}", highlight=False)
+            p = r["p50"]
+            checks = [("vs ORT fp32 >= 1.8x", p["ort_fp32"] / p["package"] >= 1.8),
+                      ("min cosine >= 0.98", r["min_cos"] >= 0.98), ("size <= 30%", r["size_ratio"] <= 0.30)]
+            if "torch_eager" in p:
+                checks.append(("vs torch eager >= 2.5x", p["torch_eager"] / p["package"] >= 2.5))
+            con.print("   targets: " + ", ".join(f"{name} {'PASS' if ok else 'MISS'}" for name, ok in checks))
 
     for key in [k for k in args.real.split(",") if k]:
         try:

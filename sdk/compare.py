@@ -308,8 +308,9 @@ class CompareReport:
             for index, r in enumerate(pc.results, start=1):
                 row = r.row()
                 gf = self.achieved_gflops(r, getattr(r, "batch", None) or batch)
-                row.update(index=index, picked=r is pc.pick, reason=explain(r, pc.pick, pc.results, self.noise), status="measured" if r.ok
-                           else "failed", achieved_gflops=round(gf, 3) if gf is not None else None)
+                row.update(index=index, picked=r is pc.pick, reason=explain(r, pc.pick, pc.results, self.noise),
+                           status="measured" if r.ok else "failed",
+                           achieved_gflops=round(gf, 3) if gf is not None else None)
                 rows.append(row)
             for p in pc.skipped:
                 rows.append({"candidate": p.candidate.label, "runtime": p.candidate.runtime,
@@ -320,8 +321,10 @@ class CompareReport:
                 "profile": pc.profile.name, "target_device": pc.profile.target.device.value,
                 "batch_size": batch, "budget": pc.profile.accuracy.model_dump(mode="json"),
                 "host_proxy": pc.proxy_note is not None, "proxy_note": pc.proxy_note,
-                "baseline": {"runtime": "onnxruntime", "precision": "fp32", "graph_level": "all",
-                             "p50_ms": pc.baseline_p50_ms()},
+                # fp32 on ONNX Runtime (all graph optimizations), or on the model's own runtime where ONNX
+                # Runtime cannot run it (the pipeline records which in each LatencyStats).
+                "baseline": {"runtime": next((r.fp32.runtime for r in pc.results if r.fp32 and r.fp32.runtime),
+                                             "onnxruntime"), "precision": "fp32", "p50_ms": pc.baseline_p50_ms()},
                 "pick": pc.pick.candidate.label if pc.pick else None, "notes": list(pc.notes), "candidates": rows,
             })
         return out

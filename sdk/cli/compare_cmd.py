@@ -256,8 +256,10 @@ def _print_table(doc: dict, console) -> None:
                 verdict, style=style)
             label = ""
     console.print(table)
-    base = ", ".join(f"{p['profile']} {_f(p['baseline']['p50_ms'], '.3f')} ms" for p in doc["profiles"])
-    console.print(f"speedup vs ONNX Runtime fp32 (all graph optimizations), same run; baseline p50: {base}")
+    base = ", ".join(f"{p['profile']} {_f(p['baseline']['p50_ms'], '.3f')} ms ({p['baseline']['runtime']})"
+                     for p in doc["profiles"])
+    console.print(f"speedup vs fp32 (ONNX Runtime, all graph optimizations, unless noted), measured beside each "
+                  f"candidate; baseline p50: {base}")
     for n in notes:
         console.print(n, highlight=False)
 
