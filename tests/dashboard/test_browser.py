@@ -73,6 +73,7 @@ def test_login_fleet_device_chart_and_deployment(app, server, browser, mqtt_brok
 
     page.goto(server + "/fleet")
     assert page.url.startswith(server + "/login")
+    shot(page, f"login-{db_backend}")
     page.fill("#username", "operator")
     page.fill("#password", PASSWORD)
     page.click("button[type=submit]")
