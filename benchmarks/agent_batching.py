@@ -5,7 +5,8 @@ off; on the ResNet-18-class package report both with p99 (the batcher must at le
 
 Two real `edgeopt-agent` daemons (subprocesses) serve the same signed package, one with
 ``[batching] max_batch = 16`` and one with ``enabled = false``. 16 client threads (keep-alive, binary
-tensors, requests built once, a raw-socket client so the load generator's own CPU stays small) send batch-1 requests in a closed loop for ``--seconds``; rounds alternate the
+tensors, requests built once, raw-socket clients in 4 processes so the load generator stays small and
+is not itself GIL-bound) send batch-1 requests in a closed loop for ``--seconds``; rounds alternate the
 two agents and the table shows medians of rounds.
 
 Run:  .venv/bin/python benchmarks/agent_batching.py [--model digits|resnet18|both] [--seconds 5] [--rounds 3]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import sys
 import tempfile
 import threading
@@ -36,21 +38,19 @@ MODELS = {
 }
 
 
-def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, seconds: float) -> dict:
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start_gate = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+def _client_process(port: int, path: str, body: bytes, headers: dict, threads: int, start_at: float,
+                    stop_at: float, out) -> None:
+    """One load-generator process: ``threads`` closed-loop clients between two wall-clock instants."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
 
     def client(k: int) -> None:
-        conn = RawClient(port, f"/v2/models/{model}/infer", body, headers)
+        conn = RawClient(port, path, body, headers)
         conn.send()  # connect + warm
-        start_gate.wait()
+        time.sleep(max(0.0, start_at - time.time()))
         mine = latencies[k]
-        while True:
+        while time.time() < stop_at:
             t = time.perf_counter()
-            if t >= stop_at[0]:
-                break
             status = conn.send()
             if status == 200:
                 mine.append(time.perf_counter() - t)
@@ -58,20 +58,38 @@ def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, s
                 errors[k] += 1
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
+    pool = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+    for t in pool:
         t.start()
-    stop_at[0] = time.perf_counter() + 1e9
-    start_gate.wait()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    for t in threads:
+    for t in pool:
         t.join()
-    elapsed = time.perf_counter() - began
-    flat = [x for lst in latencies for x in lst]
-    out = percentiles(flat)
-    out.update(throughput=len(flat) / elapsed, errors=sum(errors))
-    return out
+    out.put(([x for lst in latencies for x in lst], sum(errors)))
+
+
+def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, seconds: float,
+              procs: int = 4) -> dict:
+    """``clients`` closed-loop clients spread over ``procs`` processes (a single Python process with 16
+    client threads is itself GIL-bound and would cap the agent's measured throughput)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    start_at = time.time() + 1.0 + 0.1 * clients
+    stop_at = start_at + seconds
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    workers = [ctx.Process(target=_client_process, args=(port, f"/v2/models/{model}/infer", body, headers, n,
+                                                         start_at, stop_at, out)) for n in per if n]
+    for w in workers:
+        w.start()
+    flat: list[float] = []
+    errors = 0
+    for _ in workers:
+        lat, err = out.get(timeout=seconds + 120)
+        flat += lat
+        errors += err
+    for w in workers:
+        w.join(10)
+    result = percentiles(flat)
+    result.update(throughput=len(flat) / seconds, errors=errors)
+    return result
 
 
 def batch_histogram(port: int, model: str) -> str:
@@ -89,8 +107,10 @@ def batch_histogram(port: int, model: str) -> str:
     return f"mean {mean:.1f}, max {max(counts, default=0)}"
 
 
-def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int) -> dict:
+def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int,
+                runtime_override: str | None = None) -> dict:
     onnx_path, runtime, make_input = MODELS[name]
+    runtime = runtime_override or runtime
     pkg, pub = build_package(onnx_path(), work / f"pkg-{name}", name=name, runtime=runtime)
     body, headers = binary_request(make_input())
     modes = {"batching off": {"enabled": False}, "batching on (max 16)": {"max_batch": 16, "max_delay_ms": 2.0}}
@@ -124,13 +144,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--resnet-runtime", default=None, choices=["openvino", "onnxruntime"],
+                    help="runtime of the ResNet-18 package (default openvino)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     names = ["digits", "resnet18"] if args.model == "both" else [args.model]
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp:
         for name in names:
-            results[name] = bench_model(name, Path(tmp), args.clients, args.seconds, args.rounds)
+            results[name] = bench_model(name, Path(tmp), args.clients, args.seconds, args.rounds,
+                                        args.resnet_runtime if name == "resnet18" else None)
     doc = {"machine": machine(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
            "results": results}
     if args.json:
@@ -143,9 +166,10 @@ def main() -> None:
     for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "errors", "batch sizes"):
         table.add_column(col)
     for name, modes in results.items():
+        runtime = args.resnet_runtime if name == "resnet18" and args.resnet_runtime else MODELS[name][1]
         base = modes["batching off"]["throughput"]
         for mode, r in modes.items():
-            table.add_row(name, mode, f"{r['throughput']:.0f}", f"{r['throughput'] / base:.2f}x",
+            table.add_row(f"{name} ({runtime})", mode, f"{r['throughput']:.0f}", f"{r['throughput'] / base:.2f}x",
                           f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), r["batches"])
     Console(width=150).print(table)
 
