@@ -183,13 +183,42 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
             "start": _iso(start), "end": _iso(end), "points": points}
 
 
-def _device_row(d: m.Device) -> dict[str, Any]:
+def _device_row(d: m.Device, rel: dict[str, list] | None = None) -> dict[str, Any]:
+    """A device's list row; ``rel`` ({"packages", "groups", "tags"}) from :func:`_related`, else the ORM
+    relationships are used."""
+    if rel is None:
+        rel = {"packages": [(p.name, p.version) for p in d.packages], "groups": d.groups, "tags": d.tags}
     return {"device_id": d.device_id, "fleet": d.fleet, "status": d.status,
             "offline_reason": d.offline_reason, "last_seen": _iso(d.last_seen), "profile": d.profile,
             "agent_version": d.agent_version, "p95_ms": _round(d.last_p95_ms),
             "cpu_percent": _round(d.last_cpu_percent, 1), "rss_bytes": d.last_rss_bytes,
-            "groups": d.groups, "tags": d.tags,
-            "packages": [{"name": p.name, "version": p.version} for p in d.packages]}
+            "groups": sorted(rel["groups"]), "tags": sorted(rel["tags"]),
+            "packages": [{"name": n, "version": v} for n, v in sorted(rel["packages"])]}
+
+
+def _related(session: Session, pks: list[int]) -> dict[int, dict[str, list]]:
+    """Packages, groups and tags of a page of devices in ONE round trip (UNION ALL), not one per relation."""
+    from sqlalchemy import literal, null, union_all
+
+    out: dict[int, dict[str, list]] = {pk: {"packages": [], "groups": [], "tags": []} for pk in pks}
+    if not pks:
+        return out
+    p, mb, g, t = m.InstalledPackage, m.DeviceGroupMember, m.DeviceGroup, m.DeviceTag
+    q = union_all(
+        select(p.device_pk, literal("p"), p.name, p.version).where(p.device_pk.in_(pks)),
+        select(mb.device_pk, literal("g"), g.name, null()).join(g, g.id == mb.group_id).where(mb.device_pk.in_(pks)),
+        select(t.device_pk, literal("t"), t.tag, null()).where(t.device_pk.in_(pks)))
+    for pk, kind, a, b in session.execute(q):
+        if kind == "p":
+            out[pk]["packages"].append((a, b))
+        else:
+            out[pk]["groups" if kind == "g" else "tags"].append(a)
+    return out
+
+
+def _rows(session: Session, devices: list[m.Device]) -> list[dict[str, Any]]:
+    rel = _related(session, [d.id for d in devices])
+    return [_device_row(d, rel[d.id]) for d in devices]
 
 
 def _with_related(q):
@@ -202,7 +231,7 @@ def slowest_devices(session: Session, limit: int = 10) -> list[dict[str, Any]]:
     """Devices with the largest latest-reported p95, largest first."""
     q = (select(m.Device).where(m.Device.last_p95_ms.is_not(None))
          .order_by(m.Device.last_p95_ms.desc(), m.Device.device_id).limit(limit))
-    return [_device_row(d) for d in session.scalars(_with_related(q))]
+    return _rows(session, list(session.scalars(q)))
 
 
 def fleet_summary(session: Session, now: datetime | None = None, slowest: int = 10) -> dict[str, Any]:
@@ -263,9 +292,14 @@ def list_devices(session: Session, *, search: str | None = None, status: str | N
     total = session.scalar(select(func.count()).select_from(q.order_by(None).subquery())) or 0
     col = SORT_KEYS[sort]
     key = col.asc() if order == "asc" else col.desc()
-    # NULLs last either way, then device_id so paging is stable.
-    q = q.order_by(col.is_(None), key, m.Device.device_id).offset((page - 1) * per_page).limit(per_page)
-    items = [_device_row(d) for d in session.scalars(_with_related(q))]
+    if sort == "device_id":
+        q = q.order_by(key)  # the unique index gives this order directly, even at deep offsets
+    else:
+        # NULLs last either way, then device_id so paging is stable. Plain ASC already puts NULLs last on
+        # PostgreSQL, which keeps the (status|profile, device_id) indexes usable for that order.
+        q = q.order_by(key.nulls_last(), m.Device.device_id)
+    q = q.offset((page - 1) * per_page).limit(per_page)
+    items = _rows(session, list(session.scalars(q)))
     return {"total": total, "page": page, "per_page": per_page,
             "pages": max(1, math.ceil(total / per_page)), "items": items}
 
