@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 
 import click
 
-from ..sdk.errors import EdgeoptError, ExitCode, UnavailableError
+from ..sdk.errors import ConfigError, EdgeoptError, ExitCode, UnavailableError
 from ..sdk.telemetry import EventPayload, InstalledPackage
 from .commands import CommandHandler
 from .config import AgentConfig, load_config
@@ -49,7 +50,11 @@ class Agent:
         self.metrics = Metrics()
         self.registry = ModelRegistry(self.metrics, BatchLimits.from_config(config.batching))
         self.envelope = Envelope(config.device_id)
-        self.outbox = Outbox(Path(config.state_dir), config.outbox.max_messages)
+        try:
+            self.outbox = Outbox(Path(config.state_dir), config.outbox.max_messages)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state_dir {config.state_dir}: cannot open the outbox: {exc}",
+                              hint="check that the folder is writable by the agent's user") from None
         self.metrics.extra_gauges["edgeopt_outbox_pending"] = lambda: len(self.outbox)
         self.metrics.extra_gauges["edgeopt_outbox_dropped"] = lambda: self.outbox.dropped
         self.capabilities = capabilities
@@ -60,6 +65,7 @@ class Agent:
         self.reporter: TelemetryReporter | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._unloadable: dict[str, str] = {}  # model -> version that failed to load (not retried)
 
     # ------------------------------------------------------------------ callbacks
     def emit(self, kind: str, payload: Any) -> None:
@@ -121,6 +127,7 @@ class Agent:
                 self._load(installed)
             except EdgeoptError as exc:
                 # One broken model must not keep the others from serving: report it and go on.
+                self._unloadable[name] = installed.version
                 self.on_event({"event": "error", "ok": False, "model": name, "version": installed.version,
                                "message": f"cannot load {name} {installed.version}: {exc.one_line()}"})
         self.server.start(ready=True)
@@ -144,8 +151,8 @@ class Agent:
                 with self.store.locked(timeout=0):  # an install in progress holds the lock: look next time
                     for name, version in self.store.pointers().items():
                         entry = self.registry.get(name)
-                        if entry is not None and entry.version == version:
-                            continue
+                        if version in (entry.version if entry else None, self._unloadable.get(name)):
+                            continue  # already serving it, or it failed to load (reported once)
                         installed = self.store.current(name)
                         if installed is None:
                             continue
@@ -153,6 +160,7 @@ class Agent:
                         try:
                             self._load(installed)
                         except EdgeoptError as exc:
+                            self._unloadable[name] = version  # reported once; retried when the pointer moves
                             self.on_event({"event": "error", "ok": False, "model": name, "version": version,
                                            "message": f"cannot load {name} {version}: {exc.one_line()}"})
                             continue

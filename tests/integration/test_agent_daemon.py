@@ -152,3 +152,36 @@ def test_unreachable_broker_then_restart_delivers_the_outbox(tmp_path, agent_key
             sub.close()
             broker.stop()
     assert _outbox_payloads(config.state_dir) == []  # flushed on the clean stop
+
+
+def test_install_from_another_process_is_hot_swapped(tmp_path, agent_keys, make_package, digits_heldout):
+    """`edgeopt agent install` from a shell (another process, same state dir) while the daemon serves:
+    the daemon notices the pointer and serves the new version."""
+    from edgeopt.agent.config import load_config
+    from edgeopt.agent.daemon import Agent
+
+    config_path = _write_config(tmp_path, agent_keys, free_port(), 0)
+    agent = Agent(load_config(config_path)).start()
+    x = np.load(digits_heldout)["images"][:1]
+    try:
+        agent.installer.install_file(make_package("1.0.0"))
+        assert infer(agent.server.address, x)[1]["model_version"] == "1.0.0"
+        cli = "import sys; from edgeopt.sdk.cli import main; sys.argv[0] = 'edgeopt'; main()"
+        out = subprocess.run([sys.executable, "-c", cli, "agent", "install", str(make_package("1.2.0")),
+                              "--config", str(config_path)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: infer(agent.server.address, x)[1].get("model_version") == "1.2.0", 30,
+                 what="the daemon to serve 1.2.0")
+        switch = [p for p in _outbox_payloads(config_path.parent / "state")
+                  if p.kind == "event" and p.event == "switch" and p.version == "1.2.0"]
+        assert switch and "installed by another process" in switch[0].message
+    finally:
+        agent.stop(flush_timeout=0.5)
+
+
+def test_check_validates_without_starting(tmp_path, agent_keys):
+    path = _write_config(tmp_path, agent_keys, 1883, 0)
+    out = _run(["--config", str(path), "--check"])
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"{path}: ok (device daemon-1, fleet itest, broker mqtt://127.0.0.1:1883)"
+    assert not (tmp_path / "state").exists()  # nothing was created
