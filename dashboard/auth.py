@@ -53,6 +53,10 @@ def _load_user(user_id: str):
     from .models import User
     from .views import get_db
 
+    from flask import request
+
+    if request.headers.get("Authorization", "").lower().startswith("bearer "):
+        return None  # an explicit token wins over a session cookie sent along (see _load_user_from_token)
     try:
         uid = int(user_id)
     except ValueError:

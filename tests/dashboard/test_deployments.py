@@ -229,6 +229,7 @@ def test_bad_deployment_requests(broker_app, client, sub):
     pid = app.config["_pkg"]["id"]
     cases = [
         ({"package_id": pid, "target": {"devices": ["nope"]}}, "unknown device(s): nope (check the device ids)"),
+        ({"package_id": pid, "target": {"devices": [" "]}}, "no device given: pick at least one device"),
         ({"package_id": pid, "target": {"group": "no-such"}}, "unknown group 'no-such'"),
         ({"package_id": pid, "target": {"tag": "none"}}, "tag 'none' has no devices"),
         ({"package_id": pid, "target": {"devices": ["edge-000"]}, "stage_percent": 0},
