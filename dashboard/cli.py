@@ -146,7 +146,11 @@ def create_token(username: str, name: str, database_url: str | None, as_json: bo
               help="MQTT broker URL.")
 @click.option("--group", default="edgeopt-ingest", show_default=True,
               help="Shared subscription group: processes of one group split the messages ('' = no sharing).")
-@click.option("--client-id", default=None, help="MQTT client id (default edgeopt-ingest-<host>-<pid>).")
+@click.option("--client-id", default=None,
+              help="MQTT client id. Given, the session is persistent: the broker queues messages while this "
+                   "process restarts (default: edgeopt-ingest-<host>-<pid>, a fresh session each start).")
+@click.option("--session-expiry", default=3600, show_default=True, type=click.IntRange(0),
+              help="Seconds the broker keeps a persistent session (--client-id) while the process is away.")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 50_000),
               help="Write after this many messages...")
 @click.option("--flush-ms", default=200, show_default=True, type=click.IntRange(1, 60_000),
@@ -158,14 +162,15 @@ def create_token(username: str, name: str, database_url: str | None, as_json: bo
 @click.option("--heartbeat-check", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between heartbeat-timeout checks.")
 @database_option
-def ingest(broker, group, client_id, batch_size, flush_ms, max_buffer, rollup_every, heartbeat_check,
-           database_url) -> None:
+def ingest(broker, group, client_id, session_expiry, batch_size, flush_ms, max_buffer, rollup_every,
+           heartbeat_check, database_url) -> None:
     """Run an ingest process: MQTT telemetry, events, results and status into the database."""
     from .ingest import IngestService, IngestSettings
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeopt").setLevel(logging.INFO)
-    settings = IngestSettings(broker=broker, group=group, client_id=client_id, batch_size=batch_size,
+    settings = IngestSettings(broker=broker, group=group, client_id=client_id, session_expiry_s=session_expiry,
+                              batch_size=batch_size,
                               flush_ms=flush_ms, max_buffer=max_buffer, rollup_every_s=rollup_every,
                               heartbeat_check_s=heartbeat_check, database_url=database_url)
     settings.broker_address()

@@ -45,6 +45,7 @@ from .rollup import RetentionSettings, run_rollup
 log = logging.getLogger(__name__)
 
 SHARED_KINDS = ("telemetry", "events", "cmd/result")
+TICK_LOCK = 0x65646774  # PostgreSQL advisory lock key of the deployment tick
 
 
 class IngestSettings(BaseModel):
@@ -66,6 +67,8 @@ class IngestSettings(BaseModel):
     tick_every_s: float = Field(2.0, gt=0, description="Deployment controller period.")
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(3600, ge=0, description="With a fixed client_id: how long the broker keeps "
+                                  "the session (and queues QoS 1 messages) while this process is away.")
 
     def broker_address(self) -> tuple[str, int]:
         u = urlparse(self.broker)
@@ -273,9 +276,7 @@ class IngestService:
                         log.info("%d device(s) offline: no telemetry for 3 intervals", n)
                 if tick is not None and mono - last["tick"] >= s.tick_every_s and self.connected.is_set():
                     last["tick"] = mono
-                    with Session(self.engine) as session:
-                        tick(session, self.publish, datetime.now(timezone.utc))
-                        session.commit()
+                    self._tick(tick)
                 if s.rollup_every_s and mono - last["rollup"] >= s.rollup_every_s:
                     last["rollup"] = mono
                     st = run_rollup(self.engine, retention=s.retention)
@@ -284,6 +285,28 @@ class IngestService:
                 log.warning("maintenance skipped: database error (%s)", str(exc.orig or exc).splitlines()[0])
             except Exception:  # a bug in a hook must not stop ingest
                 log.exception("maintenance step failed")
+
+    def _tick(self, tick: Callable[..., Any]) -> None:
+        """One deployment-controller step. On PostgreSQL a session advisory lock lets only one of several
+        ingest processes run it at a time (the others skip this period), so no command is sent twice."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            pg = conn.dialect.name == "postgresql"
+            if pg:
+                got = conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": TICK_LOCK})
+                conn.commit()
+                if not got:
+                    return
+            try:
+                with Session(bind=conn) as session:
+                    tick(session, self.publish, datetime.now(timezone.utc))
+                    session.commit()
+            finally:
+                if pg:
+                    conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": TICK_LOCK})
+                    conn.commit()
 
     # ---------------------------------------------------------------------------------------- control
     def start(self) -> None:
@@ -294,7 +317,19 @@ class IngestService:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self._client.connect_async(self.host, self.port, keepalive=self.settings.keepalive_s)
+        props, clean = None, True
+        if self.settings.client_id:
+            # A fixed client id asks for a persistent session: the broker keeps the subscriptions and queues
+            # QoS 1 messages while this process restarts. Random ids (the default) must not, or every
+            # restart would leave an orphan session behind holding its share of the messages.
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.settings.session_expiry_s
+            clean = False
+        self._client.connect_async(self.host, self.port, keepalive=self.settings.keepalive_s, clean_start=clean,
+                                   properties=props)
         self._client.loop_start()
         log.info("ingest started: broker %s, database %s, group %r", self.settings.broker,
                  redact(str(self.engine.url)), self.settings.group)
