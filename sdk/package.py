@@ -151,6 +151,10 @@ class Manifest(_Model):
     golden: GoldenSpec | None = None
     toolchain: dict[str, str] = Field(default_factory=dict)
     decisions: list[str] = Field(default_factory=list, description="Choices the pipeline made, and why.")
+    runtime_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options to load the model with (Runtime.load(options=...)), e.g. OpenVINO "
+                    "INFERENCE_PRECISION_HINT=f32: the precision the package was validated at.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @field_validator("format_version")

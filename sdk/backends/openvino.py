@@ -72,7 +72,9 @@ class OpenVINOBackend(Backend):
     def build(self, job: BuildJob) -> Artifact:
         import openvino as ov
 
-        model = self._read(job.source, job.source_format)
+        # Always start from the one converted IR: the converter numbers unnamed ops per call (Multiply_9785),
+        # so the layer names the float-layer search found must come from the same conversion.
+        model = _core().read_model(str(self.layer_reference(job)))
         notes: list[str] = []
         if job.precision == "int8":
             model = self._quantize(model, job, notes)
@@ -88,8 +90,16 @@ class OpenVINOBackend(Backend):
         xml = job.workdir / "model.xml"
         # fp16 stores weights as f16 (half the size); the device's plugin picks its execution precision.
         ov.save_model(model, str(xml), compress_to_fp16=job.precision == "fp16")
+        options = {}
+        if job.precision != "fp16":
+            # OpenVINO's CPU plugin runs float parts in bf16 by default where the CPU has it (avx512_bf16,
+            # AMX): then "fp32" and the float layers of an int8 model silently lose precision (the OCR
+            # detector's int8 cosine fell from 0.99 to 0.97 here). Pin what was validated.
+            options["INFERENCE_PRECISION_HINT"] = "f32"
+            notes.append("float parts pinned to f32 (INFERENCE_PRECISION_HINT), not the CPU's bf16 default")
         return Artifact(model_file=xml, files={"model.xml": xml, "model.bin": xml.with_suffix(".bin")},
-                        runtime=RUNTIME, precision=job.precision, float_layers=list(job.float_layers), notes=notes)
+                        runtime=RUNTIME, precision=job.precision, float_layers=list(job.float_layers), notes=notes,
+                        runtime_options=options)
 
     def _quantize(self, model, job: BuildJob, notes: list[str]):
         import nncf
@@ -116,7 +126,7 @@ class OpenVINOBackend(Backend):
     def layer_reference(self, job: BuildJob) -> Path:
         import openvino as ov
 
-        ref = job.workdir.parent / "ov-fp32-reference.xml"
+        ref = job.workdir.parent / f"ov-fp32-{job.graph_level}.xml"
         if not ref.exists():
             ov.save_model(self._read(job.source, job.source_format), str(ref), compress_to_fp16=False)
         return ref
@@ -147,16 +157,21 @@ class OpenVINOBackend(Backend):
     def layer_probe(self, model_file: Path, layers: list[Layer]):
         model = _core().read_model(str(model_file))
         ops = {op.get_friendly_name(): op for op in model.get_ops()}
-        wanted = [l for l in layers if l.name in ops]
-        first_new = len(model.outputs)
+        wanted = list({l.name: l for l in layers if l.name in ops}.values())
         model.add_outputs([ops[l.name].output(0) for l in wanted])
+        # add_outputs skips ports that are already outputs: find each layer's output index from the Results.
+        index = {}
+        for i, port in enumerate(model.outputs):
+            producer = port.get_node().input_value(0).get_node().get_friendly_name()
+            index.setdefault(producer, i)
+        wanted = [l for l in wanted if l.name in index]
         compiled = _core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         request = compiled.create_infer_request()
 
         def probe(feed: dict) -> dict[str, np.ndarray]:
             values = request.infer(feed)
-            return {layer.name: np.asarray(values[compiled.outputs[first_new + i]], dtype=np.float32).copy()
-                    for i, layer in enumerate(wanted)}
+            return {layer.name: np.asarray(values[compiled.outputs[index[layer.name]]], dtype=np.float32).copy()
+                    for layer in wanted}
 
         return probe
 

@@ -345,7 +345,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
     def build_and_check(float_layers: list[str]):
         job.float_layers = list(float_layers)
         art = backend.build(job)
-        loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint)
+        loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
+                              options=_device_options(art.runtime_options, run_device))
         try:
             outs = [loaded.infer(feed) for feed in prep.heldout.samples]
         except BaseException:
@@ -391,6 +392,13 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                           f"({result.speedup:.2f}x), batch {batch}, on {where}")
     finally:
         loaded.close()
+
+
+def _device_options(options: dict, device: str) -> dict | None:
+    """OpenVINO's precision hint applies to its CPU plugin; other devices keep their own defaults."""
+    if not options:
+        return None
+    return dict(options) if device == "CPU" else None
 
 
 def _accuracy_line(r) -> str:
@@ -560,7 +568,8 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
         preprocessing=preprocessing,
         source=ManifestSource(filename=prep.source.path.name, format=prep.source.format, sha256=prep.source.sha256),
         calibration=prep.calibration_info or CalibrationInfo(source="none", samples=0),
-        validation=v, benchmark=bench, golden=golden_spec, decisions=decisions)
+        validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
+        runtime_options=_device_options(art.runtime_options, chosen.device) or {})
     written = pack.write(output, manifest, art.files, golden_bytes, private_key)
     return BuildResult(manifest=written, output=output, chosen=chosen, tried=results, benchmark=bench,
                        validation=v, signed=private_key is not None)

@@ -39,7 +39,11 @@ def bench_package(path: str | Path, *, iterations: int = 200, batch_size: int | 
         device = _CPU.get(m.runtime, "CPU") if proxy else m.device
         threads = m.benchmark.threads if m.benchmark else None
         hint = str(m.profile.get("performance_hint", "latency"))
-        loaded = runtime.load(root / m.model_file, device=device, threads=threads, performance_hint=hint)
+        options = dict(getattr(m, "runtime_options", None) or {}) if device in ("CPU", m.device) else {}
+        if m.runtime == "openvino" and device == "CPU" and proxy and m.precision != "fp16":
+            options.setdefault("INFERENCE_PRECISION_HINT", "f32")  # as the SDK validated it on the host
+        loaded = runtime.load(root / m.model_file, device=device, threads=threads, performance_hint=hint,
+                              options=options or None)
         try:
             feeds = _feeds(root, m, loaded)
             first = loaded.inputs[0].shape[0] if loaded.inputs and loaded.inputs[0].shape else 1

@@ -97,6 +97,8 @@ class Artifact:
     precision: str
     float_layers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Runtime.load options the model was validated with; recorded in the manifest for the agent.
+    runtime_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
