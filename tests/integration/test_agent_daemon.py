@@ -172,9 +172,10 @@ def test_install_from_another_process_is_hot_swapped(tmp_path, agent_keys, make_
         assert out.returncode == 0, out.stderr
         wait_for(lambda: infer(agent.server.address, x)[1].get("model_version") == "1.2.0", 30,
                  what="the daemon to serve 1.2.0")
-        switch = [p for p in _outbox_payloads(config_path.parent / "state")
-                  if p.kind == "event" and p.event == "switch" and p.version == "1.2.0"]
-        assert switch and "installed by another process" in switch[0].message
+        switch = wait_for(lambda: [p for p in _outbox_payloads(config_path.parent / "state")
+                                   if p.kind == "event" and p.event == "switch" and p.version == "1.2.0"], 10,
+                          what="the switch event")
+        assert "installed by another process" in switch[0].message
     finally:
         agent.stop(flush_timeout=0.5)
 
