@@ -248,7 +248,10 @@ def test_hot_swap_under_concurrent_load_fails_no_request(served, digits_model, i
         for v in range(2, 8):
             threading.Event().wait(0.15)
             registry.swap("digits", f"{v}.0.0", _load(digits_model))
-        threading.Event().wait(0.15)
+        for _ in range(500):  # until the last version has answered (bounded: 10 s)
+            if "7.0.0" in versions:
+                break
+            threading.Event().wait(0.02)
     finally:
         stop.set()
         for t in threads:
