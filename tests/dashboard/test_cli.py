@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from edgeopt.dashboard import models as m
 
@@ -95,3 +95,15 @@ def test_bad_urls(tmp_path):
     r = run("ingest", "--broker", "http://x", url=f"sqlite:///{tmp_path / 'e.db'}")
     assert r.returncode == 3 and r.stderr.strip() == (
         "error: invalid broker URL 'http://x' (expected mqtt://host:port, e.g. mqtt://127.0.0.1:1883)")
+
+
+def test_seed_demo(db_url, session):
+    r = run("seed-demo", "--devices", "4", "--hours", "0.5", "--interval", "60", "--json", url=db_url)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["devices"] == 4 and doc["messages"] == 4 * 2 + 4 * 31
+    assert session.scalar(select(func.count()).select_from(m.TelemetryRaw)) > 4 * 31  # 2-model devices: 2 rows
+    from edgeopt.dashboard import stats
+
+    s = stats.fleet_summary(session)
+    assert s["devices"] == 4 and s["online"] == 4 and s["models"] == ["detector", "digits"]
