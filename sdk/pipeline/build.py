@@ -270,6 +270,10 @@ def candidates_for(prep: Prepared, all_precisions: bool = False) -> list[Candida
         wanted = _wanted_precision(req, profile)
         if not all_precisions:
             out.append(Candidate(name, wanted, level, req.accuracy_aware and wanted == "int8"))
+            if req.accuracy_aware and wanted == "int8" and not req.precision:
+                # When many layers must stay in float, the runtime's plain fp32 can be the faster faithful
+                # configuration: measure it too, and keep whichever is faster within the budget.
+                out.append(Candidate(name, "fp32", level))
             continue
         for precision in ("fp32", "fp16", wanted):
             if precision == "int8" and prep.calibration is None:
@@ -519,18 +523,21 @@ def _failure(prep: Prepared, results: list[CandidateResult]) -> EdgeoptError:
 def _choice_notes(chosen: CandidateResult, results: list[CandidateResult]) -> list[str]:
     if len(results) < 2:
         return [f"runtime {chosen.candidate.runtime} ({chosen.candidate.precision}): the profile's only candidate"]
-    notes = [f"runtime {chosen.candidate.runtime} chosen: fastest within the accuracy budget, p50 "
+    def what(r: CandidateResult) -> str:
+        return f"runtime {r.candidate.runtime}" + ("" if len({x.candidate.runtime for x in results}) == len(results)
+                                                   else f" {r.candidate.precision}")
+
+    notes = [f"{what(chosen)} chosen: fastest within the accuracy budget, p50 "
              f"{chosen.optimized.p50_ms:.3f} ms ({chosen.speedup:.2f}x vs fp32)"]
     for r in results:
         if r is chosen:
             continue
         if not r.ok:
-            notes.append(f"runtime {r.candidate.runtime} lost: could not build ({r.error})")
+            notes.append(f"{what(r)} lost: could not build ({r.error})")
         elif not r.passed:
-            notes.append(f"runtime {r.candidate.runtime} lost: missed the budget ({'; '.join(r.validation.failures)})")
+            notes.append(f"{what(r)} lost: missed the budget ({'; '.join(r.validation.failures)})")
         else:
-            notes.append(f"runtime {r.candidate.runtime} lost: slower, p50 {r.optimized.p50_ms:.3f} ms "
-                         f"({r.speedup:.2f}x vs fp32)")
+            notes.append(f"{what(r)} lost: slower, p50 {r.optimized.p50_ms:.3f} ms ({r.speedup:.2f}x vs fp32)")
     return notes
 
 

@@ -1,0 +1,134 @@
+"""Backends on generated models: opset upgrade, pre-processing fallback, weight-only, layer probes, registry."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import tiny_models
+from edgeopt.sdk.backends import BuildJob, get_backend
+from edgeopt.sdk.backends import onnxruntime as ort_backend
+from edgeopt.sdk.errors import MissingDependencyError, UnsupportedError
+from edgeopt.sdk.pipeline.data import random_samples
+from edgeopt.sdk.pipeline.shapes import InputSpec
+from edgeopt.sdk.profile import load_profile
+
+
+def _job(tmp_path, source, precision, float_layers=(), profile="cpu", runtime="onnxruntime"):
+    prof = load_profile(profile)
+    work = tmp_path / "work" / precision
+    work.mkdir(parents=True, exist_ok=True)
+    calib = random_samples([InputSpec("input", "float32", (1, 1, 8, 8))], 16, seed=3).samples
+    return BuildJob(source=source, source_format="onnx", precision=precision, graph_level="all", workdir=work,
+                    profile=prof, runtime_options=next(r for r in prof.runtimes if r.runtime == runtime),
+                    calibration=calib, float_layers=list(float_layers))
+
+
+def _run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def test_opset11_model_is_upgraded_for_per_channel_qdq(tmp_path):
+    src = tiny_models.tiny_cnn(tmp_path / "old.onnx", opset=11)
+    art = get_backend("onnxruntime").build(_job(tmp_path, src, "int8"))
+    model = onnx.load(str(art.model_file))
+    opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+    assert opset >= 13
+    axes = [a.i for n in model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes, "per-channel DequantizeLinear expected"
+    x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+    ref = _run(src, x)
+    got = _run(art.model_file, x)  # ONNX Runtime accepts its own quantized graph
+    cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos > 0.99
+
+
+def test_preprocess_retries_without_symbolic_shape_inference(tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as si
+
+    calls = []
+    real = si.quant_pre_process
+
+    def flaky(src, out, skip_optimization=False, skip_symbolic_shape=False, **kw):
+        calls.append(skip_symbolic_shape)
+        if not skip_symbolic_shape:
+            raise Exception("Incomplete symbolic shape inference")
+        return real(src, out, skip_optimization=skip_optimization, skip_symbolic_shape=True)
+
+    monkeypatch.setattr(si, "quant_pre_process", flaky)
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    assert ort_backend.preprocess(src, tmp_path / "pre.onnx") == "no-symbolic"
+    assert calls == [False, True]
+    onnx.checker.check_model(onnx.load(str(tmp_path / "pre.onnx")))
+
+
+def test_preprocess_gives_up_quietly(tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as si
+
+    def broken(*a, **k):
+        raise RuntimeError("nope")
+
+    monkeypatch.setattr(si, "quant_pre_process", broken)
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    assert ort_backend.preprocess(src, tmp_path / "pre.onnx") == "none"
+    assert (tmp_path / "pre.onnx").read_bytes() == src.read_bytes()
+
+
+def test_weight_only_int8_onnxruntime(tmp_path):
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    art = get_backend("onnxruntime").build(_job(tmp_path, src, "int8-weight-only"))
+    model = onnx.load(str(art.model_file))
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert len(int8) == 3  # conv1, conv2, fc weights
+    x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(art.model_file, x), _run(src, x), atol=0.05)
+
+
+def test_fp16_keeps_float32_io(tmp_path):
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    art = get_backend("onnxruntime").build(_job(tmp_path, src, "fp16", profile="gpu"))
+    x = np.random.default_rng(2).random((1, 1, 8, 8), dtype=np.float32)
+    out = _run(art.model_file, x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, _run(src, x), atol=0.02)
+
+
+def test_layers_and_probe_onnxruntime(tmp_path):
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend("onnxruntime")
+    layers = {l.name: l for l in backend.layers(src)}
+    assert {"conv1", "conv2", "gap", "fc"} <= set(layers)
+    assert layers["conv2"].upstream == ["conv1"] and layers["fc"].upstream == ["gap"]
+    probe = backend.layer_probe(src, list(layers.values()))
+    outs = probe({"input": np.ones((1, 1, 8, 8), np.float32)})
+    assert outs["conv1"].shape == (1, 8, 8, 8) and outs["fc"].shape == (1, 10)
+
+
+def test_openvino_float_layers_are_ignored_by_nncf(tmp_path):
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend("openvino")
+    job = _job(tmp_path, src, "int8", runtime="openvino")
+    names = [l.name for l in backend.layers(backend.layer_reference(job))]
+    assert names
+    job.float_layers = names
+    art = backend.build(job)
+    import openvino as ov
+
+    model = ov.Core().read_model(str(art.model_file))
+    assert not [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert art.runtime_options == {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_unknown_and_missing_backends(monkeypatch):
+    from edgeopt.sdk import backends
+
+    with pytest.raises(UnsupportedError) as err:
+        get_backend("tensorrt")
+    assert err.value.one_line() == "unknown runtime 'tensorrt'; known: openvino, onnxruntime, tflite"
+    monkeypatch.setitem(backends.REGISTRY, "openvino", ("edgeopt_no_such_module:Backend", "sdk"))
+    with pytest.raises(MissingDependencyError) as err:
+        get_backend("openvino")
+    assert err.value.one_line() == ("runtime 'openvino' is not installed (edgeopt_no_such_module cannot be imported) "
+                                    "(install it with: pip install 'edgeopt[sdk]')")
