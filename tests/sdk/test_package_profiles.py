@@ -151,3 +151,67 @@ def test_weight_only_int8(cli, digits_model, digits_heldout, keypair, tmp_path):
         s = json.loads(stdout)
         assert s["precision"] == "int8-weight-only" and s["validation"]["passed"]
         assert s["size_bytes"] < 0.45 * s["source_size_bytes"], s
+
+
+def test_openvino_ir_input_for_npu(cli, digits_model, digits_calib, digits_heldout, keypair, tmp_path):
+    import openvino as ov
+
+    ir = tmp_path / "ir" / "digits.xml"
+    ir.parent.mkdir()
+    ov.save_model(ov.convert_model(str(digits_model)), str(ir), compress_to_fp16=False)
+    out = tmp_path / "ir-npu.eopkg"
+    code, stdout, err = cli("package", ir, "-p", "npu", "--input-shape", "images:1,1,8,8", "--calib", digits_calib,
+                            "--heldout", digits_heldout, "--sign-key", keypair[0], "-o", out, "--iterations", "5",
+                            "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["runtime"] == "openvino" and s["precision"] == "int8" and s["validation"]["passed"]
+    m, _, _ = _manifest(out, keypair[1])
+    assert m.source_model.format == "openvino-ir" and m.inputs[0].shape == [1, 1, 8, 8]
+    assert m.benchmark.fp32.runtime == "openvino"  # fp32 reference of an IR is OpenVINO itself
+    # the cpu profile's ONNX Runtime cannot take an IR: the decision says so
+    code, stdout, err = cli("package", ir, "-p", "cpu", "--calib", digits_calib, "--no-sign", "-o",
+                            tmp_path / "ir-cpu.eopkg", "--iterations", "5", "--json")
+    assert code == 0, err
+    assert "runtime onnxruntime: skipped, it does not take openvino-ir models" in json.loads(stdout)["decisions"]
+
+
+def test_image_folder_calibration(cli, tmp_path, keypair):
+    """A folder of images with preprocessing options calibrates a model with an NCHW RGB input."""
+    from PIL import Image
+
+    import tiny_models
+
+    model = tiny_models.tiny_cnn(tmp_path / "rgb.onnx", size=16)
+    # the tiny model has 1 channel: images are converted to grayscale by the channel count
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "img.eopkg"
+    code, stdout, err = cli("package", model, "--calib", folder, "--mean", "0.5", "--std", "0.25", "--runtime",
+                            "onnxruntime", "--sign-key", keypair[0], "-o", out, "--iterations", "5", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["calibration"]["source"] == "images" and s["calibration"]["samples"] == 10
+    m, _, _ = _manifest(out, keypair[1])
+    assert m.preprocessing["mean"] == [0.5] and m.preprocessing["layout"] == "NCHW"
+    assert m.inputs[0].layout == "NCHW"
+    code, _, err = cli("package", model, "--calib", folder, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                       "--no-sign", "-o", tmp_path / "x.eopkg")
+    assert code != 0 and "--mean/--std give 3 values, but input 'input' has 1 channels" in err
+
+
+def test_torch_module_through_python_api(tmp_path, keypair):
+    torch = pytest.importorskip("torch", reason="torch is an optional extra")
+    from edgeopt.sdk.pipeline import PackageRequest, build_package, export_torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 10))
+    path = export_torch(net, torch.randn(1, 1, 8, 8), tmp_path / "net.onnx", input_names=["images"],
+                        output_names=["logits"])
+    res = build_package(PackageRequest(model=path, profile="igpu", sign_key=keypair[0], output=tmp_path / "t.eopkg",
+                                       bench_iterations=5))
+    assert res.manifest.precision == "fp16" and res.validation.passed
+    assert [t.name for t in res.manifest.inputs] == ["images"]
