@@ -138,6 +138,10 @@ def run_once(pg_url: str, n_ingest: int, messages: int, devices: int, publishers
         for p in procs:
             p.join(30)
         engine.dispose()
+        import psutil
+
+        cpu_ingest = sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in ingests)
+        cpu_broker = sum(psutil.Process(broker.pid).cpu_times()[:2])
         complete = (len(per_dev) == devices and all(r == (per_device, per_device, 1, per_device) for r in per_dev))
         for p in ingests:
             p.send_signal(signal.SIGTERM)
@@ -150,7 +154,8 @@ def run_once(pg_url: str, n_ingest: int, messages: int, devices: int, publishers
             split.append(int(kv.get("telemetry", 0)))
         return {"ingest": n_ingest, "messages": total, "rows": count, "seconds": t_end - t0,
                 "publish_seconds": pub_end - t0, "msg_per_s": total / (t_end - t0), "zero_loss": complete,
-                "duplicates": dupes, "split": split}
+                "duplicates": dupes, "split": split, "ingest_cpu_us_per_msg": cpu_ingest / total * 1e6,
+                "broker_cpu_us_per_msg": cpu_broker / total * 1e6}
     finally:
         for p in ingests or []:
             if p.poll() is None:
@@ -185,16 +190,20 @@ def main() -> None:
                 results[n].append(res)
                 print(f"run {r + 1}/{args.repeats} ingest={n}: {res['msg_per_s']:.0f} msg/s "
                       f"({res['messages']} in {res['seconds']:.2f} s, publish {res['publish_seconds']:.2f} s), "
-                      f"zero loss={res['zero_loss']}, duplicates={res['duplicates']}, split={res['split']}",
+                      f"zero loss={res['zero_loss']}, duplicates={res['duplicates']}, split={res['split']}, "
+                      f"ingest CPU {res['ingest_cpu_us_per_msg']:.0f} us/msg, broker CPU "
+                      f"{res['broker_cpu_us_per_msg']:.0f} us/msg",
                       flush=True)
     med = {n: statistics.median(x["msg_per_s"] for x in v) for n, v in results.items()}
     table = Table(title=f"Ingest into PostgreSQL, {args.messages} telemetry msgs, {args.devices} devices, "
                         f"{args.publishers} publishers, medians of {args.repeats}")
-    for col in ("ingest processes", "msg/s (median)", "ratio vs one", "zero loss (all runs)", "duplicates"):
+    for col in ("ingest processes", "msg/s (median)", "ratio vs one", "zero loss (all runs)", "duplicates",
+                "ingest CPU us/msg"):
         table.add_column(col)
     for n in (1, 2):
         table.add_row(str(n), f"{med[n]:.0f}", f"{med[n] / med[1]:.2f}",
-                      str(all(x["zero_loss"] for x in results[n])), str(sum(x["duplicates"] for x in results[n])))
+                      str(all(x["zero_loss"] for x in results[n])), str(sum(x["duplicates"] for x in results[n])),
+                      f"{statistics.median(x['ingest_cpu_us_per_msg'] for x in results[n]):.0f}")
     Console().print(table)
     ok = med[2] >= 5000 and all(x["zero_loss"] for v in results.values() for x in v)
     print(f"target >= 5000 msg/s with two processes and zero loss: {'met' if ok else 'NOT met'}")

@@ -27,19 +27,17 @@ def check(key: str, args, con) -> dict:
     from rich.table import Table
 
     from edgeopt.agent.runtimes import get_runtime
-    from edgeopt.sdk.compare import auto_iterations, compare_profile, eligible, probe_latency_ms, ranking
+    from edgeopt.sdk.compare import compare_profile, eligible, fit_iterations
     from edgeopt.sdk.pipeline import PackageRequest, evaluate, prepare
 
     model = sdk_assets.get(key)
     profile = sdk_assets.cpu_profile_for(model)
     req = PackageRequest(model=model["model"], profile=profile, calib=model["calib"], heldout=model["heldout"],
                          input_shapes={model["input"]: model["shape"]}, precision="int8",
-                         bench_iterations=args.compare_iterations or 50)
+                         bench_iterations=50)
     t0 = time.perf_counter()
     with prepare(req) as prep:
-        if not args.compare_iterations:  # what `edgeopt compare` does without --iterations
-            lat = probe_latency_ms(prep.baseline, prep.heldout.samples[0])
-            prep.request = req.model_copy(update={"bench_iterations": auto_iterations(lat)})
+        fit_iterations(prep, args.compare_iterations)  # as `edgeopt compare` does
         pc = compare_profile(profile, lambda c: evaluate(prep, c), model_format=prep.source.format,
                              precisions=args.precisions.split(",") if args.precisions else None)
         compare_s = time.perf_counter() - t0
@@ -62,16 +60,15 @@ def check(key: str, args, con) -> dict:
     fastest_label = min(p50, key=p50.get)
     pick = pc.pick.candidate.label
     ratio = p50[pick] / p50[fastest_label]
-    key_fn = ranking(pc.results)
     t = Table(title=f"{model['name']} (cpu profile, budget min cosine {profile.accuracy.min_cosine}): compare "
                     f"{compare_s:.0f} s, pick {pick}")
-    for c in ("configuration", "compare p50 ms", "compare ranked ms", "re-measured p50 ms", "vs fastest", ""):
+    for c in ("configuration", "compare p50 ms", "compare speedup", "re-measured p50 ms", "vs fastest", ""):
         t.add_column(c, justify="left" if c in ("configuration", "") else "right")
     for r in pc.results:
         label = r.candidate.label
         in_budget = r in good
         t.add_row(label, f"{r.optimized.p50_ms:.3f}" if r.optimized else "–",
-                  f"{key_fn(r):.3f}" if key_fn(r) is not None else "–",
+                  f"{r.speedup:.2f}x" if r.speedup else "–",
                   f"{p50[label]:.3f}" if in_budget else "–",
                   f"{p50[label] / p50[fastest_label]:.3f}" if in_budget else "–",
                   ("PICK" if label == pick else "") + ("" if in_budget else ("over budget" if r.ok else "failed")))

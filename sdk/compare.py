@@ -126,6 +126,19 @@ def auto_iterations(latency_ms: float, seconds: float = 1.0, low: int = 20, high
     return int(min(high, max(low, round(seconds * 1000.0 / latency_ms))))
 
 
+def fit_iterations(prepared, iterations: int | None = None) -> int:
+    """Set the pipeline's benchmark length for a prepared model: ``iterations``, or about 1 s of timing.
+
+    ``prepared`` is :func:`edgeopt.sdk.pipeline.prepare`'s result; its fp32 baseline is probed once.
+    """
+    if iterations is None:
+        lat = probe_latency_ms(prepared.baseline, prepared.heldout.samples[0])
+        iterations = auto_iterations(lat)
+        log.info("fp32 probe %.3f ms -> %d timed iterations per model", lat, iterations)
+    prepared.request = prepared.request.model_copy(update={"bench_iterations": iterations})
+    return iterations
+
+
 def probe_latency_ms(model, feeds: dict, runs: int = 5) -> float:
     """Median latency of a loaded model over a few runs, after two warm-up runs (to size the benchmark)."""
     import time
@@ -150,25 +163,6 @@ def latency_ms(result: CandidateResult) -> float | None:
     return result.optimized.p50_ms
 
 
-def ranking(results: Sequence[CandidateResult]) -> Callable[[CandidateResult], float | None]:
-    """The latency results are ranked by: p50 rescaled by the drift of the baseline measured beside it.
-
-    The pipeline measures the fp32 baseline interleaved with each candidate. On a shared host the load changes
-    between candidates; ``p50 / same-run fp32 p50 x median fp32 p50`` cancels most of that drift, and equals the
-    raw p50 when the machine was steady.
-    """
-    bases = sorted(r.fp32.p50_ms for r in results if r.ok and r.fp32 is not None and r.fp32.p50_ms > 0)
-    reference = bases[len(bases) // 2] if bases else None
-
-    def key(r: CandidateResult) -> float | None:
-        lat = latency_ms(r)
-        if lat is None or reference is None or r.fp32 is None or r.fp32.p50_ms <= 0:
-            return lat
-        return lat / r.fp32.p50_ms * reference
-
-    return key
-
-
 def eligible(results: Iterable[CandidateResult]) -> list[CandidateResult]:
     """Results that ran and hold the accuracy budget."""
     return [r for r in results if r.ok and r.passed and latency_ms(r) is not None]
@@ -182,11 +176,10 @@ def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE) -> 
     ok = eligible(results)
     if not ok:
         return None
-    key = ranking(results)
-    fastest = min(key(r) for r in ok)
-    tied = [r for r in ok if key(r) <= fastest * (1.0 + noise)]
+    fastest = min(latency_ms(r) for r in ok)
+    tied = [r for r in ok if latency_ms(r) <= fastest * (1.0 + noise)]
     # Among ties the smaller package wins (less to ship to devices); then the faster; then the earlier.
-    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), key(r)))
+    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), latency_ms(r)))
 
 
 def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
@@ -203,9 +196,8 @@ def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequ
         return f"over budget: {text}"
     if pick is None:
         return ""
-    key = ranking(results)
-    fastest = min(key(r) for r in eligible(results))
-    mine, best = key(result), key(pick)
+    fastest = min(latency_ms(r) for r in eligible(results))
+    mine, best = latency_ms(result), latency_ms(pick)
     if result is pick:
         if best > fastest:
             return f"picked: smallest of those within {noise:.0%} of the fastest"

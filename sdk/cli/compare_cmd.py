@@ -119,7 +119,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
     fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
     """
-    from ..compare import DEFAULT_NOISE, CompareReport, auto_iterations, compare_profile, probe_latency_ms
+    from ..compare import DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations
     from ..profile import load_profile
 
     # Everything the user typed is checked before the first (slow) measurement.
@@ -162,11 +162,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
                                      preprocessing=preprocessing, input_shapes=shapes, bench_iterations=iterations or 50,
                                      precision="int8" if calib else "fp32")
             prepared = stack.enter_context(prepare(request, stage))
-            if iterations is None:
-                lat = probe_latency_ms(prepared.baseline, prepared.heldout.samples[0])
-                prepared.request = request.model_copy(update={"bench_iterations": auto_iterations(lat)})
-                log.info("%s: fp32 probe %.3f ms -> %d timed iterations per model", profile.name, lat,
-                         prepared.request.bench_iterations)
+            fit_iterations(prepared, iterations)
             prepared_all.append((profile, task, stage, prepared))
         for profile, task, stage, prepared in prepared_all:
             def hook(_profile: str, label: str, index: int, total: int, task=task) -> None:
