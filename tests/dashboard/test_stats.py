@@ -108,3 +108,23 @@ def test_choose_resolution():
 def test_naive_range_is_refused(session):
     with pytest.raises(ValueError, match="naive datetime"):
         stats.fleet_latency_series(session, datetime(2026, 1, 1), datetime(2026, 1, 2))
+
+
+def test_vectorized_quantiles_match_the_contract():
+    """The charts' numpy quantiles are exactly sdk.telemetry.Histogram.quantile, row by row."""
+    import numpy as np
+
+    from edgeopt.sdk.telemetry import Histogram
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, size=(500, 29)) * (rng.random((500, 29)) < 0.3)
+    counts[0] = 0
+    counts[1] = 0
+    counts[1][28] = 3  # only the overflow bucket
+    qs = (0.01, 0.5, 0.95, 0.99, 1.0)
+    got = stats.quantiles(counts, qs)
+    for i, row in enumerate(counts):
+        h = Histogram(row.tolist())
+        for j, q in enumerate(qs):
+            want = h.quantile(q)
+            assert (want is None and np.isnan(got[i, j])) or got[i, j] == pytest.approx(want, abs=1e-9)
