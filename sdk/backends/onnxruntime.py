@@ -130,6 +130,12 @@ class OnnxRuntimeBackend(Backend):
         upgraded = job.workdir.parent / "ort-upgraded.onnx"
         onnx.save(upgrade_opset(onnx.load(str(job.source)), MIN_QDQ_OPSET, notes), str(upgraded))
         preprocess(upgraded, pre, skip_optimization=job.graph_level == "none")
+        model = onnx.load(str(pre))
+        unnamed = [n for n in model.graph.node if not n.name]
+        if unnamed:  # nodes_to_exclude addresses nodes by name
+            for i, n in enumerate(unnamed):
+                n.name = f"{n.op_type}_edgeopt_{i}"
+            onnx.save(model, str(pre))
         return pre
 
     def _quantize_static(self, pre: Path, out: Path, job: BuildJob, notes: list[str]) -> None:
@@ -154,7 +160,10 @@ class OnnxRuntimeBackend(Backend):
 
         model = onnx.load(str(reference), load_external_data=False)
         producer = {o: n for n in model.graph.node for o in n.output}
-        picked = [n for n in model.graph.node if n.op_type in SENSITIVE_OPS and n.name]
+        # Every node: the QDQ quantizer also wraps Relu, pooling, Resize, ... in Q/DQ pairs, so only the full
+        # list guarantees that "all layers in float" is the fp32 model. Data movement ranks last (it adds
+        # no error of its own).
+        picked = [n for n in model.graph.node if n.name and n.op_type not in ("Constant", "Shape")]
         names = {n.name for n in picked}
         out = []
         for node in picked:

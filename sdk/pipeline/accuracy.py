@@ -122,4 +122,8 @@ def layer_errors(layers, reference_probe, optimized_probe, feeds: list[dict]) ->
         upstream = max((raw[u] for u in layer.upstream if u in raw), default=0.0)
         added.append(LayerError(layer=layer.name, error=max(0.0, raw[layer.name] - upstream)))
     added.sort(key=lambda e: e.error, reverse=True)
+    # Layers whose output could not be compared (renamed or fused by the quantizer) go last, so that keeping
+    # "every layer" in float really is the float model.
+    seen = {e.layer for e in added}
+    added.extend(LayerError(layer=l.name, error=0.0) for l in layers if l.name not in seen)
     return added

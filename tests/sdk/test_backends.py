@@ -100,7 +100,8 @@ def test_layers_and_probe_onnxruntime(tmp_path):
     backend = get_backend("onnxruntime")
     layers = {l.name: l for l in backend.layers(src)}
     assert {"conv1", "conv2", "gap", "fc"} <= set(layers)
-    assert layers["conv2"].upstream == ["conv1"] and layers["fc"].upstream == ["gap"]
+    assert {"conv1", "relu1", "conv2", "gap", "flatten", "fc"} <= set(layers)
+    assert layers["conv2"].upstream == ["relu1"] and layers["fc"].upstream == ["flatten"]
     probe = backend.layer_probe(src, list(layers.values()))
     outs = probe({"input": np.ones((1, 1, 8, 8), np.float32)})
     assert outs["conv1"].shape == (1, 8, 8, 8) and outs["fc"].shape == (1, 10)

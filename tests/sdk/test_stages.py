@@ -234,3 +234,11 @@ def test_simplify_folds_constants(tmp_path):
     assert report.line() == "graph (all): 3 -> 1 nodes"
     _, none = simplify(model, "none")
     assert none.nodes_after == 3 and none.note == "simplifier off"
+
+
+def test_layer_errors_keep_unmeasured_layers_last():
+    from edgeopt.sdk.backends.base import Layer
+
+    layers = [Layer("a", "a", []), Layer("gone", "gone", ["a"])]
+    ranked = accuracy.layer_errors(layers, lambda f: {"a": np.ones(2)}, lambda f: {"a": np.array([1.0, 0.5])}, [{}])
+    assert [e.layer for e in ranked] == ["a", "gone"] and ranked[1].error == 0.0
