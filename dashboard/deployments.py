@@ -9,7 +9,7 @@ more. Devices that give no answer within the timeout count as failed.
 Who does what:
 
 - the web process calls :func:`create_deployment`, :func:`abort` and :func:`rollback`, which publish
-  commands right away with :func:`mqtt_publisher` (a short-lived MQTT 5 client; an unreachable broker is
+  commands right away with :func:`edgeopt.dashboard.mqtt_publish.mqtt_publisher` (a short-lived MQTT 5 client; an unreachable broker is
   recorded on the deployment and shown on its page);
 - the ingest process calls :func:`tick` every few seconds with its own connected client's publish: it
   reads the events and command results the ingest stored, updates each device's progress, marks
@@ -35,7 +35,6 @@ from edgeopt.sdk.topics import topic
 
 from .models import (CommandResult, Deployment, DeploymentState, DeploymentTarget, Device, DeviceGroup,
                      DeviceGroupMember, DeviceTag, Event, Package, TargetState, new_id, utcnow)
-from .mqtt_publish import mqtt_publisher  # noqa: F401  (re-exported: the web process's publisher)
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,6 @@ import os
 import re
 import stat
 
-import pytest
-
 from dashboard_web_fixtures import (app, client, db, login, runner, seed_fleet, trusted_keys)  # noqa: F401
 
 PUBLIC = {"auth.login", "static", "healthz", "packages_download.download"}

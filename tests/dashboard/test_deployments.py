@@ -4,13 +4,11 @@ automatic stop, timeouts, abort, rollback, broker unreachable."""
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
 
 from dashboard_web_fixtures import (api_token, app, bearer, client, db, ingest, login, make_package,  # noqa: F401
                                     page_token, seed_fleet, trusted_keys)

@@ -171,7 +171,6 @@ def test_no_trusted_keys_configured(app, client, good_pkg):
 
 
 def test_package_page_shows_manifest_and_reports(app, client, tmp_path, trusted_keys, db):
-    from edgeopt.dashboard.models import Package
     from edgeopt.sdk.package import BenchmarkReport, LatencyStats, ValidationReport, read_manifest
 
     path = make_package(tmp_path / "rep.eopkg", trusted_keys["key"], version="2.0.0")
