@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import threading
@@ -109,8 +110,10 @@ class IngestService:
     def _make_client(self):
         import paho.mqtt.client as mqtt
 
+        from .mqtt_buffered import BufferedClient
+
         cid = self.settings.client_id or f"edgeopt-ingest-{socket.gethostname()}-{os.getpid()}"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         if self.settings.username:
             client.username_pw_set(self.settings.username, self.settings.password)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -154,6 +157,47 @@ class IngestService:
                 return
             except queue.Full:
                 continue
+
+    def _network_loop(self) -> None:
+        """paho's network loop, done here instead of ``loop_start()``: one ``select``, then every packet
+        already received (:class:`BufferedClient`; paho's own loop reads one packet per ``select``, each
+        with several ``recv`` calls). Reconnects with backoff (1..30 s) for ever."""
+        import paho.mqtt.client as mqtt
+
+        client, delay, first, warned = self._client, 1.0, True, False
+        while not self._closing and not self.stop_event.is_set():
+            if client.socket() is None:
+                try:
+                    if first:
+                        client.connect(self.host, self.port, **self._connect_args)
+                    else:
+                        client.reconnect()
+                    first, delay, warned = False, 1.0, False
+                except (OSError, mqtt.WebsocketConnectionError) as exc:
+                    if not warned:
+                        log.warning("cannot reach broker %s:%s (%s); retrying with backoff", self.host, self.port, exc)
+                        warned = True
+                    self.stop_event.wait(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+            sock = client.socket()
+            if sock is None:
+                continue
+            try:
+                # Bytes already buffered need no select (the socket may have nothing more to say).
+                timeout = 0.0 if client.buffered() else 1.0
+                readable, writable, _ = select.select([sock], [sock] if client.want_write() else [], [], timeout)
+            except (OSError, ValueError):  # closed under us (disconnect from another thread)
+                readable = writable = []
+            rc = mqtt.MQTT_ERR_SUCCESS
+            if readable or client.buffered():
+                rc = client.read_available()
+            if rc == mqtt.MQTT_ERR_SUCCESS and (writable or client.want_write()):
+                rc = client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                rc = client.loop_misc()
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and client.socket() is not None:
+                client._sock_close()  # paho closes on most errors itself; make sure, then reconnect above
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish QoS 1 through this process's connection (used by the deployment controller)."""
@@ -328,17 +372,20 @@ class IngestService:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.settings.session_expiry_s
             clean = False
-        self._client.connect_async(self.host, self.port, keepalive=self.settings.keepalive_s, clean_start=clean,
-                                   properties=props)
-        self._client.loop_start()
+        self._connect_args = dict(keepalive=self.settings.keepalive_s, clean_start=clean, properties=props)
+        self._closing = False
+        net = threading.Thread(target=self._network_loop, name="ingest-mqtt", daemon=True)
+        net.start()
+        self._net_thread = net
         log.info("ingest started: broker %s, database %s, group %r", self.settings.broker,
                  redact(str(self.engine.url)), self.settings.group)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect, write what is queued, stop the threads."""
         if self._client is not None:
+            self._closing = True
             self._client.disconnect()
-            self._client.loop_stop()
+            self._net_thread.join(5)
         deadline = time.monotonic() + timeout
         while not self.queue.empty() and time.monotonic() < deadline:
             time.sleep(0.05)
