@@ -154,8 +154,9 @@ def main() -> None:
         for name in names:
             results[name] = bench_model(name, Path(tmp), args.clients, args.seconds, args.rounds,
                                         args.resnet_runtime if name == "resnet18" else None)
+    runtimes = {n: (args.resnet_runtime if n == "resnet18" and args.resnet_runtime else MODELS[n][1]) for n in names}
     doc = {"machine": machine(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
-           "results": results}
+           "runtimes": runtimes, "results": results}
     if args.json:
         print(json.dumps(doc, indent=2))
         return
@@ -166,7 +167,7 @@ def main() -> None:
     for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "errors", "batch sizes"):
         table.add_column(col)
     for name, modes in results.items():
-        runtime = args.resnet_runtime if name == "resnet18" and args.resnet_runtime else MODELS[name][1]
+        runtime = runtimes[name]
         base = modes["batching off"]["throughput"]
         for mode, r in modes.items():
             table.add_row(f"{name} ({runtime})", mode, f"{r['throughput']:.0f}", f"{r['throughput'] / base:.2f}x",
