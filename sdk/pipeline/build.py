@@ -346,8 +346,14 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
     runtime = get_runtime(cand.runtime)
     hint = prep.profile.performance_hint.value
 
+    attempts = iter(range(1_000_000))
+
     def build_and_check(float_layers: list[str]):
         job.float_layers = list(float_layers)
+        # A fresh folder per attempt: OpenVINO memory-maps model.bin, and rewriting a mapped file in place
+        # kills the process with SIGBUS when an earlier attempt's model is still alive.
+        job.workdir = workdir / f"attempt{next(attempts)}"
+        job.workdir.mkdir()
         art = backend.build(job)
         loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
                               options=_device_options(art.runtime_options, run_device))
