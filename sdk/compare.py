@@ -185,6 +185,15 @@ def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE) -> 
 def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
             noise: float = DEFAULT_NOISE) -> str:
     """One short phrase: why ``result`` was, or was not, picked among ``results``."""
+    text = _explain(result, pick, results, noise)
+    kept = result.validation.float_layers if result.ok and result.validation else []
+    if kept:
+        text += f"; {len(kept)} layer(s) kept in float"
+    return text
+
+
+def _explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
+             noise: float) -> str:
     if not result.ok:
         return f"failed: {result.error or 'unknown error'}"
     if not result.passed:

@@ -65,6 +65,12 @@ def test_outside_noise_the_faster_wins_even_if_larger():
     assert explain(big, big, [big, small]) == "picked: fastest within budget"
 
 
+def test_explain_counts_float_layers_of_accuracy_aware_results():
+    aa = fake(precision="int8", p50=1.0, aa=True)
+    aa.validation = aa.validation.model_copy(update={"float_layers": ["/conv1/Conv", "/fc/Gemm"]})
+    assert explain(aa, aa, [aa]) == "picked: fastest within budget; 2 layer(s) kept in float"
+
+
 def test_nothing_within_budget_picks_nothing():
     assert select([fake(passed=False, cosine=0.5), fake(ok=False)]) is None
     assert select([]) is None
