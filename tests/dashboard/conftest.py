@@ -103,7 +103,8 @@ def pg_server():
 
 def _backends() -> list:
     params = ["sqlite"]
-    if os.environ.get(PG_ENV):
+    # Under CI the PostgreSQL variants always exist, so a missing or unreachable server fails them.
+    if os.environ.get(PG_ENV) or os.environ.get("CI") == "true":
         params.append(pytest.param("postgresql", marks=pytest.mark.postgres))
     return params
 
