@@ -48,8 +48,10 @@ def check(key: str, args, con) -> dict:
         feed = sdk_assets.heldout_feeds(model, limit=1)[0]
         loaded = {}
         for r in good:
+            # Same thread setting as compare's own measurement (the profile's policy), unless --threads says.
             loaded[r.candidate.label] = get_runtime(r.candidate.runtime).load(
-                r.artifact.model_file, device=r.run_device, threads=args.threads, performance_hint="latency")
+                r.artifact.model_file, device=r.run_device, threads=args.threads or prep.threads,
+                performance_hint="latency")
         try:
             fns = {label: (lambda m=m: m.infer(feed)) for label, m in loaded.items()}
             lat = interleaved(fns, args.iterations, args.rounds)
@@ -87,14 +89,15 @@ def main() -> None:
                     help="iterations of compare's own benchmark (default: compare's automatic count)")
     ap.add_argument("--iterations", type=int, default=200, help="iterations of the re-measurement")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for the re-measurement (default: the profile's policy, as compare used)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("nncf").setLevel(logging.WARNING)
     from rich.console import Console
 
     con = Console(width=200)
-    con.print(f"threads={args.threads} affinity={sorted(os.sched_getaffinity(0))}")
+    con.print(f"threads={args.threads or 'profile policy'} affinity={sorted(os.sched_getaffinity(0))}")
     results = [check(k, args, con) for k in args.models.split(",") if k]
     for r in results:
         if r["ratio"] is not None:
