@@ -70,6 +70,7 @@ class InferRequest:
         return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
+_KIND_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "floating-point", "U": "string", "O": "mixed"}
 _DATATYPE_BY_DTYPE = {np.dtype(k): v for k, v in DTYPE_TO_KSERVE.items()}
 # Per input list (one per served model version): name -> (spec, datatype, protocol shape, numpy dtype).
 # Computing these for every request was a visible share of the API's per-request cost.
@@ -160,8 +161,13 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
             if data is None:
                 raise _bad(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
             try:
+                # Refuse instead of converting silently: 1.5 into an INT64 input would become 1.
+                found = np.asarray(data).dtype.kind
+                if (dtype.kind in "iu" and found not in "iu") or (dtype.kind == "b" and found != "b") \
+                        or (dtype.kind == "f" and found not in "biuf"):
+                    raise ValueError(f"found {_KIND_NAMES.get(found, 'other')} values")
                 arr = np.asarray(data, dtype=dtype)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise _bad(f"input {name!r}: data is not a list of {want_dt} values ({exc})") from None
             if arr.size != count:
                 raise _bad(f"input {name!r}: shape {shape} needs {count} values, found {arr.size}")
