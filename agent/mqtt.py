@@ -216,8 +216,12 @@ class MqttLink:
             raw = self._commands.get()
             if raw is None:
                 return
+            # Commands queued by the broker arrive on connect, possibly before the daemon has finished
+            # starting (models loading): hold them until it installs its handler instead of dropping them.
+            while self.on_command is None and not self._stopping.is_set():
+                time.sleep(0.05)
             if self.on_command is None:
-                continue
+                return
             try:
                 self.on_command(raw)
             except Exception:  # a command must never take the agent down

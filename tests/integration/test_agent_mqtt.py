@@ -240,3 +240,24 @@ def test_full_outbox_drops_the_oldest_and_telemetry_counts_them(tmp_path, agent_
         assert not agent.link.connected.is_set()
     finally:
         agent.stop(flush_timeout=0.5)
+
+
+def test_command_sent_while_the_agent_is_down_is_answered_after_restart(tmp_path, agent_keys):
+    """The agent keeps a broker session: a command published while it is stopped is delivered when it
+    starts again (and held until its command handler is ready), then answered."""
+    config = agent_config(tmp_path / "state", agent_keys, "mqtt://127.0.0.1:1883")
+    sub = Subscriber(*SHARED_BROKER, config.fleet, config.device_id)
+    first = Agent(config).start()
+    try:
+        wait_for(first.link.connected.is_set, 15, what="the first connection")
+    finally:
+        first.stop(flush_timeout=2)
+    publish_command(*SHARED_BROKER, config.fleet, config.device_id, {"id": "while-down", "command": "ping"})
+    second = Agent(config).start()
+    try:
+        result = wait_for(lambda: [r for r in sub.of("cmd/result") if r.command_id == "while-down"], 30,
+                          what="the result of the command sent while the agent was down")
+        assert result[0].status == "succeeded" and result[0].session_id == second.envelope.session_id
+    finally:
+        second.stop(flush_timeout=2)
+        sub.close()
