@@ -52,10 +52,10 @@ def _client_process(port: int, path: str, body: bytes, headers: dict, threads: i
         while time.time() < stop_at:
             t = time.perf_counter()
             status = conn.send()
-            if status == 200:
-                mine.append(time.perf_counter() - t)
-            else:
+            if status != 200:
                 errors[k] += 1
+            elif time.time() <= stop_at:  # only requests completed inside the window count
+                mine.append(time.perf_counter() - t)
         conn.close()
 
     pool = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
