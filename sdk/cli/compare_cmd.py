@@ -119,7 +119,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
     fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
     """
-    from ..compare import DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations
+    from ..compare import ALL_PRECISIONS, DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations
     from ..profile import load_profile
 
     # Everything the user typed is checked before the first (slow) measurement.
@@ -130,6 +130,9 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     shapes = _parse_shapes(input_shapes)
     preprocessing = _preprocessing(image_size, mean, std, scale, layout, channel_order)
     precisions = _split(precisions_text) if precisions_text is not None else None
+    unknown = sorted(set(precisions or ()) - set(ALL_PRECISIONS))
+    if unknown:
+        raise InputError(f"unknown precision(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ALL_PRECISIONS)}")
     if not model.exists():
         raise InputError(f"{model}: model file not found")
     if html_path is not None and not html_path.parent.exists():
@@ -159,8 +162,8 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
             # precision only steers what prepare() reads: with --calib it loads calibration data for every
             # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
             request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
-                                     preprocessing=preprocessing, input_shapes=shapes, bench_iterations=iterations or 50,
-                                     precision="int8" if calib else "fp32")
+                                     preprocessing=preprocessing, input_shapes=shapes,
+                                     bench_iterations=iterations or 50, precision="int8" if calib else "fp32")
             prepared = stack.enter_context(prepare(request, stage))
             fit_iterations(prepared, iterations)
             prepared_all.append((profile, task, stage, prepared))

@@ -65,7 +65,7 @@ def test_compare_digits_cpu_arm_json_and_html(capsys, tmp_path, digits_model, di
     (["--mean", "0.5,a"], "error: --mean '0.5,a': expected comma-separated numbers", 3),
     (["--mean", "0.5,0.5,0.5", "--std", "1,1"],
      "error: image preprocessing options: Value error, mean has 3 values but std has 2; give one per channel", 3),
-    (["--precisions", "int4", "--calib", "random"],
+    (["--precisions", "int4"],
      "error: unknown precision(s) int4 (choose from fp32, fp16, int8, int8-aa, int8-weight-only, as-exported)", 3),
 ])
 def test_bad_arguments_one_line(capsys, digits_model, args, message, code):
