@@ -53,6 +53,16 @@ class _HttpProtocol(asyncio.Protocol):
         self.closing = True
         self.server._connections.discard(self)
 
+    # A client that sends requests but does not read the answers must not grow our write buffer without
+    # bound: stop reading from it until it has drained.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if not self.busy:
