@@ -164,21 +164,27 @@ class IngestService:
         with several ``recv`` calls). Reconnects with backoff (1..30 s) for ever."""
         import paho.mqtt.client as mqtt
 
-        client, delay, first, warned = self._client, 1.0, True, False
+        client, delay, first, warned, next_try = self._client, 1.0, True, False, 0.0
         while not self._closing and not self.stop_event.is_set():
+            if self.connected.is_set():
+                delay, warned = 1.0, False  # a session that got its subscriptions resets the backoff
             if client.socket() is None:
+                # Backoff between attempts, also when the TCP connect works but the broker refuses us.
+                wait = next_try - time.monotonic()
+                if wait > 0:
+                    self.stop_event.wait(wait)
+                    continue
+                next_try, delay = time.monotonic() + delay, min(delay * 2, 30.0)
                 try:
                     if first:
                         client.connect(self.host, self.port, **self._connect_args)
                     else:
                         client.reconnect()
-                    first, delay, warned = False, 1.0, False
+                    first = False
                 except (OSError, mqtt.WebsocketConnectionError) as exc:
                     if not warned:
                         log.warning("cannot reach broker %s:%s (%s); retrying with backoff", self.host, self.port, exc)
                         warned = True
-                    self.stop_event.wait(delay)
-                    delay = min(delay * 2, 30.0)
                     continue
             sock = client.socket()
             if sock is None:
