@@ -303,3 +303,26 @@ def test_database_outage_loses_nothing(pg_only_url, mqtt_broker, tmp_path):
             proc.proc.kill()
         engine.dispose()
         admin.dispose()
+
+
+def test_refused_connection_backs_off_and_keeps_running(db_url, tmp_path):
+    """A broker that refuses the session (no anonymous access): one clear line per attempt, with backoff,
+    never 'subscribed', and the process keeps running."""
+    from conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\n")
+    broker.start()
+    proc = IngestProc(db_url, broker.url, tmp_path / "ingest.log")
+    try:
+        wait_until(lambda: "refused the connection" in proc.text(), 20, proc.text)
+        time.sleep(3.5)
+        log = proc.text()
+        assert proc.proc.poll() is None and "subscriptions granted" not in log
+        refusals = log.count("refused the connection")
+        assert 2 <= refusals <= 4, log  # attempts at 0, 1, 3 s: backoff, not a busy loop
+        assert f"broker 127.0.0.1:{broker.port} refused the connection: Not authorized" in log
+    finally:
+        proc.proc.kill()
+        proc.proc.wait()
+        broker.stop()
