@@ -47,6 +47,9 @@ def test_cpu_int8_within_one_point_and_runtime_choice_recorded(cli, digits_model
     rep = json.loads(stdout)
     assert rep["runtime"] == m.runtime and rep["latency"]["iterations"] == 10 and not rep["host_proxy"]
     assert rep["signer_key_id"] and rep["latency"]["p50_ms"] > 0
+    code, stdout, err = cli("bench", out, "--iterations", "5", "--batch-size", "4", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["batch_size"] == 4 and json.loads(stdout)["signer_key_id"] is None
 
 
 def test_npu_needs_static_shape_then_states_host_proxy(cli, dynamic_model, digits_calib, digits_heldout, keypair,
@@ -215,3 +218,13 @@ def test_torch_module_through_python_api(tmp_path, keypair):
                                        bench_iterations=5))
     assert res.manifest.precision == "fp16" and res.validation.passed
     assert [t.name for t in res.manifest.inputs] == ["images"]
+
+
+def test_graph_level_none_keeps_the_graph(cli, tmp_path, keypair):
+    import tiny_models
+
+    model = tiny_models.tiny_cnn(tmp_path / "t.onnx")
+    code, stdout, err = cli("package", model, "-p", "igpu", "--graph-level", "none", "--sign-key", keypair[0],
+                            "-o", tmp_path / "t.eopkg", "--iterations", "5", "--json")
+    assert code == 0, err
+    assert "graph (none): 7 -> 7 nodes (simplifier off)" in json.loads(stdout)["decisions"]
