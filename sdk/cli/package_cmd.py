@@ -135,7 +135,8 @@ def print_summary(result) -> None:
     table = Table(title=f"{m.name} {m.version} -> {result.output}", show_header=True)
     table.add_column("")
     table.add_column("value")
-    where = (f"host CPU as a proxy for {b.target_device} (this host has no {b.target_device})" if b.host_proxy
+    kind = m.profile.get("target", {}).get("device", "?")
+    where = (f"host CPU as a proxy for {b.target_device} ({kind}), which this host does not have" if b.host_proxy
              else "this host")
     rows = [
         ("profile", f"{m.profile_name} ({m.profile.get('target', {}).get('device', '?')})"),

@@ -342,6 +342,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                    graph_level=cand.graph_level, workdir=workdir, profile=prep.profile, runtime_options=rt_opts,
                    calibration=prep.calibration.samples if prep.calibration and cand.precision == "int8" else None)
     target, run_device, proxy = backend.run_device(rt_opts)
+    if not _host_arch_matches(prep.profile):
+        proxy = True  # e.g. the arm profile built on an x86 host: this CPU stands in for the ARM one
     result.device, result.run_device, result.host_proxy = target, run_device, proxy
     runtime = get_runtime(cand.runtime)
     hint = prep.profile.performance_hint.value
@@ -402,6 +404,13 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                           f"({result.speedup:.2f}x), batch {batch}, on {where}")
     finally:
         loaded.close()
+
+
+def _host_arch_matches(profile: HardwareProfile) -> bool:
+    import platform
+
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return machine in profile.target.arch
 
 
 def _device_options(options: dict, device: str) -> dict | None:
