@@ -300,3 +300,21 @@ def test_struct_is_little_endian_fp32(served, images):
     status, _, body = _request(server, "POST", "/v2/models/digits/infer", header + raw,
                                {"Inference-Header-Content-Length": str(len(header))})
     assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 10]
+
+
+def test_registry_reconfigure_applies_to_serving_models(served):
+    """What set-config's batching patch does: new limits apply to the serving batcher at once."""
+    _, registry, _ = served
+    registry.reconfigure(max_batch=4, max_delay_ms=1.0, max_queue=9)
+    batcher = registry.get("digits").batcher
+    assert (batcher.max_batch, batcher.max_queue, batcher.max_delay) == (4, 9, 0.001)
+    registry.reconfigure(enabled=False)
+    assert registry.get("digits").batcher.max_batch == 1
+
+
+def test_max_batch_defaults_to_the_package_profile(digits_model):
+    registry = ModelRegistry(limits=BatchLimits(max_batch=None))
+    manifest = type("M", (), {"profile": {"batch_size": 8}, "runtime": "onnxruntime"})()
+    entry = registry.swap("digits", "1.0.0", _load(digits_model), manifest)
+    assert entry.batcher.max_batch == 8
+    registry.close()
