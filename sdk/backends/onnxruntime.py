@@ -85,12 +85,16 @@ class OnnxRuntimeBackend(Backend):
         elif job.precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            model = onnx.load(str(job.source))
+            # Optimize the fp32 graph first, then convert. Optimizing the fp16 graph offline would run on the
+            # CPU provider, which has no fp16 Conv/Gemm kernels: ONNX Runtime then bakes fp16->fp32 Casts
+            # around every weight into the saved file, and the GPU computes in fp32 (measured on an H200:
+            # 1.00x vs fp32 with the casts, see BENCHMARKS.md).
+            tmp = job.workdir / "fp32-opt.onnx"
+            self._optimize_offline(job.source, tmp, job.graph_level, notes)
+            model = onnx.load(str(tmp))
             # keep_io_types: the package takes and returns float32 like the original, so callers don't change.
             fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-            tmp = job.workdir / "fp16.onnx"
-            onnx.save(fp16, str(tmp))
-            self._optimize_offline(tmp, out, job.graph_level, notes)
+            onnx.save(fp16, str(out))
         elif job.precision == "int8":
             pre = self.layer_reference(job)
             self._quantize_static(pre, out, job, notes)
