@@ -153,6 +153,33 @@ def probe_latency_ms(model, feeds: dict, runs: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(models: dict[str, Any], feeds: dict[str, dict], iterations: int, rounds: int = 5) -> dict[str, float]:
+    """p50 latency (ms) of each loaded model, timed in interleaved blocks; the first run of each block is untimed.
+
+    The untimed run absorbs what the previous model left behind: ONNX Runtime's thread pool keeps spinning for a
+    while after a run, and on a 2-core host that slowed the next model's first iterations several-fold.
+    """
+    import time
+
+    for label, model in models.items():
+        model.infer(feeds[label])
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    per_round = max(2, iterations // rounds)
+    for _ in range(rounds):
+        for label, model in models.items():
+            model.infer(feeds[label])
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                model.infer(feeds[label])
+                samples[label].append((time.perf_counter() - t0) * 1000.0)
+    out = {}
+    for label, values in samples.items():
+        values.sort()
+        mid = len(values) // 2
+        out[label] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return out
+
+
 # --------------------------------------------------------------------------- selection (pure)
 
 
@@ -168,24 +195,26 @@ def eligible(results: Iterable[CandidateResult]) -> list[CandidateResult]:
     return [r for r in results if r.ok and r.passed and latency_ms(r) is not None]
 
 
-def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE) -> CandidateResult | None:
+def select(results: Sequence[CandidateResult], noise: float = DEFAULT_NOISE,
+           latency: Callable[[CandidateResult], float | None] = latency_ms) -> CandidateResult | None:
     """The result `compare` picks: fastest within budget; within ``noise`` of the fastest, the smallest.
 
     Over-budget and failed results are never picked. Returns None when no result holds the budget.
+    ``latency`` is what "fastest" means (default: the p50 measured by the pipeline).
     """
     ok = eligible(results)
     if not ok:
         return None
-    fastest = min(latency_ms(r) for r in ok)
-    tied = [r for r in ok if latency_ms(r) <= fastest * (1.0 + noise)]
+    fastest = min(latency(r) for r in ok)
+    tied = [r for r in ok if latency(r) <= fastest * (1.0 + noise)]
     # Among ties the smaller package wins (less to ship to devices); then the faster; then the earlier.
-    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), latency_ms(r)))
+    return min(tied, key=lambda r: (r.size_bytes if r.size_bytes is not None else float("inf"), latency(r)))
 
 
 def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
-            noise: float = DEFAULT_NOISE) -> str:
+            noise: float = DEFAULT_NOISE, latency: Callable[[CandidateResult], float | None] = latency_ms) -> str:
     """One short phrase: why ``result`` was, or was not, picked among ``results``."""
-    text = _explain(result, pick, results, noise)
+    text = _explain(result, pick, results, noise, latency)
     kept = result.validation.float_layers if result.ok and result.validation else []
     if kept:
         text += f"; {len(kept)} layer(s) kept in float"
@@ -193,7 +222,7 @@ def explain(result: CandidateResult, pick: CandidateResult | None, results: Sequ
 
 
 def _explain(result: CandidateResult, pick: CandidateResult | None, results: Sequence[CandidateResult],
-             noise: float) -> str:
+             noise: float, latency: Callable[[CandidateResult], float | None]) -> str:
     if not result.ok:
         return f"failed: {result.error or 'unknown error'}"
     if not result.passed:
@@ -205,8 +234,8 @@ def _explain(result: CandidateResult, pick: CandidateResult | None, results: Seq
         return f"over budget: {text}"
     if pick is None:
         return ""
-    fastest = min(latency_ms(r) for r in eligible(results))
-    mine, best = latency_ms(result), latency_ms(pick)
+    fastest = min(latency(r) for r in eligible(results))
+    mine, best = latency(result), latency(pick)
     if result is pick:
         if best > fastest:
             return f"picked: smallest of those within {noise:.0%} of the fastest"
@@ -267,6 +296,13 @@ class ProfileComparison:
     pick: CandidateResult | None = None
     proxy_note: str | None = None
     notes: list[str] = field(default_factory=list)
+    runoff_ms: dict[str, float] = field(default_factory=dict)  # candidate label -> run-off p50
+
+    def latency(self, result: CandidateResult) -> float | None:
+        """What the pick ranks by: the run-off p50 when the candidate took part in it, else the pipeline's p50."""
+        if result.ok and result.candidate.label in self.runoff_ms:
+            return self.runoff_ms[result.candidate.label]
+        return latency_ms(result)
 
     def baseline_p50_ms(self) -> float | None:
         """Median of the fp32 ONNX Runtime baselines measured beside each candidate."""
@@ -309,7 +345,9 @@ class CompareReport:
             for index, r in enumerate(pc.results, start=1):
                 row = r.row()
                 gf = self.achieved_gflops(r, getattr(r, "batch", None) or batch)
-                row.update(index=index, picked=r is pc.pick, reason=explain(r, pc.pick, pc.results, self.noise),
+                row.update(index=index, picked=r is pc.pick,
+                           reason=explain(r, pc.pick, pc.results, self.noise, pc.latency),
+                           runoff_p50_ms=pc.runoff_ms.get(r.candidate.label) if r.ok else None,
                            status="measured" if r.ok else "failed",
                            achieved_gflops=round(gf, 3) if gf is not None else None)
                 rows.append(row)
@@ -332,13 +370,20 @@ class CompareReport:
 
 
 ProgressHook = Callable[[str, str, int, int], None]  # (profile, candidate label, index, total)
+Runoff = Callable[[list[CandidateResult]], dict[str, float]]
+"""Re-times the given results' built models side by side; returns candidate label -> p50 ms."""
 
 
 def compare_profile(profile: HardwareProfile, evaluate: Evaluator, *, model_format: str = "onnx",
                     precisions: Iterable[str] | None = None, calibration: bool = True, noise: float = DEFAULT_NOISE,
                     progress: ProgressHook | None = None, devices: dict[str, list[str]] | None = None,
-                    ) -> ProfileComparison:
-    """Measure every planned candidate of ``profile`` with ``evaluate`` and pick one."""
+                    runoff: Runoff | None = None) -> ProfileComparison:
+    """Measure every planned candidate of ``profile`` with ``evaluate`` and pick one.
+
+    With ``runoff``, the candidates that hold the budget are timed again side by side, without the fp32 baseline
+    between them, and the pick ranks by those figures: each candidate's own benchmark runs next to an ONNX
+    Runtime baseline whose spinning threads slow some runtimes more than others on a small, busy host.
+    """
     plan = enumerate_candidates(profile, model_format=model_format, precisions=precisions, calibration=calibration)
     pc = ProfileComparison(profile=profile, proxy_note=host_proxy_note(profile, devices))
     to_run = [p for p in plan if p.skip is None]
@@ -364,7 +409,15 @@ def compare_profile(profile: HardwareProfile, evaluate: Evaluator, *, model_form
             pc.proxy_note = f"measured on the host CPU as a proxy for {result.device or profile.target.device.value}"
     if progress:
         progress(profile.name, "done", len(to_run), len(to_run))
-    pc.pick = select(pc.results, noise)
+    good = eligible(pc.results)
+    if runoff is not None and len(good) > 1:
+        if progress:
+            progress(profile.name, f"run-off of {len(good)} candidates", len(to_run), len(to_run))
+        try:
+            pc.runoff_ms = dict(runoff(good))
+        except EdgeoptError as exc:
+            pc.notes.append(f"run-off skipped ({exc.one_line()}); picked on each candidate's own benchmark")
+    pc.pick = select(pc.results, noise, pc.latency)
     if pc.pick is None:
         pc.notes.append("no candidate holds the accuracy budget: nothing would be packaged for this profile")
     return pc

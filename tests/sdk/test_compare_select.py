@@ -198,3 +198,37 @@ def test_auto_iterations_time_about_a_second_within_bounds():
     assert auto_iterations(10.0) == 100
     assert auto_iterations(150.0) == 20  # a slow model: at least 20 samples for a median
     assert auto_iterations(0.0) == 2000
+
+
+def test_runoff_figures_decide_the_pick_when_given():
+    prof = load_profile("cpu")
+    table = {"openvino/int8/all": fake("openvino", "int8", p50=3.0, size=1000),  # slowed by its own benchmark
+             "onnxruntime/int8/all": fake("onnxruntime", "int8", p50=1.0, size=1000)}
+    evaluate, _ = _runner(table)
+    seen = []
+
+    def runoff(results):
+        seen.append(sorted(r.candidate.label for r in results))
+        return {"openvino/int8/all": 0.6, "onnxruntime/int8/all": 1.0}
+
+    pc = compare_profile(prof, evaluate, precisions=["int8"], devices={}, runoff=runoff)
+    assert seen == [["onnxruntime/int8/all", "openvino/int8/all"]]  # only in-budget candidates take part
+    assert pc.pick is table["openvino/int8/all"]
+    doc = CompareReport(model="m.onnx", profiles=[pc]).to_dict()["profiles"][0]
+    rows = {r["candidate"]: r for r in doc["candidates"]}
+    assert rows["openvino/int8/all"]["runoff_p50_ms"] == 0.6
+    assert rows["onnxruntime/int8/all"]["reason"] == "slower: 1.67x the pick's latency"
+
+
+def test_a_failed_runoff_falls_back_to_each_candidates_own_benchmark():
+    prof = load_profile("cpu")
+    table = {"openvino/int8/all": fake("openvino", "int8", p50=3.0),
+             "onnxruntime/int8/all": fake("onnxruntime", "int8", p50=1.0)}
+    evaluate, _ = _runner(table)
+
+    def runoff(results):
+        raise UnsupportedError("device vanished")
+
+    pc = compare_profile(prof, evaluate, precisions=["int8"], devices={}, runoff=runoff)
+    assert pc.pick is table["onnxruntime/int8/all"]
+    assert pc.notes == ["run-off skipped (device vanished); picked on each candidate's own benchmark"]
