@@ -27,7 +27,7 @@ def check(key: str, args, con) -> dict:
     from rich.table import Table
 
     from edgeopt.agent.runtimes import get_runtime
-    from edgeopt.sdk.compare import compare_profile, eligible, fit_iterations
+    from edgeopt.sdk.compare import compare_profile, eligible, fit_iterations, make_runoff
     from edgeopt.sdk.pipeline import PackageRequest, evaluate, prepare
 
     model = sdk_assets.get(key)
@@ -39,7 +39,8 @@ def check(key: str, args, con) -> dict:
     with prepare(req) as prep:
         fit_iterations(prep, args.compare_iterations)  # as `edgeopt compare` does
         pc = compare_profile(profile, lambda c: evaluate(prep, c), model_format=prep.source.format,
-                             precisions=args.precisions.split(",") if args.precisions else None)
+                             precisions=args.precisions.split(",") if args.precisions else None,
+                             runoff=make_runoff(prep))
         compare_s = time.perf_counter() - t0
         good = eligible(pc.results)
         if pc.pick is None:
@@ -64,13 +65,15 @@ def check(key: str, args, con) -> dict:
     ratio = p50[pick] / p50[fastest_label]
     t = Table(title=f"{model['name']} (cpu profile, budget min cosine {profile.accuracy.min_cosine}): compare "
                     f"{compare_s:.0f} s, pick {pick}")
-    for c in ("configuration", "compare p50 ms", "compare speedup", "re-measured p50 ms", "vs fastest", ""):
+    for c in ("configuration", "compare p50 ms", "compare speedup", "compare run-off ms", "re-measured p50 ms",
+              "vs fastest", ""):
         t.add_column(c, justify="left" if c in ("configuration", "") else "right")
     for r in pc.results:
         label = r.candidate.label
         in_budget = r in good
         t.add_row(label, f"{r.optimized.p50_ms:.3f}" if r.optimized else "–",
                   f"{r.speedup:.2f}x" if r.speedup else "–",
+                  f"{pc.runoff_ms[label]:.3f}" if label in pc.runoff_ms else "–",
                   f"{p50[label]:.3f}" if in_budget else "–",
                   f"{p50[label] / p50[fastest_label]:.3f}" if in_budget else "–",
                   ("PICK" if label == pick else "") + ("" if in_budget else ("over budget" if r.ok else "failed")))

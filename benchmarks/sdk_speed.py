@@ -172,7 +172,7 @@ def part1(key: str, args, peak) -> dict:
 
 def part2(key: str, args) -> dict:
     """Every cpu-profile candidate on a real model; the winner and why the others lost."""
-    from edgeopt.sdk.compare import CompareReport, compare_profile, fit_iterations
+    from edgeopt.sdk.compare import CompareReport, compare_profile, fit_iterations, make_runoff
     from edgeopt.sdk.pipeline import PackageRequest, evaluate, prepare
     model = sdk_assets.get(key)
     profile = sdk_assets.cpu_profile_for(model)
@@ -183,7 +183,8 @@ def part2(key: str, args) -> dict:
     with prepare(req) as prep:
         fit_iterations(prep)  # as `edgeopt compare` does: about 1 s of timing per model
         pc = compare_profile(profile, lambda c: evaluate(prep, c), model_format=prep.source.format,
-                             precisions=args.precisions.split(",") if args.precisions else None)
+                             precisions=args.precisions.split(",") if args.precisions else None,
+                             runoff=make_runoff(prep))
     doc = CompareReport(model=model["model"], profiles=[pc]).to_dict()["profiles"][0]
     return {"model": model["name"], "seconds": time.perf_counter() - t0, "doc": doc}
 

@@ -421,3 +421,32 @@ def compare_profile(profile: HardwareProfile, evaluate: Evaluator, *, model_form
     if pc.pick is None:
         pc.notes.append("no candidate holds the accuracy budget: nothing would be packaged for this profile")
     return pc
+
+
+def make_runoff(prepared) -> Runoff:
+    """The run-off for :func:`compare_profile` on a prepared model (the pipeline's ``prepare`` result): reload each
+    in-budget candidate's built model and time them side by side, at the profile's threads and batch size."""
+    import numpy as np
+
+    from ..agent.runtimes import get_runtime
+
+    def runoff(results) -> dict[str, float]:
+        sample = prepared.heldout.samples[0]
+        loaded, feeds = {}, {}
+        try:
+            for r in results:
+                model = get_runtime(r.candidate.runtime).load(
+                    r.artifact.model_file, device=r.run_device, threads=prepared.threads,
+                    performance_hint=prepared.profile.performance_hint.value)
+                loaded[r.candidate.label] = model
+                batch = getattr(r, "batch", 1) or 1
+                fixed = all(isinstance(t.shape[0], int) and t.shape[0] > 0 for t in model.inputs if t.shape)
+                # Same batch as the candidate's own benchmark: rows repeated unless the model's batch is fixed.
+                feeds[r.candidate.label] = sample if batch == 1 or fixed else {
+                    k: np.concatenate([v] * batch, axis=0)[:batch] for k, v in sample.items()}
+            return time_interleaved(loaded, feeds, prepared.request.bench_iterations)
+        finally:
+            for model in loaded.values():
+                model.close()
+
+    return runoff

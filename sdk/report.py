@@ -110,7 +110,8 @@ def _table(profile: dict[str, Any]) -> str:
         cells = [
             str(r.get("index", "")), ("★ " if r.get("picked") else "") + r["candidate"], None,
             _size(r.get("size_bytes")) + rel,
-            _fmt(r.get("p50_ms"), ".3f"), _fmt(r.get("runoff_p50_ms"), ".3f"), _fmt(thr, ".1f"), _fmt(r.get("speedup"), ".2f") + (
+            _fmt(r.get("p50_ms"), ".3f"), _fmt(r.get("runoff_p50_ms"), ".3f"), _fmt(thr, ".1f"),
+            _fmt(r.get("speedup"), ".2f") + (
                 "x" if r.get("speedup") is not None else ""),
             _fmt(r.get("achieved_gflops"), ".1f"), _fmt(r.get("min_cosine"), ".4f"),
             _fmt(top1 * 100 if top1 is not None else None, ".1f") + ("%" if top1 is not None else ""),

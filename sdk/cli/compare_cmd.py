@@ -119,7 +119,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
     fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
     """
-    from ..compare import ALL_PRECISIONS, DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations
+    from ..compare import ALL_PRECISIONS, DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations, make_runoff
     from ..profile import load_profile
 
     # Everything the user typed is checked before the first (slow) measurement.
@@ -176,7 +176,7 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
 
             pc = compare_profile(profile, run_one, model_format=prepared.source.format, precisions=precisions,
                                  calibration=prepared.calibration is not None, noise=noise, progress=hook,
-                                 runoff=_runoff(prepared))
+                                 runoff=make_runoff(prepared))
             report.profiles.append(pc)
             bar.remove_task(task)
             # Warnings that change how to read the figures (e.g. random calibration) go into the report.
@@ -202,35 +202,6 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     _print_table(doc, out)
     if html_path is not None:
         out.print(f"HTML report: {html_path}")
-
-
-def _runoff(prepared):
-    """The run-off for compare_profile: reload each in-budget candidate's built model and time them side by side."""
-    import numpy as np
-
-    from ...agent.runtimes import get_runtime
-    from ..compare import time_interleaved
-
-    def runoff(results) -> dict[str, float]:
-        sample = prepared.heldout.samples[0]
-        loaded, feeds = {}, {}
-        try:
-            for r in results:
-                model = get_runtime(r.candidate.runtime).load(
-                    r.artifact.model_file, device=r.run_device, threads=prepared.threads,
-                    performance_hint=prepared.profile.performance_hint.value)
-                loaded[r.candidate.label] = model
-                batch = getattr(r, "batch", 1) or 1
-                fixed = all(isinstance(t.shape[0], int) and t.shape[0] > 0 for t in model.inputs if t.shape)
-                # Same batch as the candidate's own benchmark: rows repeated unless the model's batch is fixed.
-                feeds[r.candidate.label] = sample if batch == 1 or fixed else {
-                    k: np.concatenate([v] * batch, axis=0)[:batch] for k, v in sample.items()}
-            return time_interleaved(loaded, feeds, prepared.request.bench_iterations)
-        finally:
-            for model in loaded.values():
-                model.close()
-
-    return runoff
 
 
 def _calib(value: str | None):
