@@ -1,8 +1,6 @@
 """`edgeopt bench`: latency and throughput of a package on this host."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import click

@@ -50,9 +50,9 @@ from .types import (PRECISIONS, Artifact, BuildResult, Candidate, CandidateResul
 def prepare(request: PackageRequest, progress: Progress | None = None):
     """Load, check, optimize and shape the model; read calibration and held-out data; run the fp32 reference.
 
-    Returns a :class:`~edgeopt.sdk.pipeline.build.Prepared` (a context manager that removes its work dir).
+    Returns a :class:`~edgeopt.sdk.pipeline.prepared.Prepared` (a context manager that removes its work dir).
     """
-    from .build import prepare as _prepare
+    from .prepared import prepare as _prepare
 
     return _prepare(request, progress or NullProgress())
 
@@ -63,7 +63,7 @@ def candidates_for(prepared, *, all_precisions: bool = False) -> list[Candidate]
     Default: each of the profile's runtimes that can take this model, at the profile's precision.
     ``all_precisions=True`` (compare): also fp32, fp16 and, for int8 profiles, the accuracy-aware variant.
     """
-    from .build import candidates_for as _c
+    from .prepared import candidates_for as _c
 
     return _c(prepared, all_precisions=all_precisions)
 
@@ -71,14 +71,14 @@ def candidates_for(prepared, *, all_precisions: bool = False) -> list[Candidate]
 def evaluate(prepared, candidate: Candidate, progress: Progress | None = None) -> CandidateResult:
     """Build, validate and benchmark one configuration without writing a package. Never raises for a
     candidate that cannot be built: ``ok=False`` and ``error`` (one line) say why."""
-    from .build import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
 
     return _evaluate(prepared, candidate, progress or NullProgress())
 
 
 def pick(results: list[CandidateResult]) -> CandidateResult | None:
     """The fastest (lowest p50 latency) result within the accuracy budget, or None."""
-    from .build import pick as _pick
+    from .evaluation import pick as _pick
 
     return _pick(results)
 

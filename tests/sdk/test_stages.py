@@ -242,3 +242,16 @@ def test_layer_errors_keep_unmeasured_layers_last():
     layers = [Layer("a", "a", []), Layer("gone", "gone", ["a"])]
     ranked = accuracy.layer_errors(layers, lambda f: {"a": np.ones(2)}, lambda f: {"a": np.array([1.0, 0.5])}, [{}])
     assert [e.layer for e in ranked] == ["a", "gone"] and ranked[1].error == 0.0
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """A submodule named like a public function would replace it on the package once imported."""
+    import importlib
+    import pkgutil
+
+    import edgeopt.sdk.pipeline as pipeline
+
+    for info in pkgutil.iter_modules(pipeline.__path__):
+        importlib.import_module(f"edgeopt.sdk.pipeline.{info.name}")
+    for name in ("prepare", "candidates_for", "evaluate", "pick", "build_package", "export_torch"):
+        assert callable(getattr(pipeline, name)), name

@@ -1,0 +1,198 @@
+"""Evaluate one candidate: build, validate (with the float-layer search), benchmark against fp32."""
+from __future__ import annotations
+
+import logging
+
+from ..errors import EdgeoptError, UnsupportedError
+from ..profile import HardwareProfile
+from . import accuracy, benchmark
+from .prepared import Prepared
+from .progress import Progress
+from .types import Artifact, Candidate, CandidateResult
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_SAMPLES = 4  # held-out samples used for per-layer errors (intermediate tensors are large)
+
+
+def evaluate(prep: Prepared, cand: Candidate, progress: Progress) -> CandidateResult:
+    result = CandidateResult(candidate=cand, ok=False, passed=False, source_size_bytes=prep.source.size_bytes)
+    try:
+        _evaluate(prep, cand, progress, result)
+        result.ok = True
+    except EdgeoptError as exc:
+        result.error = exc.one_line()
+        result.exception = exc
+    except Exception as exc:  # a runtime's own error: keep the other candidates going, report it in one line
+        log.debug("candidate %s failed", cand.label, exc_info=True)
+        result.error = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+        result.exception = UnsupportedError(f"{cand.runtime} could not build the model ({cand.precision}): "
+                                            f"{result.error}")
+    return result
+
+
+def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: CandidateResult) -> None:
+    from ...agent.runtimes import get_runtime
+    from ..backends import BuildJob, get_backend
+
+    backend = get_backend(cand.runtime)
+    rt_opts = next(rt for rt in prep.profile.runtimes if rt.runtime == cand.runtime)
+    source, graph = prep.fp32_model(cand.graph_level)
+    workdir = prep.workdir / cand.label.replace("/", "_").replace("+", "_")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cand.runtime not in prep.runtimes:
+        with progress.stage(f"{cand.label}: check ops"):
+            backend.check_ops(source, prep.source.format, prep.source.path.name)
+    if prep.source.format == "onnx":
+        progress.note(graph.line())
+        result.decisions.append(graph.line())
+    job = BuildJob(source=source, source_format=prep.source.format, precision=cand.precision,
+                   graph_level=cand.graph_level, workdir=workdir, profile=prep.profile, runtime_options=rt_opts,
+                   calibration=prep.calibration.samples if prep.calibration and cand.precision == "int8" else None)
+    target, run_device, proxy = backend.run_device(rt_opts)
+    if not _host_arch_matches(prep.profile):
+        proxy = True  # e.g. the arm profile built on an x86 host: this CPU stands in for the ARM one
+    result.device, result.run_device, result.host_proxy = target, run_device, proxy
+    runtime = get_runtime(cand.runtime)
+    hint = prep.profile.performance_hint.value
+
+    attempts = iter(range(1_000_000))
+
+    def build_and_check(float_layers: list[str]):
+        job.float_layers = list(float_layers)
+        # A fresh folder per attempt: OpenVINO memory-maps model.bin, and rewriting a mapped file in place
+        # kills the process with SIGBUS when an earlier attempt's model is still alive.
+        job.workdir = workdir / f"attempt{next(attempts)}"
+        job.workdir.mkdir()
+        art = backend.build(job)
+        loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
+                              options=device_options(art.runtime_options, run_device))
+        try:
+            outs = [loaded.infer(feed) for feed in prep.heldout.samples]
+        except BaseException:
+            loaded.close()
+            raise
+        report = accuracy.compare(prep.reference_outputs, outs, prep.profile.accuracy, prep.heldout.labels)
+        report = report.model_copy(update={"float_layers": list(float_layers)})
+        return art, loaded, outs, report
+
+    with progress.stage(f"{cand.label}: build"):
+        artifact, loaded, outputs, report = build_and_check([])
+        for note in artifact.notes:
+            progress.note(note)
+    with progress.stage(f"{cand.label}: accuracy"):
+        progress.note(_accuracy_line(report))
+        if not report.passed and cand.precision not in ("fp32", "as-exported"):
+            ranking = _sensitivity(backend, job, artifact, prep)
+            report = report.model_copy(update={"sensitive_layers": ranking[:10]})
+            if cand.accuracy_aware and ranking:
+                loaded.close()
+                artifact, loaded, outputs, report = _float_search(prep, ranking, build_and_check, progress, report)
+    result.artifact, result.validation, result.passed = artifact, report, report.passed
+    result.size_bytes = artifact.size_bytes
+    result.outputs = outputs
+    result.tensors = (loaded.inputs, loaded.outputs)
+    try:
+        with progress.stage(f"{cand.label}: benchmark"):
+            feeds = prep.heldout.samples[0]
+            bench_feeds = benchmark.batch_feeds(feeds, prep.profile.batch_size,
+                                                static_batch=isinstance(prep.specs[0].shape[0], int) if prep.specs and prep.specs[0].shape else True)
+            static_opt = all(isinstance(d, int) for t in loaded.inputs for d in t.shape[:1])
+            opt_feeds = feeds if static_opt else bench_feeds
+            batch = len(next(iter(bench_feeds.values()))) if bench_feeds else 1
+            stats = benchmark.measure({"fp32": prep.baseline, "optimized": loaded},
+                                      {"fp32": bench_feeds, "optimized": opt_feeds}, batch,
+                                      prep.request.bench_iterations,
+                                      runtimes={"fp32": prep.baseline_runtime, "optimized": cand.runtime})
+            result.fp32, result.optimized = stats["fp32"], stats["optimized"]
+            result.batch = batch
+            result.speedup = result.fp32.p50_ms / result.optimized.p50_ms if result.optimized.p50_ms > 0 else None
+            where = f"host CPU as a proxy for {target}" if proxy else run_device
+            progress.note(f"p50 {result.optimized.p50_ms:.3f} ms vs fp32 {result.fp32.p50_ms:.3f} ms "
+                          f"({result.speedup:.2f}x), batch {batch}, on {where}")
+    finally:
+        loaded.close()
+
+
+def _host_arch_matches(profile: HardwareProfile) -> bool:
+    import platform
+
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return machine in profile.target.arch
+
+
+def device_options(options: dict, device: str) -> dict | None:
+    """OpenVINO's precision hint applies to its CPU plugin; other devices keep their own defaults."""
+    if not options:
+        return None
+    return dict(options) if device == "CPU" else None
+
+
+def _accuracy_line(r) -> str:
+    text = f"{'PASS' if r.passed else 'FAIL'}: min cosine {r.min_cosine:.4f}, mean {r.mean_cosine:.4f}, " \
+           f"max abs err {r.max_abs_error:.4g}"
+    if r.top1_agreement is not None:
+        text += f", top-1 agreement {r.top1_agreement:.1%}"
+    if r.metric:
+        text += f", accuracy {r.metric.fp32:.2f} -> {r.metric.optimized:.2f}"
+    if r.float_layers:
+        text += f", {len(r.float_layers)} layers in float"
+    return text
+
+
+def _sensitivity(backend, job, artifact: Artifact, prep: Prepared):
+    """Per-layer error of the quantized model vs its fp32 reference, most harmful first."""
+    ref_path = backend.layer_reference(job) if job.precision == "int8" else job.source
+    if ref_path is None:
+        return []
+    layers = backend.layers(ref_path)
+    if not layers:
+        return []
+    ref = backend.layer_probe(ref_path, layers)
+    opt = backend.layer_probe(artifact.model_file, layers)
+    if ref is None or opt is None:
+        return []
+    return accuracy.layer_errors(layers, ref, opt, prep.heldout.samples[:SENSITIVITY_SAMPLES])
+
+
+def _float_search(prep, ranking, build_and_check, progress, first_report):
+    """Keep the k most sensitive layers in float, k = 1, 2, 4, ...; then bisect down to the fewest that hold."""
+    names = [e.layer for e in ranking]
+    best = None
+    k, lo = 1, 0
+    while True:
+        k = min(k, len(names))
+        art, loaded, outs, report = build_and_check(names[:k])
+        progress.note(f"{k} layer(s) in float: {_accuracy_line(report)}")
+        if report.passed:
+            best = (art, loaded, outs, report)
+            break
+        loaded.close()
+        lo = k
+        if k == len(names):
+            break
+        k *= 2
+    if best is None:
+        progress.warn("no float fallback set met the budget; even all quantizable layers in float missed it")
+        art, loaded, outs, report = build_and_check(names[: len(names)])
+        return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
+    hi = k
+    for _ in range(3):  # bisect (lo fails, hi holds), a few rebuilds at most
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        art, loaded, outs, report = build_and_check(names[:mid])
+        progress.note(f"{mid} layer(s) in float: {_accuracy_line(report)}")
+        if report.passed:
+            best[1].close()
+            best, hi = (art, loaded, outs, report), mid
+        else:
+            loaded.close()
+            lo = mid
+    art, loaded, outs, report = best
+    return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
+
+
+def pick(results: list[CandidateResult]) -> CandidateResult | None:
+    good = [r for r in results if r.ok and r.passed and r.optimized is not None]
+    return min(good, key=lambda r: r.optimized.p50_ms) if good else None

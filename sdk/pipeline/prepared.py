@@ -1,0 +1,293 @@
+"""Shared work for every candidate: load, check ops, shapes, calibration / held-out data, fp32 reference."""
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends import REGISTRY, get_backend
+from ..errors import ConfigError, EdgeoptError, InputError, UnsupportedError
+from ..package import CalibrationInfo
+from ..profile import HardwareProfile, load_profile
+from . import benchmark, data
+from .load import SourceModel, load_source
+from .optimize import GraphReport, simplify
+from .progress import Progress
+from .shapes import InputSpec, enforce_policy, fix_ir_shapes, fix_onnx_shapes, ir_input_specs, onnx_input_specs
+from .types import Candidate, PackageRequest
+
+log = logging.getLogger(__name__)
+
+REFERENCE_RUNTIME = {"onnx": "onnxruntime", "openvino-ir": "openvino", "tflite": "tflite"}
+
+
+@dataclass
+class Prepared:
+    """Shared state for evaluating candidates of one model and profile (a context manager)."""
+
+    request: PackageRequest
+    profile: HardwareProfile
+    workdir: Path
+    source: SourceModel
+    reference: Path  # the original model with fixed shapes (fp32 baseline and accuracy reference)
+    specs: list[InputSpec]
+    heldout: data.SampleSet
+    reference_outputs: list[dict]
+    baseline: object  # LoadedModel: fp32 original on the host CPU
+    baseline_runtime: str
+    calibration: data.SampleSet | None = None
+    calibration_info: CalibrationInfo | None = None
+    threads: int | None = None
+    decisions: list[str] = field(default_factory=list)
+    graphs: dict[str, tuple[Path, GraphReport]] = field(default_factory=dict)
+    progress: Progress | None = None
+    batch: int = 1
+    runtimes: list[str] = field(default_factory=list)  # the profile's runtimes that can run this model
+
+    def __enter__(self) -> "Prepared":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.baseline.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def fp32_model(self, level: str) -> tuple[Path, GraphReport]:
+        """The checked, shaped fp32 model after graph optimization at ``level`` (cached)."""
+        if level in self.graphs:
+            return self.graphs[level]
+        if self.source.format != "onnx":
+            report = GraphReport(level, self.source.nodes or 0, self.source.nodes or 0,
+                                 f"{self.source.format} input: the runtime optimizes it when compiling")
+            self.graphs[level] = (self.reference, report)
+            return self.graphs[level]
+        import onnx
+
+        model, report = simplify(onnx.load(str(self.reference)), level)
+        path = self.workdir / f"fp32-{level}.onnx"
+        onnx.save(model, str(path))
+        self.graphs[level] = (path, report)
+        return self.graphs[level]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _profile(req: PackageRequest) -> HardwareProfile:
+    return req.profile if isinstance(req.profile, HardwareProfile) else load_profile(req.profile)
+
+
+def _wanted_precision(req: PackageRequest, profile: HardwareProfile) -> str:
+    if req.precision:
+        return req.precision
+    if req.weight_only:
+        return "int8-weight-only"
+    return profile.precision.mode.value
+
+
+def prepare(req: PackageRequest, progress: Progress) -> Prepared:
+    """Load, check, shape and read data; run the fp32 reference. See the package docstring."""
+    from ...agent.runtimes import get_runtime
+
+    profile = _profile(req)
+    with progress.stage("load and check"):
+        source = load_source(req.model, profile)
+        progress.note(f"{source.path.name}: {source.format}"
+                      + (f", opset {source.opset}" if source.opset else "") + (f", {source.nodes} nodes" if source.nodes else ""))
+    needs_calib = _wanted_precision(req, profile) == "int8" and source.format != "tflite"
+    if needs_calib and req.calib is None:
+        raise InputError(f"profile {profile.name!r} quantizes to int8, which needs calibration data, and none was given",
+                         hint="pass --calib calib.npz (arrays keyed by input name) or --calib IMAGE_FOLDER; "
+                              "--calib random runs a smoke test only (the accuracy check is then meaningless); "
+                              "or choose --weight-only / --precision fp32")
+    workdir = Path(tempfile.mkdtemp(prefix="edgeopt-"))
+    try:
+        return _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) -> Prepared:
+    decisions: list[str] = []
+    with progress.stage("shapes"):
+        reference, specs = _shape(source, req, profile, workdir, progress)
+        for note in enforce_policy(specs, profile):
+            progress.note(note)
+    threads = benchmark.profile_threads(profile)
+    batch = profile.batch_size
+    calib_n = req.calib_samples or profile.precision.calibration_samples
+    held_n = req.heldout_samples or profile.accuracy.held_out_samples
+    calibration = calib_info = None
+    with progress.stage("calibration and held-out data"):
+        heldout = None
+        if req.heldout is not None:
+            heldout = data.load_any(req.heldout, specs, req.preprocessing, "held-out", 1, held_n)
+        if req.calib == "random":
+            progress.warn("--calib random: calibration uses random inputs, so the accuracy check is meaningless")
+            calibration = data.random_samples(specs, min(32, calib_n), req.seed)
+            calib_info = CalibrationInfo(source="random", samples=len(calibration), meaningful=False)
+            decisions.append("calibration: random inputs (--calib random); the accuracy check is meaningless")
+        elif req.calib is not None and needs_calib:
+            loaded = data.load_any(Path(req.calib), specs, req.preprocessing, "calibration", 1,
+                                   calib_n + (0 if heldout is not None else held_n))
+            if heldout is None:
+                loaded, heldout = data.split_heldout(loaded, held_n)
+                decisions.extend(heldout.notes)
+            calibration = loaded.head(calib_n)
+            calib_info = CalibrationInfo(source=loaded.source, sha256=loaded.sha256, samples=len(calibration))
+        elif req.calib is not None and heldout is None:
+            # No int8 here, but the user's data still makes a better accuracy check than random inputs.
+            heldout = data.load_any(Path(req.calib), specs, req.preprocessing, "held-out", 1, held_n)
+            decisions.append("held-out: samples from the --calib data (no calibration needed at this precision)")
+        if heldout is None:
+            heldout = data.random_samples(specs, min(held_n, 16), req.seed + 1)
+            progress.warn("no held-out data given: the accuracy check compares outputs on random inputs "
+                          "(pass --heldout FILE for a meaningful check)")
+            decisions.append("held-out: random inputs (no --heldout or --calib data given)")
+        progress.note(f"held-out samples: {len(heldout)}" + (f", calibration samples: {len(calibration)}"
+                                                                 if calibration else ""))
+    with progress.stage("check ops"):
+        runtimes = _usable_runtimes(req, profile, source, reference, decisions, progress)
+    with progress.stage("fp32 reference"):
+        rt_name = REFERENCE_RUNTIME[source.format]
+        if source.format == "onnx" and "onnxruntime" not in runtimes:
+            try:
+                get_backend("onnxruntime").check_ops(reference, "onnx", source.path.name)
+            except EdgeoptError as exc:
+                # ONNX Runtime cannot run it, but a profile runtime can: that runtime's fp32 is the reference.
+                rt_name = runtimes[0]
+                decisions.append(f"fp32 reference and baseline: {rt_name} ({exc.one_line()})")
+        rt = get_runtime(rt_name)
+        device = "CPUExecutionProvider" if rt_name == "onnxruntime" else "CPU"
+        baseline = rt.load(reference, device=device, threads=threads, performance_hint=profile.performance_hint.value,
+                           options={"graph_optimization_level": "all"} if rt_name == "onnxruntime" else None)
+        try:
+            ref_out = [baseline.infer(feed) for feed in heldout.samples]
+        except BaseException:
+            baseline.close()
+            raise
+        progress.note(f"fp32 baseline: {rt_name} on the host CPU" + (" (all graph optimizations)"
+                                                                     if rt_name == "onnxruntime" else ""))
+    prep = Prepared(request=req, profile=profile, workdir=workdir, source=source, reference=reference, specs=specs,
+                    heldout=heldout, reference_outputs=ref_out, baseline=baseline, baseline_runtime=rt_name,
+                    calibration=calibration, calibration_info=calib_info, threads=threads, decisions=decisions,
+                    progress=progress, batch=batch, runtimes=runtimes)
+    return prep
+
+
+def _usable_runtimes(req, profile, source, reference, decisions, progress) -> list[str]:
+    """The profile's runtimes (or --runtime) that take this model format and can run all its ops."""
+    from ..backends import get_backend
+
+    names = [rt.runtime for rt in profile.runtimes]
+    if req.runtime:
+        if req.runtime not in names:
+            raise ConfigError(f"runtime {req.runtime!r} is not one of profile {profile.name!r}'s runtimes "
+                              f"({', '.join(names)})", hint="drop --runtime or choose another profile")
+        names = [req.runtime]
+    usable, errors = [], []
+    for name in names:
+        if source.format not in _accepts(name):
+            note = f"runtime {name}: skipped, it does not take {source.format} models"
+            if name == "tflite":
+                note += " (ONNX -> TFLite conversion needs TensorFlow, which cannot share this environment)"
+            decisions.append(note)
+            progress.note(note)
+            continue
+        try:
+            get_backend(name).check_ops(reference, source.format, source.path.name)
+            usable.append(name)
+        except EdgeoptError as exc:
+            errors.append(exc)
+            decisions.append(f"runtime {name}: skipped, {exc.one_line()}")
+            progress.note(f"runtime {name}: {exc.one_line()}")
+    if usable:
+        return usable
+    if errors:
+        raise errors[0]
+    raise UnsupportedError(f"no runtime of profile {profile.name!r} ({', '.join(names)}) takes a "
+                           f"{source.format} model", hint="give an ONNX model, or choose another profile")
+
+
+def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress):
+    if source.format == "onnx":
+        import onnx
+
+        model = source.onnx
+        for note in fix_onnx_shapes(model, req.input_shapes, source.path.name):
+            progress.note(note)
+        if req.input_shapes:
+            model = onnx.shape_inference.infer_shapes(model)
+        path = workdir / "reference.onnx"
+        onnx.save(model, str(path))
+        return path, onnx_input_specs(model)
+    if source.format == "openvino-ir":
+        import openvino as ov
+
+        from ...agent.runtimes.openvino import core
+
+        model = core().read_model(str(source.path))
+        for note in fix_ir_shapes(model, req.input_shapes, source.path.name):
+            progress.note(note)
+        path = workdir / "reference.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return path, ir_input_specs(model)
+    from ...agent.runtimes import get_runtime
+
+    if req.input_shapes:
+        raise InputError("--input-shape is not supported for .tflite models (their shapes are fixed at export)")
+    path = workdir / "reference.tflite"
+    shutil.copyfile(source.path, path)
+    loaded = get_runtime("tflite").load(path, device="CPU", threads=1)
+    try:
+        specs = [InputSpec(t.name, t.dtype, tuple(d if isinstance(d, int) else None for d in t.shape))
+                 for t in loaded.inputs]
+    finally:
+        loaded.close()
+    return path, specs
+
+# --------------------------------------------------------------------------- candidates
+
+
+def candidates_for(prep: Prepared, all_precisions: bool = False) -> list[Candidate]:
+    req, profile = prep.request, prep.profile
+    usable = list(prep.runtimes)
+    level = req.graph_level or "all"
+    out = []
+    for name in usable:
+        if name == "tflite":
+            out.append(Candidate(name, "as-exported", level))
+            continue
+        wanted = _wanted_precision(req, profile)
+        if not all_precisions:
+            out.append(Candidate(name, wanted, level, req.accuracy_aware and wanted == "int8"))
+            if req.accuracy_aware and wanted == "int8" and not req.precision:
+                # When many layers must stay in float, the runtime's plain fp32 can be the faster faithful
+                # configuration: measure it too, and keep whichever is faster within the budget.
+                out.append(Candidate(name, "fp32", level))
+            continue
+        for precision in ("fp32", "fp16", wanted):
+            if precision == "int8" and prep.calibration is None:
+                continue
+            cand = Candidate(name, precision, level)
+            if cand not in out:
+                out.append(cand)
+        if wanted == "int8" and prep.calibration is not None:
+            out.append(Candidate(name, "int8", level, True))
+    return out
+
+
+def _accepts(name: str) -> tuple[str, ...]:
+    module, cls = REGISTRY[name][0].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls).accepts
+    except ImportError:
+        return ()
