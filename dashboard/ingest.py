@@ -236,6 +236,7 @@ class IngestService:
         delay = 0.5
         down_since: float | None = None
         pending = None
+        failures = 0
         while True:
             if pending is None:
                 items = self._take_batch()
@@ -255,25 +256,38 @@ class IngestService:
                 if down_since is not None:
                     log.warning("database is back after %.1f s; writing resumed", time.monotonic() - down_since)
                     down_since, delay = None, 0.5
-                pending = None
-            except IntegrityError as exc:
-                # A device deleted while cached, or a row no constraint allows: write one by one so one bad
-                # message cannot block the rest.
-                log.warning("batch refused by the database (%s); writing messages one by one",
-                            str(exc.orig).splitlines()[0] if exc.orig else exc)
-                self.writer.forget_devices()
-                self._write_singly(pending)
-                pending = None
-            except (OperationalError, DBAPIError) as exc:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.error("database %s unavailable (%s); holding %d messages in memory and retrying",
-                              redact(str(self.engine.url)), str(getattr(exc, "orig", exc)).splitlines()[0],
-                              pending.size + self.queue.qsize())
-                self.writer.forget_devices()
-                if self.stop_event.wait(delay) and self._give_up_on_stop():
-                    return
-                delay = min(delay * 2, 10.0)
+                pending, failures = None, 0
+            except Exception as exc:  # noqa: BLE001 - the writer thread must never die
+                kind = _classify(exc)
+                if kind == "refused":
+                    # A device deleted while cached, or a row no constraint allows: write one by one so one
+                    # bad message cannot block the rest.
+                    log.warning("batch refused by the database (%s); writing messages one by one", _first_line(exc))
+                    self.writer.forget_devices()
+                    self._write_singly(pending)
+                    pending = None
+                elif kind == "conflict":
+                    # Deadlock or serialization failure with another ingest process: just run it again.
+                    log.info("batch rolled back by the database (%s); retrying", _first_line(exc))
+                    self.writer.forget_devices()
+                elif kind == "unavailable":
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.error("database %s unavailable (%s); holding %d messages in memory and retrying",
+                                  redact(str(self.engine.url)), _first_line(exc), pending.size + self.queue.qsize())
+                    self.writer.forget_devices()
+                    if self.stop_event.wait(delay) and self._give_up_on_stop():
+                        return
+                    delay = min(delay * 2, 10.0)
+                else:
+                    failures += 1
+                    log.exception("unexpected error writing a batch of %d messages (attempt %d)", pending.size, failures)
+                    self.writer.forget_devices()
+                    if failures >= 3:  # give the batch one message at a time rather than block ingest
+                        self._write_singly(pending)
+                        pending, failures = None, 0
+                    elif self.stop_event.wait(delay):
+                        return
 
     def _give_up_on_stop(self) -> bool:
         # Stopping while the database is down: the messages held are lost; say how many.
@@ -288,7 +302,8 @@ class IngestService:
         for device_id, row in batch.telemetry:
             key = (device_id, row["session_id"], row["seq"])
             p = Prepared(telemetry=[(device_id, row)], telemetry_msgs={key: 1},
-                         fleets={device_id: batch.fleets[device_id]})
+                         fleets={device_id: batch.fleets[device_id]},
+                         touch={device_id: batch.touch[device_id]} if device_id in batch.touch else {})
             parts.append(p)
         for device_id, row in batch.events:
             parts.append(Prepared(events=[(device_id, row)], fleets={device_id: batch.fleets[device_id]}))
@@ -300,8 +315,9 @@ class IngestService:
         for part in parts:
             try:
                 self.writer.write(part, now)
-            except IntegrityError:
+            except Exception as exc:  # noqa: BLE001 - one message; counted, logged, not retried
                 failed += 1
+                log.warning("message refused by the database: %s", _first_line(exc))
                 self.writer.forget_devices()
         counters = Counter(batch.counters)
         if failed:
@@ -410,6 +426,35 @@ class IngestService:
         done.wait()
         log.info("stopping ingest")
         self.stop()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _classify(exc: BaseException) -> str:
+    """How the writer reacts to a database error: "refused" (a constraint: write one by one), "conflict"
+    (deadlock / serialization: retry now), "unavailable" (connection, timeout, locked: retry with
+    backoff) or "unexpected". Errors come wrapped by SQLAlchemy or, from the COPY fast path, raw psycopg."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(exc, IntegrityError):
+        return "refused"
+    try:
+        import psycopg
+    except ImportError:  # SQLite-only installs
+        psycopg = None
+    if psycopg is not None and isinstance(orig, psycopg.Error):
+        if isinstance(orig, psycopg.IntegrityError):
+            return "refused"
+        if (getattr(orig, "sqlstate", None) or "").startswith("40"):  # class 40: deadlock, serialization
+            return "conflict"
+        if isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return "unavailable"
+        return "unexpected"
+    if isinstance(exc, OperationalError) or getattr(exc, "connection_invalidated", False):
+        return "unavailable"
+    return "unexpected"
 
 
 def _load_tick() -> Callable[..., Any] | None:

@@ -208,7 +208,8 @@ class BatchWriter:
                 counters["telemetry"] += len(inserted)
                 counters["duplicate"] += dup
                 stats.duplicates += dup
-                self._touch_devices(session, batch, pks)
+                if batch.touch:
+                    self._touch_devices(session, batch, pks)
             for rows, model, name in ((batch.events, m.Event, "events"),
                                       (batch.results, m.CommandResult, "cmd_result")):
                 if not rows:
@@ -420,6 +421,9 @@ def _pg_copy_touch(session: Session, params: list[dict[str, Any]]) -> None:
         with cur.copy("COPY touch_stage (id, ts, sess, intv, deadline, p95, cpu, rss, now) FROM STDIN") as copy:
             for p in params:
                 copy.write_row([p[f"b_{k}"] for k in keys])
+        # Lock the rows in id order first: two ingest processes updating overlapping devices in plan order
+        # would deadlock each other (PostgreSQL then aborts one batch, which is retried, but slowly).
+        cur.execute("SELECT d.id FROM devices d JOIN touch_stage u ON u.id = d.id ORDER BY d.id FOR UPDATE OF d")
         cur.execute(_TOUCH_SQL)
 
 

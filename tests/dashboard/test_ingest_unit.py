@@ -50,3 +50,84 @@ def test_deployment_hook_is_optional(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", broken)
     with pytest.raises(ModuleNotFoundError, match="somedependency"):
         ingest._load_tick()
+
+
+def test_classify_database_errors():
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    c = ingest._classify
+    assert c(psycopg.errors.DeadlockDetected("d")) == "conflict"
+    assert c(OperationalError("s", {}, psycopg.errors.SerializationFailure("s"))) == "conflict"
+    assert c(psycopg.OperationalError("down")) == "unavailable"
+    assert c(OperationalError("s", {}, sqlite3.OperationalError("database is locked"))) == "unavailable"
+    assert c(psycopg.errors.UniqueViolation("u")) == "refused"
+    assert c(IntegrityError("s", {}, sqlite3.IntegrityError("fk"))) == "refused"
+    assert c(ValueError("bug")) == "unexpected"
+
+
+def _incoming(n: int):
+    from datetime import datetime, timezone
+
+    from edgeopt.dashboard.ingest_writer import Incoming
+    from edgeopt.dashboard.simulate import SimDevice
+
+    d = SimDevice("w-1", fleet="f")
+    return [Incoming(d.topic("telemetry"), d.telemetry(requests=2)[0].to_json(), datetime.now(timezone.utc))
+            for _ in range(n)]
+
+
+def _run_writer(svc, items, want_rows, timeout=20.0):
+    import threading
+    import time
+
+    from sqlalchemy import func, select
+
+    from edgeopt.dashboard import models as m
+    from sqlalchemy.orm import Session
+
+    t = threading.Thread(target=svc._write_loop, daemon=True)
+    t.start()
+    for it in items:
+        svc.queue.put(it)
+    deadline = time.monotonic() + timeout
+    rows = 0
+    while time.monotonic() < deadline:
+        with Session(svc.engine) as s:
+            rows = s.scalar(select(func.count()).select_from(m.TelemetryRaw))
+        if rows >= want_rows:
+            break
+        time.sleep(0.05)
+    svc.stop_event.set()
+    t.join(5)
+    return rows
+
+
+def test_writer_survives_deadlocks_and_unexpected_errors(db_url, caplog):
+    """Unit test with an injected failure: the writer thread retries a deadlocked batch, and a batch that
+    keeps failing for an unknown reason is written message by message instead of blocking ingest."""
+    import logging
+
+    import psycopg
+
+    svc = ingest.IngestService(ingest.IngestSettings(database_url=db_url, flush_ms=20, batch_size=50))
+    real = svc.writer.write
+    calls = {"n": 0}
+
+    def flaky(batch, now):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        if batch.size > 1:
+            raise ValueError("poison batch")
+        return real(batch, now)
+
+    svc.writer.write = flaky
+    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard.ingest"):
+        assert _run_writer(svc, _incoming(10), want_rows=10) == 10
+    text = caplog.text
+    assert "batch rolled back by the database (deadlock detected); retrying" in text
+    assert "unexpected error writing a batch of 10 messages (attempt 3)" in text
+    svc.engine.dispose()
