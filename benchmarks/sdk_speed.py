@@ -278,12 +278,14 @@ def main() -> None:
         doc = res["doc"]
         t = Table(title=f"Part 2: {res['model']} — cpu profile candidates ({res['seconds']:.0f} s); "
                         f"pick: {doc['pick']}")
-        for c in ("configuration", "status", "p50 ms", "speedup", "min cos", "top-1", "metric Δ", "size", "why"):
+        for c in ("configuration", "status", "p50 ms", "run-off ms", "speedup", "min cos", "top-1", "metric Δ", "size",
+                  "why"):
             t.add_column(c, justify="left" if c in ("configuration", "status", "why") else "right")
         for r in doc["candidates"]:
             t.add_row(("★ " if r.get("picked") else "") + r["candidate"], r["status"] + (
                 "" if r["status"] != "measured" else (" ok" if r["passed"] else " over")),
-                _fmt(r.get("p50_ms"), ".3f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("min_cosine"), ".4f"),
+                _fmt(r.get("p50_ms"), ".3f"), _fmt(r.get("runoff_p50_ms"), ".3f"), _fmt(r.get("speedup"), ".2f"),
+                _fmt(r.get("min_cosine"), ".4f"),
                 _fmt(r.get("top1_agreement"), ".3f"), _fmt(r.get("metric_drop"), "+.2f"),
                 _fmt(r.get("size_bytes"), ",d"), r.get("reason") or "")
         con.print(t)
