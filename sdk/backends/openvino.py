@@ -121,6 +121,38 @@ class OpenVINOBackend(Backend):
                      + (f", {len(job.float_layers)} layers kept in float" if job.float_layers else ""))
         return quantized
 
+    # ------------------------------------------------------------------ float fallback without re-quantizing
+
+    def revert_points(self, model_file: Path) -> list[str]:
+        """The activation quantizers (FakeQuantize on a non-constant input) of an int8 IR."""
+        model = _core().read_model(str(model_file))
+        return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+                and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
+
+    def rank_reverts(self, model_file: Path, feeds: list[dict], score) -> list[tuple[str, float]]:
+        """Each activation quantizer bypassed alone (weights stay int8), scored by ``score(outputs)`` on
+        ``feeds``; best first. What NNCF's accuracy control ranks by, without re-calibrating per step."""
+        model = _core().read_model(str(model_file))
+        ranked = []
+        for name in self.revert_points(model_file):
+            outs = _run_all(_bypass(model.clone(), [name]), feeds)
+            ranked.append((name, float(score(outs))))
+        ranked.sort(key=lambda x: x[1], reverse=True)
+        return ranked
+
+    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
+        """The int8 IR with the named activation quantizers bypassed (those activations stay float)."""
+        import openvino as ov
+
+        model = _bypass(_core().read_model(str(model_file)), names)
+        xml = workdir / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        layers = sorted({n.split("/fq_")[0] for n in names})
+        return Artifact(model_file=xml, files={"model.xml": xml, "model.bin": xml.with_suffix(".bin")},
+                        runtime=RUNTIME, precision=precision, float_layers=layers,
+                        notes=[f"{len(names)} activation quantizer(s) bypassed: those activations stay float"],
+                        runtime_options={"INFERENCE_PRECISION_HINT": "f32"})
+
     # ------------------------------------------------------------------ sensitivity
 
     def layer_reference(self, job: BuildJob) -> Path:
@@ -174,6 +206,31 @@ class OpenVINOBackend(Backend):
                     for layer in wanted}
 
         return probe
+
+
+def _bypass(model, names: list[str]):
+    """Reconnect the consumers of each named FakeQuantize to its input (in place; returns the model)."""
+    ops = {op.get_friendly_name(): op for op in model.get_ops()}
+    for name in names:
+        fq = ops.get(name)
+        if fq is None:
+            continue
+        source = fq.input_value(0)
+        for target in list(fq.output(0).get_target_inputs()):
+            target.replace_source_output(source)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def _run_all(model, feeds: list[dict]) -> list[dict]:
+    compiled = _core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    names = [p.get_any_name() for p in compiled.outputs]
+    out = []
+    for feed in feeds:
+        values = request.infer(feed)
+        out.append({n: np.asarray(values[p]).copy() for n, p in zip(names, compiled.outputs)})
+    return out
 
 
 def _progress_to_stderr():

@@ -85,7 +85,12 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         if not report.passed and cand.precision not in ("fp32", "as-exported"):
             ranking = _sensitivity(backend, job, artifact, prep)
             report = report.model_copy(update={"sensitive_layers": ranking[:10]})
-            if cand.accuracy_aware and ranking:
+            if cand.accuracy_aware and hasattr(backend, "rank_reverts") and cand.precision == "int8":
+                found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report)
+                if found is not None:
+                    loaded.close()
+                    artifact, loaded, outputs, report = found
+            if cand.accuracy_aware and ranking and not report.passed:
                 loaded.close()
                 artifact, loaded, outputs, report = _float_search(prep, ranking, build_and_check, progress, report)
     result.artifact, result.validation, result.passed = artifact, report, report.passed
@@ -191,6 +196,67 @@ def _float_search(prep, ranking, build_and_check, progress, first_report):
             lo = mid
     art, loaded, outs, report = best
     return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
+
+
+def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report):
+    """OpenVINO: bypass activation quantizers of the int8 model, best-ranked first, until the budget holds.
+
+    Ranking bypasses each quantizer alone (no re-calibration: one compile per quantizer, scored by the min
+    cosine on a few held-out samples); then k = 1, 2, 4, ... quantizers are bypassed and validated on all
+    held-out samples, and the smallest passing k is bisected. Weights stay int8. Returns None when even
+    every activation in float misses the budget (the caller then re-quantizes with float layers).
+    """
+    feeds = prep.heldout.samples[:SENSITIVITY_SAMPLES]
+    refs = prep.reference_outputs[:SENSITIVITY_SAMPLES]
+    budget = prep.profile.accuracy
+
+    def score(outs):
+        return accuracy.compare(refs, outs, budget).min_cosine
+
+    with progress.stage("rank activation quantizers (bypass one at a time)"):
+        ranked = [n for n, _ in backend.rank_reverts(base.model_file, feeds, score)]
+    if not ranked:
+        return None
+    attempts = iter(range(1_000_000))
+
+    def try_(k):
+        folder = workdir / f"revert{next(attempts)}"
+        folder.mkdir()
+        art = backend.build_reverted(base.model_file, ranked[:k], folder, base.precision)
+        loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
+                              options=device_options(art.runtime_options, run_device))
+        outs = [loaded.infer(feed) for feed in prep.heldout.samples]
+        report = accuracy.compare(prep.reference_outputs, outs, budget, prep.heldout.labels)
+        report = report.model_copy(update={"float_layers": art.float_layers,
+                                           "sensitive_layers": first_report.sensitive_layers})
+        progress.note(f"{k} activation(s) in float: {_accuracy_line(report)}")
+        return art, loaded, outs, report
+
+    best, lo, k = None, 0, 1
+    while best is None:
+        k = min(k, len(ranked))
+        found = try_(k)
+        if found[3].passed:
+            best = found
+        else:
+            found[1].close()
+            lo = k
+            if k == len(ranked):
+                return None
+            k *= 2
+    hi = k
+    for _ in range(4):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        found = try_(mid)
+        if found[3].passed:
+            best[1].close()
+            best, hi = found, mid
+        else:
+            found[1].close()
+            lo = mid
+    return best
 
 
 def pick(results: list[CandidateResult]) -> CandidateResult | None:
