@@ -133,3 +133,23 @@ def test_unknown_and_missing_backends(monkeypatch):
         get_backend("openvino")
     assert err.value.one_line() == ("runtime 'openvino' is not installed (edgeopt_no_such_module cannot be imported) "
                                     "(install it with: pip install 'edgeopt[sdk]')")
+
+
+def test_openvino_bypassing_activation_quantizers(tmp_path):
+    import openvino as ov
+
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend("openvino")
+    art = backend.build(_job(tmp_path, src, "int8", runtime="openvino"))
+    points = backend.revert_points(art.model_file)
+    assert points and all(p.count("/fq_") == 1 for p in points)
+    feeds = random_samples([InputSpec("input", "float32", (1, 1, 8, 8))], 2, seed=5).samples
+    ranked = backend.rank_reverts(art.model_file, feeds, score=lambda outs: float(len(outs)))
+    assert sorted(n for n, _ in ranked) == sorted(points)
+    out = tmp_path / "reverted"
+    out.mkdir()
+    reverted = backend.build_reverted(art.model_file, points, out, "int8")
+    model = ov.Core().read_model(str(reverted.model_file))
+    left = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
+            and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
+    assert not left and reverted.float_layers and reverted.runtime_options == {"INFERENCE_PRECISION_HINT": "f32"}
