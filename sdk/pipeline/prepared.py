@@ -190,7 +190,7 @@ def _usable_runtimes(req, profile, source, reference, decisions, progress) -> li
     names = [rt.runtime for rt in profile.runtimes]
     if req.runtime:
         if req.runtime not in names:
-            raise ConfigError(f"runtime {req.runtime!r} is not one of profile {profile.name!r}'s runtimes "
+            raise ConfigError(f"runtime {req.runtime!r} is not a runtime of profile {profile.name!r} "
                               f"({', '.join(names)})", hint="drop --runtime or choose another profile")
         names = [req.runtime]
     usable, errors = [], []

@@ -212,3 +212,11 @@ def test_tampered_package_file(cli, digits_model, digits_calib, keypair, tmp_pat
         assert code == ExitCode.SECURITY
         assert _one_error_line(err) == (f"error: {tampered}: model.onnx does not match its sha256 in the manifest "
                                         "(file was changed after signing)")
+
+
+def test_runtime_override_must_belong_to_the_profile(cli, digits_model, digits_calib, tmp_path):
+    out = tmp_path / "o.eopkg"
+    code, _, err = _package(cli, digits_model, out, "--calib", digits_calib, "--runtime", "tflite")
+    assert code == ExitCode.INPUT and not out.exists()
+    assert _one_error_line(err) == ("error: runtime 'tflite' is not a runtime of profile 'cpu' (openvino, onnxruntime)"
+                                    " (drop --runtime or choose another profile)")
