@@ -189,17 +189,30 @@ class BatchWriter:
 
     # ------------------------------------------------------------------------------------------ write
     def write(self, batch: Prepared, now: datetime) -> WriteStats:
-        """Write one prepared batch in one transaction; raises on database errors (nothing written)."""
+        """Write one prepared batch; raises on database errors (the batch can then be written again).
+
+        Several ingest processes write at once, so the transactions are shaped to neither deadlock nor
+        serialize: new devices and status changes (rare) commit in their own short transactions first
+        (statuses before telemetry: a birth resets the heartbeat deadline the telemetry then sets); the
+        main transaction inserts rows (no row locks on devices), and only at its end locks the batch's
+        device rows in id order for one UPDATE and then the counter rows (sorted) before committing.
+        Every step is idempotent, so a batch retried after a failure counts everything once.
+        """
         stats = WriteStats()
         counters = Counter(batch.counters)
+        device_ids = set(batch.fleets)
+        if any(d not in self._pks for d in device_ids):
+            with Session(self.engine) as session, session.begin():
+                self._resolve(session, device_ids, batch.fleets, now)
+        pks = {d: self._pks[d] for d in device_ids}
+        if batch.statuses:
+            with Session(self.engine) as session, session.begin():
+                # Stable sort by device: one device's statuses keep their order; rows lock in id order.
+                for device_id, p, received in sorted(batch.statuses, key=lambda s: pks[s[0]]):
+                    if self._apply_status(session, pks[device_id], p, received):
+                        stats.statuses += 1
+        counters["status"] += len(batch.statuses)
         with Session(self.engine) as session, session.begin():
-            device_ids = set(batch.fleets)
-            pks = self._resolve(session, device_ids, batch.fleets, now)
-            # Statuses first: a birth resets the heartbeat deadline that this batch's telemetry then sets.
-            for device_id, p, received in batch.statuses:
-                if self._apply_status(session, pks[device_id], p, received):
-                    stats.statuses += 1
-                counters["status"] += 1
             if batch.telemetry:
                 inserted = self._insert_telemetry(session, batch, pks)
                 stats.telemetry_msgs = len(inserted)
@@ -208,8 +221,6 @@ class BatchWriter:
                 counters["telemetry"] += len(inserted)
                 counters["duplicate"] += dup
                 stats.duplicates += dup
-                if batch.touch:
-                    self._touch_devices(session, batch, pks)
             for rows, model, name in ((batch.events, m.Event, "events"),
                                       (batch.results, m.CommandResult, "cmd_result")):
                 if not rows:
@@ -222,6 +233,8 @@ class BatchWriter:
                     stats.events = n
                 else:
                     stats.results = n
+            if batch.touch:
+                self._touch_devices(session, batch, pks)
             self._count(session, counters, now)
         return stats
 
@@ -422,8 +435,10 @@ def _pg_copy_touch(session: Session, params: list[dict[str, Any]]) -> None:
             for p in params:
                 copy.write_row([p[f"b_{k}"] for k in keys])
         # Lock the rows in id order first: two ingest processes updating overlapping devices in plan order
-        # would deadlock each other (PostgreSQL then aborts one batch, which is retried, but slowly).
-        cur.execute("SELECT d.id FROM devices d JOIN touch_stage u ON u.id = d.id ORDER BY d.id FOR UPDATE OF d")
+        # would deadlock each other (PostgreSQL then aborts one batch after a second; it is retried). NO KEY
+        # UPDATE is the lock the UPDATE takes anyway, and unlike FOR UPDATE it does not conflict with the
+        # KEY SHARE locks the other process's telemetry inserts hold on the same devices (foreign keys).
+        cur.execute("SELECT d.id FROM devices d JOIN touch_stage u ON u.id = d.id ORDER BY d.id FOR NO KEY UPDATE OF d")
         cur.execute(_TOUCH_SQL)
 
 
