@@ -139,9 +139,13 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
         "performance_hint": str(profile.get("performance_hint", "latency")),
         "options": {},
     }
-    if manifest.runtime == "openvino" and block.get("model_cache", True):
-        # Compiled blobs survive restarts: the second start of the same package skips compilation.
-        kwargs["cache_dir"] = cache_root / "openvino"
+    if manifest.runtime == "openvino":
+        if block.get("model_cache", True):
+            # Compiled blobs survive restarts: the second start of the same package skips compilation.
+            kwargs["cache_dir"] = cache_root / "openvino"
+        # The precision the package was validated at (e.g. INFERENCE_PRECISION_HINT=f32): without it, OpenVINO
+        # runs float parts in bf16 on CPUs that have it, and the golden self-test can fail.
+        kwargs["options"] = dict(manifest.runtime_options or {})
     if manifest.runtime == "onnxruntime":
         kwargs["options"] = {"providers": [manifest.device],
                              "graph_optimization_level": block.get("graph_optimization_level", "all")}
