@@ -32,3 +32,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp ]]; then
   .venv/bin/python -m pip install -q -e '.[all,test]'
   touch "$stamp"
 fi
+# PyTorch is an optional extra (the SDK's torch.nn.Module input, the PyTorch-eager benchmark baseline); the
+# test set-up installs the CPU build so those paths are tested, never skipped. Runtime code never needs it.
+if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0 (CPU build) for the tests"
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
