@@ -3,7 +3,7 @@
 pyproject.toml holds all metadata; this file only computes the package list, because setuptools
 cannot express "folder X is package edgeopt.X, with all its subpackages" declaratively.
 """
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 FOLDERS = {"sdk": "edgeopt.sdk", "agent": "edgeopt.agent", "dashboard": "edgeopt.dashboard",
            "hardware_profiles": "edgeopt.hardware_profiles"}
@@ -11,6 +11,8 @@ FOLDERS = {"sdk": "edgeopt.sdk", "agent": "edgeopt.agent", "dashboard": "edgeopt
 packages = []
 for folder, name in FOLDERS.items():
     packages.append(name)
-    packages.extend(f"{name}.{sub}" for sub in find_packages(folder))
+    # Namespace discovery also takes the data folders without __init__.py (templates/, static/,
+    # migrations/versions/, systemd/, examples/), so a non-editable install carries them.
+    packages.extend(f"{name}.{sub}" for sub in find_namespace_packages(folder, exclude=["*__pycache__*"]))
 
 setup(packages=packages, package_dir={name: folder for folder, name in FOLDERS.items()})
