@@ -137,12 +137,13 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     devs: dict[int, set[int]] = defaultdict(set)
     for i, row in zip(idx.tolist(), rows):
         devs[i].add(row[4])  # fleet-wide rows carry a device count, the others a device key
-    qv = quantiles(H)
+    qv = _plain(quantiles(H))
+    req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
     points = []
     for i in sorted(devs):
-        p50, p95, p99 = (None if np.isnan(x) else round(float(x), 3) for x in qv[i])
+        p50, p95, p99 = qv[i]
         points.append(dict(t=_iso(start + timedelta(seconds=i * step)), p50=p50, p95=p95, p99=p99,
-                           requests=int(req[i]), errors=int(err[i]), throughput_ips=_round(float(req[i]) / step),
+                           requests=req_l[i], errors=err_l[i], throughput_ips=tput[i],
                            devices=max(devs[i]) if fleetwide else len(devs[i])))
     return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
             "start": _iso(start), "end": _iso(end), "points": points}
@@ -343,6 +344,19 @@ def quantiles(counts: np.ndarray, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> 
     return out
 
 
+def _plain(a: np.ndarray, nd: int = 3) -> list:
+    """A numpy array rounded to ``nd`` places as nested Python lists, NaN as None."""
+    a = np.round(np.asarray(a, dtype=np.float64), nd)
+    out = a.tolist()
+    if np.isnan(a).any():
+        nan = np.isnan(a)
+        if a.ndim == 1:
+            out = [None if n else x for x, n in zip(out, nan.tolist())]
+        else:
+            out = [[None if n else x for x, n in zip(row, nrow)] for row, nrow in zip(out, nan.tolist())]
+    return out
+
+
 def _bulk_json(texts: list[str | None], empty: str) -> list:
     """Decode many small JSON documents with ONE json.loads call (per-row decoding dominated the charts)."""
     return json.loads("[" + ",".join(t if t else empty for t in texts) + "]") if texts else []
@@ -391,15 +405,19 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
             queue[i] = max(queue[i], r[8] or 0)
             for k, v in b.items():
                 batch[i][k] += int(v)
-    qv = quantiles(H)
+    # Whole columns to plain Python once: per-point numpy scalar access cost more than the maths.
+    qv = _plain(quantiles(H))
+    req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cpu_l = _plain(cpu_s / cpu_n, 1)
+        rss_l = [None if x is None else int(x) for x in _plain(rss_s / rss_n, 0)]
+    queue_l = queue.tolist()
     points = []
     for i in np.nonzero(seen)[0].tolist():
-        p50, p95, p99 = (None if np.isnan(x) else round(float(x), 3) for x in qv[i])
+        p50, p95, p99 = qv[i]
         points.append(dict(t=_iso(start + timedelta(seconds=i * step)), p50=p50, p95=p95, p99=p99,
-                           requests=int(req[i]), errors=int(err[i]), throughput_ips=_round(float(req[i]) / step),
-                           cpu_percent=_round(float(cpu_s[i] / cpu_n[i]), 1) if cpu_n[i] else None,
-                           rss_bytes=int(rss_s[i] / rss_n[i]) if rss_n[i] else None,
-                           queue_depth=int(queue[i]), batch_sizes=dict(batch.get(i, {}))))
+                           requests=req_l[i], errors=err_l[i], throughput_ips=tput[i], cpu_percent=cpu_l[i],
+                           rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {}))))
     models = sorted({r[1] for r, hm in zip(rows, has_model) if hm})
     return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
             "models": models, "start": _iso(start), "end": _iso(end), "points": points}
