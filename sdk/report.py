@@ -48,6 +48,8 @@ def scatter_svg(profile: dict[str, Any]) -> str:
     except ImportError:
         raise missing_extra("matplotlib", "sdk") from None
     rows = [r for r in profile["candidates"] if r.get("status") == "measured" and r.get("p50_ms") is not None]
+    # x is what the pick ranks by: the run-off latency where the candidate took part in it.
+    xs = {id(r): r.get("runoff_p50_ms") or r["p50_ms"] for r in rows}
     # Accuracy is drawn as 1 - cosine on a log axis: cosines of 0.999 and 0.9999 differ by 10x in error, and a
     # linear cosine axis squeezes every faithful candidate into one line under a single bad one.
     floor = 1e-6
@@ -60,10 +62,10 @@ def scatter_svg(profile: dict[str, Any]) -> str:
                 color = "#1a7f37" if r.get("passed") else "#cf222e"
                 marker = "*" if r.get("picked") else ("o" if r.get("passed") else "x")
                 extra = {"edgecolors": "black"} if r.get("picked") else {}
-                ax.scatter([r["p50_ms"]], [y], c=color, marker=marker, s=220 if r.get("picked") else 45,
+                ax.scatter([xs[id(r)]], [y], c=color, marker=marker, s=220 if r.get("picked") else 45,
                            zorder=3, **extra)
                 # Numbers, not labels, beside the points: the table's "#" column names them without overlap.
-                ax.annotate(str(r.get("index", "")), (r["p50_ms"], y), textcoords="offset points", xytext=(6, 3),
+                ax.annotate(str(r.get("index", "")), (xs[id(r)], y), textcoords="offset points", xytext=(6, 3),
                             fontsize=8, color="#1f2328")
             ax.set_yscale("log")
             budget = profile.get("budget", {}).get("min_cosine")
@@ -74,7 +76,7 @@ def scatter_svg(profile: dict[str, Any]) -> str:
             if base:
                 ax.axvline(base, color="#57606a", linestyle=":", linewidth=1, label="fp32 ONNX Runtime baseline")
             ax.legend(loc="best", fontsize=8)
-            ax.set_xlabel("p50 latency (ms, lower is better)")
+            ax.set_xlabel("p50 latency, ms (run-off where measured; lower is better)")
             ax.set_ylabel("1 - min cosine to fp32 (lower is better)")
             ax.set_title(f"profile {profile['profile']}: latency vs accuracy (★ = pick, x = over budget)")
             ax.grid(True, alpha=0.3, which="both")
