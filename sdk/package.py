@@ -363,11 +363,18 @@ def write_package(out_path: str | Path, manifest: Manifest, artifacts: dict[str,
                     info.mtime = int(manifest.created_at.timestamp())
                     with open(src, "rb") as fh:
                         tar.addfile(info, fh)
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a package is shared like any built file
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -422,7 +429,9 @@ class PackageReader:
             members = self._tar.getmembers()
         except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
             self.close()
-            raise PackageError(f"{self.path}: not a valid .eopkg archive ({exc.__class__.__name__}: {exc})",
+            # tarfile's own message lists every compression it tried; the first line of it says enough.
+            reason = "not a tar archive" if isinstance(exc, tarfile.ReadError) else f"{exc.__class__.__name__}: {exc}"
+            raise PackageError(f"{self.path}: not a valid .eopkg archive ({reason})",
                                hint="the file may be truncated or not a package") from None
         total = 0
         for m in members:

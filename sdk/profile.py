@@ -228,12 +228,16 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
         value = err.get("input")
         kind = err["type"]
         if kind == "extra_forbidden":
-            msg = f"unknown key (remove it or check its spelling)"
+            msg = "unknown key (remove it or check its spelling)"
         elif kind == "missing":
-            msg = "required key is missing"
+            msg = f"required key is missing (add it: see `edgeopt profile show cpu` for a complete profile)"
             value = None
+        elif kind in ("literal_error", "enum"):
+            msg = f"{err['msg']} (use one of those values)"
+        elif kind.endswith("_parsing") or kind.endswith("_type"):
+            msg = f"{err['msg']} (write the value without quotes if it is a number or a boolean)"
         else:
-            msg = err["msg"]
+            msg = f"{err['msg']} (change the value)"
         shown = "" if value is None or isinstance(value, dict) else f" (found {value!r})"
         lines.append(f"{path}: {loc or '<top>'}: {msg}{shown}")
     return "; ".join(lines)

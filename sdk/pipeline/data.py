@@ -73,7 +73,9 @@ def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limi
         for i, (want, got) in enumerate(zip(spec.shape, arr.shape)):
             if i > 0 and isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"{role} array {spec.name!r} has shape {list(arr.shape)}, but the input needs "
-                                 f"{_fmt(spec.shape)} (dim {i}: expected {want}, found {got})")
+                                 f"{_fmt(spec.shape)} (dim {i}: expected {want}, found {got})",
+                                 hint="preprocess the samples to the model's input shape (samples along axis 0),"
+                                      " or fix a dynamic dim with --input-shape")
         want_dtype = np.dtype(spec.dtype)
         if _kind(arr.dtype) != _kind(want_dtype):
             raise InputError(f"{role} array {spec.name!r} has dtype {arr.dtype}, but the input takes {want_dtype}",

@@ -77,7 +77,9 @@ def test_calibration_wrong_shape(cli, digits_model, digits_calib_wrong_shape, tm
     code, _, err = _package(cli, digits_model, out, "--calib", digits_calib_wrong_shape)
     assert code == ExitCode.INPUT and not out.exists()
     assert _one_error_line(err) == ("error: calibration array 'images' has shape [16, 1, 28, 28], but the input "
-                                    "needs [?,1,8,8] (dim 2: expected 8, found 28)")
+                                    "needs [?,1,8,8] (dim 2: expected 8, found 28) (preprocess the samples to the "
+                                    "model's input shape (samples along axis 0), or fix a dynamic dim with "
+                                    "--input-shape)")
 
 
 def test_dynamic_model_for_static_profile(cli, dynamic_model, digits_calib, tmp_path):
