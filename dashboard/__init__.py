@@ -33,10 +33,21 @@ def _secret_key(instance: Path) -> str:
         return path.read_text().strip()
     instance.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Several workers may start at once on a fresh instance folder: write a complete temp file and link it
+    # into place, so exactly one key wins and nobody ever reads a half-written one.
+    tmp = instance / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
-    log.info("generated a new secret key in %s", path)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+        log.info("generated a new secret key in %s", path)
+    except FileExistsError:
+        key = path.read_text().strip()  # another worker won the race; use its key
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 

@@ -48,7 +48,8 @@ def packages(tmp_path_factory):
 
 def _database_urls():
     urls = [pytest.param("sqlite", id="sqlite")]
-    if os.environ.get("EDGEOPT_TEST_POSTGRES_URL"):
+    # Under CI the PostgreSQL variant always exists, so a missing server fails it instead of hiding it.
+    if os.environ.get("EDGEOPT_TEST_POSTGRES_URL") or os.environ.get("CI") == "true":
         urls.append(pytest.param("postgresql", id="postgresql"))
     return urls
 
@@ -60,7 +61,10 @@ def database_url(request, tmp_path):
         return
     import psycopg
 
-    base = os.environ["EDGEOPT_TEST_POSTGRES_URL"]
+    base = os.environ.get("EDGEOPT_TEST_POSTGRES_URL")
+    if not base:
+        pytest.fail("EDGEOPT_TEST_POSTGRES_URL is not set: scripts/test.sh sets it when PostgreSQL answers on "
+                    "127.0.0.1:5432")
     name = f"edgeopt_e2e_{uuid.uuid4().hex[:10]}"
     plain = base.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(plain, autocommit=True) as conn:
