@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -68,12 +69,36 @@ def init(device_id, fleet, broker, state_dir, api_host, api_port, trust_keys, te
 
 def _events_printer(as_json: bool):
     def show(event: dict) -> None:
-        if as_json:
-            return
+        if as_json or not event["ok"]:
+            return  # a failure ends the command with its one-line error; printing it here too would repeat it
         mark = "ok" if event["ok"] else "FAILED"
         click.echo(f"{event['event']:<9} {mark:<6} {event['message']}", err=True)
 
     return show
+
+
+def _fleet_reporter(config):
+    """Queue a local install's events in the agent's outbox, so the fleet sees them too.
+
+    The daemon sends the outbox in order when it is (or next is) connected. Each CLI run is its own
+    session, so the dashboard's (device, session, seq) deduplication keeps its events apart.
+    """
+    from ..sdk import topics
+    from ..sdk.telemetry import EventPayload
+    from .mqtt import Envelope
+    from .outbox import Outbox
+
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(Path(config.state_dir), config.outbox.max_messages)
+    envelope = Envelope(config.device_id, session_id=f"cli-{uuid.uuid4().hex[:12]}")
+    topic = topics.topic(config.fleet, config.device_id, "events")
+
+    def report(event: dict) -> None:
+        fields = {k: v for k, v in event.items() if k in EventPayload.model_fields and k != "kind"}
+        fields["details"] = {**(fields.get("details") or {}), "source": "edgeopt agent (local command)"}
+        outbox.put(topic, envelope.make(EventPayload, **fields).to_json())
+
+    return report
 
 
 def _installer(config_path: Path, as_json: bool):
@@ -85,10 +110,12 @@ def _installer(config_path: Path, as_json: bool):
     store = Store(config.state_dir)
     events: list[dict] = []
     printer = _events_printer(as_json)
+    report = _fleet_reporter(config)
 
     def sink(event: dict) -> None:
         events.append(event)
         printer(event)
+        report(event)
 
     return Installer(store, config, on_event=sink), events
 

@@ -7,10 +7,13 @@ download never blocks ``ping``. Installs run one at a time, in arrival order.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import queue
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,12 +58,17 @@ class CommandHandler:
 
     def __init__(self, envelope: Any, emit: Callable[[str, Any], Any], *, installer: Any = None,
                  set_interval: Callable[[float], None] | None = None,
-                 set_batching: Callable[..., None] | None = None):
+                 set_batching: Callable[..., None] | None = None, pending_dir: Path | None = None):
         self.envelope = envelope
         self.emit = emit
         self.installer = installer
         self.set_interval = set_interval
         self.set_batching = set_batching
+        # A deploy or rollback that was accepted is recorded here until its final result is queued, so a
+        # command interrupted by a kill or power loss still gets a result after the restart.
+        self.pending_dir = Path(pending_dir) if pending_dir is not None else None
+        if self.pending_dir is not None:
+            self.pending_dir.mkdir(parents=True, exist_ok=True)
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="commands-install", daemon=True)
         self._worker.start()
@@ -74,6 +82,40 @@ class CommandHandler:
                                      details=details)
         self.emit("cmd/result", payload)
         (log.info if ok else log.warning)("command %s %s: %s %s", command, command_id, status, message)
+
+    def _remember(self, cmd: CommandPayload) -> None:
+        if self.pending_dir is None:
+            return
+        path = self.pending_dir / f"{hashlib.sha256(cmd.id.encode()).hexdigest()[:24]}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": cmd.id, "command": cmd.command, "deployment_id": cmd.deployment_id,
+                                   "args": cmd.args}))
+        os.replace(tmp, path)
+
+    def _forget(self, cmd: CommandPayload) -> None:
+        if self.pending_dir is not None:
+            (self.pending_dir / f"{hashlib.sha256(cmd.id.encode()).hexdigest()[:24]}.json").unlink(missing_ok=True)
+
+    def fail_interrupted(self, serving: Callable[[str], str | None] = lambda name: None) -> int:
+        """Answer ``failed`` for every deploy/rollback accepted before the agent stopped; returns how many."""
+        if self.pending_dir is None:
+            return 0
+        n = 0
+        for path in sorted(self.pending_dir.glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            model = (doc.get("args") or {}).get("name") or (doc.get("args") or {}).get("model")
+            now = serving(model) if model else None
+            self.result(str(doc.get("id", "unknown")), doc.get("command"), "failed",
+                        "interrupted: the agent stopped before the command finished; the state was recovered"
+                        + (f" and {model} {now} is serving" if now else "") + "; send the command again",
+                        doc.get("deployment_id"), interrupted=True)
+            path.unlink(missing_ok=True)
+            n += 1
+        return n
 
     # ------------------------------------------------------------------ intake
     def handle(self, raw: bytes) -> None:
@@ -103,6 +145,7 @@ class CommandHandler:
         if self.installer is None:
             self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
             return
+        self._remember(cmd)
         self.result(cmd.id, cmd.command, "accepted", f"downloading {args.package_url}", cmd.deployment_id)
         self._jobs.put((cmd, lambda: self.installer.install_url(
             args.package_url, args.sha256, size=args.size, command_id=cmd.id, deployment_id=cmd.deployment_id)))
@@ -112,8 +155,10 @@ class CommandHandler:
         if self.installer is None:
             self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
             return
+        self._remember(cmd)
         self.result(cmd.id, cmd.command, "accepted", f"rolling back {args.model}", cmd.deployment_id)
-        self._jobs.put((cmd, lambda: self.installer.rollback(args.model, version=args.version, command_id=cmd.id)))
+        self._jobs.put((cmd, lambda: self.installer.rollback(args.model, version=args.version, command_id=cmd.id,
+                                                             deployment_id=cmd.deployment_id)))
 
     def _set_config(self, cmd: CommandPayload) -> None:
         args = SetConfigArgs.model_validate(cmd.args)
@@ -155,6 +200,7 @@ class CommandHandler:
                 self.result(cmd.id, cmd.command, "failed", _describe(exc), cmd.deployment_id)
             else:
                 self.result(cmd.id, cmd.command, "succeeded", "done", cmd.deployment_id, **_outcome(outcome))
+            self._forget(cmd)  # the final result is in the outbox now
 
     def stop(self) -> None:
         self._jobs.put(None)

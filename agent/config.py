@@ -249,10 +249,11 @@ host = {_toml_str(api_host)}
 port = {int(api_port)}
 
 [batching]
-# Group concurrent requests: up to max_batch (unset = the package profile's batch_size),
-# waiting at most max_delay_ms for a batch to fill; beyond max_queue waiting requests get 503.
+# Group concurrent requests: up to max_batch (unset = the package profile's batch_size, which is 1 for
+# the latency profiles), waiting at most max_delay_ms for a batch to fill; beyond max_queue waiting
+# requests get 503. Models without a dynamic batch dimension are never batched.
 enabled = true
-# max_batch = 8
+max_batch = 8
 max_delay_ms = 2.0
 max_queue = 256
 

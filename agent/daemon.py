@@ -138,7 +138,12 @@ class Agent:
                                           dropped=lambda: self.outbox.dropped).start()
         self.commands = CommandHandler(self.envelope, self.emit, installer=self.installer,
                                        set_interval=self.reporter.set_interval,
-                                       set_batching=self.registry.reconfigure)
+                                       set_batching=self.registry.reconfigure,
+                                       pending_dir=Path(self.config.state_dir) / "commands")
+        interrupted = self.commands.fail_interrupted(
+            lambda name: (self.store.current(name).version if self.store.current(name) else None))
+        if interrupted:
+            log.warning("answered %d command(s) interrupted by the last stop as failed", interrupted)
         self.link.on_command = self.commands.handle
         self._watcher = threading.Thread(target=self._watch_pointers, name="pointer-watch", daemon=True)
         self._watcher.start()

@@ -237,7 +237,7 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
         elif kind.endswith("_parsing") or kind.endswith("_type"):
             msg = f"{err['msg']} (write the value without quotes if it is a number or a boolean)"
         else:
-            msg = f"{err['msg']} (change the value)"
+            msg = err["msg"]  # pydantic's text already says what is expected (a bound, a pattern)
         shown = "" if value is None or isinstance(value, dict) else f" (found {value!r})"
         lines.append(f"{path}: {loc or '<top>'}: {msg}{shown}")
     return "; ".join(lines)

@@ -83,8 +83,20 @@ def test_install_refusals_exit_codes(capsys, agent_config_file, make_package, tm
            "missing": lambda: tmp_path / "nope.eopkg"}[kind]()
     got, out, err = _run(capsys, "agent", "install", str(pkg), "--config", cfg)
     assert got == code
-    assert "refused   FAILED" in err
-    assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1]
+    # the failure is said once, as the command's one-line error
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    # ... and queued for the fleet: the daemon sends the outbox over MQTT
+    from edgeopt.agent.config import load_config
+    from edgeopt.agent.outbox import Outbox
+    from edgeopt.sdk.telemetry import parse_payload
+
+    conf = load_config(agent_config_file)
+    rows = Outbox(conf.state_dir).peek(1000)
+    refused = [parse_payload("events", r.payload) for r in rows if r.topic.endswith("/events")]
+    refused = [e for e in refused if not e.ok]
+    if kind != "missing":  # a file that is not there never reaches the installer
+        assert refused and message.split(" (")[0][:40] in refused[-1].message
+        assert refused[-1].session_id.startswith("cli-") and refused[-1].details["source"].startswith("edgeopt agent")
     # --rollback makes the downgrade explicit
     if kind == "downgrade":
         assert _run(capsys, "agent", "install", str(pkg), "--config", cfg, "--rollback")[0] == 0

@@ -30,7 +30,7 @@ class FakeInstaller:
             raise self.fail
         return type("Installed", (), {"name": "digits", "version": "2.0.0", "previous_version": "1.0.0"})()
 
-    def rollback(self, model, version=None, *, command_id=None):
+    def rollback(self, model, version=None, *, command_id=None, deployment_id=None):
         self.calls.append(("rollback", model, version, command_id))
         self.done.set()
         return type("Installed", (), {"name": model, "version": "1.0.0", "previous_version": None})()
@@ -147,3 +147,48 @@ def test_set_config_applies_and_emits_event(setup):
     assert applied == {"interval": 2.5, "max_batch": 4, "max_delay_ms": 1.0}
     (event,) = [p for k, p in sink if k == "events"]
     assert isinstance(event, EventPayload) and event.event == "config" and event.command_id == "s1"
+
+
+def test_command_interrupted_by_a_stop_gets_a_failed_result_after_restart(tmp_path):
+    """A deploy accepted, then the agent killed before it finished: the next start answers it as failed."""
+    class Hanging(FakeInstaller):
+        def install_url(self, *a, **kw):
+            self.done.set()
+            threading.Event().wait(3600)  # stands for a process killed mid-install
+
+    pending = tmp_path / "commands"
+    first_sink = Sink()
+    first = CommandHandler(Envelope("dev-1", "sess-1"), first_sink, installer=Hanging(), pending_dir=pending)
+    first.handle(_cmd(id="d7", command="deploy", deployment_id="dep-7",
+                      args={"package_url": "http://h/p.eopkg", "sha256": SHA, "name": "digits"}))
+    assert [r.status for r in first_sink.wait_results(1)] == ["accepted"]
+    assert len(list(pending.glob("*.json"))) == 1
+    # "restart": a new handler on the same state dir
+    sink = Sink()
+    second = CommandHandler(Envelope("dev-1", "sess-2"), sink, installer=FakeInstaller(), pending_dir=pending)
+    try:
+        assert second.fail_interrupted(lambda name: "1.0.0" if name == "digits" else None) == 1
+        (res,) = sink.results()
+        assert (res.command_id, res.status, res.deployment_id, res.details) == ("d7", "failed", "dep-7",
+                                                                                  {"interrupted": True})
+        assert res.message == ("interrupted: the agent stopped before the command finished; the state was "
+                               "recovered and digits 1.0.0 is serving; send the command again")
+        assert list(pending.glob("*.json")) == []
+        assert second.fail_interrupted() == 0  # answered once only
+    finally:
+        second.stop()
+
+
+def test_finished_commands_leave_no_pending_record(tmp_path):
+    sink = Sink()
+    handler = CommandHandler(Envelope("dev-1", "sess-1"), sink, installer=FakeInstaller(), pending_dir=tmp_path)
+    try:
+        handler.handle(_cmd(id="d8", command="deploy", args={"package_url": "http://h/p.eopkg", "sha256": SHA}))
+        assert [r.status for r in sink.wait_results(2)] == ["accepted", "succeeded"]
+        for _ in range(100):
+            if not list(tmp_path.glob("*.json")):
+                break
+            threading.Event().wait(0.01)
+        assert list(tmp_path.glob("*.json")) == []
+    finally:
+        handler.stop()

@@ -172,10 +172,13 @@ def test_install_from_another_process_is_hot_swapped(tmp_path, agent_keys, make_
         assert out.returncode == 0, out.stderr
         wait_for(lambda: infer(agent.server.address, x)[1].get("model_version") == "1.2.0", 30,
                  what="the daemon to serve 1.2.0")
-        switch = wait_for(lambda: [p for p in _outbox_payloads(config_path.parent / "state")
-                                   if p.kind == "event" and p.event == "switch" and p.version == "1.2.0"], 10,
-                          what="the switch event")
-        assert "installed by another process" in switch[0].message
+        # both reach the fleet: the local command's own events, and the daemon's note that it swapped
+        switch = wait_for(lambda: (s := [p for p in _outbox_payloads(config_path.parent / "state")
+                                         if p.kind == "event" and p.event == "switch" and p.version == "1.2.0"])
+                          and len(s) >= 2 and s, 10, what="the switch events")
+        assert any("installed by another process" in p.message for p in switch)
+        assert any(p.details.get("source") == "edgeopt agent (local command)" and p.session_id.startswith("cli-")
+                   for p in switch)
     finally:
         agent.stop(flush_timeout=0.5)
 
