@@ -141,6 +141,20 @@ def create_token(username: str, name: str, database_url: str | None, as_json: bo
                    err=True)
 
 
+def retention_options(f):
+    """--raw-hours/--minute-days/--hour-days, shared by `rollup` and `ingest` (which rolls up as it runs)."""
+    for opt in reversed([
+        click.option("--raw-hours", default=48.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="Keep raw telemetry this many hours."),
+        click.option("--minute-days", default=30.0, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True), help="Keep 1-minute rollups this many days."),
+        click.option("--hour-days", default=400.0, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True), help="Keep 1-hour rollups this many days."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGEOPT_BROKER",
               help="MQTT broker URL.")
@@ -161,18 +175,22 @@ def create_token(username: str, name: str, database_url: str | None, as_json: bo
               help="Seconds between rollups in this process (0: never; run `rollup` separately).")
 @click.option("--heartbeat-check", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between heartbeat-timeout checks.")
+@retention_options
 @database_option
 def ingest(broker, group, client_id, session_expiry, batch_size, flush_ms, max_buffer, rollup_every,
-           heartbeat_check, database_url) -> None:
+           heartbeat_check, raw_hours, minute_days, hour_days, database_url) -> None:
     """Run an ingest process: MQTT telemetry, events, results and status into the database."""
     from .ingest import IngestService, IngestSettings
+    from .rollup import RetentionSettings
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeopt").setLevel(logging.INFO)
     settings = IngestSettings(broker=broker, group=group, client_id=client_id, session_expiry_s=session_expiry,
                               batch_size=batch_size,
                               flush_ms=flush_ms, max_buffer=max_buffer, rollup_every_s=rollup_every,
-                              heartbeat_check_s=heartbeat_check, database_url=database_url)
+                              heartbeat_check_s=heartbeat_check, database_url=database_url,
+                              retention=RetentionSettings(raw_hours=raw_hours, rollup_1m_days=minute_days,
+                                                          rollup_1h_days=hour_days))
     settings.broker_address()
     engine = _engine(database_url)
     _require_schema(engine)
@@ -181,12 +199,7 @@ def ingest(broker, group, client_id, session_expiry, batch_size, flush_ms, max_b
 
 
 @cli.command()
-@click.option("--raw-hours", default=48.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Keep raw telemetry this many hours.")
-@click.option("--minute-days", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Keep 1-minute rollups this many days.")
-@click.option("--hour-days", default=400.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Keep 1-hour rollups this many days.")
+@retention_options
 @database_option
 @json_option
 def rollup(raw_hours, minute_days, hour_days, database_url, as_json) -> None:
@@ -306,8 +319,15 @@ def serve(host: str, port: int, threads: int, database_url: str | None) -> None:
     _require_schema(engine)
     engine.dispose()
     app = create_app({"DATABASE_URL": database_url} if database_url else None)
+    try:
+        server = waitress.create_server(app, host=host, port=port, threads=threads, ident="edgeopt")
+    except OSError as exc:
+        from edgeopt.sdk.errors import UnavailableError
+
+        raise UnavailableError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                               hint="choose another --port, or stop what uses it") from None
     click.echo(f"serving on http://{host}:{port}", err=True)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="edgeopt")
+    server.run()
 
 
 def main(argv: list[str] | None = None) -> None:

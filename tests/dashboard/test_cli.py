@@ -107,3 +107,27 @@ def test_seed_demo(db_url, session):
 
     s = stats.fleet_summary(session)
     assert s["devices"] == 4 and s["online"] == 4 and s["models"] == ["detector", "digits"]
+
+
+def test_serve_on_a_busy_port_is_one_line(tmp_path):
+    import socket
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    assert run("init-db", url=url).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", "--port", str(port), url=url, env={"EDGEOPT_INSTANCE_DIR": str(tmp_path / "inst")})
+    assert r.returncode == 8  # ExitCode.UNAVAILABLE
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use (choose another --port, or stop what "
+        "uses it)"]
+
+
+def test_ingest_takes_the_retention_options():
+    r = run("ingest", "--help")
+    for opt in ("--raw-hours", "--minute-days", "--hour-days"):
+        assert opt in r.stdout
+    r = run("ingest", "--raw-hours", "0")
+    assert r.returncode == 2 and "--raw-hours" in r.stderr
