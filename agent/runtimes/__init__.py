@@ -6,9 +6,8 @@ The SDK uses the same runtimes to validate and benchmark what it builds.
 """
 from __future__ import annotations
 
-import importlib
-
 from ...sdk.errors import MissingDependencyError, UnsupportedError
+from ...sdk.plugins import load_registered
 from .base import LoadedModel, Runtime
 
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -21,20 +20,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
 
 def get_runtime(name: str) -> type[Runtime]:
     """The runtime class registered under ``name``; imports it on first use."""
-    try:
-        target, extra = REGISTRY[name]
-    except KeyError:
-        raise UnsupportedError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}") from None
-    module, cls = target.split(":")
-    try:
-        runtime = getattr(importlib.import_module(module), cls)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"runtime {name!r} is not installed ({exc.name} cannot be imported)",
-            hint=f"install it with: pip install 'edgeopt[{extra}]'",
-        ) from None
-    runtime.check_importable()
-    return runtime
+    return load_registered(REGISTRY, name)
 
 
 def available_runtimes() -> dict[str, dict]:

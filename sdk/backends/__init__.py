@@ -1,9 +1,7 @@
 """SDK backends: compile / quantize a model for one runtime. Lazy registry, like ``edgeopt.agent.runtimes``."""
 from __future__ import annotations
 
-import importlib
-
-from ..errors import MissingDependencyError, UnsupportedError
+from ..plugins import load_registered
 from .base import Backend, BuildJob, Layer
 
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -16,20 +14,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
 
 def get_backend(name: str) -> Backend:
     """An instance of the backend registered under ``name``; imports it on first use."""
-    try:
-        target, extra = REGISTRY[name]
-    except KeyError:
-        raise UnsupportedError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}") from None
-    module, cls = target.split(":")
-    try:
-        backend = getattr(importlib.import_module(module), cls)
-        backend.check_importable()
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"runtime {name!r} is not installed ({exc.name or exc} cannot be imported)",
-            hint=f"install it with: pip install 'edgeopt[{extra}]'",
-        ) from None
-    return backend()
+    return load_registered(REGISTRY, name)()
 
 
 __all__ = ["REGISTRY", "get_backend", "Backend", "BuildJob", "Layer"]
