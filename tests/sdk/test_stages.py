@@ -83,7 +83,9 @@ def test_npz_float64_is_cast_but_ints_are_refused(tmp_path):
      "calibration file c.npz has arrays ['x'], but the model's inputs are ['input'] (missing ['input']) "
      "(unexpected ['x']) (key each array by the model input name (plus optional 'labels'))"),
     ({"input": np.zeros((4, 1, 9, 8), np.float32)},
-     "calibration array 'input' has shape [4, 1, 9, 8], but the input needs [?,1,8,8] (dim 2: expected 8, found 9)"),
+     "calibration array 'input' has shape [4, 1, 9, 8], but the input needs [?,1,8,8] (dim 2: expected 8, found 9) "
+     "(preprocess the samples to the model's input shape (samples along axis 0), or fix a dynamic dim with "
+     "--input-shape)"),
     ({"input": np.zeros((4, 8, 8), np.float32)},
      "calibration array 'input' has shape [4, 8, 8], but the input has rank 4 (shape [?,1,8,8]); "
      "samples go along axis 0"),
