@@ -11,7 +11,11 @@ if [[ "${EDGEOPT_SETUP_BROWSER:-1}" == 1 ]]; then
   command -v chromium >/dev/null 2>&1 || want+=(chromium)
 fi
 if [[ "${EDGEOPT_SETUP_POSTGRES:-0}" == 1 ]]; then
-  command -v pg_ctlcluster >/dev/null 2>&1 || want+=(postgresql)
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    want+=(postgresql)
+    # scripts/services.sh then creates the `test` database and a password for TCP logins
+    mkdir -p .venv-state && touch .venv-state/postgres-installed-by-setup
+  fi
 fi
 if ((${#want[@]})); then
   if [[ $(id -u) == 0 ]]; then SUDO=""; else SUDO="sudo"; fi

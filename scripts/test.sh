@@ -7,7 +7,8 @@ EDGEOPT_SETUP_TORCH=${EDGEOPT_SETUP_TORCH:-1} scripts/setup.sh
 scripts/services.sh
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [[ -z "${EDGEOPT_TEST_POSTGRES_URL:-}" ]] && port_open 5432; then
-  export EDGEOPT_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test"
+  # the password only matters where setup.sh installed PostgreSQL itself (trust auth ignores it)
+  export EDGEOPT_TEST_POSTGRES_URL="postgresql+psycopg://postgres:postgres@127.0.0.1:5432/test"
 fi
 set +e
 .venv/bin/python -m pytest "$@"
