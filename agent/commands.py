@@ -140,25 +140,24 @@ class CommandHandler:
         self.result(cmd.id, cmd.command, "succeeded", "pong", cmd.deployment_id,
                     session_id=self.envelope.session_id)
 
-    def _deploy(self, cmd: CommandPayload) -> None:
-        args = DeployArgs.model_validate(cmd.args)
+    def _accept(self, cmd: CommandPayload, message: str, run: Callable[[], Any]) -> None:
+        """Answer ``accepted``, record the command until its final result, and queue it for the worker."""
         if self.installer is None:
             self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
             return
         self._remember(cmd)
-        self.result(cmd.id, cmd.command, "accepted", f"downloading {args.package_url}", cmd.deployment_id)
-        self._jobs.put((cmd, lambda: self.installer.install_url(
-            args.package_url, args.sha256, size=args.size, command_id=cmd.id, deployment_id=cmd.deployment_id)))
+        self.result(cmd.id, cmd.command, "accepted", message, cmd.deployment_id)
+        self._jobs.put((cmd, run))
+
+    def _deploy(self, cmd: CommandPayload) -> None:
+        args = DeployArgs.model_validate(cmd.args)
+        self._accept(cmd, f"downloading {args.package_url}", lambda: self.installer.install_url(
+            args.package_url, args.sha256, size=args.size, command_id=cmd.id, deployment_id=cmd.deployment_id))
 
     def _rollback(self, cmd: CommandPayload) -> None:
         args = RollbackArgs.model_validate(cmd.args)
-        if self.installer is None:
-            self.result(cmd.id, cmd.command, "rejected", "this agent has no installer", cmd.deployment_id)
-            return
-        self._remember(cmd)
-        self.result(cmd.id, cmd.command, "accepted", f"rolling back {args.model}", cmd.deployment_id)
-        self._jobs.put((cmd, lambda: self.installer.rollback(args.model, version=args.version, command_id=cmd.id,
-                                                             deployment_id=cmd.deployment_id)))
+        self._accept(cmd, f"rolling back {args.model}", lambda: self.installer.rollback(
+            args.model, version=args.version, command_id=cmd.id, deployment_id=cmd.deployment_id))
 
     def _set_config(self, cmd: CommandPayload) -> None:
         args = SetConfigArgs.model_validate(cmd.args)

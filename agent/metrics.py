@@ -123,29 +123,24 @@ class Metrics:
 
     def prometheus(self) -> str:
         """Prometheus text exposition (version 0.0.4) of the cumulative figures."""
-        lines = [
-            "# HELP edgeopt_requests_total Inference requests answered successfully.",
-            "# TYPE edgeopt_requests_total counter",
-        ]
+        lines: list[str] = []
         models = self.models()
-        for m in models:
-            lines.append(f'edgeopt_requests_total{{model="{_esc(m.name)}"}} {m.total_requests}')
-        lines += ["# HELP edgeopt_request_errors_total Inference requests that failed or were refused (busy).",
-                  "# TYPE edgeopt_request_errors_total counter"]
-        for m in models:
-            lines.append(f'edgeopt_request_errors_total{{model="{_esc(m.name)}"}} {m.total_errors}')
-        lines += ["# HELP edgeopt_requests_busy_total Requests refused with 503 because the queue was full.",
-                  "# TYPE edgeopt_requests_busy_total counter"]
-        for m in models:
-            lines.append(f'edgeopt_requests_busy_total{{model="{_esc(m.name)}"}} {m.total_busy}')
-        lines += ["# HELP edgeopt_inferences_total Samples inferred (sum of batch dimensions).",
-                  "# TYPE edgeopt_inferences_total counter"]
-        for m in models:
-            lines.append(f'edgeopt_inferences_total{{model="{_esc(m.name)}"}} {m.total_samples}')
-        lines += ["# HELP edgeopt_queue_depth Requests waiting in the model's batcher queue.",
-                  "# TYPE edgeopt_queue_depth gauge"]
-        for m in models:
-            lines.append(f'edgeopt_queue_depth{{model="{_esc(m.name)}"}} {int(m.queue_depth())}')
+        # (name, type, help, value per model): one block of lines each, in this order.
+        per_model = [
+            ("edgeopt_requests_total", "counter", "Inference requests answered successfully.",
+             lambda m: m.total_requests),
+            ("edgeopt_request_errors_total", "counter", "Inference requests that failed or were refused (busy).",
+             lambda m: m.total_errors),
+            ("edgeopt_requests_busy_total", "counter", "Requests refused with 503 because the queue was full.",
+             lambda m: m.total_busy),
+            ("edgeopt_inferences_total", "counter", "Samples inferred (sum of batch dimensions).",
+             lambda m: m.total_samples),
+            ("edgeopt_queue_depth", "gauge", "Requests waiting in the model's batcher queue.",
+             lambda m: int(m.queue_depth())),
+        ]
+        for name, kind, text, value in per_model:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{model="{_esc(m.name)}"}} {value(m)}' for m in models]
         lines += ["# HELP edgeopt_batches_total Batches run, by batch size.", "# TYPE edgeopt_batches_total counter"]
         for m in models:
             with m.lock:
