@@ -138,7 +138,7 @@ class Api:
                 request = parse_infer_request(body, header_len, entry.loaded.inputs)
                 check_requested_outputs(request, entry.loaded.outputs)
                 try:
-                    pending = entry.batcher.submit(request.inputs)
+                    pending = entry.batcher.submit(request.inputs, request.batch_signature)
                     break
                 except ClosedError:
                     entry = self._entry(name, version)

@@ -99,6 +99,11 @@ class Pending:
         return self.outputs  # type: ignore[return-value]
 
 
+def batch_signature(feeds: dict[str, np.ndarray]) -> tuple:
+    """Requests with equal signatures (input names, dtypes, shapes after the batch dim) can be stacked."""
+    return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(feeds.items()))
+
+
 def has_batch_dim(model: LoadedModel) -> bool:
     """True when every input and output has a dynamic first dimension (so requests can be stacked)."""
     specs = list(model.inputs) + list(model.outputs)
@@ -127,12 +132,12 @@ class Batcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ client side
-    def submit(self, feeds: dict[str, np.ndarray]) -> Pending:
-        """Queue one request (inputs already checked against the model). Raises BusyError or ClosedError."""
+    def submit(self, feeds: dict[str, np.ndarray], signature: tuple | None = None) -> Pending:
+        """Queue one request (inputs already checked against the model). Raises BusyError or ClosedError.
+        ``signature`` is :func:`batch_signature` of ``feeds`` when the caller already has it."""
         first = next(iter(feeds.values()))
         n = int(first.shape[0]) if self.batchable and first.ndim else 1
-        signature = tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(feeds.items()))
-        pending = Pending(feeds, n, signature)
+        pending = Pending(feeds, n, signature if signature is not None else batch_signature(feeds))
         with self._cond:
             if self._closed:
                 raise ClosedError(f"model {self.name!r} is being replaced or stopped")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,6 +86,10 @@ class ApiConfig(_Strict):
     host: str = Field("127.0.0.1", title="Bind address",
                       description="Loopback by default; use 0.0.0.0 only behind a firewall (no authentication).")
     port: int = Field(DEFAULT_API_PORT, ge=0, le=65535, title="Port", description="TCP port (0 = any free port).")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", title="Event loop",
+        description="auto: uvloop where installed (the agent extra installs it on Linux and macOS), else the "
+                    "standard library's asyncio; uvloop or asyncio to insist on one.")
 
 
 class BatchingConfig(_Strict):
@@ -247,6 +251,8 @@ keepalive_s = 30
 # keep it on loopback unless a firewall protects it.
 host = {_toml_str(api_host)}
 port = {int(api_port)}
+# auto = uvloop where installed (about 4x less CPU per request than the standard loop), else asyncio.
+event_loop = "auto"
 
 [batching]
 # Group concurrent requests: up to max_batch (unset = the package profile's batch_size, which is 1 for

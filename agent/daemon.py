@@ -96,7 +96,7 @@ class Agent:
     def _bind(self) -> InferenceServer:
         host, port = self.config.api.host, self.config.api.port
         try:
-            return InferenceServer(self.registry, host, port)
+            return InferenceServer(self.registry, host, port, self.config.api.event_loop)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UnavailableError(f"local API port {host}:{port} is already in use",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..sdk.package import TensorSpec
+from .batcher import batch_signature
 
 # numpy dtype name <-> Open Inference Protocol datatype. BYTES (variable-length strings) is not served:
 # the runtimes here take numeric tensors only.
@@ -63,6 +64,8 @@ class InferRequest:
     outputs: dict[str, bool] | None = None
     binary_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Which requests may share a batch (same input names, dtypes and per-sample shapes); see the batcher.
+    batch_signature: tuple | None = None
 
     @property
     def batch(self) -> int:
@@ -100,6 +103,36 @@ def _shape_of(doc: dict, name: str) -> list[int]:
     return shape
 
 
+class _BinaryPlan:
+    """What a binary-tensor request header says, checked once: clients send the same JSON header for every
+    request of one shape, so the next request with the same header bytes skips JSON decoding and every
+    check, and only slices its tensors out of the body."""
+
+    __slots__ = ("specs", "layout", "size", "outputs", "binary_default", "parameters", "batch_signature")
+
+    def __init__(self, specs: list[TensorSpec], layout: list[tuple[str, np.dtype, tuple, int, int]],
+                 request: InferRequest):
+        self.specs = specs  # holding it keeps id(specs) in the cache key from being reused
+        self.layout = layout  # (name, dtype, shape, offset, size) in body order
+        self.size = sum(item[4] for item in layout)
+        self.outputs = request.outputs
+        self.binary_default = request.binary_default
+        self.parameters = request.parameters
+        self.batch_signature = request.batch_signature
+
+    def build(self, binary: memoryview) -> InferRequest | None:
+        if len(binary) != self.size:
+            return None  # let the full parser name what is wrong
+        arrays = {name: np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+                  for name, dtype, shape, offset, size in self.layout}
+        return InferRequest(inputs=arrays, outputs=self.outputs, binary_default=self.binary_default,
+                            parameters=self.parameters, batch_signature=self.batch_signature)
+
+
+_BINARY_PLANS: dict[tuple[int, bytes], _BinaryPlan] = {}
+_MAX_BINARY_PLANS = 512
+
+
 def parse_infer_request(body: bytes, header_length: int | None, specs: list[TensorSpec]) -> InferRequest:
     """Decode a request body and check it against the model's inputs.
 
@@ -109,8 +142,24 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
         if header_length < 0 or header_length > len(body):
             raise _bad(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
         header, binary = body[:header_length], memoryview(body)[header_length:]
-    else:
-        header, binary = body, memoryview(b"")
+        plan = _BINARY_PLANS.get((id(specs), header))
+        if plan is not None and plan.specs is specs:
+            request = plan.build(binary)
+            if request is not None:
+                return request
+        request, layout = _parse_full(header, binary, specs)
+        # Only headers without an id are remembered: an id changes with every request.
+        if layout is not None and request.id is None:
+            if len(_BINARY_PLANS) >= _MAX_BINARY_PLANS:
+                _BINARY_PLANS.clear()
+            _BINARY_PLANS[(id(specs), header)] = _BinaryPlan(specs, layout, request)
+        return request
+    return _parse_full(body, memoryview(b""), specs)[0]
+
+
+def _parse_full(header: bytes, binary: memoryview,
+                specs: list[TensorSpec]) -> tuple[InferRequest, list[tuple] | None]:
+    """The request and, when every input is binary, the layout a :class:`_BinaryPlan` replays."""
     try:
         doc = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -126,6 +175,7 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
         raise _bad("'parameters' must be an object")
 
     arrays: dict[str, np.ndarray] = {}
+    layout: list[tuple] | None = []
     offset = 0
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -155,8 +205,11 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
             if offset + size > len(binary):
                 raise _bad(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
             arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            if layout is not None:
+                layout.append((name, dtype, tuple(shape), offset, size))
             offset += size
         else:
+            layout = None
             data = item.get("data")
             if data is None:
                 raise _bad(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
@@ -195,8 +248,10 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
             oparams = out.get("parameters") or {}
             outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
     rid = doc.get("id")
-    return InferRequest(inputs=arrays, id=str(rid) if rid is not None else None, outputs=outputs,
-                        binary_default=binary_default, parameters=params)
+    request = InferRequest(inputs=arrays, id=str(rid) if rid is not None else None, outputs=outputs,
+                           binary_default=binary_default, parameters=params,
+                           batch_signature=batch_signature(arrays))
+    return request, layout
 
 
 def check_requested_outputs(request: InferRequest, specs: list[TensorSpec]) -> None:
@@ -208,10 +263,31 @@ def check_requested_outputs(request: InferRequest, specs: list[TensorSpec]) -> N
             raise _bad(f"unknown output {name!r}: the model's outputs are {', '.join(sorted(known))}")
 
 
+_RESPONSE_HEADERS: dict[tuple, bytes] = {}
+_MAX_RESPONSE_HEADERS = 512
+
+
 def encode_infer_response(model: str, version: str | None, request: InferRequest,
                           results: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header length for the response header."""
     wanted = request.outputs if request.outputs is not None else {n: request.binary_default for n in results}
+    if request.id is None and all(wanted.values()):
+        # Every output binary: the JSON header depends only on names, dtypes and shapes, so it is built
+        # once per model version and shape instead of once per request.
+        arrays = [np.ascontiguousarray(results[name]) for name in wanted]
+        key = (model, version, tuple((name, a.dtype.str, a.shape) for name, a in zip(wanted, arrays)))
+        header = _RESPONSE_HEADERS.get(key)
+        if header is None:
+            header = _encode_full(model, version, request, wanted, results)[0]
+            if len(_RESPONSE_HEADERS) >= _MAX_RESPONSE_HEADERS:
+                _RESPONSE_HEADERS.clear()
+            _RESPONSE_HEADERS[key] = header
+        return b"".join([header, *(a.tobytes() for a in arrays)]), len(header)
+    return _encode_full(model, version, request, wanted, results)[1]
+
+
+def _encode_full(model: str, version: str | None, request: InferRequest, wanted: dict[str, bool],
+                 results: dict[str, np.ndarray]) -> tuple[bytes, tuple[bytes, int | None]]:
     outs, blobs = [], []
     for name, binary in wanted.items():
         arr = np.ascontiguousarray(results[name])
@@ -232,8 +308,8 @@ def encode_infer_response(model: str, version: str | None, request: InferRequest
         doc["id"] = request.id
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+        return header, (header, None)
+    return header, (b"".join([header, *blobs]), len(header))
 
 
 def error_body(message: str) -> bytes:

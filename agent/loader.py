@@ -148,7 +148,8 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
         kwargs["options"] = dict(manifest.runtime_options or {})
     if manifest.runtime == "onnxruntime":
         kwargs["options"] = {"providers": [manifest.device],
-                             "graph_optimization_level": block.get("graph_optimization_level", "all")}
+                             "graph_optimization_level": block.get("graph_optimization_level", "all"),
+                             "intra_op_spinning": bool(block.get("intra_op_spinning", False))}
     return kwargs
 
 

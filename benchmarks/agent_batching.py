@@ -3,17 +3,21 @@
 Target (issue 3): on the digits package, throughput with batching >= 2x the same agent with batching
 off; on the ResNet-18-class package report both with p99 (the batcher must at least not lose throughput).
 
-Two real `edgeopt-agent` daemons (subprocesses) serve the same signed package, one with
-``[batching] max_batch = 16`` and one with ``enabled = false``. 16 client threads (keep-alive, binary
-tensors, requests built once, raw-socket clients in 4 processes so the load generator stays small and
-is not itself GIL-bound) send batch-1 requests in a closed loop for ``--seconds``; rounds alternate the
-two agents and the table shows medians of rounds.
+Real `edgeopt-agent` daemons (subprocesses) serve the same signed package, one with
+``[batching] max_batch = 16`` and one with ``enabled = false`` (with ``--spinning-rows``, a second pair
+serves a package whose profile lets ONNX Runtime's intra-op threads spin, its own default). 16 closed-loop
+keep-alive clients send pre-built batch-1 binary-tensor requests for ``--seconds``: by default on one
+epoll thread (``--generator epoll``, the way wrk drives connections, ~15 us of CPU per request), or one
+raw-socket thread each in 4 processes (``--generator threads``). Rounds alternate the agents; the table
+shows medians of rounds and each round's figure.
 
 Run:  .venv/bin/python benchmarks/agent_batching.py [--model digits|resnet18|both] [--seconds 5] [--rounds 3]
+          [--generator epoll|threads] [--spinning-rows] [--json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing
@@ -26,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_common import (DIGITS_ONNX, Daemon, RawClient, binary_request, build_package, free_port,  # noqa: E402
-                          install, machine, median_of, percentiles, resnet18_path, write_config)
+from agent_common import (DIGITS_ONNX, Daemon, RawClient, binary_request, build_package, epoll_clients,  # noqa: E402
+                          free_port, http_request_bytes, install, machine, median_of, percentiles, resnet18_path,
+                          write_config)
 
 MODELS = {
     # name: (onnx path getter, runtime, input builder)
@@ -66,17 +71,29 @@ def _client_process(port: int, path: str, body: bytes, headers: dict, threads: i
     out.put(([x for lst in latencies for x in lst], sum(errors)))
 
 
+def _epoll_process(port: int, request: bytes, connections: int, start_at: float, stop_at: float, out) -> None:
+    out.put(epoll_clients(port, request, connections, start_at, stop_at))
+
+
 def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, seconds: float,
-              procs: int = 4) -> dict:
-    """``clients`` closed-loop clients spread over ``procs`` processes (a single Python process with 16
-    client threads is itself GIL-bound and would cap the agent's measured throughput)."""
+              generator: str = "epoll", procs: int | None = None) -> dict:
+    """``clients`` closed-loop clients. ``epoll`` (default): the connections share one epoll thread per
+    process (1 process). ``threads``: one thread per client, spread over 4 processes (a single Python
+    process with 16 client threads is itself GIL-bound and would cap the agent's measured throughput)."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     start_at = time.time() + 1.0 + 0.1 * clients
     stop_at = start_at + seconds
+    path = f"/v2/models/{model}/infer"
+    procs = procs or (1 if generator == "epoll" else 4)
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    workers = [ctx.Process(target=_client_process, args=(port, f"/v2/models/{model}/infer", body, headers, n,
-                                                         start_at, stop_at, out)) for n in per if n]
+    if generator == "epoll":
+        request = http_request_bytes(port, path, body, headers)
+        workers = [ctx.Process(target=_epoll_process, args=(port, request, n, start_at, stop_at, out))
+                   for n in per if n]
+    else:
+        workers = [ctx.Process(target=_client_process, args=(port, path, body, headers, n, start_at, stop_at, out))
+                   for n in per if n]
     for w in workers:
         w.start()
     flat: list[float] = []
@@ -107,27 +124,41 @@ def batch_histogram(port: int, model: str) -> str:
     return f"mean {mean:.1f}, max {max(counts, default=0)}"
 
 
+OFF, ON = "batching off", "batching on (max 16)"
+
+
 def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int,
-                runtime_override: str | None = None) -> dict:
+                runtime_override: str | None = None, generator: str = "epoll",
+                spinning_rows: bool = False) -> dict:
+    """Rounds alternate the agents; medians of rounds. With ``spinning_rows`` (ONNX Runtime only) two more
+    agents serve a package whose profile turns ``intra_op_spinning`` on (ONNX Runtime's own default)."""
     onnx_path, runtime, make_input = MODELS[name]
     runtime = runtime_override or runtime
-    pkg, pub = build_package(onnx_path(), work / f"pkg-{name}", name=name, runtime=runtime)
+    variants = {"": None}
+    if spinning_rows and runtime == "onnxruntime":
+        variants[", ORT threads spinning"] = True
     body, headers = binary_request(make_input())
-    modes = {"batching off": {"enabled": False}, "batching on (max 16)": {"max_batch": 16, "max_delay_ms": 2.0}}
+    batching = {OFF: {"enabled": False}, ON: {"max_batch": 16, "max_delay_ms": 2.0}}
     ports, cfgs = {}, {}
-    for mode, batching in modes.items():
-        d = work / f"{name}-{mode.split()[1]}"
-        d.mkdir()
-        ports[mode] = free_port()
-        cfgs[mode] = write_config(d, pub, api_port=ports[mode], batching=batching, broker_port=free_port())
-        install(cfgs[mode], pkg)
+    for k, (suffix, spinning) in enumerate(variants.items()):
+        pkg, pub = build_package(onnx_path(), work / f"pkg-{name}-{k}", name=name, runtime=runtime,
+                                 spinning=spinning)
+        for base, limits in batching.items():
+            mode = base + suffix
+            d = work / f"{name}-{k}-{base.split()[1]}"
+            d.mkdir()
+            ports[mode] = free_port()
+            cfgs[mode] = write_config(d, pub, api_port=ports[mode], batching=limits, broker_port=free_port())
+            install(cfgs[mode], pkg)
+    modes = list(cfgs)
     runs: dict[str, list] = {m: [] for m in modes}
     hist = {}
-    with Daemon(cfgs["batching off"], ports["batching off"]), \
-            Daemon(cfgs["batching on (max 16)"], ports["batching on (max 16)"]):
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(Daemon(cfgs[mode], ports[mode]))
         for _ in range(rounds):
             for mode in modes:
-                runs[mode].append(load_test(ports[mode], name, body, headers, clients, seconds))
+                runs[mode].append(load_test(ports[mode], name, body, headers, clients, seconds, generator))
         for mode in modes:
             hist[mode] = batch_histogram(ports[mode], name)
     out = {}
@@ -135,6 +166,7 @@ def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int
         out[mode] = {k: median_of(runs[mode], k) for k in ("throughput", "p50_ms", "p99_ms")}
         out[mode]["errors"] = sum(r["errors"] for r in runs[mode])
         out[mode]["batches"] = hist[mode]
+        out[mode]["rounds"] = [round(r["throughput"]) for r in runs[mode]]
     return out
 
 
@@ -146,6 +178,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--resnet-runtime", default=None, choices=["openvino", "onnxruntime"],
                     help="runtime of the ResNet-18 package (default openvino)")
+    ap.add_argument("--generator", default="epoll", choices=["epoll", "threads"],
+                    help="load generator: one epoll thread for all connections (default), or a thread per client")
+    ap.add_argument("--spinning-rows", action="store_true",
+                    help="also measure both agents with ONNX Runtime's spinning intra-op threads (its own default)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     names = ["digits", "resnet18"] if args.model == "both" else [args.model]
@@ -153,9 +189,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeopt-bench-") as tmp:
         for name in names:
             results[name] = bench_model(name, Path(tmp), args.clients, args.seconds, args.rounds,
-                                        args.resnet_runtime if name == "resnet18" else None)
+                                        args.resnet_runtime if name == "resnet18" else None, args.generator,
+                                        args.spinning_rows)
     runtimes = {n: (args.resnet_runtime if n == "resnet18" and args.resnet_runtime else MODELS[n][1]) for n in names}
     doc = {"machine": machine(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
+           "generator": args.generator,
            "runtimes": runtimes, "results": results}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -163,15 +201,19 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Dynamic batching, {args.clients} concurrent clients, batch-1 requests ({machine()})")
-    for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "errors", "batch sizes"):
+    table = Table(title=f"Dynamic batching, {args.clients} concurrent clients, batch-1 requests, "
+                        f"{args.generator} load generator ({machine()})")
+    for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "errors", "batch sizes",
+                "rounds req/s"):
         table.add_column(col)
     for name, modes in results.items():
         runtime = runtimes[name]
-        base = modes["batching off"]["throughput"]
         for mode, r in modes.items():
+            # each agent against the same agent (same package) with batching off
+            base = modes[mode.replace(ON, OFF)]["throughput"]
             table.add_row(f"{name} ({runtime})", mode, f"{r['throughput']:.0f}", f"{r['throughput'] / base:.2f}x",
-                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), r["batches"])
+                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), r["batches"],
+                          " ".join(str(x) for x in r["rounds"]))
     Console(width=150).print(table)
 
 

@@ -79,6 +79,12 @@ class OnnxRuntimeRuntime(_Strict):
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimization level."
     )
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's intra-op threads spin-wait between calls on the device. Off: a spinning "
+        "thread takes a core from the agent's API and the device's other work and burns power while idle; "
+        "on suits a box that does nothing but inference.",
+    )
 
 
 class TFLiteRuntime(_Strict):

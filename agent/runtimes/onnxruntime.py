@@ -78,6 +78,10 @@ class OnnxRuntimeRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = _LEVELS[options.pop("graph_optimization_level", "all")]
         so.log_severity_level = 3
+        # Spinning is ONNX Runtime's default; the agent passes False unless the profile asks for it
+        # (measured in BENCHMARKS.md: on a 2-core device the spinning thread halved the API's throughput).
+        if not options.pop("intra_op_spinning", True):
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = int(threads)
         try:

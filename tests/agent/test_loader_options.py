@@ -29,3 +29,27 @@ def test_openvino_precision_hint_reaches_the_compiled_model(tmp_path, digits_mod
 def test_onnxruntime_options_are_providers_only(tmp_path):
     kwargs = load_options(_manifest("onnxruntime", "CPUExecutionProvider", {}), tmp_path)
     assert kwargs["options"]["providers"] == ["CPUExecutionProvider"]
+
+
+def _spinning(loaded) -> str | None:
+    try:
+        return loaded.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default, which spins
+        return None
+
+
+def test_onnxruntime_threads_do_not_spin_on_the_device_unless_the_profile_asks(tmp_path, digits_model):
+    """Spin-waiting intra-op threads take a core from the agent's API (BENCHMARKS.md): off by default."""
+    m = _manifest("onnxruntime", "CPUExecutionProvider", {})
+    kwargs = load_options(m, tmp_path)
+    assert kwargs["options"]["intra_op_spinning"] is False
+    assert _spinning(get_runtime("onnxruntime").load(Path(digits_model), **kwargs)) == "0"
+
+    profile = m.profile
+    for block in profile["runtimes"]:
+        if block["runtime"] == "onnxruntime":
+            block["intra_op_spinning"] = True
+    kwargs = load_options(m.model_copy(update={"profile": profile}), tmp_path)
+    assert kwargs["options"]["intra_op_spinning"] is True
+    loaded = get_runtime("onnxruntime").load(Path(digits_model), **kwargs)
+    assert _spinning(loaded) is None  # ONNX Runtime's own default (spinning) is left alone

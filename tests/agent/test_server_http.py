@@ -13,11 +13,12 @@ from edgeopt.agent.runtimes import get_runtime
 from edgeopt.agent.server import BatchLimits, InferenceServer, ModelRegistry
 
 
-@pytest.fixture
-def server(digits_model):
+@pytest.fixture(params=["uvloop", "asyncio"])
+def server(request, digits_model):
+    """The same transport on both event loops the agent can run (uvloop where installed, else asyncio)."""
     registry = ModelRegistry(limits=BatchLimits(max_batch=4))
     registry.swap("digits", "1.0.0", get_runtime("onnxruntime").load(digits_model, device="CPUExecutionProvider"))
-    srv = InferenceServer(registry, "127.0.0.1", 0).start()
+    srv = InferenceServer(registry, "127.0.0.1", 0, event_loop=request.param).start()
     yield srv
     srv.stop()
     registry.close()
@@ -104,6 +105,49 @@ def test_framing_errors_answer_and_close(server, raw, status, message):
     assert got == status and json.loads(body) == {"error": message}
     assert headers["connection"] == "close"
     s.close()
+
+
+def test_same_head_different_bodies(server, digits_model):
+    """Heads are parsed once per distinct head bytes; each request still gets its own tensors' answer."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(digits_model), providers=["CPUExecutionProvider"])
+    s, buf = _conn(server), bytearray()
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+        header = json.dumps({"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        body = header + x.tobytes()
+        s.sendall(f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                  f"Inference-Header-Content-Length: {len(header)}\r\n\r\n".encode() + body)
+        status, headers, out = _read_response(s, buf)
+        assert status == 200
+        json_len = int(headers["inference-header-content-length"])
+        got = np.frombuffer(out[json_len:], np.float32)
+        np.testing.assert_allclose(got, session.run(None, {"images": x})[0].ravel(), rtol=1e-5, atol=1e-5)
+    s.close()
+
+
+def test_uvloop_required_but_missing_is_one_clear_error(monkeypatch, digits_model):
+    import sys
+
+    from edgeopt.sdk.errors import UnsupportedError
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    registry = ModelRegistry()
+    with pytest.raises(UnsupportedError, match=r'\[api\] event_loop = "uvloop" but uvloop is not installed'):
+        InferenceServer(registry, "127.0.0.1", 0, event_loop="uvloop")
+    srv = InferenceServer(registry, "127.0.0.1", 0, event_loop="auto").start()  # auto falls back to asyncio
+    try:
+        assert type(srv._loop).__module__.startswith("asyncio")
+        s, buf = _conn(srv), bytearray()
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(s, buf)[0] == 200
+        s.close()
+    finally:
+        srv.stop()
 
 
 def test_wrong_method_is_405(server):

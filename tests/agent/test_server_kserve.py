@@ -102,3 +102,54 @@ def test_response_json_and_binary():
     head = json.loads(body[:json_len])
     assert head["outputs"][0]["parameters"] == {"binary_data_size": 4} and "model_version" not in head
     np.testing.assert_array_equal(np.frombuffer(body[json_len:], np.float16), score)
+
+
+def _binary_body(ids: np.ndarray, mask: np.ndarray, **extra) -> tuple[bytes, int]:
+    header = json.dumps({"inputs": [
+        {"name": "ids", "shape": list(ids.shape), "datatype": "INT64", "parameters": {"binary_data_size": ids.nbytes}},
+        {"name": "mask", "shape": list(mask.shape), "datatype": "BOOL",
+         "parameters": {"binary_data_size": mask.nbytes}}], **extra}).encode()
+    return header + ids.tobytes() + mask.tobytes(), len(header)
+
+
+def test_repeated_binary_header_reads_each_body():
+    """The second request with the same header bytes takes the remembered plan: its own tensors come back,
+    and a body of the wrong length still gets the full parser's message."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((1, 4), dtype=bool)
+    for _ in range(3):
+        ids = rng.integers(0, 100, (1, 4))
+        body, hlen = _binary_body(ids, mask)
+        req = parse_infer_request(body, hlen, SPECS)
+        np.testing.assert_array_equal(req.inputs["ids"], ids)
+        assert req.batch_signature == (("ids", "<i8", (4,)), ("mask", "|b1", (4,)))
+    with pytest.raises(ApiError, match="input 'mask': binary data ends after 3 of 4 bytes"):
+        parse_infer_request(body[:-1], hlen, SPECS)
+    with pytest.raises(ApiError, match="1 bytes of binary data are not claimed by any input"):
+        parse_infer_request(body + b"x", hlen, SPECS)
+
+
+def test_remembered_header_is_checked_again_for_another_model():
+    """The same header bytes sent to a model whose input has another dtype are refused, not replayed."""
+    body, hlen = _binary_body(np.zeros((1, 4), np.int64), np.ones((1, 4), bool))
+    parse_infer_request(body, hlen, SPECS)
+    other = [TensorSpec(name="ids", dtype="int32", shape=["batch", 4]), SPECS[1]]
+    with pytest.raises(ApiError, match="input 'ids': expected datatype INT32, found 'INT64'"):
+        parse_infer_request(body, hlen, other)
+
+
+def test_requests_with_ids_keep_their_ids():
+    for rid in ("a", "b"):
+        body, hlen = _binary_body(np.zeros((1, 4), np.int64), np.ones((1, 4), bool), id=rid)
+        assert parse_infer_request(body, hlen, SPECS).id == rid
+
+
+def test_binary_response_header_follows_the_output_shape():
+    req = parse_infer_request(_doc(parameters={"binary_data_output": True}), None, SPECS)
+    for n in (1, 3, 1):
+        score = np.arange(n, dtype=np.float16)
+        body, json_len = encode_infer_response("m", "1", req, {"score": score})
+        head = json.loads(body[:json_len])
+        assert head["outputs"][0]["shape"] == [n]
+        assert head["outputs"][0]["parameters"] == {"binary_data_size": 2 * n}
+        np.testing.assert_array_equal(np.frombuffer(body[json_len:], np.float16), score)
