@@ -207,7 +207,7 @@ def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEvent
     except ImportError:
         if kind == "uvloop":
             raise UnsupportedError("[api] event_loop = \"uvloop\" but uvloop is not installed",
-                                   hint="pip install uvloop (or 'edgeopt[agent]'), or set event_loop = \"auto\"") \
+                                   hint="pip install 'edgeopt[agent]' installs it; or set event_loop = \"auto\"") \
                 from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop

@@ -34,8 +34,9 @@ def free_port() -> int:
 def resnet18_path() -> Path:
     """The ResNet-18-class test model (built once by tests/assets/make_resnet18.py into .cache/assets)."""
     if not RESNET18_ONNX.exists():
+        # its progress goes to stderr: stdout may be a benchmark's --json document
         subprocess.run([sys.executable, str(ROOT / "tests" / "assets" / "make_resnet18.py"), str(RESNET18_ONNX)],
-                       check=True)
+                       check=True, stdout=sys.stderr)
     return RESNET18_ONNX
 
 
