@@ -126,6 +126,12 @@ class Batcher:
         self._queue: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._queued = 0  # samples in the queue
+        # While the worker waits: how many queued samples it needs before it can act, and the signature of
+        # the batch it is filling (None: idle, any request will do). None while it runs a batch. submit()
+        # wakes it only then, not once per request: each wake-up costs a thread switch and a GIL hand-off.
+        self._wake_at: int | None = None
+        self._filling: tuple | None = None
         self._last_batch = 1
         self._batch_seconds = 0.001  # moving average of one batch's run time (for Retry-After)
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -137,7 +143,9 @@ class Batcher:
         ``signature`` is :func:`batch_signature` of ``feeds`` when the caller already has it."""
         first = next(iter(feeds.values()))
         n = int(first.shape[0]) if self.batchable and first.ndim else 1
-        pending = Pending(feeds, n, signature if signature is not None else batch_signature(feeds))
+        if signature is None:
+            signature = batch_signature(feeds)
+        pending = Pending(feeds, n, signature)
         with self._cond:
             if self._closed:
                 raise ClosedError(f"model {self.name!r} is being replaced or stopped")
@@ -147,7 +155,9 @@ class Batcher:
                 raise BusyError(f"model {self.name!r} is busy: {len(self._queue)} requests queued "
                                 f"(max_queue {self.max_queue}); retry later", retry)
             self._queue.append(pending)
-            self._cond.notify()
+            self._queued += n
+            if self._wake_at is not None and (self._queued >= self._wake_at or signature != self._filling):
+                self._cond.notify()
         return pending
 
     @property
@@ -179,8 +189,11 @@ class Batcher:
             while not self._queue:
                 if self._closed:
                     return None
+                self._wake_at, self._filling = 1, None
                 self._cond.wait()
+            self._wake_at = None
             first = self._queue.popleft()
+            self._queued -= first.n
             batch, total = [first], first.n
             if self.max_batch <= 1 or first.n >= self.max_batch:
                 return batch
@@ -189,6 +202,7 @@ class Batcher:
                 while self._queue and self._queue[0].signature == first.signature \
                         and total + self._queue[0].n <= self.max_batch:
                     item = self._queue.popleft()
+                    self._queued -= item.n
                     batch.append(item)
                     total += item.n
                 if total >= self.max_batch or self._queue or self._closed:
@@ -200,7 +214,10 @@ class Batcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                self._wake_at = min(self.max_batch, self._last_batch) - total
+                self._filling = first.signature
                 self._cond.wait(remaining)
+            self._wake_at = None
             self._last_batch = total
             return batch
 

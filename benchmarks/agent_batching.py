@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agent_common import (DIGITS_ONNX, Daemon, RawClient, binary_request, build_package, epoll_clients,  # noqa: E402
@@ -76,7 +77,7 @@ def _epoll_process(port: int, request: bytes, connections: int, start_at: float,
 
 
 def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, seconds: float,
-              generator: str = "epoll", procs: int | None = None) -> dict:
+              generator: str = "epoll", procs: int | None = None, agent_pid: int | None = None) -> dict:
     """``clients`` closed-loop clients. ``epoll`` (default): the connections share one epoll thread per
     process (1 process). ``threads``: one thread per client, spread over 4 processes (a single Python
     process with 16 client threads is itself GIL-bound and would cap the agent's measured throughput)."""
@@ -96,16 +97,27 @@ def load_test(port: int, model: str, body: bytes, headers: dict, clients: int, s
                    for n in per if n]
     for w in workers:
         w.start()
+    # The agent's own CPU time over the measured window (all its threads, runtime threads included).
+    agent = psutil.Process(agent_pid) if agent_pid else None
+    cpu0 = None
+    if agent is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = sum(agent.cpu_times()[:2])
     flat: list[float] = []
     errors = 0
+    cpu1 = None
     for _ in workers:
         lat, err = out.get(timeout=seconds + 120)
+        if cpu1 is None and agent is not None:
+            cpu1 = sum(agent.cpu_times()[:2])
         flat += lat
         errors += err
     for w in workers:
         w.join(10)
     result = percentiles(flat)
     result.update(throughput=len(flat) / seconds, errors=errors)
+    if cpu0 is not None and cpu1 is not None and flat:
+        result["agent_cpu_us"] = (cpu1 - cpu0) / len(flat) * 1e6
     return result
 
 
@@ -129,7 +141,7 @@ OFF, ON = "batching off", "batching on (max 16)"
 
 def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int,
                 runtime_override: str | None = None, generator: str = "epoll",
-                spinning_rows: bool = False) -> dict:
+                spinning_rows: bool = False, event_loop: str = "auto") -> dict:
     """Rounds alternate the agents; medians of rounds. With ``spinning_rows`` (ONNX Runtime only) two more
     agents serve a package whose profile turns ``intra_op_spinning`` on (ONNX Runtime's own default)."""
     onnx_path, runtime, make_input = MODELS[name]
@@ -148,22 +160,23 @@ def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int
             d = work / f"{name}-{k}-{base.split()[1]}"
             d.mkdir()
             ports[mode] = free_port()
-            cfgs[mode] = write_config(d, pub, api_port=ports[mode], batching=limits, broker_port=free_port())
+            cfgs[mode] = write_config(d, pub, api_port=ports[mode], batching=limits, broker_port=free_port(),
+                                      event_loop=event_loop)
             install(cfgs[mode], pkg)
     modes = list(cfgs)
     runs: dict[str, list] = {m: [] for m in modes}
     hist = {}
     with contextlib.ExitStack() as stack:
-        for mode in modes:
-            stack.enter_context(Daemon(cfgs[mode], ports[mode]))
+        pids = {mode: stack.enter_context(Daemon(cfgs[mode], ports[mode])).pid for mode in modes}
         for _ in range(rounds):
             for mode in modes:
-                runs[mode].append(load_test(ports[mode], name, body, headers, clients, seconds, generator))
+                runs[mode].append(load_test(ports[mode], name, body, headers, clients, seconds, generator,
+                                            agent_pid=pids[mode]))
         for mode in modes:
             hist[mode] = batch_histogram(ports[mode], name)
     out = {}
     for mode in modes:
-        out[mode] = {k: median_of(runs[mode], k) for k in ("throughput", "p50_ms", "p99_ms")}
+        out[mode] = {k: median_of(runs[mode], k) for k in ("throughput", "p50_ms", "p99_ms", "agent_cpu_us")}
         out[mode]["errors"] = sum(r["errors"] for r in runs[mode])
         out[mode]["batches"] = hist[mode]
         out[mode]["rounds"] = [round(r["throughput"]) for r in runs[mode]]
@@ -182,6 +195,8 @@ def main() -> None:
                     help="load generator: one epoll thread for all connections (default), or a thread per client")
     ap.add_argument("--spinning-rows", action="store_true",
                     help="also measure both agents with ONNX Runtime's spinning intra-op threads (its own default)")
+    ap.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                    help="the agents' [api] event_loop (default auto: uvloop where installed)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     names = ["digits", "resnet18"] if args.model == "both" else [args.model]
@@ -190,10 +205,10 @@ def main() -> None:
         for name in names:
             results[name] = bench_model(name, Path(tmp), args.clients, args.seconds, args.rounds,
                                         args.resnet_runtime if name == "resnet18" else None, args.generator,
-                                        args.spinning_rows)
+                                        args.spinning_rows, args.event_loop)
     runtimes = {n: (args.resnet_runtime if n == "resnet18" and args.resnet_runtime else MODELS[n][1]) for n in names}
     doc = {"machine": machine(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
-           "generator": args.generator,
+           "generator": args.generator, "event_loop": args.event_loop,
            "runtimes": runtimes, "results": results}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -202,9 +217,9 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"Dynamic batching, {args.clients} concurrent clients, batch-1 requests, "
-                        f"{args.generator} load generator ({machine()})")
-    for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "errors", "batch sizes",
-                "rounds req/s"):
+                        f"{args.generator} load generator, event loop {args.event_loop} ({machine()})")
+    for col in ("model", "agent", "throughput req/s", "ratio vs off", "p50 ms", "p99 ms", "agent CPU us/req",
+                "errors", "batch sizes", "rounds req/s"):
         table.add_column(col)
     for name, modes in results.items():
         runtime = runtimes[name]
@@ -212,7 +227,8 @@ def main() -> None:
             # each agent against the same agent (same package) with batching off
             base = modes[mode.replace(ON, OFF)]["throughput"]
             table.add_row(f"{name} ({runtime})", mode, f"{r['throughput']:.0f}", f"{r['throughput'] / base:.2f}x",
-                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]), r["batches"],
+                          f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['agent_cpu_us']:.0f}", str(r["errors"]),
+                          r["batches"],
                           " ".join(str(x) for x in r["rounds"]))
     Console(width=150).print(table)
 

@@ -82,12 +82,13 @@ def build_package(onnx_path: Path, work: Path, *, name: str, runtime: str, versi
 
 
 def write_config(work: Path, pub: Path, *, api_port: int, broker_port: int = 1883, interval_s: float = 10.0,
-                 batching: dict[str, Any] | None = None, device_id: str = "bench-1") -> Path:
+                 batching: dict[str, Any] | None = None, device_id: str = "bench-1",
+                 event_loop: str = "auto") -> Path:
     b = {"enabled": True, "max_delay_ms": 2.0, "max_queue": 1024, **(batching or {})}
     lines = [f'device_id = "{device_id}"', 'fleet = "bench"', f'state_dir = "{work / "state"}"',
              f'trusted_keys = ["{pub}"]', f"telemetry_interval_s = {interval_s}",
              "[broker]", f'url = "mqtt://127.0.0.1:{broker_port}"',
-             "[api]", 'host = "127.0.0.1"', f"port = {api_port}", "[batching]"]
+             "[api]", 'host = "127.0.0.1"', f"port = {api_port}", f'event_loop = "{event_loop}"', "[batching]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in b.items()]
     path = work / "agent.toml"
     path.write_text("\n".join(lines) + "\n")

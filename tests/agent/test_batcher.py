@@ -156,3 +156,45 @@ def test_reconfigure_changes_limits():
     batcher.reconfigure(max_batch=2, max_delay_ms=1, max_queue=3)
     assert (batcher.max_batch, batcher.max_queue) == (2, 3)
     batcher.close()
+
+
+def _primed(max_batch: int = 4) -> tuple[FakeModel, Batcher]:
+    """A batcher whose previous batch was full (as under concurrent load), with a 60 s max delay: it now
+    waits for a full batch, so any test that relied on the delay would hit its 10 s result timeout."""
+    model = FakeModel()
+    model.gate.clear()
+    batcher = Batcher(model, "fake", max_batch=max_batch, max_delay_ms=60_000, max_queue=64)
+    head = batcher.submit({"x": np.ones((1, 3), np.float32)})
+    assert model.entered.wait(5)
+    queued = [batcher.submit({"x": np.ones((1, 3), np.float32)}) for _ in range(max_batch)]
+    model.gate.set()
+    for p in [head, *queued]:
+        p.result(10)
+    assert model.calls == [1, max_batch]
+    return model, batcher
+
+
+def test_filling_batch_runs_as_soon_as_it_is_full():
+    """submit() wakes a worker that is filling a batch only once the batch can be completed (not once per
+    request); the full batch then runs at once, long before the max delay."""
+    model, batcher = _primed(4)
+    pending = [batcher.submit({"x": np.full((1, 3), i, np.float32)}) for i in range(3)]
+    time.sleep(0.2)
+    assert model.calls == [1, 4]  # still waiting for the fourth request
+    pending.append(batcher.submit({"x": np.full((1, 3), 3, np.float32)}))
+    for i, p in enumerate(pending):
+        np.testing.assert_array_equal(p.result(10)["y"], np.full((1, 3), 2 * i, np.float32))
+    assert model.calls == [1, 4, 4]
+    batcher.close()
+
+
+def test_request_that_cannot_join_ends_the_wait():
+    """A request of another per-sample shape wakes the worker at once: the partial batch runs, then it."""
+    model, batcher = _primed(4)
+    waiting = batcher.submit({"x": np.ones((1, 3), np.float32)})
+    time.sleep(0.1)
+    other = batcher.submit({"x": np.ones((1, 5), np.float32)})
+    assert waiting.result(10)["y"].shape == (1, 3)
+    assert other.result(10)["y"].shape == (1, 5)
+    assert model.calls == [1, 4, 1, 1]
+    batcher.close()
