@@ -86,10 +86,10 @@ class ApiConfig(_Strict):
     host: str = Field("127.0.0.1", title="Bind address",
                       description="Loopback by default; use 0.0.0.0 only behind a firewall (no authentication).")
     port: int = Field(DEFAULT_API_PORT, ge=0, le=65535, title="Port", description="TCP port (0 = any free port).")
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
-        "auto", title="Event loop",
-        description="auto: uvloop where installed (the agent extra installs it on Linux and macOS), else the "
-                    "standard library's asyncio; uvloop or asyncio to insist on one.")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", title="Event loop",
+        description="asyncio: the standard library's loop. uvloop: uvloop's loop (pip install uvloop); it measured "
+                    "no faster here, see BENCHMARKS.md.")
 
 
 class BatchingConfig(_Strict):
@@ -251,8 +251,8 @@ keepalive_s = 30
 # keep it on loopback unless a firewall protects it.
 host = {_toml_str(api_host)}
 port = {int(api_port)}
-# auto = uvloop where installed (about 4x less CPU per request than the standard loop), else asyncio.
-event_loop = "auto"
+# asyncio (the standard library's loop) or uvloop (pip install uvloop; measured no faster here).
+event_loop = "asyncio"
 
 [batching]
 # Group concurrent requests: up to max_batch (unset = the package profile's batch_size, which is 1 for

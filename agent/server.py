@@ -195,21 +195,20 @@ class _HttpProtocol(asyncio.Protocol):
         self._respond(error_response(status, message), keep=False)
 
 
-def event_loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
-    """``auto``: uvloop's event loop where it is installed (the agent extra installs it on Linux and macOS):
-    its transports cost ~6 us of CPU per request against ~24 us for the standard library's on the 2-core
-    test host (BENCHMARKS.md); the standard loop otherwise, with the same behaviour. ``uvloop`` refuses to
-    start without it; ``asyncio`` always takes the standard loop."""
+def event_loop_factory(kind: str = "asyncio") -> Callable[[], asyncio.AbstractEventLoop]:
+    """``asyncio`` (default): the standard library's loop. ``uvloop``: uvloop's, which must be installed.
+
+    uvloop's transports are cheaper (a bare echo protocol: ~6 us of CPU per request against ~24 us on the
+    2-core test host), but in the agent, whose cost is dominated by the hand-offs between the loop and the
+    batcher threads, it measured no faster with batching on and slower with batching off (BENCHMARKS.md),
+    so it is not the default and not a dependency; it stays selectable, and tested, for other loads."""
     if kind == "asyncio":
         return asyncio.new_event_loop
     try:
         import uvloop
     except ImportError:
-        if kind == "uvloop":
-            raise UnsupportedError("[api] event_loop = \"uvloop\" but uvloop is not installed",
-                                   hint="pip install 'edgeopt[agent]' installs it; or set event_loop = \"auto\"") \
-                from None
-        return asyncio.new_event_loop
+        raise UnsupportedError("[api] event_loop = \"uvloop\" but uvloop is not installed",
+                               hint="pip install uvloop, or set event_loop = \"asyncio\"") from None
     return uvloop.new_event_loop
 
 
@@ -217,7 +216,7 @@ class InferenceServer:
     """The API server. The port is bound in the constructor, so "port in use" fails before anything starts."""
 
     def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8470,
-                 event_loop: str = "auto"):
+                 event_loop: str = "asyncio"):
         self._new_loop = event_loop_factory(event_loop)
         self.registry = registry
         self.api = Api(registry)

@@ -141,7 +141,7 @@ OFF, ON = "batching off", "batching on (max 16)"
 
 def bench_model(name: str, work: Path, clients: int, seconds: float, rounds: int,
                 runtime_override: str | None = None, generator: str = "epoll",
-                spinning_rows: bool = False, event_loop: str = "auto") -> dict:
+                spinning_rows: bool = False, event_loop: str = "asyncio") -> dict:
     """Rounds alternate the agents; medians of rounds. With ``spinning_rows`` (ONNX Runtime only) two more
     agents serve a package whose profile turns ``intra_op_spinning`` on (ONNX Runtime's own default)."""
     onnx_path, runtime, make_input = MODELS[name]
@@ -195,8 +195,8 @@ def main() -> None:
                     help="load generator: one epoll thread for all connections (default), or a thread per client")
     ap.add_argument("--spinning-rows", action="store_true",
                     help="also measure both agents with ONNX Runtime's spinning intra-op threads (its own default)")
-    ap.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
-                    help="the agents' [api] event_loop (default auto: uvloop where installed)")
+    ap.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"],
+                    help="the agents' [api] event_loop (default asyncio, as the agent)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     names = ["digits", "resnet18"] if args.model == "both" else [args.model]

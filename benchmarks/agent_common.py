@@ -83,7 +83,7 @@ def build_package(onnx_path: Path, work: Path, *, name: str, runtime: str, versi
 
 def write_config(work: Path, pub: Path, *, api_port: int, broker_port: int = 1883, interval_s: float = 10.0,
                  batching: dict[str, Any] | None = None, device_id: str = "bench-1",
-                 event_loop: str = "auto") -> Path:
+                 event_loop: str = "asyncio") -> Path:
     b = {"enabled": True, "max_delay_ms": 2.0, "max_queue": 1024, **(batching or {})}
     lines = [f'device_id = "{device_id}"', 'fleet = "bench"', f'state_dir = "{work / "state"}"',
              f'trusted_keys = ["{pub}"]', f"telemetry_interval_s = {interval_s}",

@@ -13,9 +13,9 @@ from edgeopt.agent.runtimes import get_runtime
 from edgeopt.agent.server import BatchLimits, InferenceServer, ModelRegistry
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
+@pytest.fixture(params=["asyncio", "uvloop"])
 def server(request, digits_model):
-    """The same transport on both event loops the agent can run (uvloop where installed, else asyncio)."""
+    """The same transport on both event loops the agent can run (asyncio by default, uvloop if chosen)."""
     registry = ModelRegistry(limits=BatchLimits(max_batch=4))
     registry.swap("digits", "1.0.0", get_runtime("onnxruntime").load(digits_model, device="CPUExecutionProvider"))
     srv = InferenceServer(registry, "127.0.0.1", 0, event_loop=request.param).start()
@@ -139,7 +139,7 @@ def test_uvloop_required_but_missing_is_one_clear_error(monkeypatch, digits_mode
     registry = ModelRegistry()
     with pytest.raises(UnsupportedError, match=r'\[api\] event_loop = "uvloop" but uvloop is not installed'):
         InferenceServer(registry, "127.0.0.1", 0, event_loop="uvloop")
-    srv = InferenceServer(registry, "127.0.0.1", 0, event_loop="auto").start()  # auto falls back to asyncio
+    srv = InferenceServer(registry, "127.0.0.1", 0).start()  # the default needs nothing more
     try:
         assert type(srv._loop).__module__.startswith("asyncio")
         s, buf = _conn(srv), bytearray()
