@@ -198,10 +198,10 @@ class _HttpProtocol(asyncio.Protocol):
 def event_loop_factory(kind: str = "asyncio") -> Callable[[], asyncio.AbstractEventLoop]:
     """``asyncio`` (default): the standard library's loop. ``uvloop``: uvloop's, which must be installed.
 
-    uvloop's transports are cheaper (a bare echo protocol: ~6 us of CPU per request against ~24 us on the
-    2-core test host), but in the agent, whose cost is dominated by the hand-offs between the loop and the
-    batcher threads, it measured no faster with batching on and slower with batching off (BENCHMARKS.md),
-    so it is not the default and not a dependency; it stays selectable, and tested, for other loads."""
+    uvloop's transport is a little cheaper on its own (a bare protocol: 9.1 us of CPU per request against
+    10.4 us on the 2-core test host), but in the agent, whose cost is dominated by the hand-offs between the
+    loop and the batcher threads, it measured no faster with batching on and slower with batching off
+    (BENCHMARKS.md), so it is not the default and not a dependency; it stays selectable, and tested."""
     if kind == "asyncio":
         return asyncio.new_event_loop
     try:
