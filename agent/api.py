@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..sdk.errors import EdgeoptError, InputError
 from .batcher import BusyError, ClosedError
@@ -67,7 +67,7 @@ class Api:
         self.metrics = registry.metrics
         self.ready = threading.Event()
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> "Response | Deferred":
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> "Response | Deferred":
         """Route one request; ``headers`` have lower-case names."""
         path = path.split("?", 1)[0]
         try:
@@ -102,7 +102,7 @@ class Api:
             raise ApiError(404, f"model {name!r} version {version!r} is not served (serving {entry.version})")
         return entry
 
-    def _model_route(self, method: str, name: str, version: str | None, rest: str, headers: dict[str, str],
+    def _model_route(self, method: str, name: str, version: str | None, rest: str, headers: Mapping[str, str],
                      body: bytes) -> "Response | Deferred":
         if method == "POST" and rest == "/infer":
             entry = self._entry(name, version)
@@ -120,7 +120,7 @@ class Api:
                            "input": [tensor_metadata(s) for s in entry.loaded.inputs],
                            "output": [tensor_metadata(s) for s in entry.loaded.outputs]})
 
-    def _infer(self, entry: ModelEntry, name: str, version: str | None, headers: dict[str, str],
+    def _infer(self, entry: ModelEntry, name: str, version: str | None, headers: Mapping[str, str],
                body: bytes) -> "Response | Deferred":
         """Decode, check and queue one request; the answer comes from :meth:`Deferred.finish` once the
         batcher has run it (no thread waits for it)."""
@@ -185,7 +185,7 @@ class Deferred:
         self.finish = finish
 
 
-def _decode_body(headers: dict[str, str], body: bytes) -> bytes:
+def _decode_body(headers: Mapping[str, str], body: bytes) -> bytes:
     encoding = headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
         try:

@@ -174,6 +174,7 @@ class Batcher:
                 self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
             if max_queue is not None:
                 self.max_queue = max(1, int(max_queue))
+            self._cond.notify_all()  # a worker filling a batch re-checks it against the new limits
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Stop accepting, run every request already accepted, stop the worker. True when drained."""

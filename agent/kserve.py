@@ -131,6 +131,7 @@ class _BinaryPlan:
 
 _BINARY_PLANS: dict[tuple[int, bytes], _BinaryPlan] = {}
 _MAX_BINARY_PLANS = 512
+_MAX_PLANNED_HEADER = 4096
 
 
 def parse_infer_request(body: bytes, header_length: int | None, specs: list[TensorSpec]) -> InferRequest:
@@ -148,8 +149,9 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
             if request is not None:
                 return request
         request, layout = _parse_full(header, binary, specs)
-        # Only headers without an id are remembered: an id changes with every request.
-        if layout is not None and request.id is None:
+        # Only short headers without an id are remembered: an id changes with every request, and a client
+        # must not be able to pin large headers in memory.
+        if layout is not None and request.id is None and header_length <= _MAX_PLANNED_HEADER:
             if len(_BINARY_PLANS) >= _MAX_BINARY_PLANS:
                 _BINARY_PLANS.clear()
             _BINARY_PLANS[(id(specs), header)] = _BinaryPlan(specs, layout, request)
@@ -271,7 +273,7 @@ def encode_infer_response(model: str, version: str | None, request: InferRequest
                           results: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header length for the response header."""
     wanted = request.outputs if request.outputs is not None else {n: request.binary_default for n in results}
-    if request.id is None and all(wanted.values()):
+    if request.id is None and wanted and all(wanted.values()):
         # Every output binary: the JSON header depends only on names, dtypes and shapes, so it is built
         # once per model version and shape instead of once per request.
         arrays = [np.ascontiguousarray(results[name]) for name in wanted]

@@ -149,7 +149,7 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
     if manifest.runtime == "onnxruntime":
         kwargs["options"] = {"providers": [manifest.device],
                              "graph_optimization_level": block.get("graph_optimization_level", "all"),
-                             "intra_op_spinning": bool(block.get("intra_op_spinning", False))}
+                             "intra_op_spinning": block.get("intra_op_spinning") is True}
     return kwargs
 
 

@@ -17,6 +17,7 @@ import collections
 import logging
 import socket
 import threading
+from types import MappingProxyType
 from typing import Callable
 
 from ..sdk.errors import UnsupportedError
@@ -130,7 +131,8 @@ class _HttpProtocol(asyncio.Protocol):
         conn = headers.get("connection", "").lower()
         keep = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
         expect = headers.get("expect", "").lower() == "100-continue"
-        return method, target, headers, length, keep, expect
+        # read-only: a cached head's headers are shared by every later request with the same head bytes
+        return method, target, MappingProxyType(headers), length, keep, expect
 
     def _process(self) -> None:
         while not self.busy and not self.closing:

@@ -198,3 +198,15 @@ def test_request_that_cannot_join_ends_the_wait():
     assert other.result(10)["y"].shape == (1, 5)
     assert model.calls == [1, 4, 1, 1]
     batcher.close()
+
+
+def test_reconfigure_wakes_a_worker_filling_a_batch():
+    """Lowering max_batch while the worker waits for a bigger batch lets the smaller batch run at once."""
+    model, batcher = _primed(4)
+    waiting = batcher.submit({"x": np.ones((1, 3), np.float32)})
+    time.sleep(0.1)
+    batcher.reconfigure(max_batch=2)
+    second = batcher.submit({"x": np.ones((1, 3), np.float32)})
+    assert waiting.result(10)["y"].shape == (1, 3) and second.result(10)["y"].shape == (1, 3)
+    assert model.calls == [1, 4, 2]
+    batcher.close()

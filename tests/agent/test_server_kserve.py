@@ -153,3 +153,23 @@ def test_binary_response_header_follows_the_output_shape():
         assert head["outputs"][0]["shape"] == [n]
         assert head["outputs"][0]["parameters"] == {"binary_data_size": 2 * n}
         np.testing.assert_array_equal(np.frombuffer(body[json_len:], np.float16), score)
+
+
+def test_long_binary_headers_are_not_remembered():
+    """A client cannot pin large JSON headers in memory: only headers up to 4 KiB are remembered."""
+    from edgeopt.agent import kserve
+
+    ids, mask = np.zeros((1, 4), np.int64), np.ones((1, 4), bool)
+    kserve._BINARY_PLANS.clear()
+    body, hlen = _binary_body(ids, mask, parameters={"pad": "x" * 5000})
+    np.testing.assert_array_equal(parse_infer_request(body, hlen, SPECS).inputs["ids"], ids)
+    assert not kserve._BINARY_PLANS
+    body, hlen = _binary_body(ids, mask)
+    parse_infer_request(body, hlen, SPECS)
+    assert len(kserve._BINARY_PLANS) == 1
+
+
+def test_empty_outputs_list_answers_json():
+    req = parse_infer_request(_doc(outputs=[]), None, SPECS)
+    body, json_len = encode_infer_response("m", None, req, {"score": np.ones(1, np.float16)})
+    assert json_len is None and json.loads(body) == {"model_name": "m", "outputs": []}
