@@ -18,6 +18,7 @@ import numpy as np
 
 from ..sdk.package import TensorSpec
 from .batcher import batch_signature
+from .caches import BoundedCache
 
 # numpy dtype name <-> Open Inference Protocol datatype. BYTES (variable-length strings) is not served:
 # the runtimes here take numeric tensors only.
@@ -77,7 +78,7 @@ _KIND_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "floating-po
 _DATATYPE_BY_DTYPE = {np.dtype(k): v for k, v in DTYPE_TO_KSERVE.items()}
 # Per input list (one per served model version): name -> (spec, datatype, protocol shape, numpy dtype).
 # Computing these for every request was a visible share of the API's per-request cost.
-_PLANS: dict[int, tuple[list, dict[str, tuple]]] = {}
+_PLANS = BoundedCache(256)  # id(specs) -> (specs, plan); models come and go with installs
 
 
 def _plan(specs: list[TensorSpec]) -> dict[str, tuple]:
@@ -85,9 +86,7 @@ def _plan(specs: list[TensorSpec]) -> dict[str, tuple]:
     if cached is not None and cached[0] is specs:
         return cached[1]
     plan = {s.name: (s, kserve_datatype(s.dtype), protocol_shape(s), np.dtype(s.dtype)) for s in specs}
-    if len(_PLANS) > 256:  # models come and go with installs; keep the cache small
-        _PLANS.clear()
-    _PLANS[id(specs)] = (specs, plan)  # holding `specs` keeps its id from being reused
+    _PLANS.put(id(specs), (specs, plan))  # holding `specs` keeps its id from being reused
     return plan
 
 
@@ -129,8 +128,7 @@ class _BinaryPlan:
                             parameters=self.parameters, batch_signature=self.batch_signature)
 
 
-_BINARY_PLANS: dict[tuple[int, bytes], _BinaryPlan] = {}
-_MAX_BINARY_PLANS = 512
+_BINARY_PLANS = BoundedCache(512)  # (id(specs), JSON header bytes) -> _BinaryPlan
 _MAX_PLANNED_HEADER = 4096
 
 
@@ -152,9 +150,7 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
         # Only short headers without an id are remembered: an id changes with every request, and a client
         # must not be able to pin large headers in memory.
         if layout is not None and request.id is None and header_length <= _MAX_PLANNED_HEADER:
-            if len(_BINARY_PLANS) >= _MAX_BINARY_PLANS:
-                _BINARY_PLANS.clear()
-            _BINARY_PLANS[(id(specs), header)] = _BinaryPlan(specs, layout, request)
+            _BINARY_PLANS.put((id(specs), header), _BinaryPlan(specs, layout, request))
         return request
     return _parse_full(body, memoryview(b""), specs)[0]
 
@@ -265,8 +261,7 @@ def check_requested_outputs(request: InferRequest, specs: list[TensorSpec]) -> N
             raise _bad(f"unknown output {name!r}: the model's outputs are {', '.join(sorted(known))}")
 
 
-_RESPONSE_HEADERS: dict[tuple, bytes] = {}
-_MAX_RESPONSE_HEADERS = 512
+_RESPONSE_HEADERS = BoundedCache(512)  # (model, version, output names/dtypes/shapes) -> JSON header
 
 
 def encode_infer_response(model: str, version: str | None, request: InferRequest,
@@ -280,16 +275,15 @@ def encode_infer_response(model: str, version: str | None, request: InferRequest
         key = (model, version, tuple((name, a.dtype.str, a.shape) for name, a in zip(wanted, arrays)))
         header = _RESPONSE_HEADERS.get(key)
         if header is None:
-            header = _encode_full(model, version, request, wanted, results)[0]
-            if len(_RESPONSE_HEADERS) >= _MAX_RESPONSE_HEADERS:
-                _RESPONSE_HEADERS.clear()
-            _RESPONSE_HEADERS[key] = header
+            body, json_len = _encode_full(model, version, request, wanted, results)
+            _RESPONSE_HEADERS.put(key, body[:json_len])
+            return body, json_len
         return b"".join([header, *(a.tobytes() for a in arrays)]), len(header)
-    return _encode_full(model, version, request, wanted, results)[1]
+    return _encode_full(model, version, request, wanted, results)
 
 
 def _encode_full(model: str, version: str | None, request: InferRequest, wanted: dict[str, bool],
-                 results: dict[str, np.ndarray]) -> tuple[bytes, tuple[bytes, int | None]]:
+                 results: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     outs, blobs = [], []
     for name, binary in wanted.items():
         arr = np.ascontiguousarray(results[name])
@@ -310,8 +304,8 @@ def _encode_full(model: str, version: str | None, request: InferRequest, wanted:
         doc["id"] = request.id
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
-        return header, (header, None)
-    return header, (b"".join([header, *blobs]), len(header))
+        return header, None
+    return b"".join([header, *blobs]), len(header)
 
 
 def error_body(message: str) -> bytes:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..sdk.errors import UnsupportedError
 from .api import AGENT_VERSION, Api, Deferred, Response, error_response
+from .caches import BoundedCache
 from .registry import BatchLimits, ModelEntry, ModelRegistry
 
 __all__ = ["InferenceServer", "ModelRegistry", "ModelEntry", "BatchLimits", "AGENT_VERSION"]
@@ -37,9 +38,8 @@ _SERVER = f"Server: edgeopt-agent/{AGENT_VERSION}\r\n".encode()
 # Parsed request heads by their bytes. A keep-alive client sends the same head for every request of one
 # kind (same path, headers and body length), so parsing is done once; the api treats `headers` as
 # read-only. Response heads likewise, by status, type, length and extra headers. Both are bounded.
-_HEADS: dict[bytes, tuple] = {}
-_RESPONSE_HEADS: dict[tuple, bytes] = {}
-_MAX_HEADS = 1024
+_HEADS = BoundedCache(1024)
+_RESPONSE_HEADS = BoundedCache(1024)
 _MAX_CACHED_HEAD = 2048
 
 
@@ -93,9 +93,7 @@ class _HttpProtocol(asyncio.Protocol):
             if cached is None:
                 return False
             if len(raw) <= _MAX_CACHED_HEAD:
-                if len(_HEADS) >= _MAX_HEADS:
-                    _HEADS.clear()
-                _HEADS[raw] = cached
+                _HEADS.put(raw, cached)
         method, target, headers, length, keep, expect = cached
         if expect and len(self.buf) < length:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -183,9 +181,7 @@ class _HttpProtocol(asyncio.Protocol):
                 parts.append(b"Connection: close\r\n")
             parts.append(b"\r\n")
             head = b"".join(parts)
-            if len(_RESPONSE_HEADS) >= _MAX_HEADS:
-                _RESPONSE_HEADS.clear()
-            _RESPONSE_HEADS[key] = head
+            _RESPONSE_HEADS.put(key, head)
         self.transport.write(head + r.body)
         self.busy = False
         if not keep:

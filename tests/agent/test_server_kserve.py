@@ -173,3 +173,12 @@ def test_empty_outputs_list_answers_json():
     req = parse_infer_request(_doc(outputs=[]), None, SPECS)
     body, json_len = encode_infer_response("m", None, req, {"score": np.ones(1, np.float16)})
     assert json_len is None and json.loads(body) == {"model_name": "m", "outputs": []}
+
+
+def test_parse_once_caches_stay_bounded():
+    from edgeopt.agent.caches import BoundedCache
+
+    cache = BoundedCache(3)
+    for i in range(10):
+        cache.put(i, str(i))
+        assert len(cache) <= 3 and cache.get(i) == str(i)
