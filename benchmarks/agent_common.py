@@ -176,9 +176,7 @@ class RawClient:
     """
 
     def __init__(self, port: int, path: str, body: bytes, headers: dict[str, str]):
-        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        self.request = head.encode() + body
+        self.request = http_request_bytes(port, path, body, headers)
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
@@ -236,6 +234,7 @@ def machine() -> str:
 
 
 def http_request_bytes(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """A keep-alive POST, built once and sent as is by the load generators."""
     head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     return head.encode() + body
