@@ -74,24 +74,45 @@ class LayerError(_Model):
 
 
 class MetricResult(_Model):
+    """One task metric of the fp32 original and the optimized model, and the budget rule it is held to."""
+
+    name: str = Field(description="What is measured, e.g. 'mAP@0.5 vs fp32', 'top-1 agreement', 'accuracy'.")
+    fp32: float = Field(description="The metric for the fp32 model (1.0 for agreement of fp32 with itself).")
+    optimized: float = Field(description="The metric for the optimized model.")
+    drop: float = Field(description="fp32 minus optimized (higher is better for every metric).")
+    bound: float | None = Field(None, description="The budget: least value (rule 'min') or largest drop ('max_drop').")
+    rule: str = Field("", description="'min': optimized >= bound; 'max_drop': drop <= bound; '': reported only.")
+    passed: bool = True
+
+
+class OutputFigures(_Model):
+    """Each output judged on its own (never one cosine over concatenated outputs)."""
+
     name: str
-    fp32: float
-    optimized: float
-    drop: float
+    min_cosine: float
+    mean_cosine: float
+    min_snr_db: float = Field(description="Least signal-to-noise ratio over the samples, in dB (99 when exact).")
+    max_abs_error: float
 
 
 class ValidationReport(_Model):
-    """Reference (fp32) vs optimized model on held-out samples."""
+    """Reference (fp32) vs optimized model on held-out samples, judged by the model's task."""
 
     samples: int
     max_abs_error: float
-    min_cosine: float
+    min_cosine: float = Field(description="The least per-output cosine over every output and sample.")
     mean_cosine: float
     top1_agreement: float | None = None
-    metric: MetricResult | None = None
+    task: str = Field("generic", description="classify, detect, segment, embed, generic or custom.")
+    task_reason: str = Field("", description="Why this task was chosen (metadata, output shapes, --task).")
+    metric: MetricResult | None = Field(None, description="The metric that decides the gate.")
+    checks: list[MetricResult] = Field(default_factory=list, description="Every budgeted metric, deciding one first.")
+    figures: dict[str, float] = Field(default_factory=dict, description="Further task figures (reported only).")
+    outputs: list[OutputFigures] = Field(default_factory=list)
     budget: dict[str, Any] = Field(default_factory=dict)
     passed: bool
     failures: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
     sensitive_layers: list[LayerError] = Field(default_factory=list)
     float_layers: list[str] = Field(default_factory=list, description="Layers kept in float by --accuracy-aware.")
 

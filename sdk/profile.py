@@ -138,14 +138,44 @@ class ThreadsSpec(_Strict):
 
 
 class AccuracyBudget(_Strict):
+    """How far the optimized model may move from fp32, judged by the model's task (see edgeopt.sdk.pipeline.tasks)."""
+
     min_cosine: float = Field(
-        0.99, ge=0.0, le=1.0, description="Least output cosine similarity to fp32 on every held-out sample."
+        0.99, ge=0.0, le=1.0, description="generic task: least cosine to fp32 of each output, on every held-out sample."
     )
     min_top1_agreement: float = Field(
-        0.99, ge=0.0, le=1.0, description="Least top-1 agreement with fp32 (classifiers)."
+        0.99, ge=0.0, le=1.0, description="classify task: least top-1 agreement with fp32."
+    )
+    min_map50: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="detect task: least mAP@0.5 of the optimized model's detections against fp32's detections.",
+    )
+    min_f1: float | None = Field(
+        0.9, ge=0.0, le=1.0,
+        description="detect task: least F1 against fp32's detections, both cut at the deployment threshold "
+                    "(what an application keeps); null/unset in YAML turns it off.",
+    )
+    detect_conf: float = Field(
+        0.25, gt=0.0, lt=1.0, description="detect task: the deployment score threshold (what the application keeps)."
+    )
+    detect_nms_iou: float = Field(0.45, gt=0.0, le=1.0, description="detect task: NMS IoU threshold.")
+    min_mask_iou: float = Field(
+        0.95, ge=0.0, le=1.0, description="segment task: least mask IoU (each channel) or mIoU against fp32's masks."
+    )
+    mask_threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="segment task: probability above which a pixel belongs to the mask."
+    )
+    min_recall_at_1: float = Field(
+        0.99, ge=0.0, le=1.0,
+        description="embed task: least share of optimized embeddings whose nearest fp32 embedding is their own.",
+    )
+    min_embedding_cosine: float = Field(
+        0.98, ge=0.0, le=1.0, description="embed task: least cosine of each optimized embedding to its fp32 one."
     )
     max_metric_drop: float = Field(
-        1.0, ge=0.0, le=100.0, description="Largest drop of the task metric, in points, when labels are given."
+        1.0, ge=0.0, le=100.0,
+        description="Largest drop of a labelled metric in points (accuracy, mAP x 100), or of a --metric callable "
+                    "in its own units.",
     )
     held_out_samples: int = Field(
         64, ge=1, le=100_000, description="Held-out samples used for the accuracy check."

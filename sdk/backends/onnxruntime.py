@@ -157,6 +157,45 @@ class OnnxRuntimeBackend(Backend):
         notes.append(f"QDQ int8 ({'per-channel' if job.profile.precision.per_channel else 'per-tensor'}), "
                      f"{len(job.calibration)} calibration samples")
 
+    # ------------------------------------------------------------------ float fallback without re-quantizing
+
+    def revert_points(self, model_file: Path) -> list[str]:
+        """The activation QuantizeLinear nodes of a QDQ model (weights are initializers, never bypassed)."""
+        import onnx
+
+        model = onnx.load(str(model_file), load_external_data=False)
+        consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                              for o in n.output}
+        return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
+
+    def rank_reverts(self, model_file: Path, feeds: list[dict], score) -> list[tuple[str, float]]:
+        """Each activation Q/DQ pair bypassed alone (weights stay int8), scored by ``score(outputs)`` on
+        ``feeds``; best first. The same ranking as OpenVINO's, so both runtimes search by the task metric."""
+        import onnx
+
+        model = onnx.load(str(model_file))
+        ranked = []
+        for name in self.revert_points(model_file):
+            bypassed = _bypass_qdq(_copy(model), [name])
+            ranked.append((name, float(score(_run_all(bypassed, feeds)))))
+        ranked.sort(key=lambda x: x[1], reverse=True)
+        return ranked
+
+    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
+        """The QDQ model with the named activation Q/DQ pairs bypassed (those activations stay float)."""
+        import onnx
+
+        model = onnx.load(str(model_file))
+        producers = {o: n.name for n in model.graph.node for o in n.output}
+        inputs = {n.name: n.input[0] for n in model.graph.node if n.name in set(names)}
+        model = _bypass_qdq(model, names)
+        out = workdir / "model.onnx"
+        onnx.save(model, str(out))
+        layers = sorted({producers.get(t, t) for t in inputs.values()})
+        return Artifact(model_file=out, files={"model.onnx": out}, runtime=RUNTIME, precision=precision,
+                        float_layers=layers,
+                        notes=[f"{len(names)} activation Q/DQ pair(s) bypassed: those activations stay float"])
+
     # ------------------------------------------------------------------ sensitivity
 
     def layers(self, reference: Path) -> list[Layer]:
@@ -208,6 +247,69 @@ class OnnxRuntimeBackend(Backend):
             return {layer.name: np.asarray(v, dtype=np.float32) for layer, v in zip(wanted, values)}
 
         return probe
+
+
+def _copy(model):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _bypass_qdq(model, names: list[str]):
+    """Replace each named QuantizeLinear's DequantizeLinear consumers by Identity of the float input (output
+    names stay, so graph outputs and consumers are untouched; ONNX Runtime removes the Identity nodes)."""
+    from onnx import helper
+
+    wanted = set(names)
+    q_nodes = {n.name: n for n in model.graph.node if n.name in wanted and n.op_type == "QuantizeLinear"}
+    q_out = {n.output[0]: n for n in q_nodes.values()}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in q_nodes:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in q_out:
+            src = q_out[node.input[0]].input[0]
+            nodes.append(helper.make_node("Identity", [src], [node.output[0]], name=node.name + "_float"))
+            continue
+        nodes.append(node)
+    # A Q output read by something other than its DequantizeLinear keeps its Q node.
+    used = {i for n in nodes for i in n.input}
+    keep_q = [q for out, q in q_out.items() if out in used]
+    del model.graph.node[:]
+    model.graph.node.extend(keep_q + nodes if keep_q else nodes)
+    if keep_q:
+        _toposort(model)
+    return model
+
+
+def _toposort(model) -> None:
+    produced = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in produced for i in n.input)]
+        if not ready:  # a cycle or a dangling input: leave the rest as it was
+            ordered.extend(pending)
+            break
+        for n in ready:
+            ordered.append(n)
+            produced.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+def _run_all(model, feeds: list[dict]) -> list[dict]:
+    """Outputs of an in-memory model on each feed, as the agent runs it (all graph optimizations)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return [dict(zip(names, sess.run(names, feed))) for feed in feeds]
 
 
 class _Reader:

@@ -10,7 +10,7 @@ from typing import Iterator
 import click
 
 from ..errors import InputError
-from .options import emit_json, json_option
+from .options import accuracy_options, accuracy_request, emit_json, json_option
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _numbers(text: str | None, flag: str, kind=float) -> tuple | None:
     return values
 
 
-def _preprocessing(image_size, mean, std, scale, layout, channel_order):
+def _preprocessing(image_size, mean, std, scale, layout, channel_order, resize=None):
     """Image-folder preprocessing, from the same options as `edgeopt package` (None when none is given)."""
     from pydantic import ValidationError
 
@@ -46,12 +46,13 @@ def _preprocessing(image_size, mean, std, scale, layout, channel_order):
 
     opts = {"size": _numbers(image_size, "--image-size", int), "mean": _numbers(mean, "--mean"),
             "std": _numbers(std, "--std"), "layout": layout}
-    if all(v is None for v in opts.values()) and channel_order == "RGB" and scale is None:
+    if all(v is None for v in opts.values()) and channel_order == "RGB" and scale is None and resize is None:
         return None
     if opts["size"] is not None and len(opts["size"]) != 2:
         raise InputError(f"--image-size {image_size!r}: expected H,W", hint="for example --image-size 224,224")
     try:
         return ImagePreprocessing(**{k: v for k, v in opts.items() if v is not None}, channel_order=channel_order,
+                                  resize=resize,
                                   **({"scale": scale} if scale is not None else {}))
     except ValidationError as exc:
         raise InputError(f"image preprocessing options: {exc.errors()[0]['msg']}") from None
@@ -107,11 +108,14 @@ class _StageProgress:
               help="Also measure this machine's fp32/int8 peak GOP/s (a few seconds) to put GFLOP/s in context.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a self-contained HTML report (table + latency/accuracy chart per profile).")
+@accuracy_options
 @json_option
 def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
             image_size: str | None, mean: str | None, std: str | None, scale: float | None, layout: str | None,
             channel_order: str, precisions_text: str | None, iterations: int | None, noise: float | None,
-            measure_peak: bool, html_path: Path | None, as_json: bool) -> None:
+            measure_peak: bool, html_path: Path | None, task: str, metric: str | None,
+            max_metric_drop: float | None, labels: Path | None, detect_format: str, preprocess: str | None,
+            as_json: bool) -> None:
     """Try each profile's candidate configurations on MODEL and show which one each profile would pick.
 
     For every profile: runtimes the profile lists x precisions (fp32, fp16 where the device computes in fp16,
@@ -128,7 +132,8 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
         raise InputError("--profiles is empty", hint="for example --profiles cpu,arm")
     profiles = [load_profile(n) for n in names]
     shapes = _parse_shapes(input_shapes)
-    preprocessing = _preprocessing(image_size, mean, std, scale, layout, channel_order)
+    preprocessing = _preprocessing(image_size, mean, std, scale, layout, channel_order, preprocess)
+    accuracy_fields = accuracy_request(task, metric, max_metric_drop, labels, detect_format)
     precisions = _split(precisions_text) if precisions_text is not None else None
     unknown = sorted(set(precisions or ()) - set(ALL_PRECISIONS))
     if unknown:
@@ -163,7 +168,8 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
             # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
             request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
                                      preprocessing=preprocessing, input_shapes=shapes,
-                                     bench_iterations=iterations or 50, precision="int8" if calib else "fp32")
+                                     bench_iterations=iterations or 50, precision="int8" if calib else "fp32",
+                                     **accuracy_fields)
             prepared = stack.enter_context(prepare(request, stage))
             fit_iterations(prepared, iterations)
             prepared_all.append((profile, task, stage, prepared))

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .options import conflicting, emit_json, json_option, profile_option
+from .options import accuracy_options, accuracy_request, conflicting, emit_json, json_option, profile_option
 
 PRECISION_CHOICES = ["fp32", "fp16", "int8", "int8-weight-only"]
 
@@ -63,13 +63,16 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--heldout-samples", type=click.IntRange(min=1), help="Cap on held-out samples.")
 @click.option("--iterations", type=click.IntRange(min=5), default=100, show_default=True,
               help="Timed iterations per model in the host benchmark.")
+@accuracy_options
 @json_option
 def package(model: Path, profile: str, output: Path, calib: str | None, heldout: Path | None,
             input_shapes: tuple[str, ...], sign_key: Path | None, no_sign: bool, accuracy_aware: bool,
             weight_only: bool, runtime: str | None, precision: str | None, graph_level: str | None,
             name: str | None, version_: str, image_size: str | None, mean: str | None, std: str | None,
             scale: float, layout: str | None, channel_order: str, calib_samples: int | None,
-            heldout_samples: int | None, iterations: int, as_json: bool) -> None:
+            heldout_samples: int | None, iterations: int, task: str, metric: str | None,
+            max_metric_drop: float | None, labels: Path | None, detect_format: str, preprocess: str | None,
+            as_json: bool) -> None:
     """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
 
     \b
@@ -95,10 +98,11 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
     image_opts = {"size": _size(image_size), "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
                   "layout": layout}
     preprocessing = None
-    if any(v is not None for v in image_opts.values()) or channel_order != "RGB" or scale != 1 / 255:
+    if any(v is not None for v in image_opts.values()) or channel_order != "RGB" or scale != 1 / 255 or preprocess:
         try:
             preprocessing = ImagePreprocessing(
-                **{k: v for k, v in image_opts.items() if v is not None}, scale=scale, channel_order=channel_order)
+                **{k: v for k, v in image_opts.items() if v is not None}, scale=scale, channel_order=channel_order,
+                resize=preprocess)
         except ValidationError as exc:
             raise click.UsageError(f"image preprocessing options: {exc.errors()[0]['msg']}") from None
     shapes = {}
@@ -114,7 +118,8 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             preprocessing=preprocessing, input_shapes=shapes, sign_key=sign_key, unsigned=no_sign,
             accuracy_aware=accuracy_aware, weight_only=weight_only, name=name, version=version_, heldout=heldout,
             runtime=runtime, precision=precision, graph_level=graph_level, calib_samples=calib_samples,
-            heldout_samples=heldout_samples, bench_iterations=iterations)
+            heldout_samples=heldout_samples, bench_iterations=iterations,
+            **accuracy_request(task, metric, max_metric_drop, labels, detect_format))
     except ValidationError as exc:
         raise click.UsageError(exc.errors()[0]["msg"]) from None
     progress = RichProgress()
@@ -143,10 +148,7 @@ def print_summary(result) -> None:
         ("runtime", f"{m.runtime} {m.runtime_version} on {m.device}"),
         ("precision", m.precision + (f" ({len(v.float_layers)} layers kept in float)" if v.float_layers else "")),
         ("size", f"{result.chosen.size_bytes:,} bytes (source {result.chosen.source_size_bytes:,})"),
-        ("accuracy", ("PASS" if v.passed else "FAIL") + f": min cosine {v.min_cosine:.4f}, max abs err {v.max_abs_error:.3g}"
-         + (f", top-1 agreement {v.top1_agreement:.1%}" if v.top1_agreement is not None else "")
-         + (f", accuracy {v.metric.fp32:.2f} -> {v.metric.optimized:.2f}" if v.metric else "")
-         + f" ({v.samples} held-out samples)"),
+        ("accuracy", accuracy_summary(v)),
         ("latency", f"p50 {b.optimized.p50_ms:.3f} ms, p90 {b.optimized.p90_ms:.3f}, p99 {b.optimized.p99_ms:.3f} "
                     f"(fp32 ONNX Runtime p50 {b.fp32.p50_ms:.3f} ms)"),
         ("throughput", f"{b.optimized.throughput_ips:.1f}/s at batch {b.batch_size}; {b.speedup:.2f}x vs fp32"),
@@ -160,3 +162,19 @@ def print_summary(result) -> None:
     con.print(table)
     for d in m.decisions:
         con.print(f"- {d}", highlight=False)
+
+
+def accuracy_summary(v) -> str:
+    """The task, the metric that decided, the other checks and each output's cosine, in one cell."""
+    lines = [f"{'PASS' if v.passed else 'FAIL'}, task {v.task} ({v.samples} held-out samples)"]
+    for c in v.checks:
+        if c.rule == "max_drop":
+            lines.append(f"{c.name}: {c.fp32:.4g} -> {c.optimized:.4g} (drop {c.drop:.3g}, budget <= {c.bound:g})")
+        elif c.rule == "min":
+            lines.append(f"{c.name}: {c.optimized:.4f} (budget >= {c.bound:g})")
+        else:
+            lines.append(f"{c.name}: {c.optimized:.4f}")
+    for o in v.outputs:
+        lines.append(f"output {o.name}: cosine min {o.min_cosine:.4f}, SNR {o.min_snr_db:.1f} dB, "
+                     f"max abs err {o.max_abs_error:.3g}")
+    return "\n".join(lines)

@@ -6,85 +6,67 @@ import logging
 
 import numpy as np
 
-from ..package import LayerError, MetricResult, ValidationReport
+from ..package import LayerError, ValidationReport
 from ..profile import AccuracyBudget
 
 log = logging.getLogger(__name__)
 
 
-def _rows(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """One row per sample in the batch: all outputs flattened and concatenated."""
-    parts = []
-    for value in outputs.values():
-        arr = np.asarray(value, dtype=np.float64)
-        batch = arr.shape[0] if arr.ndim > 1 else 1
-        parts.append(arr.reshape(batch, -1))
-    batches = {p.shape[0] for p in parts}
-    if len(batches) != 1:  # outputs disagree on the batch axis: treat the batch as one sample
-        return np.concatenate([p.reshape(1, -1) for p in parts], axis=1)
-    return np.concatenate(parts, axis=1)
+def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget, labels=None,
+            evaluator=None) -> ValidationReport:
+    """Judge ``optimized`` against ``reference`` with the model's task evaluator (generic when none is given).
 
+    Every output also gets its own figures (cosine, SNR, max abs error): never one cosine over concatenated
+    outputs, which lets box coordinates hide collapsed class scores.
+    """
+    from . import tasks
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
-def is_classifier(outputs: dict[str, np.ndarray]) -> bool:
-    """One output of shape [batch, classes] with classes > 1: top-1 agreement applies."""
-    first = np.asarray(next(iter(outputs.values())))
-    return len(outputs) == 1 and first.ndim == 2 and first.shape[1] > 1
-
-
-def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget,
-            labels: np.ndarray | None = None) -> ValidationReport:
-    """Cosine per sample (min/mean), max abs error, top-1 agreement (classifiers), accuracy (labels)."""
-    cosines, max_abs, ref_top, opt_top = [], 0.0, [], []
-    finite = True
-    classifier = is_classifier(reference[0])
-    for ref, opt in zip(reference, optimized):
-        r, o = _rows(ref), _rows(opt)
-        if not np.all(np.isfinite(o)):
-            finite = False
-            o = np.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0)
-        max_abs = max(max_abs, float(np.max(np.abs(r - o))) if r.size else 0.0)
-        cosines.extend(cosine(a, b) for a, b in zip(r, o))
-        if classifier:
-            ref_top.extend(np.argmax(next(iter(ref.values())), axis=1).tolist())
-            opt_top.extend(np.argmax(next(iter(opt.values())), axis=1).tolist())
-    report = dict(samples=len(cosines), max_abs_error=max_abs, min_cosine=min(cosines), mean_cosine=float(np.mean(cosines)))
-    failures: list[str] = []
+    if evaluator is None:
+        evaluator = tasks.choose("generic", budget, tasks.ModelInfo(), tasks.TaskOptions(), reference)
+    outputs, finite = tasks.output_figures(reference, optimized)
+    result = evaluator.evaluate(reference, optimized, labels)
+    failures = [tasks.failure_line(c) for c in result.checks if c.rule and not c.passed]
     if not finite:
-        failures.append("the optimized model produced NaN or infinite values")
-    top1 = None
-    if classifier:
-        top1 = float(np.mean(np.asarray(ref_top) == np.asarray(opt_top)))
-    metric = None
-    if labels is not None and classifier:
-        labels = np.asarray(labels).reshape(-1)[: len(ref_top)]
-        acc32 = 100.0 * float(np.mean(np.asarray(ref_top) == labels))
-        acc_opt = 100.0 * float(np.mean(np.asarray(opt_top) == labels))
-        metric = MetricResult(name="accuracy", fp32=acc32, optimized=acc_opt, drop=acc32 - acc_opt)
-    budget_doc = {"min_cosine": budget.min_cosine, "min_top1_agreement": budget.min_top1_agreement,
-                  "max_metric_drop": budget.max_metric_drop}
-    if metric is not None:
-        # With labels the task metric decides (the issue's budget: at most 1 point of drop).
-        budget_doc["rule"] = "task metric drop"
-        if metric.drop > budget.max_metric_drop:
-            failures.append(f"accuracy dropped {metric.drop:.2f} points ({metric.fp32:.2f} -> {metric.optimized:.2f}),"
-                            f" budget {budget.max_metric_drop:.2f}")
-    else:
-        budget_doc["rule"] = "cosine" + (" and top-1 agreement" if classifier else "")
-        if report["min_cosine"] < budget.min_cosine:
-            failures.append(f"min output cosine {report['min_cosine']:.6f} < {budget.min_cosine}")
-        if top1 is not None and top1 < budget.min_top1_agreement:
-            failures.append(f"top-1 agreement {top1:.2%} < {budget.min_top1_agreement:.0%}")
-    return ValidationReport(**report, top1_agreement=top1, metric=metric, budget=budget_doc,
-                            passed=not failures, failures=failures)
+        failures.insert(0, "the optimized model produced NaN or infinite values")
+    budgeted = [c for c in result.checks if c.rule]
+    rows = sum(int(np.asarray(next(iter(r.values()))).shape[0]) if np.asarray(next(iter(r.values()))).ndim
+               else 1 for r in reference)
+    return ValidationReport(
+        samples=rows, max_abs_error=max((f.max_abs_error for f in outputs), default=0.0),
+        min_cosine=min((f.min_cosine for f in outputs), default=1.0),
+        mean_cosine=float(np.mean([f.mean_cosine for f in outputs])) if outputs else 1.0,
+        top1_agreement=result.top1_agreement, task=evaluator.task, task_reason=evaluator.describe(),
+        metric=budgeted[0] if budgeted else (result.checks[0] if result.checks else None),
+        checks=result.checks, figures=result.figures, outputs=outputs, budget=_budget_doc(evaluator.task, budget),
+        passed=not failures, failures=failures, notes=result.notes)
+
+
+_BUDGET_KEYS = {"classify": ("min_top1_agreement", "max_metric_drop"),
+                "detect": ("min_map50", "min_f1", "detect_conf", "detect_nms_iou", "max_metric_drop"),
+                "segment": ("min_mask_iou", "mask_threshold"),
+                "embed": ("min_recall_at_1", "min_embedding_cosine"),
+                "generic": ("min_cosine",), "custom": ("max_metric_drop",)}
+
+
+def _budget_doc(task: str, budget: AccuracyBudget) -> dict:
+    doc = {k: getattr(budget, k) for k in _BUDGET_KEYS.get(task, ())}
+    doc["task"] = task
+    return doc
+
+
+def score(report: ValidationReport) -> float:
+    """One number per report, higher is better, for ranking configurations by the deciding metric:
+    the least slack over the budgeted checks (value minus bound, or bound minus drop)."""
+    slack = []
+    for c in report.checks:
+        if c.rule == "min":
+            slack.append(c.optimized - c.bound)
+        elif c.rule == "max_drop":
+            slack.append(c.bound - c.drop)
+    if not slack:
+        return report.min_cosine
+    value = min(slack)
+    return value if np.isfinite(value) else -1e9
 
 
 def layer_errors(layers, reference_probe, optimized_probe, feeds: list[dict]) -> list[LayerError]:

@@ -28,6 +28,10 @@ def build_package(req: PackageRequest, progress: Progress) -> BuildResult:
         results = [evaluate(prep, c, progress) for c in cands]
         chosen = pick(results)
         decisions = list(prep.decisions)
+        if chosen is None and _may_fall_back(prep, results):
+            chosen, fallback_note = _float_fallback(prep, results, progress)
+            if chosen is not None:
+                decisions.append(fallback_note)
         if chosen is None:
             raise _failure(prep, results)
         decisions.extend(chosen.decisions)
@@ -38,6 +42,37 @@ def build_package(req: PackageRequest, progress: Progress) -> BuildResult:
         with progress.stage("golden samples, manifest, sign"):
             result = _pack(prep, chosen, results, decisions, output, private_key)
     return result
+
+
+FLOAT_ON_DEVICE = {"cpu": "fp32", "arm-cpu": "fp32"}  # other devices (NPU, iGPU, NVIDIA GPU) run float as fp16
+
+
+def _may_fall_back(prep: Prepared, results: list[CandidateResult]) -> bool:
+    """int8 missed the budget and the user did not insist on a precision: a float package is the honest one."""
+    return (prep.request.precision is None and not prep.request.weight_only
+            and any(r.ok and not r.passed and r.candidate.precision == "int8" for r in results))
+
+
+def _float_fallback(prep: Prepared, results: list[CandidateResult], progress) -> tuple[CandidateResult | None, str]:
+    """Evaluate the profile's float precision on each usable runtime; the fastest within the budget wins."""
+    from .types import Candidate
+
+    precision = FLOAT_ON_DEVICE.get(prep.profile.target.device.value, "fp16")
+    missed = [r for r in results if r.ok and not r.passed]
+    why = "; ".join(f"{r.candidate.label}: {'; '.join(r.validation.failures)}" for r in missed)
+    progress.warn(f"no int8 configuration held the accuracy budget ({why}); trying {precision}")
+    tried = {r.candidate for r in results}
+    floats = [Candidate(rt, precision, prep.request.graph_level or "all") for rt in prep.runtimes if rt != "tflite"]
+    extra = [evaluate(prep, c, progress) for c in floats if c not in tried]
+    results.extend(extra)
+    chosen = pick([r for r in results if r.candidate.precision == precision])
+    if chosen is None:
+        return None, ""
+    note = (f"float fallback: no int8 configuration held the accuracy budget ({why}); packaged the fastest "
+            f"{precision} configuration ({chosen.candidate.label}, {chosen.speedup:.2f}x vs fp32). "
+            f"Try --accuracy-aware to keep only the sensitive layers in float")
+    progress.warn(note)
+    return chosen, note
 
 
 def _failure(prep: Prepared, results: list[CandidateResult]) -> EdgeoptError:

@@ -32,13 +32,18 @@ class SampleSet:
     sha256: str | None = None
     labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    names: list[str] | None = None  # image file name per image (image folders)
+    transforms: list[tuple[float, float, float]] | None = None  # (scale, pad_x, pad_y) per image
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def head(self, n: int) -> "SampleSet":
         labels = self.labels[:n] if self.labels is not None else None
-        return SampleSet(self.samples[:n], self.source, self.sha256, labels, list(self.notes))
+        per = len(next(iter(self.samples[0].values()))) if self.samples and self.samples[0] else 1
+        return SampleSet(self.samples[:n], self.source, self.sha256, labels, list(self.notes),
+                         self.names[: n * per] if self.names else None,
+                         self.transforms[: n * per] if self.transforms else None)
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -136,14 +141,21 @@ def load_images(folder: Path, specs: list[InputSpec], prep: ImagePreprocessing |
         files = files[: limit * per]
     digest = hashlib.sha256()
     images = []
+    transforms = []
     for f in files:
         digest.update(_sha256(f).encode())
         try:
             with Image.open(f) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                im = im.convert("L" if c == 1 else "RGB")
+                if (prep.resize or "stretch") == "letterbox":
+                    im, transform = letterbox(im, w, h, prep.pad_value)
+                else:
+                    transform = (min(w / im.size[0], h / im.size[1]), 0.0, 0.0)
+                    im = im.resize((w, h), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32)
-        except OSError as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{role} image {f.name} cannot be read: {exc}") from None
+        transforms.append(transform)
         if c == 1:
             arr = arr[:, :, None]
         elif prep.channel_order == "BGR":
@@ -155,7 +167,22 @@ def load_images(folder: Path, specs: list[InputSpec], prep: ImagePreprocessing |
     if n == 0:
         raise InputError(f"{role} folder {folder} holds {len(stack)} images, fewer than one batch of {per}")
     samples = [{spec.name: stack[i * per:(i + 1) * per]} for i in range(n)]
-    return SampleSet(samples, "images", digest.hexdigest())
+    return SampleSet(samples, "images", digest.hexdigest(), names=[f.name for f in files[: n * per]],
+                     transforms=transforms[: n * per])
+
+
+def letterbox(im, w: int, h: int, pad: int):
+    """Resize keeping the aspect ratio, centred on a ``pad``-grey canvas (Ultralytics' LetterBox).
+    Returns the image and (scale, pad_x, pad_y), which map source pixels into the model's frame."""
+    from PIL import Image
+
+    scale = min(w / im.size[0], h / im.size[1])
+    nw, nh = max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))
+    resized = im.resize((nw, nh), Image.BILINEAR)
+    canvas = Image.new(im.mode, (w, h), pad if im.mode == "L" else (pad, pad, pad))
+    px, py = (w - nw) // 2, (h - nh) // 2
+    canvas.paste(resized, (px, py))
+    return canvas, (scale, float(px), float(py))
 
 
 def guess_layout(shape) -> str:
@@ -204,9 +231,12 @@ def split_heldout(data: SampleSet, n_heldout: int) -> tuple[SampleSet, SampleSet
     per = len(next(iter(data.samples[0].values())))
     calib_labels = data.labels[: cut * per] if data.labels is not None else None
     held_labels = data.labels[cut * per:] if data.labels is not None else None
-    calib = SampleSet(data.samples[:cut], data.source, data.sha256, calib_labels)
+    names, tf = data.names, data.transforms
+    calib = SampleSet(data.samples[:cut], data.source, data.sha256, calib_labels,
+                      names=names[: cut * per] if names else None, transforms=tf[: cut * per] if tf else None)
     held = SampleSet(data.samples[cut:], "split", data.sha256, held_labels,
-                     [f"held out the last {k} of {len(data)} calibration samples for the accuracy check"])
+                     [f"held out the last {k} of {len(data)} calibration samples for the accuracy check"],
+                     names=names[cut * per:] if names else None, transforms=tf[cut * per:] if tf else None)
     return calib, held
 
 

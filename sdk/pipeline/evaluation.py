@@ -8,6 +8,7 @@ from ..profile import HardwareProfile
 from . import accuracy, benchmark
 from .prepared import Prepared
 from .progress import Progress
+from ..package import LayerError
 from .types import Artifact, Candidate, CandidateResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         except BaseException:
             loaded.close()
             raise
-        report = accuracy.compare(prep.reference_outputs, outs, prep.profile.accuracy, prep.heldout.labels)
+        report = accuracy.compare(prep.reference_outputs, outs, prep.profile.accuracy, prep.heldout.labels,
+                                  prep.evaluator)
         report = report.model_copy(update={"float_layers": list(float_layers)})
         return art, loaded, outs, report
 
@@ -83,16 +85,26 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
     with progress.stage(f"{cand.label}: accuracy"):
         progress.note(_accuracy_line(report))
         if not report.passed and cand.precision not in ("fp32", "as-exported"):
-            ranking = _sensitivity(backend, job, artifact, prep)
-            report = report.model_copy(update={"sensitive_layers": ranking[:10]})
-            if cand.accuracy_aware and hasattr(backend, "rank_reverts") and cand.precision == "int8":
-                found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report)
+            ranked = None
+            if hasattr(backend, "rank_reverts") and cand.precision == "int8":
+                # Sensitivity by the task metric: each activation quantizer bypassed alone, the model re-judged.
+                ranked = _rank_reverts(prep, backend, artifact, progress)
+                base = accuracy.score(report)
+                report = report.model_copy(update={"sensitive_layers": [
+                    LayerError(layer=n, error=max(0.0, s - base)) for n, s in ranked[:10]]})
+            else:
+                report = report.model_copy(update={"sensitive_layers": _sensitivity(backend, job, artifact, prep)[:10]})
+            if cand.accuracy_aware and ranked:
+                found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report,
+                                       [n for n, _ in ranked])
                 if found is not None:
                     loaded.close()
                     artifact, loaded, outputs, report = found
-            if cand.accuracy_aware and ranking and not report.passed:
-                loaded.close()
-                artifact, loaded, outputs, report = _float_search(prep, ranking, build_and_check, progress, report)
+            if cand.accuracy_aware and not report.passed:
+                ranking = _sensitivity(backend, job, artifact, prep)
+                if ranking:
+                    loaded.close()
+                    artifact, loaded, outputs, report = _float_search(prep, ranking, build_and_check, progress, report)
     result.artifact, result.validation, result.passed = artifact, report, report.passed
     result.size_bytes = artifact.size_bytes
     result.outputs = outputs
@@ -134,12 +146,17 @@ def device_options(options: dict, device: str) -> dict | None:
 
 
 def _accuracy_line(r) -> str:
-    text = f"{'PASS' if r.passed else 'FAIL'}: min cosine {r.min_cosine:.4f}, mean {r.mean_cosine:.4f}, " \
-           f"max abs err {r.max_abs_error:.4g}"
-    if r.top1_agreement is not None:
-        text += f", top-1 agreement {r.top1_agreement:.1%}"
-    if r.metric:
-        text += f", accuracy {r.metric.fp32:.2f} -> {r.metric.optimized:.2f}"
+    """PASS/FAIL, the deciding task metric first, then the per-output cosine."""
+    parts = []
+    for c in r.checks[:3]:
+        if c.rule == "max_drop":
+            parts.append(f"{c.name} {c.fp32:.4g} -> {c.optimized:.4g} (drop {c.drop:.3g}, budget {c.bound:g})")
+        elif c.rule == "min":
+            parts.append(f"{c.name} {c.optimized:.4f} (budget {c.bound:g})")
+        else:
+            parts.append(f"{c.name} {c.optimized:.4f}")
+    parts.append(f"min output cosine {r.min_cosine:.4f}")
+    text = f"{'PASS' if r.passed else 'FAIL'} [{r.task}]: " + ", ".join(parts)
     if r.float_layers:
         text += f", {len(r.float_layers)} layers in float"
     return text
@@ -198,23 +215,41 @@ def _float_search(prep, ranking, build_and_check, progress, first_report):
     return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
 
 
-def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report):
-    """OpenVINO: bypass activation quantizers of the int8 model, best-ranked first, until the budget holds.
+RANK_SAMPLES = 8  # held-out samples each single-quantizer bypass is judged on
 
-    Ranking bypasses each quantizer alone (no re-calibration: one compile per quantizer, scored by the min
-    cosine on a few held-out samples); then k = 1, 2, 4, ... quantizers are bypassed and validated on all
-    held-out samples, and the smallest passing k is bisected. Weights stay int8. Returns None when even
-    every activation in float misses the budget (the caller then re-quantizes with float layers).
-    """
-    feeds = prep.heldout.samples[:SENSITIVITY_SAMPLES]
-    refs = prep.reference_outputs[:SENSITIVITY_SAMPLES]
-    budget = prep.profile.accuracy
+
+def _subset(prep):
+    """The first held-out samples, their fp32 outputs and labels: what the ranking judges on."""
+    n = min(RANK_SAMPLES, len(prep.heldout.samples))
+    feeds, refs = prep.heldout.samples[:n], prep.reference_outputs[:n]
+    labels = prep.heldout.labels
+    if labels is not None:
+        per = len(next(iter(feeds[0].values())))
+        labels = labels[: n * per]
+    return feeds, refs, labels
+
+
+def _rank_reverts(prep, backend, base: Artifact, progress) -> list[tuple[str, float]]:
+    """Activation quantizers, most helpful to bypass first, by the task metric (accuracy.score)."""
+    feeds, refs, labels = _subset(prep)
 
     def score(outs):
-        return accuracy.compare(refs, outs, budget).min_cosine
+        return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
 
-    with progress.stage("rank activation quantizers (bypass one at a time)"):
-        ranked = [n for n, _ in backend.rank_reverts(base.model_file, feeds, score)]
+    with progress.stage(f"rank activation quantizers by {prep.evaluator.task} metric (bypass one at a time)"):
+        return backend.rank_reverts(base.model_file, feeds, score)
+
+
+def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
+                   ranked: list[str]):
+    """Bypass activation quantizers of the int8 model, best-ranked first, until the task budget holds.
+
+    ``ranked`` comes from bypassing each quantizer alone and re-judging the model by its task metric (no
+    re-calibration). k = 1, 2, 4, ... quantizers are bypassed and validated on all held-out samples, and the
+    smallest passing k is bisected. Weights stay int8. Returns None when even every activation in float
+    misses the budget (the caller then re-quantizes with float layers).
+    """
+    budget = prep.profile.accuracy
     if not ranked:
         return None
     attempts = iter(range(1_000_000))
@@ -226,7 +261,7 @@ def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, wor
         loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
                               options=device_options(art.runtime_options, run_device))
         outs = [loaded.infer(feed) for feed in prep.heldout.samples]
-        report = accuracy.compare(prep.reference_outputs, outs, budget, prep.heldout.labels)
+        report = accuracy.compare(prep.reference_outputs, outs, budget, prep.heldout.labels, prep.evaluator)
         report = report.model_copy(update={"float_layers": art.float_layers,
                                            "sensitive_layers": first_report.sensitive_layers})
         progress.note(f"{k} activation(s) in float: {_accuracy_line(report)}")

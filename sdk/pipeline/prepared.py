@@ -46,6 +46,7 @@ class Prepared:
     progress: Progress | None = None
     batch: int = 1
     runtimes: list[str] = field(default_factory=list)  # the profile's runtimes that can run this model
+    evaluator: object = None  # tasks.TaskEvaluator: judges every candidate by the model's task
 
     def __enter__(self) -> "Prepared":
         return self
@@ -117,6 +118,8 @@ def prepare(req: PackageRequest, progress: Progress) -> Prepared:
 
 def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) -> Prepared:
     decisions: list[str] = []
+    metadata = model_metadata(source)
+    req = _metadata_defaults(req, metadata, source, decisions, progress)
     with progress.stage("shapes"):
         reference, specs = _shape(source, req, profile, workdir, progress)
         for note in enforce_policy(specs, profile):
@@ -180,7 +183,79 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
                     heldout=heldout, reference_outputs=ref_out, baseline=baseline, baseline_runtime=rt_name,
                     calibration=calibration, calibration_info=calib_info, threads=threads, decisions=decisions,
                     progress=progress, batch=batch, runtimes=runtimes)
+    try:
+        with progress.stage("task"):
+            prep.evaluator = _evaluator(req, profile, metadata, heldout, ref_out)
+            progress.note(prep.evaluator.describe())
+            decisions.append(f"accuracy judged by {prep.evaluator.describe()}")
+    except BaseException:
+        baseline.close()
+        raise
     return prep
+
+
+def model_metadata(source: SourceModel) -> dict[str, str]:
+    """String metadata the model carries (ONNX metadata_props: Ultralytics writes task, names, imgsz, stride)."""
+    model = getattr(source, "onnx", None)
+    if model is None:
+        return {}
+    return {p.key: p.value for p in model.metadata_props if len(p.value) < 1_000_000}
+
+
+def _metadata_defaults(req: PackageRequest, metadata: dict, source: SourceModel, decisions, progress) -> PackageRequest:
+    """Ultralytics detector exports: letterbox preprocessing and their export size, unless the user chose."""
+    import ast
+
+    from .types import ImagePreprocessing
+
+    if metadata.get("task") not in ("detect", "segment", "pose", "obb") or "imgsz" not in metadata:
+        return req
+    update: dict = {}
+    try:
+        size = [int(v) for v in ast.literal_eval(metadata["imgsz"])]
+    except (ValueError, SyntaxError, TypeError):
+        size = []
+    if req.preprocessing is None or req.preprocessing.resize is None:
+        base = req.preprocessing or ImagePreprocessing()
+        update["preprocessing"] = base.model_copy(update={"resize": "letterbox"})
+        note = "images letterboxed (grey 114 padding, RGB, pixel/255), as the model's Ultralytics metadata says"
+        decisions.append(note)
+        progress.note(note)
+    if not req.input_shapes and len(size) == 2 and source.format == "onnx":
+        inp = source.onnx.graph.input[0]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if len(dims) == 4 and (dims[2] is None or dims[3] is None):
+            update["input_shapes"] = {inp.name: [dims[0] or 1, dims[1] or 3, size[0], size[1]]}
+            note = (f"input {inp.name!r} fixed to {update['input_shapes'][inp.name]} from the model's metadata "
+                    f"(imgsz {size}); pass --input-shape to choose another size")
+            decisions.append(note)
+            progress.note(note)
+    return req.model_copy(update=update) if update else req
+
+
+def _evaluator(req: PackageRequest, profile: HardwareProfile, metadata: dict, heldout, ref_out):
+    """Choose the task evaluator once and check it on fp32 against itself (a metric that cannot hold there,
+    or a user's metric that cannot run, stops here, before any quantization)."""
+    from . import accuracy, tasks
+
+    if req.labels is not None and req.task not in ("auto", "detect"):
+        raise InputError(f"--labels (COCO JSON) is for --task detect, not --task {req.task}",
+                         hint="classification labels go in the held-out .npz as 'labels'")
+    info = tasks.ModelInfo(input_shapes={k: tuple(v.shape) for k, v in heldout.samples[0].items()},
+                           output_names=list(ref_out[0]), metadata=metadata,
+                           class_names=tasks.class_names(metadata))
+    options = tasks.TaskOptions(task=req.task, detect_format=req.detect_format,
+                                labels_file=str(req.labels) if req.labels else None,
+                                sample_names=heldout.names, transforms=heldout.transforms)
+    evaluator = tasks.choose(req.task, profile.accuracy, info, options, ref_out, req.metric, req.max_metric_drop)
+    if req.labels is not None and evaluator.task not in ("detect", "custom"):
+        raise InputError(f"--labels (COCO JSON) is for detectors; this model is judged as task {evaluator.task}",
+                         hint="pass --task detect if it is a detector")
+    itself = accuracy.compare(ref_out, ref_out, profile.accuracy, heldout.labels, evaluator)
+    if not itself.passed:
+        raise InputError(f"the accuracy check fails for the fp32 model against itself ({'; '.join(itself.failures)})",
+                         hint="a --metric must score fp32 against itself at its best; check the metric")
+    return evaluator
 
 
 def _usable_runtimes(req, profile, source, reference, decisions, progress) -> list[str]:

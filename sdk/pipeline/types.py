@@ -25,6 +25,10 @@ class ImagePreprocessing(BaseModel):
     scale: float = Field(1.0 / 255.0, description="Pixel values (0..255) are multiplied by this first.")
     layout: Literal["NCHW", "NHWC"] | None = Field(None, description="Tensor layout; default: guessed from the model.")
     channel_order: Literal["RGB", "BGR"] = Field("RGB", description="Channel order the model expects.")
+    resize: Literal["stretch", "letterbox"] | None = Field(
+        None, description="stretch to the input size, or letterbox: keep the aspect ratio and pad (detectors); "
+                          "default: letterbox when the model's metadata says it is a detector export, else stretch.")
+    pad_value: int = Field(114, ge=0, le=255, description="Letterbox padding grey level (Ultralytics: 114).")
 
     @model_validator(mode="after")
     def _lengths(self) -> "ImagePreprocessing":
@@ -62,6 +66,13 @@ class PackageRequest(BaseModel):
     bench_iterations: int = Field(100, ge=5, description="Timed iterations per model in the host benchmark.")
     golden_count: int = Field(4, ge=1, le=64, description="Golden samples stored for the agent's self-test.")
     seed: int = Field(0, description="Seed for random calibration / random held-out data.")
+    task: str = Field("auto", description="How accuracy is judged: auto, classify, detect, segment, embed, generic.")
+    metric: Any = Field(None, description="The user's metric: 'module:function' or a callable "
+                                         "(fp32_outputs, optimized_outputs, labels) -> number, higher is better.")
+    max_metric_drop: float | None = Field(None, ge=0.0, description="Budget for --metric: largest drop, its units.")
+    labels: Path | None = Field(None, description="COCO-format JSON labels of the held-out images (detect).")
+    detect_format: str = Field("auto", description="Detection head format: auto, yolov8, yolov8t, yolov5, nms, "
+                                                    "tuple, ssd.")
 
     @model_validator(mode="after")
     def _checks(self) -> "PackageRequest":

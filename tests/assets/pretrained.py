@@ -43,6 +43,8 @@ class Pretrained:
         return self.member.rsplit("/", 1)[-1]
 
 
+_SKIMAGE_WHEEL = ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                  "--implementation", "cp", "--abi", "cp311")
 _MEDIAPIPE_WHEEL = ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                     "--implementation", "cp", "--abi", "cp311")
 
@@ -62,6 +64,32 @@ MODELS: dict[str, Pretrained] = {
                               "mediapipe/modules/face_detection/face_detection_short_range.tflite",
                               "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8", "Apache-2.0",
                               _MEDIAPIPE_WHEEL),
+    # NudeNet 3.4 detector: an Ultralytics YOLOv8n export (320x320, 18 classes: faces and covered or exposed
+    # body parts), opset 17, input images [batch,3,height,width], output output0 [batch,22,N]. AGPL-3.0:
+    # used as a test model only, fetched into the cache, never redistributed.
+    "yolo_nudenet": Pretrained("nudenet", "3.4.2", "nudenet/320n.onnx",
+                               "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f", "AGPL-3.0"),
+    # Photos of people (ultralytics' bundled sample images; AGPL-3.0 package, used as test inputs only).
+    "photo_bus": Pretrained("ultralytics", "8.4.190", "ultralytics/assets/bus.jpg",
+                            "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "AGPL-3.0"),
+    "photo_zidane": Pretrained("ultralytics", "8.4.190", "ultralytics/assets/zidane.jpg",
+                               "16d73869e3267a7d4ed00de8e860833bd1657c1b252e94c0c348277adc7b6edb", "AGPL-3.0"),
+    # scikit-image's bundled sample images (BSD-3-Clause package; astronaut: NASA, public domain).
+    "photo_astronaut": Pretrained("scikit-image", "0.26.0", "skimage/data/astronaut.png",
+                                  "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5", "BSD-3-Clause",
+                                  _SKIMAGE_WHEEL),
+    "photo_camera": Pretrained("scikit-image", "0.26.0", "skimage/data/camera.png",
+                               "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a", "BSD-3-Clause",
+                               _SKIMAGE_WHEEL),
+    "photo_coffee": Pretrained("scikit-image", "0.26.0", "skimage/data/coffee.png",
+                               "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7", "BSD-3-Clause",
+                               _SKIMAGE_WHEEL),
+    "photo_chelsea": Pretrained("scikit-image", "0.26.0", "skimage/data/chelsea.png",
+                                "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", "BSD-3-Clause",
+                                _SKIMAGE_WHEEL),
+    "photo_rocket": Pretrained("scikit-image", "0.26.0", "skimage/data/rocket.jpg",
+                               "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c", "BSD-3-Clause",
+                               _SKIMAGE_WHEEL),
 }
 
 
