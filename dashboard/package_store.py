@@ -143,7 +143,11 @@ def manifest_checks(manifest: dict) -> list[tuple[str, bool, str]]:
     if val is None:
         checks.append(("accuracy validation", False, "no validation report in the manifest"))
     else:
-        detail = f"{val.get('samples', 0)} samples, min cosine {val.get('min_cosine', 0):.4f}"
+        detail = f"{val.get('samples', 0)} samples, task {val.get('task', 'generic')}"
+        metric = val.get("metric") or {}
+        if metric.get("name"):
+            detail += f", {metric['name']} {float(metric.get('optimized', 0)):.4f}"
+        detail += f", min cosine {val.get('min_cosine', 0):.4f}"
         if val.get("top1_agreement") is not None:
             detail += f", top-1 agreement {val['top1_agreement']:.1%}"
         if val.get("failures"):

@@ -114,6 +114,8 @@ class ValidationReport(_Model):
     failures: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     sensitive_layers: list[LayerError] = Field(default_factory=list)
+    sensitivity_basis: str = Field("", description="What sensitive_layers' figures mean: 'task metric gained in "
+                                                   "float' (bypassed alone, re-judged) or 'error added vs fp32'.")
     float_layers: list[str] = Field(default_factory=list, description="Layers kept in float by --accuracy-aware.")
 
 

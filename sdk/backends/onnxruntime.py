@@ -168,14 +168,23 @@ class OnnxRuntimeBackend(Backend):
                                                               for o in n.output}
         return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
 
-    def rank_reverts(self, model_file: Path, feeds: list[dict], score) -> list[tuple[str, float]]:
+    def revert_layers(self, model_file: Path) -> dict[str, str]:
+        """Each activation QuantizeLinear -> the node whose output it quantizes (its layer)."""
+        import onnx
+
+        model = onnx.load(str(model_file), load_external_data=False)
+        producers = {o: n.name for n in model.graph.node for o in n.output}
+        return {n.name: producers.get(n.input[0], n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    def rank_reverts(self, model_file: Path, feeds: list[dict], score, points: list[str] | None = None
+                     ) -> list[tuple[str, float]]:
         """Each activation Q/DQ pair bypassed alone (weights stay int8), scored by ``score(outputs)`` on
         ``feeds``; best first. The same ranking as OpenVINO's, so both runtimes search by the task metric."""
         import onnx
 
         model = onnx.load(str(model_file))
         ranked = []
-        for name in self.revert_points(model_file):
+        for name in points if points is not None else self.revert_points(model_file):
             bypassed = _bypass_qdq(_copy(model), [name])
             ranked.append((name, float(score(_run_all(bypassed, feeds)))))
         ranked.sort(key=lambda x: x[1], reverse=True)

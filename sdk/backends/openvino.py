@@ -32,7 +32,7 @@ _NNCF_DEVICE = {"CPU": "CPU", "GPU": "GPU", "NPU": "NPU"}
 class OpenVINOBackend(Backend):
     name: ClassVar[str] = RUNTIME
     extra: ClassVar[str] = "sdk"
-    accepts: ClassVar[tuple[str, ...]] = ("onnx", "openvino-ir")
+    accepts: ClassVar[tuple[str, ...]] = ("onnx", "openvino-ir", "tflite")  # TFLite through OpenVINO's frontend
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8-weight-only")
 
     @classmethod
@@ -58,7 +58,8 @@ class OpenVINOBackend(Backend):
 
     def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:
         if source_format not in self.accepts:
-            raise UnsupportedError(f"OpenVINO takes ONNX or OpenVINO IR; {display or source.name} is {source_format}")
+            raise UnsupportedError(f"OpenVINO takes ONNX, OpenVINO IR or TFLite; {display or source.name} is "
+                                   f"{source_format}")
         self._read(source, source_format, display)
 
     def run_device(self, runtime_options: Any) -> tuple[str, str, bool]:
@@ -129,12 +130,17 @@ class OpenVINOBackend(Backend):
         return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
                 and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
 
-    def rank_reverts(self, model_file: Path, feeds: list[dict], score) -> list[tuple[str, float]]:
+    def revert_layers(self, model_file: Path) -> dict[str, str]:
+        """Each activation FakeQuantize -> the layer it feeds (NNCF names it '<layer>/fq_...')."""
+        return {name: name.split("/fq_")[0] for name in self.revert_points(model_file)}
+
+    def rank_reverts(self, model_file: Path, feeds: list[dict], score, points: list[str] | None = None
+                     ) -> list[tuple[str, float]]:
         """Each activation quantizer bypassed alone (weights stay int8), scored by ``score(outputs)`` on
         ``feeds``; best first. What NNCF's accuracy control ranks by, without re-calibrating per step."""
         model = _core().read_model(str(model_file))
         ranked = []
-        for name in self.revert_points(model_file):
+        for name in points if points is not None else self.revert_points(model_file):
             outs = _run_all(_bypass(model.clone(), [name]), feeds)
             ranked.append((name, float(score(outs))))
         ranked.sort(key=lambda x: x[1], reverse=True)

@@ -31,12 +31,11 @@ def inspect_(package: str, as_json: bool) -> None:
             io.add_row(kind, t.name, t.dtype, "x".join(map(str, t.shape)), t.layout or "")
     con.print(io)
     if m.validation:
+        from .package_cmd import accuracy_summary
+
         v = m.validation
-        con.print(f"accuracy: {'PASS' if v.passed else 'FAIL'}  min cosine {v.min_cosine:.4f}  max abs err "
-                  f"{v.max_abs_error:.4g}" + (f"  top-1 agreement {v.top1_agreement:.2%}" if v.top1_agreement
-                                             is not None else "") +
-                  (f"  {v.metric.name} {v.metric.fp32:.2f} -> {v.metric.optimized:.2f}" if v.metric else "")
-                  + (f"  float layers: {len(v.float_layers)}" if v.float_layers else ""))
+        con.print("accuracy: " + accuracy_summary(v).replace("\n", "\n  ")
+                  + (f"\n  float layers: {len(v.float_layers)}" if v.float_layers else ""), highlight=False)
     if m.benchmark:
         b = m.benchmark
         con.print(f"benchmark (batch {b.batch_size}): p50 {b.optimized.p50_ms:.3f} ms, p99 {b.optimized.p99_ms:.3f} ms, "

@@ -21,16 +21,15 @@ def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget
     """
     from . import tasks
 
-    if evaluator is None:
-        evaluator = tasks.choose("generic", budget, tasks.ModelInfo(), tasks.TaskOptions(), reference)
+    if evaluator is None:  # callers without a prepared model: the task from the outputs alone
+        evaluator = tasks.choose("auto", budget, tasks.ModelInfo(), tasks.TaskOptions(), reference)
     outputs, finite = tasks.output_figures(reference, optimized)
     result = evaluator.evaluate(reference, optimized, labels)
     failures = [tasks.failure_line(c) for c in result.checks if c.rule and not c.passed]
     if not finite:
         failures.insert(0, "the optimized model produced NaN or infinite values")
     budgeted = [c for c in result.checks if c.rule]
-    rows = sum(int(np.asarray(next(iter(r.values()))).shape[0]) if np.asarray(next(iter(r.values()))).ndim
-               else 1 for r in reference)
+    rows = sum(_batch(r) for r in reference)
     return ValidationReport(
         samples=rows, max_abs_error=max((f.max_abs_error for f in outputs), default=0.0),
         min_cosine=min((f.min_cosine for f in outputs), default=1.0),
@@ -39,6 +38,11 @@ def compare(reference: list[dict], optimized: list[dict], budget: AccuracyBudget
         metric=budgeted[0] if budgeted else (result.checks[0] if result.checks else None),
         checks=result.checks, figures=result.figures, outputs=outputs, budget=_budget_doc(evaluator.task, budget),
         passed=not failures, failures=failures, notes=result.notes)
+
+
+def _batch(outputs: dict) -> int:
+    first = np.asarray(next(iter(outputs.values())))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 _BUDGET_KEYS = {"classify": ("min_top1_agreement", "max_metric_drop"),

@@ -87,7 +87,8 @@ def _failure(prep: Prepared, results: list[CandidateResult]) -> EdgeoptError:
             if not r.candidate.accuracy_aware else "choose --precision fp16/fp32, or give better calibration data")
     return AccuracyError(f"{r.candidate.precision} on {r.candidate.runtime} misses the accuracy budget of profile {prep.profile.name!r}"
                          f": {'; '.join(v.failures)}"
-                         + (f"; most sensitive layers (error added vs fp32): {layers}" if layers else "")
+                         + (f"; most sensitive layers ({v.sensitivity_basis or 'error added vs fp32'}): {layers}"
+                            if layers else "")
                          + "; no package written", hint=hint)
 
 

@@ -88,12 +88,15 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
             ranked = None
             if hasattr(backend, "rank_reverts") and cand.precision == "int8":
                 # Sensitivity by the task metric: each activation quantizer bypassed alone, the model re-judged.
-                ranked = _rank_reverts(prep, backend, artifact, progress)
+                ranked = _rank_reverts(prep, backend, job, artifact, progress)
                 base = accuracy.score(report)
+                layer_of = backend.revert_layers(artifact.model_file)  # quantizer -> the layer it belongs to
                 report = report.model_copy(update={"sensitive_layers": [
-                    LayerError(layer=n, error=max(0.0, s - base)) for n, s in ranked[:10]]})
+                    LayerError(layer=layer_of.get(n, n), error=max(0.0, s - base)) for n, s in ranked[:10]],
+                    "sensitivity_basis": f"{prep.evaluator.task} metric gained when kept in float"})
             else:
-                report = report.model_copy(update={"sensitive_layers": _sensitivity(backend, job, artifact, prep)[:10]})
+                report = report.model_copy(update={"sensitive_layers": _sensitivity(backend, job, artifact, prep)[:10],
+                                                   "sensitivity_basis": "error added vs fp32"})
             if cand.accuracy_aware and ranked:
                 found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report,
                                        [n for n, _ in ranked])
@@ -197,7 +200,8 @@ def _float_search(prep, ranking, build_and_check, progress, first_report):
     if best is None:
         progress.warn("no float fallback set met the budget; even all quantizable layers in float missed it")
         art, loaded, outs, report = build_and_check(names[: len(names)])
-        return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
+        return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers,
+                                                            "sensitivity_basis": first_report.sensitivity_basis})
     hi = k
     for _ in range(3):  # bisect (lo fails, hi holds), a few rebuilds at most
         if hi - lo <= 1:
@@ -212,7 +216,8 @@ def _float_search(prep, ranking, build_and_check, progress, first_report):
             loaded.close()
             lo = mid
     art, loaded, outs, report = best
-    return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers})
+    return art, loaded, outs, report.model_copy(update={"sensitive_layers": first_report.sensitive_layers,
+                                                        "sensitivity_basis": first_report.sensitivity_basis})
 
 
 RANK_SAMPLES = 8  # held-out samples each single-quantizer bypass is judged on
@@ -229,15 +234,30 @@ def _subset(prep):
     return feeds, refs, labels
 
 
-def _rank_reverts(prep, backend, base: Artifact, progress) -> list[tuple[str, float]]:
-    """Activation quantizers, most helpful to bypass first, by the task metric (accuracy.score)."""
+RANK_LIMIT = 64  # quantizers ranked by the task metric; more are first narrowed by their layer's own error
+
+
+def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[str, float]]:
+    """Activation quantizers, most helpful to bypass first, by the task metric (accuracy.score).
+
+    A model with more than RANK_LIMIT quantizers (ONNX Runtime puts one on nearly every activation: 243 on a
+    YOLOv8n) is first narrowed to the RANK_LIMIT whose layers add the most error of their own (one probe of
+    every layer, cheap); only those are bypassed one at a time and judged by the task metric.
+    """
     feeds, refs, labels = _subset(prep)
 
     def score(outs):
         return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
 
-    with progress.stage(f"rank activation quantizers by {prep.evaluator.task} metric (bypass one at a time)"):
-        return backend.rank_reverts(base.model_file, feeds, score)
+    points = backend.revert_points(base.model_file)
+    if len(points) > RANK_LIMIT:
+        with progress.stage(f"narrow {len(points)} activation quantizers to {RANK_LIMIT} by layer error"):
+            error = {e.layer: e.error for e in _sensitivity(backend, job, base, prep)}
+            layer_of = backend.revert_layers(base.model_file)
+            points = sorted(points, key=lambda p: -error.get(layer_of.get(p, p), 0.0))[:RANK_LIMIT]
+    with progress.stage(f"rank {len(points)} activation quantizers by the {prep.evaluator.task} metric "
+                        f"(bypass one at a time)"):
+        return backend.rank_reverts(base.model_file, feeds, score, points)
 
 
 def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
@@ -263,7 +283,8 @@ def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, wor
         outs = [loaded.infer(feed) for feed in prep.heldout.samples]
         report = accuracy.compare(prep.reference_outputs, outs, budget, prep.heldout.labels, prep.evaluator)
         report = report.model_copy(update={"float_layers": art.float_layers,
-                                           "sensitive_layers": first_report.sensitive_layers})
+                                           "sensitive_layers": first_report.sensitive_layers,
+                                           "sensitivity_basis": first_report.sensitivity_basis})
         progress.note(f"{k} activation(s) in float: {_accuracy_line(report)}")
         return art, loaded, outs, report
 

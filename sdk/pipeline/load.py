@@ -62,11 +62,12 @@ def _load_tflite(path: Path, profile: HardwareProfile, size: int) -> SourceModel
     if head[4:8] != _TFLITE_MAGIC:
         raise InputError(f"{path.name} is not a TFLite model (no 'TFL3' flatbuffer identifier)",
                          hint="pass a .tflite file exported by TensorFlow Lite / LiteRT")
-    if not any(rt.runtime == "tflite" for rt in profile.runtimes):
-        raise UnsupportedError(f"a .tflite model can only be packaged for a profile with the tflite runtime "
-                               f"(such as 'arm'); profile {profile.name!r} runs "
+    # LiteRT runs it as exported; OpenVINO reads TFLite directly (its TensorFlow Lite frontend) and quantizes it.
+    if not any(rt.runtime in ("tflite", "openvino") for rt in profile.runtimes):
+        raise UnsupportedError(f"a .tflite model can only be packaged for a profile with the tflite or openvino "
+                               f"runtime (such as 'arm' or 'cpu'); profile {profile.name!r} runs "
                                f"{', '.join(rt.runtime for rt in profile.runtimes)}",
-                               hint="pass --profile arm, or give the ONNX model instead")
+                               hint="pass --profile arm or --profile cpu, or give the ONNX model instead")
     return SourceModel(path=path, format="tflite", sha256=sha256_file(path), size_bytes=size)
 
 

@@ -102,7 +102,9 @@ def prepare(req: PackageRequest, progress: Progress) -> Prepared:
         source = load_source(req.model, profile)
         progress.note(f"{source.path.name}: {source.format}"
                       + (f", opset {source.opset}" if source.opset else "") + (f", {source.nodes} nodes" if source.nodes else ""))
-    needs_calib = _wanted_precision(req, profile) == "int8" and source.format != "tflite"
+    # A .tflite runs as exported on LiteRT; OpenVINO (cpu, npu, igpu profiles) quantizes it like any model.
+    needs_calib = _wanted_precision(req, profile) == "int8" and (
+        source.format != "tflite" or any(rt.runtime == "openvino" for rt in profile.runtimes))
     if needs_calib and req.calib is None:
         raise InputError(f"profile {profile.name!r} quantizes to int8, which needs calibration data, and none was given",
                          hint="pass --calib calib.npz (arrays keyed by input name) or --calib IMAGE_FOLDER; "

@@ -25,6 +25,7 @@ __all__ = [
     "resnet18_onnx", "resnet18_inputs",
     "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
     "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
+    "yolo_model", "people_photos", "face_photos",
     "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
 
@@ -227,6 +228,66 @@ def tflite_inputs() -> dict:
     return {"calib": _cached_npz("face_tflite_v1_calib", lambda: make(32, "calib", 1)),
             "heldout": _cached_npz("face_tflite_v1_heldout", lambda: make(16, "heldout", 2)),
             "input_name": "input", "input_shape": (1, 128, 128, 3)}
+
+
+# --- detectors on real photos of people ---------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def yolo_model() -> Path:
+    """NudeNet 3.4's detector: an Ultralytics YOLOv8n export (nudenet 3.4.2, AGPL-3.0, test use only).
+
+    Input ``images`` float32 [batch,3,height,width] (metadata imgsz [320, 320], letterbox, RGB, /255); output
+    ``output0`` [batch,22,N]: 4 box rows + 18 classes (faces, covered or exposed body parts).
+    """
+    return _fetch("yolo_nudenet")
+
+
+def _photo_folder(name: str, make) -> Path:
+    """A folder of generated JPEGs in .cache/assets, written once (into a temp folder, then renamed)."""
+    import shutil
+    import tempfile
+
+    folder = CACHE / "assets" / name
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}."))
+        try:
+            make(tmp)
+            tmp.rename(folder)
+        except FileExistsError:
+            pass  # another worker wrote it first
+        except OSError:
+            if not folder.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def people_photos() -> dict:
+    """{"calib": folder of 48 JPEG scenes, "heldout": folder of 48}: disjoint photos of people (see README)."""
+    photos, pretrained = _module("people_photos"), _module("pretrained")
+
+    def fetch(key):
+        try:
+            return pretrained.fetch(key)
+        except pretrained.FetchError as exc:
+            pytest.fail(f"test photo {key!r} unavailable: {exc}", pytrace=False)
+    return {"calib": _photo_folder("people_v1_calib", lambda d: photos.scenes(
+                d, photos.CALIB_PEOPLE, photos.CALIB_BACKGROUNDS, 48, 1, fetch)),
+            "heldout": _photo_folder("people_v1_heldout", lambda d: photos.scenes(
+                d, photos.HELDOUT_PEOPLE, photos.HELDOUT_BACKGROUNDS, 48, 2, fetch))}
+
+
+@pytest.fixture(scope="session")
+def face_photos() -> dict:
+    """{"calib": 32 square face crops, "heldout": 32}: disjoint photos, for BlazeFace (128x128)."""
+    photos, pretrained = _module("people_photos"), _module("pretrained")
+    return {"calib": _photo_folder("faces_v1_calib", lambda d: photos.faces(d, photos.CALIB_FACES, 32, 3,
+                                                                            pretrained.fetch)),
+            "heldout": _photo_folder("faces_v1_heldout", lambda d: photos.faces(d, photos.HELDOUT_FACES, 32, 4,
+                                                                                pretrained.fetch))}
 
 
 # --- broken and hostile models (small, written to tmp_path) ------------------------------------

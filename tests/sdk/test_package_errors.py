@@ -160,19 +160,20 @@ def test_unsigned_needs_explicit_flag_and_conflicts(cli, digits_model, tmp_path,
 
 
 def test_accuracy_miss_writes_nothing_and_names_layers(cli, tiny_model, tiny_calib, tmp_path):
-    """A profile file with an impossible budget: int8 misses it, the sensitive layers are named."""
+    """A profile file with an impossible budget and int8 insisted on: it misses, the sensitive layers are named."""
     from edgeopt.sdk.profile import builtin_profile_paths
 
     strict = tmp_path / "strict.toml"
     strict.write_text(builtin_profile_paths()["cpu"].read_text().replace("min_cosine = 0.99", "min_cosine = 0.9999999")
                       .replace('name = "cpu"', 'name = "strict"'))
     out = tmp_path / "o.eopkg"
-    code, _, err = _package(cli, tiny_model, out, "--profile", strict, "--calib", tiny_calib, "--runtime", "onnxruntime")
+    code, _, err = _package(cli, tiny_model, out, "--profile", strict, "--calib", tiny_calib, "--runtime", "onnxruntime",
+                            "--task", "generic", "--precision", "int8")
     assert code == ExitCode.ACCURACY and not out.exists()
     line = _one_error_line(err)
-    assert line.startswith("error: int8 on onnxruntime misses the accuracy budget of profile 'strict': min output "
-                           "cosine 0.")
-    assert "< 0.9999999; most sensitive layers (error added vs fp32): " in line
+    assert line.startswith("error: int8 on onnxruntime misses the accuracy budget of profile 'strict': cosine of "
+                           "'logits' 0.")
+    assert "< 0.9999999; most sensitive layers (generic metric gained when kept in float): " in line
     assert any(f"{layer} (" in line for layer in ("conv1", "conv2", "fc"))
     assert line.endswith("no package written (rerun with --accuracy-aware to keep the most sensitive layers in float, "
                          "or choose --precision fp16/fp32)")

@@ -86,7 +86,10 @@ def max_drop(name: str, fp32: float, optimized: float, bound: float | None) -> M
 
 def failure_line(check: MetricResult) -> str:
     if check.rule == "min":
-        return f"{check.name} {check.optimized:.4f} < {check.bound:g}"
+        value = f"{check.optimized:.4f}"
+        if float(value) >= check.bound:  # rounding would hide the miss: show the digits that matter
+            value = f"{check.optimized:.8f}"
+        return f"{check.name} {value} < {check.bound}"
     return (f"{check.name} dropped {check.drop:.4g} ({check.fp32:.4g} -> {check.optimized:.4g}), "
             f"budget {check.bound:g}")
 

@@ -82,8 +82,10 @@ def _lower(name: str) -> str:
     return name.lower().replace("-", "_").replace(":", "_").replace("/", "_")
 
 
-def _named(outputs: dict[str, np.ndarray], keys: tuple[str, ...]) -> str | None:
+def _named(outputs: dict[str, np.ndarray], keys: tuple[str, ...], exclude: tuple = ()) -> str | None:
     for name in outputs:
+        if name in exclude:
+            continue
         low = _lower(name)
         if any(low == k or low.endswith("_" + k) or low.startswith(k) for k in keys):
             return name
@@ -151,7 +153,7 @@ def choose_head(reference: dict[str, np.ndarray], fmt: str, num_classes: int | N
 def _guess(reference, shapes, num_classes) -> tuple[str, str]:
     if _named(reference, _BOX_NAMES) and _named(reference, _SCORE_NAMES):
         b, s = _named(reference, _BOX_NAMES), _named(reference, _SCORE_NAMES)
-        if _named(reference, _CLASS_NAMES) or _named(reference, _COUNT_NAMES):
+        if _named(reference, _CLASS_NAMES, (b, s)) or _named(reference, _COUNT_NAMES, (b, s)):
             return "tuple", f"outputs {b!r}, {s!r} and classes/count: already suppressed detections"
         return "ssd", f"outputs {b!r} {list(shapes[b])} and {s!r} {list(shapes[s])}: boxes + scores per anchor"
     three = [n for n, s in shapes.items() if len(s) == 3]
@@ -190,7 +192,7 @@ def _tuple_outputs(reference, shapes) -> list[str]:
     b, s = _named(reference, _BOX_NAMES), _named(reference, _SCORE_NAMES)
     if not b or not s:
         raise InputError(f"format tuple needs outputs named like boxes and scores; the model has {list(shapes)}")
-    c, n = _named(reference, _CLASS_NAMES), _named(reference, _COUNT_NAMES)
+    c, n = _named(reference, _CLASS_NAMES, (b, s)), _named(reference, _COUNT_NAMES, (b, s))
     return [b, s, c or "", n or ""]
 
 
