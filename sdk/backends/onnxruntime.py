@@ -176,19 +176,13 @@ class OnnxRuntimeBackend(Backend):
         producers = {o: n.name for n in model.graph.node for o in n.output}
         return {n.name: producers.get(n.input[0], n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
-    def rank_reverts(self, model_file: Path, feeds: list[dict], score, points: list[str] | None = None
-                     ) -> list[tuple[str, float]]:
-        """Each activation Q/DQ pair bypassed alone (weights stay int8), scored by ``score(outputs)`` on
-        ``feeds``; best first. The same ranking as OpenVINO's, so both runtimes search by the task metric."""
+    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]]) -> list[float]:
+        """``score(outputs)`` on ``feeds`` with each group of activation Q/DQ pairs bypassed (weights stay
+        int8); one score per group. The same search as OpenVINO's, so both runtimes rank by the task metric."""
         import onnx
 
         model = onnx.load(str(model_file))
-        ranked = []
-        for name in points if points is not None else self.revert_points(model_file):
-            bypassed = _bypass_qdq(_copy(model), [name])
-            ranked.append((name, float(score(_run_all(bypassed, feeds)))))
-        ranked.sort(key=lambda x: x[1], reverse=True)
-        return ranked
+        return [float(score(_run_all(_bypass_qdq(_copy(model), group), feeds))) for group in groups]
 
     def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
         """The QDQ model with the named activation Q/DQ pairs bypassed (those activations stay float)."""
@@ -267,20 +261,32 @@ def _copy(model):
 
 
 def _bypass_qdq(model, names: list[str]):
-    """Replace each named QuantizeLinear's DequantizeLinear consumers by Identity of the float input (output
-    names stay, so graph outputs and consumers are untouched; ONNX Runtime removes the Identity nodes)."""
-    from onnx import helper
+    """Replace each named QuantizeLinear's DequantizeLinear consumers by a float Clip of its input to the
+    quantizer's range (output names stay, so consumers and graph outputs are untouched).
+
+    The Clip matters: ONNX Runtime's quantizer drops a Relu (or Clip) in front of a uint8 quantizer, whose
+    zero point clamps negatives instead; bypassing the pair without the clamp would remove the Relu too.
+    """
+    from onnx import helper, numpy_helper
 
     wanted = set(names)
+    inits = {t.name: t for t in model.graph.initializer}
     q_nodes = {n.name: n for n in model.graph.node if n.name in wanted and n.op_type == "QuantizeLinear"}
     q_out = {n.output[0]: n for n in q_nodes.values()}
-    nodes = []
+    nodes, consts = [], []
     for node in model.graph.node:
         if node.name in q_nodes:
             continue
         if node.op_type == "DequantizeLinear" and node.input[0] in q_out:
-            src = q_out[node.input[0]].input[0]
-            nodes.append(helper.make_node("Identity", [src], [node.output[0]], name=node.name + "_float"))
+            q = q_out[node.input[0]]
+            bounds = _q_range(q, inits)
+            if bounds is None:
+                nodes.append(helper.make_node("Identity", [q.input[0]], [node.output[0]], name=node.name + "_float"))
+            else:
+                lo, hi = node.name + "_float_min", node.name + "_float_max"
+                consts += [numpy_helper.from_array(np.asarray(bounds[0], np.float32), lo),
+                           numpy_helper.from_array(np.asarray(bounds[1], np.float32), hi)]
+                nodes.append(helper.make_node("Clip", [q.input[0], lo, hi], [node.output[0]], name=node.name + "_float"))
             continue
         nodes.append(node)
     # A Q output read by something other than its DequantizeLinear keeps its Q node.
@@ -288,9 +294,25 @@ def _bypass_qdq(model, names: list[str]):
     keep_q = [q for out, q in q_out.items() if out in used]
     del model.graph.node[:]
     model.graph.node.extend(keep_q + nodes if keep_q else nodes)
+    model.graph.initializer.extend(consts)
     if keep_q:
         _toposort(model)
     return model
+
+
+def _q_range(q, inits) -> tuple[float, float] | None:
+    """The float range a per-tensor QuantizeLinear represents: ((qmin - zp) * scale, (qmax - zp) * scale)."""
+    from onnx import numpy_helper
+
+    if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
+        return None
+    scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(inits[q.input[2]])
+    if scale.size != 1 or zero.size != 1 or zero.dtype.kind not in "iu":
+        return None
+    info = np.iinfo(zero.dtype)
+    zp = float(zero.reshape(()))
+    return (info.min - zp) * float(scale.reshape(())), (info.max - zp) * float(scale.reshape(()))
 
 
 def _toposort(model) -> None:

@@ -134,17 +134,11 @@ class OpenVINOBackend(Backend):
         """Each activation FakeQuantize -> the layer it feeds (NNCF names it '<layer>/fq_...')."""
         return {name: name.split("/fq_")[0] for name in self.revert_points(model_file)}
 
-    def rank_reverts(self, model_file: Path, feeds: list[dict], score, points: list[str] | None = None
-                     ) -> list[tuple[str, float]]:
-        """Each activation quantizer bypassed alone (weights stay int8), scored by ``score(outputs)`` on
-        ``feeds``; best first. What NNCF's accuracy control ranks by, without re-calibrating per step."""
+    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]]) -> list[float]:
+        """``score(outputs)`` on ``feeds`` with each group of activation quantizers bypassed (weights stay
+        int8), without re-calibrating: what NNCF's accuracy control ranks by. One score per group."""
         model = _core().read_model(str(model_file))
-        ranked = []
-        for name in points if points is not None else self.revert_points(model_file):
-            outs = _run_all(_bypass(model.clone(), [name]), feeds)
-            ranked.append((name, float(score(outs))))
-        ranked.sort(key=lambda x: x[1], reverse=True)
-        return ranked
+        return [float(score(_run_all(_bypass(model.clone(), group), feeds))) for group in groups]
 
     def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
         """The int8 IR with the named activation quantizers bypassed (those activations stay float)."""

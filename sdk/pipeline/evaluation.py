@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from ..errors import EdgeoptError, UnsupportedError
 from ..profile import HardwareProfile
@@ -86,7 +87,7 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         progress.note(_accuracy_line(report))
         if not report.passed and cand.precision not in ("fp32", "as-exported"):
             ranked = None
-            if hasattr(backend, "rank_reverts") and cand.precision == "int8":
+            if hasattr(backend, "score_reverts") and cand.precision == "int8":
                 # Sensitivity by the task metric: each activation quantizer bypassed alone, the model re-judged.
                 ranked = _rank_reverts(prep, backend, job, artifact, progress)
                 base = accuracy.score(report)
@@ -234,15 +235,16 @@ def _subset(prep):
     return feeds, refs, labels
 
 
-RANK_LIMIT = 64  # quantizers ranked by the task metric; more are first narrowed by their layer's own error
+RANK_LIMIT = 64  # single quantizers judged by the task metric; larger models are narrowed by groups first
 
 
 def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[str, float]]:
     """Activation quantizers, most helpful to bypass first, by the task metric (accuracy.score).
 
-    A model with more than RANK_LIMIT quantizers (ONNX Runtime puts one on nearly every activation: 243 on a
-    YOLOv8n) is first narrowed to the RANK_LIMIT whose layers add the most error of their own (one probe of
-    every layer, cheap); only those are bypassed one at a time and judged by the task metric.
+    Up to RANK_LIMIT quantizers: each bypassed alone and the model re-judged. More (ONNX Runtime puts one on
+    nearly every activation: 243 on a YOLOv8n): consecutive quantizers (graph order) are bypassed as groups
+    first, and the members of the best groups are then judged one by one, so a quantizer whose damage only
+    the task metric sees (the detector's output concat, say) is never filtered out by a proxy.
     """
     feeds, refs, labels = _subset(prep)
 
@@ -250,14 +252,24 @@ def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[st
         return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
 
     points = backend.revert_points(base.model_file)
-    if len(points) > RANK_LIMIT:
-        with progress.stage(f"narrow {len(points)} activation quantizers to {RANK_LIMIT} by layer error"):
-            error = {e.layer: e.error for e in _sensitivity(backend, job, base, prep)}
-            layer_of = backend.revert_layers(base.model_file)
-            points = sorted(points, key=lambda p: -error.get(layer_of.get(p, p), 0.0))[:RANK_LIMIT]
-    with progress.stage(f"rank {len(points)} activation quantizers by the {prep.evaluator.task} metric "
-                        f"(bypass one at a time)"):
-        return backend.rank_reverts(base.model_file, feeds, score, points)
+    task = prep.evaluator.task
+    if len(points) <= RANK_LIMIT:
+        with progress.stage(f"rank {len(points)} activation quantizers by the {task} metric (one at a time)"):
+            scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in points])
+        return sorted(zip(points, scores), key=lambda x: -x[1])
+    size = math.ceil(len(points) / (RANK_LIMIT // 2))
+    groups = [points[i:i + size] for i in range(0, len(points), size)]
+    with progress.stage(f"rank {len(groups)} groups of {size} activation quantizers by the {task} metric"):
+        group_scores = backend.score_reverts(base.model_file, feeds, score, groups)
+    order = sorted(range(len(groups)), key=lambda i: -group_scores[i])
+    singles = [p for i in order[: max(1, (RANK_LIMIT // 2) // size)] for p in groups[i]]
+    with progress.stage(f"rank the {len(singles)} quantizers of the best groups one at a time"):
+        scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in singles])
+    ranked = sorted(zip(singles, scores), key=lambda x: -x[1])
+    # the rest follow group by group, best group first, each scored with its group
+    done = set(singles)
+    ranked += [(p, group_scores[i]) for i in order for p in groups[i] if p not in done]
+    return ranked
 
 
 def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,

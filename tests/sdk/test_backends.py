@@ -144,8 +144,8 @@ def test_openvino_bypassing_activation_quantizers(tmp_path):
     points = backend.revert_points(art.model_file)
     assert points and all(p.count("/fq_") == 1 for p in points)
     feeds = random_samples([InputSpec("input", "float32", (1, 1, 8, 8))], 2, seed=5).samples
-    ranked = backend.rank_reverts(art.model_file, feeds, score=lambda outs: float(len(outs)))
-    assert sorted(n for n, _ in ranked) == sorted(points)
+    scores = backend.score_reverts(art.model_file, feeds, lambda outs: float(len(outs)), [[p] for p in points])
+    assert scores == [2.0] * len(points)
     out = tmp_path / "reverted"
     out.mkdir()
     reverted = backend.build_reverted(art.model_file, points, out, "int8")
@@ -153,3 +153,30 @@ def test_openvino_bypassing_activation_quantizers(tmp_path):
     left = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
             and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
     assert not left and reverted.float_layers and reverted.runtime_options == {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_bypassing_every_activation_quantizer_moves_outputs_to_fp32(tmp_path, runtime):
+    """The bypass takes effect (outputs change) and keeps the network intact: with every activation quantizer
+    bypassed (weights stay int8) the error to fp32 stays of the int8 model's order. A bypass that dropped the
+    Relu ONNX Runtime's quantizer folds into its uint8 range made it 90x the int8 error."""
+    from edgeopt.agent.runtimes import get_runtime
+
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend(runtime)
+    art = backend.build(_job(tmp_path, src, "int8", runtime=runtime))
+    points = backend.revert_points(art.model_file)
+    assert len(points) >= 3
+    feeds = random_samples([InputSpec("input", "float32", (1, 1, 8, 8))], 4, seed=5).samples
+    fp32 = get_runtime("onnxruntime").load(src, device="CPUExecutionProvider")
+    ref = [fp32.infer(f) for f in feeds]
+    fp32.close()
+
+    def error(outs):
+        return float(sum(np.abs(o[k] - r[k]).sum() for o, r in zip(outs, ref) for k in r))
+
+    none, one, every = backend.score_reverts(art.model_file, feeds, error, [[], points[:1], points])
+    assert none > 0 and every != none and one != none
+    assert every < 3 * none
+    layers = backend.revert_layers(art.model_file)
+    assert set(layers) >= set(points) and all(layers[p] for p in points)
