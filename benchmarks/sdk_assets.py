@@ -80,8 +80,41 @@ def orientation() -> dict:
             "heldout": heldout, "input": "x", "shape": [1, 3, 224, 224], "labels": True}
 
 
+def _photos(name: str, make) -> Path:
+    folder = CACHE / name
+    if not folder.is_dir():
+        tmp = CACHE / f".{name}.tmp"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def yolo() -> dict:
+    """NudeNet's YOLOv8n (Ultralytics export) on the people photos (tests/assets/people_photos.py)."""
+    photos, pretrained = _module("people_photos"), _module("pretrained")
+    calib = _photos("people_v1_calib", lambda d: photos.scenes(d, photos.CALIB_PEOPLE, photos.CALIB_BACKGROUNDS, 48, 1,
+                                                               pretrained.fetch))
+    heldout = _photos("people_v1_heldout", lambda d: photos.scenes(d, photos.HELDOUT_PEOPLE,
+                                                                   photos.HELDOUT_BACKGROUNDS, 48, 2, pretrained.fetch))
+    return {"name": "yolov8n-nudenet", "model": pretrained.fetch("yolo_nudenet"), "calib": calib, "heldout": heldout,
+            "input": "images", "shape": [1, 3, 320, 320], "labels": False}
+
+
+def blazeface() -> dict:
+    """MediaPipe BlazeFace (TFLite, SSD anchors) on square face crops; [-1, 1] input."""
+    photos, pretrained = _module("people_photos"), _module("pretrained")
+    calib = _photos("faces_v1_calib", lambda d: photos.faces(d, photos.CALIB_FACES, 32, 3, pretrained.fetch))
+    heldout = _photos("faces_v1_heldout", lambda d: photos.faces(d, photos.HELDOUT_FACES, 32, 4, pretrained.fetch))
+    return {"name": "blazeface", "model": pretrained.fetch("face_tflite"), "calib": calib, "heldout": heldout,
+            "input": "input", "shape": [1, 128, 128, 3], "labels": False, "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5)}
+
+
 MODELS = {"resnet18": resnet18, "digits": digits, "ocr_det": ocr_det, "ocr_cls": ocr_cls,
-          "orientation": orientation}
+          "orientation": orientation, "yolo": yolo, "blazeface": blazeface}
 
 
 def get(key: str) -> dict:
