@@ -57,8 +57,10 @@ def scatter_svg(profile: dict[str, Any]) -> str:
         fig, ax = plt.subplots(figsize=(10, 4.2))
         try:
             for r in rows:
-                cos = r.get("min_cosine")
-                y = max(1.0 - cos, floor) if cos is not None else 1.0
+                # The task metric that decided the gate (agreement-style, 1.0 = fp32); cosine for old reports.
+                value = r.get("metric_value") if r.get("metric_value") is not None and r.get("metric_value") <= 1.0 \
+                    else r.get("min_cosine")
+                y = max(1.0 - value, floor) if value is not None else 1.0
                 color = "#1a7f37" if r.get("passed") else "#cf222e"
                 marker = "*" if r.get("picked") else ("o" if r.get("passed") else "x")
                 extra = {"edgecolors": "black"} if r.get("picked") else {}
@@ -68,16 +70,18 @@ def scatter_svg(profile: dict[str, Any]) -> str:
                 ax.annotate(str(r.get("index", "")), (xs[id(r)], y), textcoords="offset points", xytext=(6, 3),
                             fontsize=8, color="#1f2328")
             ax.set_yscale("log")
-            budget = profile.get("budget", {}).get("min_cosine")
+            bounded = next((r for r in rows if r.get("metric_bound") is not None), None)
+            budget = bounded["metric_bound"] if bounded else profile.get("budget", {}).get("min_cosine")
+            what = (bounded.get("metric_name") or "task metric") if bounded else "cosine"
             if budget is not None and budget < 1.0:
                 ax.axhline(1.0 - budget, color="#bc4c00", linestyle="--", linewidth=1,
-                           label=f"budget: cosine >= {budget}")
+                           label=f"budget: {what} >= {budget}")
             base = (profile.get("baseline") or {}).get("p50_ms")
             if base:
                 ax.axvline(base, color="#57606a", linestyle=":", linewidth=1, label="fp32 ONNX Runtime baseline")
             ax.legend(loc="best", fontsize=8)
             ax.set_xlabel("p50 latency, ms (run-off where measured; lower is better)")
-            ax.set_ylabel("1 - min cosine to fp32 (lower is better)")
+            ax.set_ylabel("1 - task metric vs fp32 (lower is better)")
             ax.set_title(f"profile {profile['profile']}: latency vs accuracy (★ = pick, x = over budget)")
             ax.grid(True, alpha=0.3, which="both")
             fig.tight_layout()

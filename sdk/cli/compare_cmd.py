@@ -235,8 +235,8 @@ def _print_table(doc: dict, console) -> None:
 
     table = Table(title=f"edgeopt compare: {Path(doc['model']).name}", title_justify="left")
     for col, justify in (("profile", "left"), ("configuration", "left"), ("size", "right"), ("p50 ms", "right"),
-                         ("run-off ms", "right"), ("thr/s", "right"), ("speedup", "right"), ("GFLOP/s", "right"), ("min cos", "right"),
-                         ("top-1", "right"), ("metric Δ", "right"), ("why", "left")):
+                         ("run-off ms", "right"), ("thr/s", "right"), ("speedup", "right"), ("GFLOP/s", "right"), ("task metric", "right"),
+                         ("min cos", "right"), ("why", "left")):
         # Figures never wrap; the reason column takes what width is left and wraps.
         table.add_column(col, justify=justify, no_wrap=col != "why", min_width=24 if col == "why" else None)
     notes: list[str] = []
@@ -252,15 +252,13 @@ def _print_table(doc: dict, console) -> None:
             style = "bold green" if picked else ("dim" if r["status"] != "measured" else None)
             verdict = r.get("reason") or ""
             size = r.get("size_bytes")
-            top1 = r.get("top1_agreement")
             thr = 1000.0 / r["p50_ms"] * p["batch_size"] if r.get("p50_ms") else None
             table.add_row(
                 label, ("★ " if picked else "  ") + r["candidate"],
                 f"{size / 1024:.0f} KiB" if size else "–", _f(r.get("p50_ms"), ".3f"), _f(r.get("runoff_p50_ms"), ".3f"),
                 _f(thr, ".0f"),
-                _f(r.get("speedup"), ".2f", "x"), _f(r.get("achieved_gflops"), ".1f"), _f(r.get("min_cosine"), ".4f"),
-                _f(top1 * 100 if top1 is not None else None, ".1f", "%"), _f(r.get("metric_drop"), "+.2f"),
-                verdict, style=style)
+                _f(r.get("speedup"), ".2f", "x"), _f(r.get("achieved_gflops"), ".1f"), _metric(r),
+                _f(r.get("min_cosine"), ".4f"), verdict, style=style)
             label = ""
     console.print(table)
     base = ", ".join(f"{p['profile']} {_f(p['baseline']['p50_ms'], '.3f')} ms ({p['baseline']['runtime']})"
@@ -270,6 +268,14 @@ def _print_table(doc: dict, console) -> None:
                   "ranks by it")
     for n in notes:
         console.print(n, highlight=False)
+
+
+def _metric(row: dict) -> str:
+    """The metric that decided this candidate's gate, e.g. 'mAP@0.5 vs fp32 0.969'."""
+    if row.get("metric_value") is None:
+        return "–"
+    name = (row.get("metric_name") or "").replace(" vs fp32", "")
+    return f"{name} {row['metric_value']:.4g}"
 
 
 def _f(value, spec: str, suffix: str = "") -> str:

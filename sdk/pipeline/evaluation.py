@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from ..errors import EdgeoptError, UnsupportedError
 from ..profile import HardwareProfile
@@ -101,6 +102,11 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
             if cand.accuracy_aware and ranked:
                 found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report,
                                        [n for n, _ in ranked])
+                if found is not None and len(found[3].float_layers) > MANY_REVERTS:
+                    # Many activations in float: the error may sit in weights, which bypassing cannot reach.
+                    # Re-quantizing with whole layers in float (weights too) can hold the budget with fewer.
+                    found = _faster(prep, found, _requantize_search(prep, backend, job, artifact, build_and_check,
+                                                                    progress, report), progress)
                 if found is not None:
                     loaded.close()
                     artifact, loaded, outputs, report = found
@@ -179,6 +185,42 @@ def _sensitivity(backend, job, artifact: Artifact, prep: Prepared):
     if ref is None or opt is None:
         return []
     return accuracy.layer_errors(layers, ref, opt, prep.heldout.samples[:SENSITIVITY_SAMPLES])
+
+
+MANY_REVERTS = 8  # bypassed activations above which whole layers in float are tried too
+
+
+def _requantize_search(prep, backend, job, base: Artifact, build_and_check, progress, first_report):
+    """The float-layer search (re-quantizing), or None when even every ranked layer misses the budget."""
+    ranking = _sensitivity(backend, job, base, prep)
+    if not ranking:
+        return None
+    with progress.stage("whole layers in float (re-quantize)"):
+        found = _float_search(prep, ranking, build_and_check, progress, first_report)
+    if found[3].passed:
+        return found
+    found[1].close()
+    return None
+
+
+def _faster(prep, a, b, progress):
+    """Of two configurations within the budget, the one with the lower median latency (a short, interleaved
+    timing on one held-out sample); the other is closed."""
+    if b is None:
+        return a
+    feed = prep.heldout.samples[0]
+    times = {0: [], 1: []}
+    for _ in range(15):
+        for i, cand in enumerate((a, b)):
+            started = time.perf_counter()
+            cand[1].infer(feed)
+            times[i].append(time.perf_counter() - started)
+    ta, tb = (sorted(t)[len(t) // 2] for t in times.values())
+    keep, drop = (a, b) if ta <= tb else (b, a)
+    progress.note(f"kept {len(keep[3].float_layers)} float layer(s) ({min(ta, tb) * 1e3:.2f} ms) over "
+                  f"{len(drop[3].float_layers)} ({max(ta, tb) * 1e3:.2f} ms)")
+    drop[1].close()
+    return keep
 
 
 def _float_search(prep, ranking, build_and_check, progress, first_report):

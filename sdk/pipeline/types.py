@@ -158,6 +158,7 @@ class CandidateResult:
             "task": v.task if v else None,
             "metric_name": v.metric.name if v and v.metric else None,
             "metric_value": v.metric.optimized if v and v.metric else None,
+            "metric_bound": v.metric.bound if v and v.metric and v.metric.rule == "min" else None,
             "float_layers": list(v.float_layers) if v else [],
             "device": self.device, "run_device": self.run_device, "host_proxy": self.host_proxy,
             "error": self.error,

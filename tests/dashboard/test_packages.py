@@ -171,15 +171,24 @@ def test_no_trusted_keys_configured(app, client, good_pkg):
 
 
 def test_package_page_shows_manifest_and_reports(app, client, tmp_path, trusted_keys, db):
-    from edgeopt.sdk.package import BenchmarkReport, LatencyStats, ValidationReport, read_manifest
+    from edgeopt.sdk.package import BenchmarkReport, LatencyStats, MetricResult, OutputFigures, ValidationReport, \
+        read_manifest
 
     path = make_package(tmp_path / "rep.eopkg", trusted_keys["key"], version="2.0.0")
     # Same package with reports: rebuild with validation and benchmark filled in.
     m = read_manifest(path)
     stats = dict(p50_ms=1.2, p90_ms=1.5, p99_ms=2.0, mean_ms=1.3, throughput_ips=800.0, iterations=100)
     m = m.model_copy(update={"version": "2.0.1",
-                             "validation": ValidationReport(samples=64, max_abs_error=0.01, min_cosine=0.998,
-                                                            mean_cosine=0.999, top1_agreement=0.984, passed=True),
+                             "validation": ValidationReport(
+                                 samples=64, max_abs_error=0.01, min_cosine=0.998, mean_cosine=0.999,
+                                 top1_agreement=0.984, passed=True, task="detect",
+                                 task_reason="model metadata says task='detect' (Ultralytics export)",
+                                 metric=MetricResult(name="mAP@0.5 vs fp32", fp32=1.0, optimized=0.9691, drop=0.0309,
+                                                     bound=0.95, rule="min", passed=True),
+                                 checks=[MetricResult(name="mAP@0.5 vs fp32", fp32=1.0, optimized=0.9691, drop=0.0309,
+                                                      bound=0.95, rule="min", passed=True)],
+                                 outputs=[OutputFigures(name="output0", min_cosine=0.9948, mean_cosine=0.999,
+                                                        min_snr_db=21.5, max_abs_error=3.2)]),
                              "benchmark": BenchmarkReport(batch_size=1, fp32=LatencyStats(**stats),
                                                           optimized=LatencyStats(**dict(stats, p50_ms=0.6)),
                                                           speedup=2.0, host_proxy=True, target_device="CPU")})
@@ -193,5 +202,7 @@ def test_package_page_shows_manifest_and_reports(app, client, tmp_path, trusted_
     login(client, "viewer")
     html = client.get(f"/packages/{pid}").get_data(as_text=True)
     assert "Validation report" in html and "98.40 %" in html
+    assert "detect" in html and "mAP@0.5 vs fp32" in html and "0.9691 (budget ≥ 0.95)" in html
+    assert "output0" in html and "SNR 21.5 dB" in html
     assert "Benchmark report" in html and "2.00×" in html and "host proxy" in html
     assert "/dl/" in html and '"model_file": "model.onnx"' in html

@@ -125,3 +125,20 @@ def test_blazeface_ssd_anchors_through_openvino(cli, tflite_model, face_photos, 
     assert v["figures"]["fp32_detections"] >= 20  # the crops hold faces, and fp32 finds them
     assert s["runtime"] == "openvino"
     assert any("SSD anchors generated for 896 boxes at 128x128" in n for n in v["notes"])
+
+
+def test_yolo_accuracy_aware_onnxruntime_finds_the_output_quantizer(cli, yolo_model, people_photos, keypair,
+                                                                    tmp_path):
+    """ONNX Runtime's default int8 quantizes the output concat of boxes (0..320) and class scores (0..1) with
+    one uint8 scale: the class scores collapse. Ranking quantizers by the detection metric finds it, and
+    --accuracy-aware keeps a handful of activations in float instead of the whole model."""
+    out = tmp_path / "yolo-aa.eopkg"
+    code, stdout, err = cli("package", yolo_model, "-p", "cpu", "--runtime", "onnxruntime", "--accuracy-aware",
+                            "--calib", people_photos["calib"], "--heldout", people_photos["heldout"],
+                            "--sign-key", keypair[0], "-o", out, "--iterations", "10", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    aa = next(c for c in s["candidates"] if c["accuracy_aware"])
+    assert aa["passed"] and aa["metric_value"] >= 0.95
+    assert 1 <= len(aa["float_layers"]) <= 4, aa["float_layers"]
+    assert "rank 31 groups of 8 activation quantizers by the detect metric" in err
