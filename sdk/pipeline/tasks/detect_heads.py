@@ -155,11 +155,13 @@ def _guess(reference, shapes, num_classes) -> tuple[str, str]:
         b, s = _named(reference, _BOX_NAMES), _named(reference, _SCORE_NAMES)
         if _named(reference, _CLASS_NAMES, (b, s)) or _named(reference, _COUNT_NAMES, (b, s)):
             return "tuple", f"outputs {b!r}, {s!r} and classes/count: already suppressed detections"
-        return "ssd", f"outputs {b!r} {list(shapes[b])} and {s!r} {list(shapes[s])}: boxes + scores per anchor"
+        return "ssd", (f"outputs {b!r} {list(shapes[b])} and {s!r} {list(shapes[s])}: SSD-style boxes + scores "
+                       f"per anchor")
     three = [n for n, s in shapes.items() if len(s) == 3]
     if len(shapes) >= 2 and len(three) >= 2:
         b, s = _ssd_outputs(reference, shapes)
-        return "ssd", f"outputs {b!r} {list(shapes[b])} and {s!r} {list(shapes[s])}: boxes + scores per anchor"
+        return "ssd", (f"outputs {b!r} {list(shapes[b])} and {s!r} {list(shapes[s])}: SSD-style boxes + scores "
+                       f"per anchor")
     if len(three) != 1:
         raise InputError(f"cannot tell how to read detections from outputs "
                          f"{ {n: list(s) for n, s in shapes.items()} }",
