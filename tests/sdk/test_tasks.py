@@ -283,3 +283,48 @@ def test_auto_task_reasons():
     assert _judge("auto", _logits([1]), _logits([1])).task_reason.startswith("task classify")
     two = [{"x": np.zeros((1, 3)), "y": np.zeros((2,))}]
     assert _judge("auto", two, two).task == "generic"
+
+
+def test_detect_against_coco_labels_maps_letterbox_and_holds_the_drop(tmp_path):
+    """COCO labels are in source-image pixels; held-out images were letterboxed (scale 0.5, pad 0/40): the boxes
+    are mapped into the model's frame, fp32 scores 100 on them, a lost box costs points of mAP@0.5."""
+    import json
+
+    transforms = [(0.5, 0.0, 40.0)] * 3
+    images, anns = [], []
+    for i, (boxes, classes, _) in enumerate(SCENES):
+        images.append({"id": 10 + i, "file_name": f"photos/img{i}.jpg"})
+        for (cx, cy, w, h), c in zip(boxes, classes):
+            x, y = (cx - w / 2) / 0.5, (cy - h / 2 - 40.0) / 0.5
+            anns.append({"id": len(anns) + 1, "image_id": 10 + i, "category_id": c, "bbox": [x, y, w / 0.5, h / 0.5]})
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"images": images, "annotations": anns,
+                                  "categories": [{"id": k, "name": n} for k, n in enumerate("abc")]}))
+    opts = {"labels_file": str(labels), "sample_names": [f"img{i}.jpg" for i in range(3)], "transforms": transforms}
+    ref = _detect_ref()
+    report = _judge("auto", ref, ref, info=INFO, **opts)
+    assert report.metric.name == "mAP@0.5 on labels (points)"
+    assert report.metric.fp32 == pytest.approx(100.0) and report.passed
+    opt = [dict(r) for r in ref]
+    o = ref[0]["output0"].copy()
+    o[0, 4:, 0] = 0.0  # the first scene's class-0 box disappears: class 0 loses 1 of its 2 boxes
+    opt[0] = {"output0": o}
+    lost = _judge("auto", ref, opt, info=INFO, **opts)
+    assert lost.metric.drop > 1.0 and not lost.passed
+    assert lost.failures[0].startswith("mAP@0.5 on labels (points) dropped")
+
+
+def test_labels_file_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    opts = {"labels_file": str(bad), "sample_names": ["a.jpg"], "transforms": [(1.0, 0.0, 0.0)]}
+    ref = _detect_ref()[:1]
+    with pytest.raises(InputError, match=r"labels file bad.json is not COCO-format JSON \(JSONDecodeError"):
+        _judge("auto", ref, ref, info=INFO, **opts)
+    other = tmp_path / "other.json"
+    other.write_text('{"images": [{"id": 1, "file_name": "z.jpg"}], "annotations": '
+                     '[{"image_id": 1, "category_id": 0, "bbox": [1, 2, 3, 4]}]}')
+    with pytest.raises(InputError, match="names none of the held-out images"):
+        _judge("auto", ref, ref, info=INFO, **dict(opts, labels_file=str(other)))
+    with pytest.raises(InputError, match="needs --heldout to be a folder of images"):
+        _judge("auto", ref, ref, info=INFO, labels_file=str(other))
