@@ -6,11 +6,11 @@ import math
 import time
 
 from ..errors import EdgeoptError, UnsupportedError
+from ..package import LayerError
 from ..profile import HardwareProfile
 from . import accuracy, benchmark
 from .prepared import Prepared
 from .progress import Progress
-from ..package import LayerError
 from .types import Artifact, Candidate, CandidateResult
 
 log = logging.getLogger(__name__)
