@@ -133,6 +133,9 @@ def test_staged_deployment_and_rollback_across_all_parts(tmp_path, packages, dat
               "--heartbeat-check", "1")
         spawn("web", BIN / "edgeopt-dashboard", "serve", "--port", web_port)
 
+        # The dashboard's command-signing public key, created now (the documented order: agents trust it
+        # before the first command is sent).
+        command_pub = _run(BIN / "edgeopt-dashboard", "command-key", env=env).stdout.strip()
         agents = {}
         for dev in ("cam-01", "cam-02"):
             api_port = free_port()
@@ -140,7 +143,8 @@ def test_staged_deployment_and_rollback_across_all_parts(tmp_path, packages, dat
             cfg.write_text(_run(BIN / "edgeopt", "agent", "init", "--device-id", dev, "--fleet", "plant-a",
                                 "--broker", broker.url, "--state-dir", tmp_path / dev, "--api-port", api_port,
                                 "--trust-key", keys / "edgeopt.pub", "--telemetry-interval", "1",
-                                "--group", "line-1").stdout)
+                                "--group", "line-1", "--command-key", command_pub,
+                                "--package-url", f"http://127.0.0.1:{web_port}/dl/").stdout)
             _run(BIN / "edgeopt", "agent", "install", pkgs["1.0.0"], "--config", cfg)
             spawn(dev, BIN / "edgeopt-agent", "--config", cfg)
             agents[dev] = api_port
