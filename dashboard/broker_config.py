@@ -87,7 +87,7 @@ class BrokerConfigResult:
 
     def as_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "conf": str(self.conf), "accounts": sorted(self.accounts),
-                "added": self.added, "revoked": self.revoked, "rotated": self.rotated}
+                "added": sorted(self.added), "revoked": sorted(self.revoked), "rotated": sorted(self.rotated)}
 
 
 def render_acl(devices: list[tuple[str, str]]) -> str:
