@@ -140,7 +140,8 @@ class CommandHandler:
             return
         except Exception:  # a verifier failure (disk) refuses the command; it never crashes the agent
             log.exception("command verification failed")
-            self.refusals.refused(CommandRefused("command could not be verified (internal error)", "malformed"))
+            self.refusals.refused(CommandRefused("command could not be verified (internal error; see the agent "
+                                                 "log)", "internal_error"))
             return
         try:
             getattr(self, "_" + cmd.command.replace("-", "_"))(cmd)

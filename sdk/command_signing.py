@@ -34,7 +34,7 @@ DEFAULT_TTL_S = 900.0
 
 # Counter keys of refusals (agent metrics and events say which one).
 REASONS = ("malformed", "unsigned", "unknown_key", "bad_signature", "wrong_target", "not_yet_valid", "expired",
-           "lifetime_too_long", "replayed", "no_trusted_key")
+           "lifetime_too_long", "replayed", "no_trusted_key", "internal_error")
 
 
 class CommandRefused(SecurityError):

@@ -321,3 +321,18 @@ def test_finished_commands_leave_no_pending_record(tmp_path, control_config, cmd
         assert list(tmp_path.glob("*.json")) == []
     finally:
         handler.stop()
+
+
+def test_a_broken_replay_memory_refuses_instead_of_crashing(control_config, cmd):
+    """If the replay memory cannot be written (disk gone), the command is refused, never run unchecked."""
+    sink = Sink()
+    installer = FakeInstaller()
+    handler = _handler(control_config(), sink, installer)
+    try:
+        handler.verifier.replay.close()  # every later write fails
+        handler.handle(cmd("r9", "rollback", {"model": "digits"}))
+        assert installer.calls == [] and sink.results() == []
+        assert handler.refusals.by_reason == {"internal_error": 1}
+        assert "internal error" in sink.events()[0].message
+    finally:
+        handler.stop()
