@@ -267,7 +267,8 @@ def test_rollback(setup, cmd):
 
 def test_set_config_applies_and_emits_event(setup, cmd):
     handler, sink, _, applied = setup
-    handler.handle(cmd("s1", "set-config", {"telemetry_interval_s": 2.5, "batching": {"max_batch": 4, "max_delay_ms": 1}}))
+    handler.handle(cmd("s1", "set-config",
+                       {"telemetry_interval_s": 2.5, "batching": {"max_batch": 4, "max_delay_ms": 1}}))
     (result,) = sink.results()
     assert result.status == "succeeded"
     assert applied == {"interval": 2.5, "max_batch": 4, "max_delay_ms": 1.0}

@@ -50,7 +50,8 @@ def acl_broker(tmp_path):
                                                   "plant/cam-02"]
     # As root, mosquitto would switch to the "mosquitto" user, who cannot read pytest's tmp folders.
     conf = tmp_path / "run.conf"
-    conf.write_text("user root\n" f"log_dest file {tmp_path / 'mosquitto.log'}\n" + (out / "mosquitto.conf").read_text())
+    conf.write_text(f"user root\nlog_dest file {tmp_path / 'mosquitto.log'}\n"
+                    + (out / "mosquitto.conf").read_text())
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def listening():

@@ -116,7 +116,8 @@ class AclBroker:
              *[a for d in devices for a in ("--device", d)], "--tls-generate", "127.0.0.1", "--public-host",
              "127.0.0.1", "--port", self.port, "--bind", "127.0.0.1")
         self.ca = self.dir / "ca.pem"
-        self.pw = {u: a["password"] for u, a in json.loads((self.dir / "credentials.json").read_text())["accounts"].items()}
+        accounts = json.loads((self.dir / "credentials.json").read_text())["accounts"]
+        self.pw = {user: account["password"] for user, account in accounts.items()}
         # `user root`: as root, mosquitto would switch to a user who cannot read pytest's tmp folders.
         self.conf = self.dir / "run.conf"
         self.conf.write_text("user root\n" + (self.dir / "mosquitto.conf").read_text())
