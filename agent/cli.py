@@ -41,9 +41,20 @@ def agent() -> None:
               help="Seconds between telemetry messages.")
 @click.option("--allow-unsigned", is_flag=True, help="Accept unsigned packages (development only).")
 @click.option("--group", "groups", multiple=True, help="Deployment group (repeatable).")
+@click.option("--command-key", "command_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The dashboard's command-signing public key (edgeopt-dashboard command-key; repeatable).")
+@click.option("--package-url", "package_urls", multiple=True,
+              help="Base URL deploy commands may download from: the dashboard's EDGEOPT_PUBLIC_URL + /dl/ "
+                   "(repeatable).")
+@click.option("--broker-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM CA that signed the broker's certificate (mqtts).")
+@click.option("--broker-username", default=None, help="This device's broker user name (edgeopt-dashboard "
+              "broker-config writes it).")
+@click.option("--broker-password", default=None, help="This device's broker password.")
 @json_option
 def init(device_id, fleet, broker, state_dir, api_host, api_port, trust_keys, telemetry_interval,
-         allow_unsigned, groups, as_json) -> None:
+         allow_unsigned, groups, command_keys, package_urls, broker_ca, broker_username, broker_password,
+         as_json) -> None:
     """Print a commented agent config (TOML) to stdout: edgeopt agent init ... > agent.toml"""
     from .config import render_config
 
@@ -53,12 +64,22 @@ def init(device_id, fleet, broker, state_dir, api_host, api_port, trust_keys, te
         from ..sdk.package import load_public_key
 
         load_public_key(key)  # refuse a private key or garbage now, not at the first install
+    for key in command_keys:
+        if not key.is_file():
+            raise InputError(f"--command-key {key}: file not found",
+                             hint="edgeopt-dashboard command-key prints the dashboard's public key")
+        from ..sdk.package import load_public_key
+
+        load_public_key(key)
+    if broker_ca is not None and not broker_ca.is_file():
+        raise InputError(f"--broker-ca {broker_ca}: file not found")
     if not trust_keys and not allow_unsigned:
         raise click.UsageError("give at least one --trust-key (or --allow-unsigned for development)")
     text = render_config(device_id=device_id, fleet=fleet, broker=broker, state_dir=state_dir,
                          trusted_keys=list(trust_keys), api_host=api_host, api_port=api_port,
                          telemetry_interval_s=telemetry_interval, allow_unsigned=allow_unsigned,
-                         groups=list(groups))
+                         groups=list(groups), command_keys=list(command_keys), package_urls=list(package_urls),
+                         broker_ca=broker_ca, broker_username=broker_username, broker_password=broker_password)
     if as_json:
         import tomllib
 

@@ -1,7 +1,12 @@
 """Commands from the dashboard: ``deploy``, ``rollback``, ``set-config``, ``ping``.
 
-Every command gets at least one result on ``cmd/result`` naming its id: malformed JSON, an unknown
-command or bad arguments get ``rejected`` (never an exception in the agent); ``deploy`` and ``rollback``
+Nothing runs unless it is signed by a key in ``[control] trust_keys``, addressed to this device, within
+its validity window and never seen before (:mod:`edgeopt.agent.control`). A message that fails those
+checks is refused, counted and reported as a ``refused`` event, and gets no ``cmd/result`` (its id is
+unverified). A deploy whose URL is outside ``[download] allowed_urls`` is rejected before any connection.
+
+Every verified command gets at least one result on ``cmd/result`` naming its id: an unknown command or
+bad arguments get ``rejected`` (never an exception in the agent); ``deploy`` and ``rollback``
 answer ``accepted`` at once and ``succeeded`` or ``failed`` when the worker thread finishes, so a long
 download never blocks ``ping``. Installs run one at a time, in arrival order.
 """
@@ -14,13 +19,15 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..sdk.command_signing import CommandRefused
 from ..sdk.errors import EdgeoptError
-from ..sdk.telemetry import (CommandPayload, CommandResultPayload, DeployArgs, EventPayload, PayloadError,
-                             RollbackArgs, parse_payload)
+from ..sdk.telemetry import CommandPayload, CommandResultPayload, DeployArgs, EventPayload, RollbackArgs
+from .control import RefusalReporter
+from .download import check_package_url
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +59,21 @@ def _first_error(exc: ValidationError) -> str:
 class CommandHandler:
     """Turns raw ``cmd`` payloads into actions and results.
 
-    ``emit(kind, payload)`` queues a payload (the MQTT link's outbox); ``installer`` provides
-    ``install_url`` and ``rollback``; ``set_interval`` and ``set_batching`` apply ``set-config``.
+    ``emit(kind, payload)`` queues a payload (the MQTT link's outbox); ``verifier.verify(raw)`` returns the
+    checked command or raises CommandRefused (:class:`edgeopt.agent.control.CommandVerifier`);
+    ``allowed_urls`` are the package store's base URLs; ``installer`` provides ``install_url`` and
+    ``rollback``; ``set_interval`` and ``set_batching`` apply ``set-config``.
     """
 
-    def __init__(self, envelope: Any, emit: Callable[[str, Any], Any], *, installer: Any = None,
+    def __init__(self, envelope: Any, emit: Callable[[str, Any], Any], *, verifier: Any,
+                 allowed_urls: Sequence[str] = (), installer: Any = None,
                  set_interval: Callable[[float], None] | None = None,
                  set_batching: Callable[..., None] | None = None, pending_dir: Path | None = None):
         self.envelope = envelope
         self.emit = emit
+        self.verifier = verifier
+        self.allowed_urls = list(allowed_urls)
+        self.refusals = RefusalReporter(envelope, emit)
         self.installer = installer
         self.set_interval = set_interval
         self.set_batching = set_batching
@@ -121,12 +134,15 @@ class CommandHandler:
     def handle(self, raw: bytes) -> None:
         """Handle one raw command payload. Never raises."""
         try:
-            cmd = parse_payload("cmd", raw)
-        except PayloadError as exc:
-            cid, name = _best_effort_id(raw)
-            self.result(cid, name, "rejected", exc.one_line())
+            cmd = self.verifier.verify(raw)
+        except CommandRefused as exc:
+            self.refusals.refused(exc)
             return
-        assert isinstance(cmd, CommandPayload)
+        except Exception:  # a verifier failure (disk) refuses the command; it never crashes the agent
+            log.exception("command verification failed")
+            self.refusals.refused(CommandRefused("command could not be verified (internal error; see the agent "
+                                                 "log)", "internal_error"))
+            return
         try:
             getattr(self, "_" + cmd.command.replace("-", "_"))(cmd)
         except ValidationError as exc:
@@ -151,6 +167,11 @@ class CommandHandler:
 
     def _deploy(self, cmd: CommandPayload) -> None:
         args = DeployArgs.model_validate(cmd.args)
+        try:
+            check_package_url(args.package_url, self.allowed_urls)
+        except EdgeoptError as exc:  # refused before any connection is made
+            self.result(cmd.id, cmd.command, "rejected", exc.one_line(), cmd.deployment_id)
+            return
         self._accept(cmd, f"downloading {args.package_url}", lambda: self.installer.install_url(
             args.package_url, args.sha256, size=args.size, command_id=cmd.id, deployment_id=cmd.deployment_id))
 
@@ -222,15 +243,3 @@ def _outcome(value: Any) -> dict[str, Any]:
 def _describe(exc: BaseException) -> str:
     return exc.one_line() if isinstance(exc, EdgeoptError) else f"{type(exc).__name__}: {exc}"
 
-
-def _best_effort_id(raw: bytes) -> tuple[str, str | None]:
-    """The id and command of a payload that failed validation, when they can be read at all."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return "unknown", None
-    if not isinstance(doc, dict):
-        return "unknown", None
-    cid, name = doc.get("id"), doc.get("command")
-    return (str(cid)[:64] if isinstance(cid, (str, int)) and str(cid) else "unknown",
-            str(name)[:64] if isinstance(name, str) else None)

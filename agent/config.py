@@ -110,6 +110,31 @@ class DownloadConfig(_Strict):
     max_bytes: int = Field(2 * GIB, ge=1, title="Size limit", description="Largest package accepted, in bytes.")
     timeout_s: float = Field(60.0, gt=0, le=3600, title="Timeout",
                              description="Socket timeout per connection attempt, in seconds.")
+    allowed_urls: list[str] = Field(
+        default_factory=list, max_length=16, title="Package store URLs",
+        description="Base URLs deploy commands may download from (the dashboard's download URL, e.g. "
+                    "https://dashboard:8080/dl/). Any other scheme, host, port or path is refused before "
+                    "connecting; empty refuses every deploy command.")
+
+    @field_validator("allowed_urls")
+    @classmethod
+    def _bases(cls, v: list[str]) -> list[str]:
+        from .download import normalize_base_url
+
+        return [normalize_base_url(u) for u in v]
+
+
+class ControlConfig(_Strict):
+    """Who may command this device over MQTT: the dashboard's command-signing public keys."""
+
+    trust_keys: list[Path] = Field(
+        default_factory=list, max_length=16, title="Command keys",
+        description="PEM Ed25519 public keys of the dashboard's command-signing key(s) (`edgeopt-dashboard "
+                    "command-key` prints it). Several during a key rotation. Empty refuses every command.")
+    max_clock_skew_s: float = Field(300.0, ge=0, le=86400, title="Clock skew",
+                                    description="How far this device's clock may be from the dashboard's.")
+    max_command_lifetime_s: float = Field(86400.0, gt=0, le=30 * 86400, title="Longest command lifetime",
+                                          description="Commands valid for longer than this are refused.")
 
 
 class OutboxConfig(_Strict):
@@ -137,6 +162,8 @@ class AgentConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig, title="Batching", description="Batcher.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, title="Download", description="Downloads.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, title="Outbox", description="Offline outbox.")
+    control: ControlConfig = Field(default_factory=ControlConfig, title="Control",
+                                   description="Verification of the dashboard's signed commands.")
     groups: list[str] = Field(default_factory=list, title="Groups",
                               description="Deployment groups this device belongs to (reported in status).")
     tags: list[str] = Field(default_factory=list, title="Tags", description="Free-form labels (reported in status).")
@@ -168,9 +195,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
             node[path[-1]] = str(base / Path(node[path[-1]]).expanduser())
-    keys = data.get("trusted_keys")
-    if isinstance(keys, list):
-        data["trusted_keys"] = [str(base / Path(k).expanduser()) if isinstance(k, str) else k for k in keys]
+    for parent, name in ((data, "trusted_keys"), (data.get("control"), "trust_keys")):
+        keys = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(keys, list):
+            parent[name] = [str(base / Path(k).expanduser()) if isinstance(k, str) else k for k in keys]
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -196,6 +224,10 @@ def load_config(path: str | Path) -> AgentConfig:
         if not key.is_file():
             raise ConfigError(f"{path}: trusted_keys: public key file {key} not found",
                               hint="copy the signer's .pub file there or fix the path")
+    for key in config.control.trust_keys:
+        if not key.is_file():
+            raise ConfigError(f"{path}: control.trust_keys: public key file {key} not found",
+                              hint="copy the dashboard's command key there (edgeopt-dashboard command-key)")
     for name in ("ca_file", "cert_file", "key_file"):
         value = getattr(config.broker, name)
         if value is not None and not value.is_file():
@@ -210,9 +242,17 @@ def _toml_str(value: str) -> str:
 def render_config(*, device_id: str, fleet: str, broker: str, state_dir: str | Path,
                   trusted_keys: list[str | Path] = (), api_host: str = "127.0.0.1",
                   api_port: int = DEFAULT_API_PORT, telemetry_interval_s: float = 10.0,
-                  allow_unsigned: bool = False, groups: list[str] = (), tags: list[str] = ()) -> str:
+                  allow_unsigned: bool = False, groups: list[str] = (), tags: list[str] = (),
+                  command_keys: list[str | Path] = (), package_urls: list[str] = (),
+                  broker_ca: str | Path | None = None, broker_username: str | None = None,
+                  broker_password: str | None = None) -> str:
     """A commented TOML config; validated before it is returned so `init` never writes a broken file."""
     keys = ", ".join(_toml_str(str(Path(k).expanduser().resolve())) for k in trusted_keys)
+    cmd_keys = ", ".join(_toml_str(str(Path(k).expanduser().resolve())) for k in command_keys)
+    urls = ", ".join(_toml_str(u) for u in package_urls)
+    auth = "".join([f"ca_file = {_toml_str(str(Path(broker_ca).expanduser().resolve()))}\n" if broker_ca else "",
+                    f"username = {_toml_str(broker_username)}\n" if broker_username is not None else "",
+                    f"password = {_toml_str(broker_password)}\n" if broker_password is not None else ""])
     text = f"""\
 # edgeopt agent configuration (validated at start; unknown keys are refused).
 # Relative paths are resolved against this file's folder.
@@ -240,7 +280,7 @@ tags = [{", ".join(_toml_str(t) for t in tags)}]
 # mqtt://host:port, or mqtts://host:port with ca_file (and cert_file + key_file for client certificates).
 url = {_toml_str(broker)}
 keepalive_s = 30
-# ca_file = "/etc/edgeopt/ca.pem"
+{auth}# ca_file = "/etc/edgeopt/ca.pem"
 # cert_file = "/etc/edgeopt/client.pem"
 # key_file = "/etc/edgeopt/client.key"
 # username = "cam-07"
@@ -267,6 +307,18 @@ max_queue = 256
 # Largest package accepted from a deploy command, and the socket timeout.
 max_bytes = {2 * GIB}
 timeout_s = 60
+# The only places deploy commands may download from: the dashboard's download URL (EDGEOPT_PUBLIC_URL
+# + "/dl/"). Other hosts, ports, schemes and paths are refused before connecting; empty refuses all.
+allowed_urls = [{urls}]
+
+[control]
+# Public keys of the dashboard's command-signing key (edgeopt-dashboard command-key). Commands not
+# signed by one of them, for another device, expired or replayed are refused and reported as events.
+# List two keys while rotating. Empty refuses every command.
+trust_keys = [{cmd_keys}]
+# How far this device's clock may differ from the dashboard's, and the longest validity accepted.
+max_clock_skew_s = 300
+max_command_lifetime_s = 86400
 
 [outbox]
 # Telemetry and events kept on disk while the broker is away; the oldest are dropped beyond this.

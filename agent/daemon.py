@@ -28,6 +28,7 @@ from ..sdk.errors import ConfigError, EdgeoptError, ExitCode, UnavailableError
 from ..sdk.telemetry import EventPayload, InstalledPackage
 from .commands import CommandHandler
 from .config import AgentConfig, load_config
+from .control import CommandVerifier
 from .metrics import Metrics
 from .mqtt import Envelope, MqttLink
 from .outbox import Outbox
@@ -62,6 +63,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.installer: Any = None
         self.commands: CommandHandler | None = None
+        self.verifier: CommandVerifier | None = None
         self.reporter: TelemetryReporter | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -136,7 +138,9 @@ class Agent:
                                    capabilities=self.capabilities)
         self.reporter = TelemetryReporter(self.metrics, self.envelope, self.emit, self.config.telemetry_interval_s,
                                           dropped=lambda: self.outbox.dropped).start()
-        self.commands = CommandHandler(self.envelope, self.emit, installer=self.installer,
+        self.verifier = CommandVerifier(self.config)
+        self.commands = CommandHandler(self.envelope, self.emit, verifier=self.verifier,
+                                       allowed_urls=self.config.download.allowed_urls, installer=self.installer,
                                        set_interval=self.reporter.set_interval,
                                        set_batching=self.registry.reconfigure,
                                        pending_dir=Path(self.config.state_dir) / "commands")
@@ -144,6 +148,7 @@ class Agent:
             lambda name: (self.store.current(name).version if self.store.current(name) else None))
         if interrupted:
             log.warning("answered %d command(s) interrupted by the last stop as failed", interrupted)
+        self.metrics.extra_gauges["edgeopt_commands_refused_total"] = lambda: self.commands.refusals.total
         self.link.on_command = self.commands.handle
         self._watcher = threading.Thread(target=self._watch_pointers, name="pointer-watch", daemon=True)
         self._watcher.start()
@@ -205,6 +210,8 @@ class Agent:
         if self.server is not None:
             self.server.stop()
         self.registry.close()
+        if self.verifier is not None:
+            self.verifier.close()
         self.outbox.close()
 
 

@@ -1,5 +1,12 @@
 """Resumable package download over HTTP(S) with a size limit and a sha256 check.
 
+Only from the package store: a deploy command's URL must sit under one of the agent's allowed base URLs
+(same scheme, host and port, path below the base, no ``..`` in any spelling, no user info); anything
+else is refused before a connection is made, and redirects are never followed, so a command cannot point
+the agent at another host or port (a database, a cloud metadata service). Error messages never quote
+what a server answered (status line, reason phrase, body), only the status code or the local socket
+error: an error report must not become a way to read other services through the agent.
+
 The partial file is kept as ``<dest>.part`` between attempts (and between agent restarts, since the
 installer names it after the expected sha256): the next attempt asks for the rest with a ``Range``
 header. A server that ignores ranges (answers 200) is read again from the start. Nothing is left at
@@ -16,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 from ..sdk.errors import InputError, SecurityError, UnavailableError
@@ -31,10 +38,90 @@ class DownloadError(UnavailableError):
     """The package could not be fetched (network, server answer)."""
 
 
+_DEFAULT_PORT = {"http": 80, "https": 443}
+# Encoded '.', '/', '\\' and NUL: a server may decode them into a path that leaves the store.
+_ENCODED_TRICKS = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
+
+
+def _shown(url: str) -> str:
+    """A URL safe to put in one log line: printable, bounded."""
+    return "".join(ch if ch.isprintable() else "?" for ch in url[:200])
+
+
 def _check_url(url: str) -> None:
+    if not url.isascii() or any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise InputError(f"package url contains spaces or control characters: {_shown(url)!r}")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"package url must be http:// or https:// with a host, found {url!r}")
+        raise InputError(f"package url must be http:// or https:// with a host, found {_shown(url)!r}")
+
+
+def _origin(parts) -> tuple[str, str, int]:
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORT[parts.scheme]
+
+
+def normalize_base_url(base: str) -> str:
+    """An allowed base URL as compared: http(s), a host, no user info/query/fragment, path ending in '/'.
+
+    Raises ValueError (the agent config validator turns it into a config error)."""
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"allowed package URL must be http:// or https:// with a host, found {base!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"allowed package URL {base!r} has an invalid port") from None
+    if "@" in parts.netloc or parts.query or parts.fragment or "\\" in base:
+        raise ValueError(f"allowed package URL {base!r} must have no user info, query or fragment")
+    if _ENCODED_TRICKS.search(parts.path) or any(seg in (".", "..") for seg in parts.path.split("/")):
+        raise ValueError(f"allowed package URL {base!r} must not contain '.', '..' or encoded separators")
+    return base if parts.path.endswith("/") else base + "/"
+
+
+def check_package_url(url: str, allowed: Sequence[str]) -> None:
+    """Refuse a package URL outside the allowed base URLs (SecurityError), before any connection."""
+    _check_url(url)
+    parts = urlsplit(url)
+    if "@" in parts.netloc or parts.fragment or "\\" in url:
+        raise SecurityError(f"package url {_shown(url)!r} has user info, a fragment or a backslash: refused")
+    try:
+        parts.port
+    except ValueError:
+        raise SecurityError(f"package url {_shown(url)!r} has an invalid port: refused") from None
+    segments = parts.path.split("/")
+    if _ENCODED_TRICKS.search(parts.path) or any(seg in (".", "..") for seg in segments):
+        raise SecurityError(f"package url {_shown(url)!r} has '.', '..' or an encoded separator in its path: "
+                            "refused")
+    if not allowed:
+        raise SecurityError("no package store is configured: every package url is refused",
+                            hint="set [download] allowed_urls in the agent config to the dashboard's download URL")
+    for base in allowed:
+        b = urlsplit(normalize_base_url(base))
+        if _origin(parts) == _origin(b) and parts.path.startswith(b.path):
+            return
+    raise SecurityError(f"package url {_shown(url)!r} is outside the package store "
+                        f"({', '.join(_shown(a) for a in allowed)}): refused, nothing was fetched",
+                        hint="deploy packages from the dashboard, or add its URL to [download] allowed_urls")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead anywhere the allow-list forbids: answer it as the error it then is."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _network_error(exc: BaseException) -> str:
+    """What went wrong, without a byte of what the server sent (status lines and bodies can be secrets)."""
+    reason = getattr(exc, "reason", exc) if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    if isinstance(reason, (TimeoutError, OSError, http.client.HTTPException)):
+        return type(reason).__name__  # e.g. BadStatusLine: its text is the server's first line
+    return "connection failed"
 
 
 def _hash_file(path: Path) -> "hashlib._Hash":
@@ -56,16 +143,16 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 (scheme checked above)
+        response = _OPENER.open(request, timeout=timeout_s)  # noqa: S310 (scheme checked above)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:  # our partial file is already complete, or the file changed
             part.unlink()
             raise DownloadError(f"server refused the resume range at byte {offset}; starting over") from None
-        raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DownloadError(f"download of {url} failed: {reason}") from None
+        moved = " (redirects are not followed)" if 300 <= exc.code < 400 else ""
+        raise DownloadError(f"download of {_shown(url)} failed: HTTP {exc.code}{moved}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        raise DownloadError(f"download of {_shown(url)} failed: {_network_error(exc)}") from None
     with response:
         total: int | None = None
         if response.status == 206:
@@ -106,7 +193,8 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
                         on_progress(received, total)
             except (OSError, http.client.HTTPException) as exc:
                 fh.flush()
-                raise DownloadError(f"download of {url} interrupted at byte {received}: {exc}") from None
+                raise DownloadError(f"download of {_shown(url)} interrupted at byte {received}: "
+                                    f"{_network_error(exc)}") from None
             fh.flush()
             os.fsync(fh.fileno())
         if total is not None and received < total:
@@ -115,12 +203,17 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
 
 def download(url: str, dest: str | Path, *, sha256: str, size: int | None = None,
              max_bytes: int = 2 * 1024**3, timeout_s: float = 60.0, attempts: int = 3,
-             backoff_s: float = 0.5, on_progress: Callable[[int, int | None], None] | None = None) -> Path:
+             backoff_s: float = 0.5, on_progress: Callable[[int, int | None], None] | None = None,
+             allowed: Sequence[str] | None = None) -> Path:
     """Fetch ``url`` to ``dest``, resuming ``dest.part`` if present; verify size and sha256.
 
-    Raises InputError (bad url, over the limit), SecurityError (sha256 or size mismatch) or DownloadError
-    (network) after ``attempts`` tries. ``dest`` exists only after a complete, matching download.
+    With ``allowed`` (base URLs; the agent always passes its config's list, possibly empty) a URL outside
+    them is refused before any connection. Raises InputError (bad url, over the limit), SecurityError
+    (outside the store, sha256 or size mismatch) or DownloadError (network) after ``attempts`` tries.
+    ``dest`` exists only after a complete, matching download.
     """
+    if allowed is not None:
+        check_package_url(url, allowed)
     _check_url(url)
     sha256 = sha256.lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):

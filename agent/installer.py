@@ -87,7 +87,7 @@ class Installer:
         started = time.monotonic()
         try:
             download(url, dest, sha256=sha256, size=size, max_bytes=self.config.download.max_bytes,
-                     timeout_s=self.config.download.timeout_s)
+                     timeout_s=self.config.download.timeout_s, allowed=self.config.download.allowed_urls)
         except EdgeoptError as exc:
             self._emit("download", False, message=exc.one_line(), ctx=ctx, details={"url": url})
             raise

@@ -56,7 +56,11 @@ def default_config(instance: Path) -> dict[str, Any]:
     keys = os.environ.get("EDGEOPT_TRUSTED_KEYS", "")
     return {
         "DATABASE_URL": os.environ.get("EDGEOPT_DATABASE_URL") or f"sqlite:///{instance / 'edgeopt.db'}",
+        # The dashboard's own broker account (it may only publish commands); mqtts:// with the CA below.
         "BROKER_URL": os.environ.get("EDGEOPT_BROKER_URL", "mqtt://127.0.0.1:1883"),
+        "BROKER_CA_FILE": os.environ.get("EDGEOPT_BROKER_CA") or None,
+        # Seconds a signed command stays valid (EDGEOPT_COMMAND_TTL_S; key: EDGEOPT_COMMAND_KEY).
+        "COMMAND_TTL_S": None,
         "FLEET": os.environ.get("EDGEOPT_FLEET", "default"),
         # Public keys (PEM files) whose signatures the package upload accepts; ':' or ',' separated.
         "TRUSTED_KEYS": [p for p in keys.replace(",", os.pathsep).split(os.pathsep) if p.strip()],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -157,7 +158,12 @@ def retention_options(f):
 
 @cli.command()
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGEOPT_BROKER",
-              help="MQTT broker URL.")
+              help="MQTT broker URL of the ingest account: mqtt://host:port or mqtts://user:password@host:8883.")
+@click.option("--broker-ca", default=None, envvar="EDGEOPT_BROKER_CA", type=click.Path(dir_okay=False),
+              help="PEM CA of the broker's certificate (mqtts; default: the system's CAs).")
+@click.option("--command-broker", default=None, envvar="EDGEOPT_BROKER_URL",
+              help="Broker URL of the dashboard account, used to publish later rollout stages (default: "
+                   "EDGEOPT_BROKER_URL, else the ingest connection).")
 @click.option("--group", default="edgeopt-ingest", show_default=True,
               help="Shared subscription group: processes of one group split the messages ('' = no sharing).")
 @click.option("--client-id", default=None,
@@ -177,25 +183,135 @@ def retention_options(f):
               help="Seconds between heartbeat-timeout checks.")
 @retention_options
 @database_option
-def ingest(broker, group, client_id, session_expiry, batch_size, flush_ms, max_buffer, rollup_every,
-           heartbeat_check, raw_hours, minute_days, hour_days, database_url) -> None:
-    """Run an ingest process: MQTT telemetry, events, results and status into the database."""
+def ingest(broker, broker_ca, command_broker, group, client_id, session_expiry, batch_size, flush_ms, max_buffer,
+           rollup_every, heartbeat_check, raw_hours, minute_days, hour_days, database_url) -> None:
+    """Run an ingest process: MQTT telemetry, events, results and status into the database.
+
+    It also advances deployments, signing later stages with the dashboard's command key (EDGEOPT_COMMAND_KEY,
+    else the instance folder's): the web processes and the ingest must use the same key.
+    """
+    from .command_signing import load_signer
     from .ingest import IngestService, IngestSettings
     from .rollup import RetentionSettings
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeopt").setLevel(logging.INFO)
-    settings = IngestSettings(broker=broker, group=group, client_id=client_id, session_expiry_s=session_expiry,
+    settings = IngestSettings(broker=broker, ca_file=broker_ca, command_broker=command_broker, group=group,
+                              client_id=client_id, session_expiry_s=session_expiry,
                               batch_size=batch_size,
                               flush_ms=flush_ms, max_buffer=max_buffer, rollup_every_s=rollup_every,
                               heartbeat_check_s=heartbeat_check, database_url=database_url,
                               retention=RetentionSettings(raw_hours=raw_hours, rollup_1m_days=minute_days,
                                                           rollup_1h_days=hour_days))
     settings.broker_address()
+    signer = load_signer()
     engine = _engine(database_url)
     _require_schema(engine)
     engine.dispose()
-    IngestService(settings).run_forever()
+    IngestService(settings, signer=signer).run_forever()
+
+
+@cli.command("broker-config")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write mosquitto.conf, passwd, acl, credentials.json and devices/ into.")
+@click.option("--device", "devices", multiple=True, metavar="[FLEET/]DEVICE",
+              help="A device account to create (repeatable).")
+@click.option("--devices-file", type=click.File("r"), default=None,
+              help="A file of [FLEET/]DEVICE lines ('#' comments allowed).")
+@click.option("--known-devices", is_flag=True,
+              help="Also every device the dashboard database knows (needs --database-url or EDGEOPT_DATABASE_URL).")
+@click.option("--fleet", default=None, envvar="EDGEOPT_FLEET", help="Fleet of devices given without one.")
+@click.option("--port", default=8883, show_default=True, type=click.IntRange(1, 65535), help="Listener port.")
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Listener address.")
+@click.option("--public-host", default="localhost", show_default=True,
+              help="Host name devices reach the broker by (goes into devices/*.toml).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM server certificate of the listener.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM CA that devices verify the broker with (and that signs client certificates).")
+@click.option("--tls-generate", "tls_generate", multiple=True, metavar="NAME",
+              help="Generate a private CA and a server certificate for NAME (host name or IP; repeatable).")
+@click.option("--require-certificate", is_flag=True,
+              help="Clients must also present a certificate signed by --tls-ca (in addition to passwords).")
+@click.option("--no-tls", is_flag=True, help="Plain MQTT (loopback or tests only: passwords travel in clear).")
+@click.option("--rotate", multiple=True, metavar="ACCOUNT",
+              help="Give this account a new password (edgeopt-ingest, edgeopt-dashboard or FLEET/DEVICE; repeatable).")
+@database_option
+@json_option
+def broker_config_cmd(out_dir, devices, devices_file, known_devices, fleet, port, bind, public_host, tls_cert, tls_key,
+                      tls_ca, tls_generate, require_certificate, no_tls, rotate, database_url, as_json) -> None:
+    """Write a Mosquitto configuration: TLS listener, one account per device, ingest and dashboard, and an
+    ACL where a device publishes only its own status/telemetry/events/cmd/result and reads only its own cmd.
+
+    Run it again to add devices (existing passwords are kept), revoke the ones left out, or --rotate a
+    password; then reload Mosquitto with SIGHUP.
+    """
+    from .broker_config import TlsFiles, parse_device, write_broker_config
+
+    if tls_generate and (tls_cert or tls_key):
+        raise click.UsageError("--tls-generate and --tls-cert/--tls-key exclude each other: pick one")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if no_tls and (tls_generate or tls_cert):
+        raise click.UsageError("--no-tls and --tls-* exclude each other")
+    if not (no_tls or tls_generate or tls_cert):
+        raise click.UsageError("give --tls-cert/--tls-key, or --tls-generate HOST, or --no-tls (loopback only)")
+    if require_certificate and not tls_ca:
+        raise click.UsageError("--require-certificate needs --tls-ca (the CA of the client certificates)")
+    specs = list(devices)
+    if devices_file is not None:
+        specs += [ln.split("#", 1)[0].strip() for ln in devices_file if ln.split("#", 1)[0].strip()]
+    pairs = [parse_device(spec, fleet) for spec in specs]
+    if known_devices:
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from . import models as m
+
+        engine = _engine(database_url)
+        _require_schema(engine)
+        with Session(engine) as session:
+            pairs += [(f, d) for f, d in session.execute(select(m.Device.fleet, m.Device.device_id))]
+    if not pairs:
+        raise click.UsageError("no device given: use --device, --devices-file or --known-devices")
+    tls = TlsFiles(tls_cert, tls_key, tls_ca) if tls_cert else None
+    result = write_broker_config(out_dir, pairs, port=port, bind=bind, public_host=public_host, tls=tls,
+                                 tls_generate=list(tls_generate) or None, require_certificate=require_certificate,
+                                 rotate=list(rotate))
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    click.echo(f"wrote {result.conf} ({len(pairs)} device account(s) plus edgeopt-ingest and edgeopt-dashboard); "
+               f"added {len(result.added)}, rotated {len(result.rotated)}, revoked {len(result.revoked)}")
+    click.echo(f"passwords are in {result.out_dir / 'credentials.json'}; each device's [broker] section in "
+               f"{result.out_dir / 'devices'}/", err=True)
+
+
+@cli.command("command-key")
+@click.option("--pem", is_flag=True, help="Print the public key (PEM) instead of its path.")
+@json_option
+def command_key(pem: bool, as_json: bool) -> None:
+    """Show the dashboard's command-signing public key (generated on first use) for the agents'
+    [control] trust_keys. The key is EDGEOPT_COMMAND_KEY, else command-signing.key in the instance folder."""
+    from cryptography.hazmat.primitives import serialization
+
+    from .command_signing import load_signer
+
+    signer = load_signer()
+    public = signer.private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pub_path = signer.public_path if signer.public_path.is_file() else None
+    if as_json:
+        emit_json({"key_id": signer.key_id, "private_key": str(signer.path),
+                   "public_key": str(pub_path) if pub_path else None, "public_pem": public, "ttl_s": signer.ttl_s})
+    elif pem or pub_path is None:
+        click.echo(public, nl=False)
+    else:
+        click.echo(str(pub_path))
+        click.echo(f"key id {signer.key_id}: copy this file to each agent and list it in [control] trust_keys",
+                   err=True)
 
 
 @cli.command()

@@ -16,7 +16,9 @@ Who does what:
   timeouts, stops over the failure share and sends the next stage.
 
 Commands are :class:`~edgeopt.sdk.telemetry.CommandPayload` on ``edgeopt/v1/<fleet>/<device>/cmd``
-with ``deploy`` (:class:`DeployArgs`) or ``rollback`` (:class:`RollbackArgs`) arguments.
+with ``deploy`` (:class:`DeployArgs`) or ``rollback`` (:class:`RollbackArgs`) arguments, each signed
+for its one device by the dashboard's command key (:class:`~edgeopt.dashboard.command_signing.
+CommandSigner`, passed as ``signer``) and valid for the signer's ``ttl_s``.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from edgeopt.sdk.errors import InputError, UnavailableError
-from edgeopt.sdk.telemetry import CommandPayload, DeployArgs, RollbackArgs
-from edgeopt.sdk.topics import topic
+from edgeopt.sdk.telemetry import DeployArgs, RollbackArgs
 
+from .command_signing import CommandSigner
 from .models import (CommandResult, Deployment, DeploymentState, DeploymentTarget, Device, DeviceGroup,
                      DeviceGroupMember, DeviceTag, Event, Package, TargetState, new_id, utcnow)
 
@@ -78,7 +80,8 @@ def resolve_targets(db: Session, kind: str, value: str | Iterable[str]) -> list[
 
 def create_deployment(db: Session, package: Package, target_kind: str, target_value, *, package_url: str,
                       stage_percent: int = 100, failure_threshold: float = 0.2, created_by_id: int | None = None,
-                      publish: Publish | None = None, now: datetime | None = None) -> Deployment:
+                      publish: Publish | None = None, signer: CommandSigner | None = None,
+                      now: datetime | None = None) -> Deployment:
     """Create the deployment and its targets, commit, then send stage 1 with ``publish``.
 
     ``package_url`` is the signed download URL the agents fetch (see package_store). A publish failure
@@ -111,8 +114,10 @@ def create_deployment(db: Session, package: Package, target_kind: str, target_va
     log.info("deployment %s: %s %s to %d devices (%d in stage 1)", dep.id, package.name, package.version,
              len(devices), first)
     if publish is not None:
+        if signer is None:
+            raise ValueError("publishing commands needs the dashboard's command signer")
         try:
-            _send_stage(db, dep, 1, publish, now or utcnow())
+            _send_stage(db, dep, 1, publish, signer, now or utcnow())
         except UnavailableError as exc:
             dep.state = DeploymentState.failed.value
             dep.message = f"deploy commands not sent: {exc.one_line()}"
@@ -122,13 +127,12 @@ def create_deployment(db: Session, package: Package, target_kind: str, target_va
     return dep
 
 
-def _deploy_command(dep: Deployment, target: DeploymentTarget) -> tuple[str, bytes]:
+def _deploy_command(dep: Deployment, target: DeploymentTarget, signer: CommandSigner) -> tuple[str, bytes]:
     pkg = dep.package
     args = DeployArgs(package_url=dep.target_value["package_url"], sha256=pkg.sha256, size=pkg.size,
                       name=pkg.name, version=pkg.version)
-    cmd = CommandPayload(id=target.command_id, command="deploy", args=args.model_dump(exclude_none=True),
-                         deployment_id=dep.id)
-    return topic(target.device.fleet, target.device.device_id, "cmd"), cmd.model_dump_json().encode()
+    return signer.message(target.device.fleet, target.device.device_id, "deploy",
+                          args.model_dump(exclude_none=True), command_id=target.command_id, deployment_id=dep.id)
 
 
 def _publish(publish: Publish, topic_: str, payload: bytes) -> None:
@@ -141,14 +145,15 @@ def _publish(publish: Publish, topic_: str, payload: bytes) -> None:
         raise UnavailableError(f"publish to {topic_} failed: {exc}") from None
 
 
-def _send_stage(db: Session, dep: Deployment, stage: int, publish: Publish, now: datetime) -> int:
+def _send_stage(db: Session, dep: Deployment, stage: int, publish: Publish, signer: CommandSigner,
+                now: datetime) -> int:
     """Send deploy commands to the stage's pending targets; each gets a fresh command id."""
     sent = 0
     for target in dep.targets:
         if target.stage != stage or target.state != TargetState.pending.value:
             continue
         target.command_id = target.command_id or new_id()
-        _publish(publish, *_deploy_command(dep, target))
+        _publish(publish, *_deploy_command(dep, target, signer))
         target.state = TargetState.sent.value
         target.sent_at = now
         target.message = "deploy command sent"
@@ -214,7 +219,8 @@ def counts(dep: Deployment) -> dict[str, int]:
     return out
 
 
-def _advance(db: Session, dep: Deployment, publish: Publish | None, now: datetime) -> None:
+def _advance(db: Session, dep: Deployment, publish: Publish | None, signer: CommandSigner | None,
+             now: datetime) -> None:
     """Stop over the failure share, else send the next stage or finish."""
     if dep.state != DeploymentState.running.value:
         return
@@ -234,8 +240,11 @@ def _advance(db: Session, dep: Deployment, publish: Publish | None, now: datetim
     if dep.current_stage == 1 and any(t.stage == 2 for t in dep.targets):
         if publish is None:
             return
+        if signer is None:
+            dep.message = "stage 2 not sent yet: this process has no command-signing key (see EDGEOPT_COMMAND_KEY)"
+            return
         try:
-            n = _send_stage(db, dep, 2, publish, now)
+            n = _send_stage(db, dep, 2, publish, signer, now)
             dep.message = f"stage 1 succeeded; stage 2 sent to {n} devices"
         except UnavailableError as exc:
             # Stay running: the next tick tries again.
@@ -250,8 +259,10 @@ _last_alert_run = [float("-inf")]
 
 
 def tick(session: Session, publish: Publish | None, now: datetime | None = None,
-         timeout_s: float = DEFAULT_TIMEOUT_S, alerts: bool = True) -> int:
+         timeout_s: float = DEFAULT_TIMEOUT_S, alerts: bool = True, signer: CommandSigner | None = None) -> int:
     """Advance every followed deployment once; returns how many changed. Called by the ingest process.
+
+    Later stages are sent only with both ``publish`` and ``signer``.
 
     With ``alerts`` it also evaluates the alert rules, at most every ``alerting.EVALUATE_EVERY_S``.
     """
@@ -275,7 +286,7 @@ def tick(session: Session, publish: Publish | None, now: datetime | None = None,
     for dep in deps:
         before = (dep.state, dep.current_stage, dep.message)
         moved = update_progress(session, dep, now, timeout_s)
-        _advance(session, dep, publish, now)
+        _advance(session, dep, publish, signer, now)
         if moved or before != (dep.state, dep.current_stage, dep.message):
             changed += 1
     session.commit()
@@ -297,7 +308,8 @@ def abort(db: Session, dep: Deployment, now: datetime | None = None) -> None:
     db.commit()
 
 
-def rollback(db: Session, dep: Deployment, publish: Publish, now: datetime | None = None) -> int:
+def rollback(db: Session, dep: Deployment, publish: Publish, signer: CommandSigner,
+             now: datetime | None = None) -> int:
     """Roll every device that got (or may be getting) the package back to its previous version.
 
     Allowed again on a rolled-back deployment while some device still reports success (a broker
@@ -319,8 +331,9 @@ def rollback(db: Session, dep: Deployment, publish: Publish, now: datetime | Non
     try:
         for t in todo:
             cmd_id = new_id()
-            cmd = CommandPayload(id=cmd_id, command="rollback", args=args, deployment_id=dep.id)
-            _publish(publish, topic(t.device.fleet, t.device.device_id, "cmd"), cmd.model_dump_json().encode())
+            # Signed at the real time, not ``now`` (a test clock): the agent checks the validity window.
+            _publish(publish, *signer.message(t.device.fleet, t.device.device_id, "rollback", args,
+                                              command_id=cmd_id, deployment_id=dep.id))
             t.command_id, t.state, t.sent_at, t.message = cmd_id, TargetState.sent.value, now, "rollback command sent"
             sent += 1
     except UnavailableError as exc:

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -53,7 +53,12 @@ class IngestSettings(BaseModel):
     """Settings of one ingest process."""
 
     model_config = ConfigDict(extra="forbid")
-    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port of the broker.")
+    broker: str = Field("mqtt://127.0.0.1:1883",
+                        description="mqtt://[user:password@]host:port, or mqtts://... for TLS (the ingest account).")
+    ca_file: str | None = Field(None, description="PEM CA of the broker's certificate (mqtts; default: the system's).")
+    command_broker: str | None = Field(
+        None, description="Broker URL of the dashboard account, which later rollout stages are published with "
+                          "(the ingest account may only read); default: this process's own connection.")
     group: str = Field(topics.SHARED_GROUP, description="Shared subscription group; '' for no sharing.")
     client_id: str | None = Field(None, description="MQTT client id; default edgeopt-ingest-<host>-<pid>.")
     username: str | None = None
@@ -73,10 +78,30 @@ class IngestSettings(BaseModel):
 
     def broker_address(self) -> tuple[str, int]:
         u = urlparse(self.broker)
-        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-            raise ConfigError(f"invalid broker URL {self.broker!r}",
-                              hint="expected mqtt://host:port, e.g. mqtt://127.0.0.1:1883")
-        return u.hostname, u.port or 1883
+        if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not u.hostname:
+            raise ConfigError(f"invalid broker URL {redact_broker(self.broker)!r}",
+                              hint="expected mqtt://host:port or mqtts://user:password@host:8883")
+        return u.hostname, u.port or (8883 if self.tls else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.broker).scheme in ("mqtts", "ssl")
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """User name and password: from the URL, else the fields."""
+        u = urlparse(self.broker)
+        if u.username:
+            return unquote(u.username), unquote(u.password) if u.password else None
+        return self.username, self.password
+
+
+def redact_broker(url: str) -> str:
+    """A broker URL without its password, for logs."""
+    u = urlparse(url)
+    if u.password:
+        return u._replace(netloc=u.netloc.rsplit("@", 1)[0].split(":", 1)[0] + ":***@"
+                          + u.netloc.rsplit("@", 1)[1]).geturl()
+    return url
 
 
 def subscriptions(group: str) -> list[str]:
@@ -88,13 +113,16 @@ def subscriptions(group: str) -> list[str]:
 class IngestService:
     """One ingest process: MQTT client, writer thread, maintenance thread."""
 
-    def __init__(self, settings: IngestSettings):
+    def __init__(self, settings: IngestSettings, signer: Any = None):
         try:
             import paho.mqtt.client as mqtt  # noqa: F401
         except ImportError:
             raise MissingDependencyError("paho-mqtt is not installed",
                                          hint="install it with: pip install 'edgeopt[dashboard]'") from None
         self.settings = settings
+        # The dashboard's command signer (edgeopt.dashboard.command_signing): later rollout stages are
+        # signed commands; without one they are not sent and the deployment says so.
+        self.signer = signer
         self.host, self.port = settings.broker_address()
         self.engine = make_engine(settings.database_url)
         self.writer = BatchWriter(self.engine)
@@ -114,8 +142,13 @@ class IngestService:
 
         cid = self.settings.client_id or f"edgeopt-ingest-{socket.gethostname()}-{os.getpid()}"
         client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
-        if self.settings.username:
-            client.username_pw_set(self.settings.username, self.settings.password)
+        user, password = self.settings.credentials()
+        if user:
+            client.username_pw_set(user, password)
+        if self.settings.tls:
+            import ssl
+
+            client.tls_set(ca_certs=self.settings.ca_file, cert_reqs=ssl.CERT_REQUIRED)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(10_000)
         client.on_connect = self._on_connect
@@ -365,14 +398,24 @@ class IngestService:
                 if not got:
                     return
             try:
-                with Session(bind=conn) as session:
-                    tick(session, self.publish, datetime.now(timezone.utc))
+                with Session(bind=conn) as session, self._command_publisher() as publish:
+                    tick(session, publish, datetime.now(timezone.utc), signer=self.signer)
                     session.commit()
             finally:
                 if pg:
                     conn.rollback()
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": TICK_LOCK})
                     conn.commit()
+
+    def _command_publisher(self):
+        """Publish commands as the dashboard account when one is configured (connects only if used)."""
+        from contextlib import nullcontext
+
+        if not self.settings.command_broker:
+            return nullcontext(self.publish)
+        from .mqtt_publish import mqtt_publisher
+
+        return mqtt_publisher(self.settings.command_broker, ca_file=self.settings.ca_file)
 
     # ---------------------------------------------------------------------------------------- control
     def start(self) -> None:
@@ -399,7 +442,7 @@ class IngestService:
         net = threading.Thread(target=self._network_loop, name="ingest-mqtt", daemon=True)
         net.start()
         self._net_thread = net
-        log.info("ingest started: broker %s, database %s, group %r", self.settings.broker,
+        log.info("ingest started: broker %s, database %s, group %r", redact_broker(self.settings.broker),
                  redact(str(self.engine.url)), self.settings.group)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -33,8 +33,9 @@ class BrokerPublisher:
     (or the ``with`` block). Raises :class:`UnavailableError` when the broker cannot be reached, refuses
     the connection, or does not acknowledge a message in time."""
 
-    def __init__(self, broker_url: str, timeout_s: float = 5.0):
+    def __init__(self, broker_url: str, timeout_s: float = 5.0, ca_file: str | None = None):
         self.host, self.port, self.tls, self.user, self.password = parse_broker_url(broker_url)
+        self.ca_file = ca_file
         self.safe_url = f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
         self.timeout_s = timeout_s
         self._client = None
@@ -54,7 +55,8 @@ class BrokerPublisher:
         if self.user:
             client.username_pw_set(self.user, self.password)
         if self.tls:
-            client.tls_set()
+            # The broker's CA (EDGEOPT_BROKER_CA) when it is a private one, else the system's.
+            client.tls_set(ca_certs=self.ca_file)
         connected = threading.Event()
         outcome: dict[str, str] = {}
 
@@ -98,9 +100,10 @@ class BrokerPublisher:
 
 
 @contextmanager
-def mqtt_publisher(broker_url: str, timeout_s: float = 5.0) -> Iterator[Callable[[str, bytes], None]]:
+def mqtt_publisher(broker_url: str, timeout_s: float = 5.0,
+                   ca_file: str | None = None) -> Iterator[Callable[[str, bytes], None]]:
     """``with mqtt_publisher(url) as publish: publish(topic, payload)``; connects lazily."""
-    pub = BrokerPublisher(broker_url, timeout_s)
+    pub = BrokerPublisher(broker_url, timeout_s, ca_file)
     try:
         yield pub
     finally:

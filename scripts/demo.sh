@@ -53,8 +53,11 @@ edgeopt-dashboard create-user admin --role admin --password "$PASSWORD" >/dev/nu
 token=$(edgeopt-dashboard create-token admin --name demo | tail -n 1)
 
 step "agent demo-01 (state in $D/agent)"
+# The agent takes commands signed by the dashboard's key only, and downloads only from its package store.
+command_pub=$(edgeopt-dashboard command-key)
 edgeopt agent init --device-id demo-01 --fleet demo --broker "$BROKER" --state-dir "$D/agent" \
-  --api-port "$API_PORT" --trust-key "$D/keys/edgeopt.pub" --telemetry-interval 2 --group demo-line > "$D/agent.toml"
+  --api-port "$API_PORT" --trust-key "$D/keys/edgeopt.pub" --telemetry-interval 2 --group demo-line \
+  --command-key "$command_pub" --package-url "$EDGEOPT_PUBLIC_URL/dl/" > "$D/agent.toml"
 edgeopt agent list --config "$D/agent.toml" --json | grep -q '"digits"' \
   || edgeopt agent install "$D/digits-cpu-1.0.0.eopkg" --config "$D/agent.toml"
 

@@ -13,13 +13,17 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 from .errors import InputError
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
+# Commands went to 2.0 when they became signed: a 1.x (unsigned) command is refused by every agent that
+# verifies signatures, and an older agent refuses a 2.x one instead of running it unchecked.
+COMMAND_SCHEMA_VERSION = "2.0"
+COMMAND_MAJOR = 2
 MAX_PAYLOAD_BYTES = 256 * 1024
 
 # Upper bounds (ms) of the latency buckets; one more bucket counts everything above the last bound.
@@ -79,6 +83,16 @@ class Histogram:
         return HistogramModel(counts=list(self.counts), sum_ms=self.sum_ms)
 
 
+def _check_major(v: str, supported: int) -> str:
+    try:
+        major = int(str(v).split(".", 1)[0])
+    except ValueError:
+        raise ValueError(f"schema_version must look like '{supported}.0', found {v!r}") from None
+    if major != supported:
+        raise ValueError(f"unsupported schema major version {major} (supported: {supported})")
+    return v
+
+
 class _Payload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -91,13 +105,7 @@ class _Payload(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _major(cls, v: str) -> str:
-        try:
-            major = int(str(v).split(".", 1)[0])
-        except ValueError:
-            raise ValueError(f"schema_version must look like '1.0', found {v!r}") from None
-        if major != SUPPORTED_MAJOR:
-            raise ValueError(f"unsupported schema major version {major} (supported: {SUPPORTED_MAJOR})")
-        return v
+        return _check_major(v, SUPPORTED_MAJOR)
 
     @field_validator("ts")
     @classmethod
@@ -197,17 +205,62 @@ class EventPayload(_Payload):
 
 
 class CommandPayload(BaseModel):
-    """Sent by the dashboard on ``cmd``; the agent answers on ``cmd/result`` naming the id."""
+    """A dashboard command: what to do, to which device, and when it is valid (schema 2).
+
+    It is never sent bare: :mod:`edgeopt.sdk.command_signing` encodes it canonically and signs it, and
+    :class:`SignedCommand` carries those exact bytes. The agent answers on ``cmd/result`` naming the id.
+    """
 
     model_config = ConfigDict(extra="ignore")
-    schema_version: str = SCHEMA_VERSION
-    id: str = Field(min_length=1, max_length=64)
+    schema_version: str = Field(COMMAND_SCHEMA_VERSION, description="major.minor; agents reject other majors.")
+    id: str = Field(min_length=1, max_length=64, description="Command id; every result names it.")
     command: Literal["deploy", "rollback", "set-config", "ping"]
-    ts: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    fleet: str = Field(min_length=1, max_length=128, description="The fleet of the one device it targets.")
+    device_id: str = Field(min_length=1, max_length=128, description="The one device it targets.")
+    issued_at: AwareDatetime = Field(description="UTC time the dashboard signed it.")
+    expires_at: AwareDatetime = Field(description="UTC time after which the agent refuses it.")
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$", description="128 random bits; a replay repeats it.")
     args: dict[str, Any] = Field(default_factory=dict)
-    deployment_id: str | None = None
+    deployment_id: str | None = Field(None, max_length=64)
 
-    _major = field_validator("schema_version")(_Payload._major.__func__)  # type: ignore[attr-defined]
+    @field_validator("schema_version")
+    @classmethod
+    def _major(cls, v: str) -> str:
+        return _check_major(v, COMMAND_MAJOR)
+
+    @field_validator("issued_at", "expires_at")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return v.astimezone(timezone.utc)
+
+    @model_validator(mode="after")
+    def _window(self) -> "CommandPayload":
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+
+class SignedCommand(BaseModel):
+    """What travels on ``cmd``: the canonical JSON of a :class:`CommandPayload` and its Ed25519 signature.
+
+    ``body`` is verified as the exact string received and only then parsed, so no re-encoding can make
+    the bytes checked differ from the command executed.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    schema_version: str = Field(COMMAND_SCHEMA_VERSION, description="major.minor; agents reject other majors.")
+    body: str = Field(min_length=2, max_length=MAX_PAYLOAD_BYTES, description="Canonical JSON of the command.")
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="Fingerprint of the signing key (sdk.package.key_id).")
+    signature: str = Field(min_length=1, max_length=200, description="Base64 Ed25519 signature.")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _major(cls, v: str) -> str:
+        return _check_major(v, COMMAND_MAJOR)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
 
 
 class DeployArgs(BaseModel):
@@ -240,9 +293,12 @@ PAYLOAD_BY_KIND: dict[str, type[BaseModel]] = {
     "status": StatusPayload,
     "telemetry": TelemetryPayload,
     "events": EventPayload,
-    "cmd": CommandPayload,
+    "cmd": SignedCommand,
     "cmd/result": CommandResultPayload,
 }
+
+
+_MAJOR_BY_KIND = {"cmd": COMMAND_MAJOR}
 
 
 def parse_payload(kind: str, data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> BaseModel:
@@ -259,7 +315,7 @@ def parse_payload(kind: str, data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYT
     if not isinstance(doc, dict):
         raise PayloadError("payload must be a JSON object", "bad_json")
     version = str(doc.get("schema_version", ""))
-    if version and version.split(".", 1)[0] != str(SUPPORTED_MAJOR):
+    if version and version.split(".", 1)[0] != str(_MAJOR_BY_KIND.get(kind, SUPPORTED_MAJOR)):
         raise PayloadError(f"unsupported schema_version {version!r}", "bad_version")
     try:
         return model.model_validate(doc)
@@ -268,5 +324,3 @@ def parse_payload(kind: str, data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYT
         loc = ".".join(str(p) for p in first["loc"]) or "<top>"
         raise PayloadError(f"invalid {kind} payload at {loc}: {first['msg']}", "bad_schema") from None
 
-
-_COMMAND_ADAPTER = TypeAdapter(CommandPayload)

@@ -29,6 +29,19 @@ def load(deployment_id: str) -> Deployment:
     return dep
 
 
+def command_signer():
+    """The dashboard's command signer, loaded once per app (see edgeopt.dashboard.command_signing)."""
+    from pathlib import Path
+
+    from ..command_signing import load_signer
+
+    signer = current_app.extensions.get("edgeopt_command_signer")
+    if signer is None:
+        signer = load_signer(Path(current_app.instance_path), current_app.config.get("COMMAND_TTL_S"))
+        current_app.extensions["edgeopt_command_signer"] = signer
+    return signer
+
+
 def start(package_id: int, target_kind: str, target_value, stage_percent: int, failure_threshold: float) -> Deployment:
     """Create a deployment and publish stage 1 (pages and API). Raises InputError for bad input."""
     from .packages import signed_download_url
@@ -37,10 +50,15 @@ def start(package_id: int, target_kind: str, target_value, stage_percent: int, f
     pkg = db.get(Package, package_id)
     if pkg is None:
         raise InputError(f"no package with id {package_id}")
-    with mqtt_publisher(current_app.config["BROKER_URL"]) as publish:
+    signer = command_signer()
+    with _publisher() as publish:
         return engine.create_deployment(db, pkg, target_kind, target_value, package_url=signed_download_url(pkg),
                                         stage_percent=stage_percent, failure_threshold=failure_threshold,
-                                        created_by_id=current_user.id, publish=publish)
+                                        created_by_id=current_user.id, publish=publish, signer=signer)
+
+
+def _publisher():
+    return mqtt_publisher(current_app.config["BROKER_URL"], ca_file=current_app.config.get("BROKER_CA_FILE"))
 
 
 def refresh(dep: Deployment) -> None:
@@ -51,8 +69,9 @@ def refresh(dep: Deployment) -> None:
 
 
 def do_rollback(dep: Deployment) -> int:
-    with mqtt_publisher(current_app.config["BROKER_URL"]) as publish:
-        return engine.rollback(get_db(), dep, publish)
+    signer = command_signer()
+    with _publisher() as publish:
+        return engine.rollback(get_db(), dep, publish, signer)
 
 
 @bp.get("/deployments")

@@ -165,6 +165,43 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
     return make
 
 
+@dataclass(frozen=True)
+class CommandKeys:
+    """The dashboard's command-signing key pair, and a pair nobody trusts (a forger's)."""
+
+    private: Path
+    public: Path
+    other_private: Path
+    other_public: Path
+
+
+@pytest.fixture(scope="session")
+def command_keys(tmp_path_factory) -> CommandKeys:
+    d = tmp_path_factory.mktemp("command-keys")
+    priv, pub = generate_keypair(d, "dashboard-command")
+    other, other_pub = generate_keypair(d, "forger")
+    return CommandKeys(priv, pub, other, other_pub)
+
+
+def signed_command(private_key_path: Path, command: str, *, fleet: str, device_id: str, args: dict | None = None,
+                   command_id: str | None = None, deployment_id: str | None = None, ttl_s: float = 600,
+                   **overrides) -> bytes:
+    """A command signed as the dashboard signs it; ``overrides`` change body fields before signing."""
+    from edgeopt.sdk.command_signing import new_command, sign_command
+
+    cmd = new_command(command, fleet=fleet, device_id=device_id, args=args, command_id=command_id,
+                      deployment_id=deployment_id, ttl_s=ttl_s)
+    if overrides:
+        cmd = cmd.model_copy(update=overrides)
+    return sign_command(cmd, load_private_key(private_key_path)).to_json()
+
+
+@pytest.fixture(scope="session")
+def sign_command():
+    """:func:`signed_command` as a fixture."""
+    return signed_command
+
+
 @pytest.fixture
 def agent_config(tmp_path: Path, agent_keys: Keys):
     """Factory: ``agent_config(**overrides) -> AgentConfig`` with a fresh state dir trusting the trusted key."""

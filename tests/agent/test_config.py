@@ -109,14 +109,59 @@ def test_render_config_refuses_bad_values(agent_keys):
                       trusted_keys=[agent_keys.trusted_public])
 
 
-def test_shipped_example_config_validates(tmp_path, agent_keys):
-    # The example names keys/edgeopt.pub relative to itself: put a key there in a copy.
+def test_shipped_example_config_validates(tmp_path, agent_keys, command_keys):
+    # The example names keys/*.pub and /etc/edgeopt/ca.pem: put files there in a copy.
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "edgeopt.pub").write_bytes(agent_keys.trusted_public.read_bytes())
+    (tmp_path / "keys" / "dashboard-command.pub").write_bytes(command_keys.public.read_bytes())
+    (tmp_path / "ca.pem").write_text("x")
     copy = tmp_path / "agent.toml"
-    copy.write_text((ROOT / "agent" / "examples" / "agent.toml").read_text())
+    copy.write_text((ROOT / "agent" / "examples" / "agent.toml").read_text().replace("/etc/edgeopt/ca.pem", "ca.pem"))
     cfg = load_config(copy)
     assert cfg.device_id == "cam-07" and cfg.state_dir == Path("/var/lib/edgeopt")
+    assert cfg.control.trust_keys == [tmp_path / "keys" / "dashboard-command.pub"]
+    assert cfg.download.allowed_urls == ["https://dashboard.local:8080/dl/"]
+
+
+def test_control_and_package_store_settings(tmp_path, agent_keys, command_keys):
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "cmd.pub").write_bytes(command_keys.public.read_bytes())
+    body = BASE + '[download]\nallowed_urls = ["http://dash:8080/dl"]\n[control]\ntrust_keys = ["k/cmd.pub"]\n'
+    cfg = load_config(_write(tmp_path, body, agent_keys.trusted_public))
+    assert cfg.control.trust_keys == [tmp_path / "k" / "cmd.pub"]  # relative to the file
+    assert cfg.download.allowed_urls == ["http://dash:8080/dl/"]  # a base path always ends with '/'
+    assert (cfg.control.max_clock_skew_s, cfg.control.max_command_lifetime_s) == (300, 86400)
+    defaults = load_config(_write(tmp_path, BASE, agent_keys.trusted_public))
+    assert defaults.control.trust_keys == [] and defaults.download.allowed_urls == []  # refuse all by default
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[download]\nallowed_urls = ["ftp://h/"]\n', r"download.allowed_urls: Value error, allowed package URL must "
+                                                   r"be http:// or https:// with a host, found 'ftp://h/'"),
+    ('[download]\nallowed_urls = ["http://u:p@h/dl/"]\n', r"must have no user info, query or fragment"),
+    ('[download]\nallowed_urls = ["http://h/dl/../x/"]\n', r"must not contain '.', '..' or encoded separators"),
+    ('[control]\ntrust_keys = ["nope.pub"]\n', r"control.trust_keys: public key file .*nope.pub not found$"),
+    ('[control]\nmax_clock_skew_s = -1\n', r"control.max_clock_skew_s: Input should be greater than or equal to 0"),
+    ('[control]\ntrustkeys = []\n', r"control.trustkeys: unknown key"),
+])
+def test_control_and_package_store_errors(tmp_path, agent_keys, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, BASE + body, agent_keys.trusted_public))
+
+
+def test_render_config_with_command_key_store_and_broker_account(tmp_path, agent_keys, command_keys):
+    (tmp_path / "ca.pem").write_text("x")
+    text = render_config(device_id="cam-07", fleet="plant-a", broker="mqtts://b:8883", state_dir=tmp_path / "s",
+                         trusted_keys=[agent_keys.trusted_public], command_keys=[command_keys.public],
+                         package_urls=["https://dash/dl/"], broker_ca=tmp_path / "ca.pem",
+                         broker_username="plant-a/cam-07", broker_password='p"w')
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.control.trust_keys == [command_keys.public.resolve()]
+    assert cfg.download.allowed_urls == ["https://dash/dl/"]
+    assert (cfg.broker.username, cfg.broker.password, cfg.broker.ca_file) == ("plant-a/cam-07", 'p"w',
+                                                                              (tmp_path / "ca.pem").resolve())
 
 
 def test_model_has_titles_and_descriptions():

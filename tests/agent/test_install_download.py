@@ -155,12 +155,23 @@ def test_wrong_sha256_refused_and_nothing_left(server, payload, tmp_path):
 
 
 def test_http_error_and_bad_urls(server, tmp_path):
-    with pytest.raises(DownloadError, match="HTTP 404"):
+    with pytest.raises(DownloadError, match="HTTP 404$") as err:
         download(server.url("/missing.eopkg"), tmp_path / "p", sha256="0" * 64, attempts=1)
+    assert "no such package" not in err.value.message  # the server's reason phrase is not repeated
     with pytest.raises(InputError, match="package url must be http:// or https:// with a host, found 'file:///etc/passwd'"):
         download("file:///etc/passwd", tmp_path / "p", sha256="0" * 64)
     with pytest.raises(InputError, match="expected sha256 must be 64 hex digits"):
         download(server.url("/x"), tmp_path / "p", sha256="abc")
+
+
+@pytest.fixture
+def installer(server, agent_config, events):
+    """An Installer whose package store is the test server (its whole origin)."""
+    from edgeopt.agent.installer import Installer
+    from edgeopt.agent.store import Store
+
+    config = agent_config(download={"allowed_urls": [server.url("/")]})
+    return Installer(Store(config.state_dir), config, on_event=events)
 
 
 def test_install_url_end_to_end(server, installer, events, make_package):
@@ -185,3 +196,121 @@ def test_install_url_wrong_sha_keeps_old(server, installer, events, make_package
     assert ev["ok"] is False and "does not match" in ev["message"]
     assert installer.store.current("digits").version == "1.0.0"
     assert list(installer.store.downloads_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------ only from the package store
+
+
+class _Banner:
+    """A TCP service that is not a package store (think PostgreSQL on 5432): it answers every connection
+    with a secret banner and counts the connections it got."""
+
+    SECRET = b"SFATAL-secret-banner-of-another-service"
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.sendall(self.SECRET + b"\r\n\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def banner():
+    b = _Banner()
+    yield b
+    b.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/dl/pkg.eopkg"])
+def test_url_outside_the_store_is_refused_before_connecting(banner, server, tmp_path, path):
+    store = [server.url("/dl/")]
+    with pytest.raises(SecurityError, match="outside the package store .* refused, nothing was fetched"):
+        download(f"http://127.0.0.1:{banner.port}{path}", tmp_path / "p", sha256="0" * 64, allowed=store)
+    assert banner.connections == 0
+
+
+@pytest.mark.parametrize("url, message", [
+    ("{store}../pkg.eopkg", "has '.', '..' or an encoded separator"),
+    ("{store}%2e%2e/pkg.eopkg", "has '.', '..' or an encoded separator"),
+    ("{store}x%2Fy", "has '.', '..' or an encoded separator"),
+    ("{origin}/dlx/pkg.eopkg", "outside the package store"),
+    ("{origin}/pkg.eopkg", "outside the package store"),
+    ("https://127.0.0.1:{port}/dl/pkg.eopkg", "outside the package store"),
+    ("http://localhost:{port}/dl/pkg.eopkg", "outside the package store"),
+    ("http://evil@127.0.0.1:{port}/dl/pkg.eopkg", "has user info"),
+    ("http://127.0.0.1:{port}/dl/pkg.eopkg#x", "a fragment"),
+])
+def test_store_paths_and_spellings(server, tmp_path, url, message):
+    port = server.httpd.server_address[1]
+    url = url.format(store=server.url("/dl/"), origin=server.url(""), port=port)
+    with pytest.raises(SecurityError, match=message):
+        download(url, tmp_path / "p", sha256="0" * 64, allowed=[server.url("/dl/")])
+    assert server.ranges == []  # no request reached the server
+
+
+def test_no_store_configured_refuses_everything(server, tmp_path):
+    with pytest.raises(SecurityError, match="no package store is configured"):
+        download(server.url("/dl/p"), tmp_path / "p", sha256="0" * 64, allowed=[])
+    assert server.ranges == []
+
+
+def test_download_from_the_store_works(server, payload, tmp_path):
+    data, sha = payload
+    server.files["/dl/pkg.eopkg"] = data
+    out = download(server.url("/dl/pkg.eopkg"), tmp_path / "p.eopkg", sha256=sha, allowed=[server.url("/dl")])
+    assert out.read_bytes() == data
+
+
+def test_errors_never_echo_what_a_server_answered(banner, tmp_path):
+    """The probe made an agent fetch http://127.0.0.1:5432/ and the error quoted PostgreSQL's answer.
+    Even from an allowed origin, a non-HTTP answer is named by its kind only."""
+    with pytest.raises(DownloadError) as err:
+        download(f"http://127.0.0.1:{banner.port}/dl/p", tmp_path / "p", sha256="0" * 64, attempts=1,
+                 allowed=[f"http://127.0.0.1:{banner.port}/dl/"])
+    assert banner.connections == 1
+    assert "secret" not in err.value.message.lower() and "SFATAL" not in err.value.message
+    assert err.value.message.endswith("failed: BadStatusLine")
+
+
+def test_redirects_are_not_followed(banner, tmp_path):
+    """A store answering 302 to another service must not become a way around the allow-list."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{banner.port}/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        store = f"http://127.0.0.1:{httpd.server_address[1]}/dl/"
+        with pytest.raises(DownloadError, match=r"HTTP 302 \(redirects are not followed\)"):
+            download(store + "p", tmp_path / "p", sha256="0" * 64, attempts=1, allowed=[store])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert banner.connections == 0

@@ -24,7 +24,7 @@ def run(*args, url: str | None = None, input: str | None = None, env: dict | Non
 
 
 @pytest.mark.parametrize("cmd", [[], ["init-db"], ["create-user"], ["create-token"], ["ingest"], ["rollup"],
-                                 ["serve"], ["counters"]])
+                                 ["serve"], ["counters"], ["broker-config"], ["command-key"]])
 def test_help_everywhere(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0 and "Usage: edgeopt-dashboard" in r.stdout
@@ -94,7 +94,7 @@ def test_bad_urls(tmp_path):
                                                  "postgresql+psycopg://user@host:5432/name)")
     r = run("ingest", "--broker", "http://x", url=f"sqlite:///{tmp_path / 'e.db'}")
     assert r.returncode == 3 and r.stderr.strip() == (
-        "error: invalid broker URL 'http://x' (expected mqtt://host:port, e.g. mqtt://127.0.0.1:1883)")
+        "error: invalid broker URL 'http://x' (expected mqtt://host:port or mqtts://user:password@host:8883)")
 
 
 def test_seed_demo(db_url, session):

@@ -14,7 +14,21 @@ from dashboard_web_fixtures import (api_token, app, bearer, client, db, ingest, 
                                     page_token, seed_fleet, trusted_keys)
 
 from edgeopt.sdk import topics
-from edgeopt.sdk.telemetry import CommandPayload, CommandResultPayload, DeployArgs
+from edgeopt.sdk.telemetry import CommandPayload, CommandResultPayload, DeployArgs, SignedCommand
+
+
+def decode(raw: bytes) -> CommandPayload:
+    """The command inside a signed message (its signature is checked in test_commands_are_signed...)."""
+    return CommandPayload.model_validate_json(SignedCommand.model_validate_json(raw).body)
+
+
+def signer_of(app):
+    """The app's command signer (the key in its instance folder), as the ingest process loads it."""
+    from pathlib import Path
+
+    from edgeopt.dashboard.command_signing import load_signer
+
+    return load_signer(Path(app.instance_path))
 
 
 class Subscriber:
@@ -24,6 +38,7 @@ class Subscriber:
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, CommandPayload]] = []
+        self.raw: list[bytes] = []
         self.cv = threading.Condition()
         ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub", protocol=mqtt.MQTTv5)
@@ -36,7 +51,8 @@ class Subscriber:
 
     def _on_message(self, client, userdata, msg):
         with self.cv:
-            self.messages.append((msg.topic, CommandPayload.model_validate_json(msg.payload)))
+            self.raw.append(bytes(msg.payload))
+            self.messages.append((msg.topic, decode(msg.payload)))
             self.cv.notify_all()
 
     def wait_for(self, n: int, timeout: float = 10.0) -> list[tuple[str, CommandPayload]]:
@@ -90,7 +106,7 @@ def tick(app, now=None, **kw):
     from edgeopt.dashboard.mqtt_publish import mqtt_publisher
 
     with app.extensions["edgeopt_sessionmaker"]() as s, mqtt_publisher(app.config["BROKER_URL"]) as publish:
-        return do_tick(s, publish, now, alerts=False, **kw)
+        return do_tick(s, publish, now, alerts=False, signer=signer_of(app), **kw)
 
 
 def create(client, app, devices, stage_percent=100, threshold=0.2):
@@ -259,13 +275,14 @@ def test_end_to_end_through_the_ingest_process(broker_app, client, mqtt_broker, 
 
     app = broker_app
     service = IngestService(IngestSettings(broker=mqtt_broker.url, database_url=db_url, group="",
-                                           tick_every_s=0.3, rollup_every_s=0, flush_ms=50))
+                                           tick_every_s=0.3, rollup_every_s=0, flush_ms=50),
+                            signer=signer_of(app))
     service.start()
     agent = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-agent", protocol=mqtt.MQTTv5)
     seq = iter(range(1, 10_000))
 
     def on_message(c, u, msg):
-        cmd = CommandPayload.model_validate_json(msg.payload)
+        cmd = decode(msg.payload)
         dev = topics.parse(msg.topic).device_id
         for status in ("accepted", "succeeded"):
             r = CommandResultPayload(device_id=dev, session_id="e2e", seq=next(seq), command_id=cmd.id,
@@ -313,7 +330,7 @@ def test_agent_events_show_progress_and_a_failed_publish_is_retried(broker_app, 
         raise RuntimeError("ingest client is not running")
 
     with app.extensions["edgeopt_sessionmaker"]() as s:
-        do_tick(s, broken, alerts=False)
+        do_tick(s, broken, alerts=False, signer=signer_of(app))
     d = get(client, app, dep["id"])
     assert d["state"] == "running" and d["current_stage"] == 1
     assert d["message"].startswith("stage 2 not sent yet: publish to edgeopt/v1/test/edge-001/cmd failed: "
@@ -326,3 +343,37 @@ def test_agent_events_show_progress_and_a_failed_publish_is_retried(broker_app, 
 def test_groups_api_lists_targets(broker_app, client):
     body = client.get("/api/v1/groups", headers=bearer(broker_app.config["_token"])).get_json()
     assert body == {"groups": [{"name": "line-1", "devices": 4}], "tags": [{"tag": "cam", "devices": 4}]}
+
+
+def test_commands_are_signed_for_their_device_with_the_instance_key(broker_app, client, sub):
+    """Every command leaves signed by the key in the instance folder, for its one device, valid 15 min."""
+    from pathlib import Path
+
+    from edgeopt.sdk.command_signing import CommandRefused, verify_command
+    from edgeopt.sdk.package import load_public_key
+
+    app = broker_app
+    assert create(client, app, ["edge-000"]).status_code == 201
+    (_, cmd), = sub.wait_for(1)
+    public = load_public_key(Path(app.instance_path) / "command-signing.pub")
+    got = verify_command(sub.raw[0], [public], fleet="test", device_id="edge-000")
+    assert got == cmd and got.command == "deploy"
+    assert (got.expires_at - got.issued_at).total_seconds() == 900
+    with pytest.raises(CommandRefused) as err:
+        verify_command(sub.raw[0], [public], fleet="test", device_id="edge-001")
+    assert err.value.reason == "wrong_target"
+
+
+def test_a_process_without_the_command_key_says_why_stage_2_waits(broker_app, client, sub):
+    from edgeopt.dashboard.deployments import tick as do_tick
+    from edgeopt.dashboard.mqtt_publish import mqtt_publisher
+
+    app = broker_app
+    dep = create(client, app, ["edge-000", "edge-001"], stage_percent=50, threshold=0.5).get_json()
+    (_, cmd), = sub.wait_for(1)
+    agent_result(app, "edge-000", cmd, "succeeded")
+    with app.extensions["edgeopt_sessionmaker"]() as s, mqtt_publisher(app.config["BROKER_URL"]) as publish:
+        do_tick(s, publish, alerts=False)
+    d = get(client, app, dep["id"])
+    assert d["state"] == "running" and d["current_stage"] == 1
+    assert d["message"] == "stage 2 not sent yet: this process has no command-signing key (see EDGEOPT_COMMAND_KEY)"

@@ -142,7 +142,7 @@ class Subscriber:
 
 
 def publish_command(host: str, port: int, fleet: str, device_id: str, payload: bytes | dict) -> None:
-    """Publish one command (QoS 1) as the dashboard would."""
+    """Publish one message (QoS 1) on a device's cmd topic, as it is (see :func:`send_command` for a signed one)."""
     body = json.dumps(payload).encode() if isinstance(payload, dict) else payload
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{uuid.uuid4().hex[:8]}",
                          protocol=mqtt.MQTTv5)
@@ -151,6 +151,15 @@ def publish_command(host: str, port: int, fleet: str, device_id: str, payload: b
     client.publish(topics.topic(fleet, device_id, "cmd"), body, qos=1).wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
+
+
+def send_command(host: str, port: int, key: Path, fleet: str, device_id: str, command_id: str, command: str,
+                 args: dict | None = None, **fields) -> bytes:
+    """Sign a command with ``key`` (as the dashboard does) and publish it; returns the bytes sent."""
+    raw = agent_test_fixtures().signed_command(key, command, fleet=fleet, device_id=device_id, args=args,
+                                               command_id=command_id, **fields)
+    publish_command(host, port, fleet, device_id, raw)
+    return raw
 
 
 def infer(address: tuple[str, int], x: np.ndarray, model: str = "digits", conn=None) -> tuple[int, dict]:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from agent_support import (Broker, Subscriber, agent_config, agent_test_fixtures, infer, publish_command,
-                           wait_for)
+                           send_command, wait_for)
 from edgeopt.agent.daemon import Agent
 
 _fx = agent_test_fixtures()
 make_package = _fx.make_package
 agent_keys = _fx.agent_keys
+command_keys = _fx.command_keys
 
 SHARED_BROKER = ("127.0.0.1", 1883)
 
@@ -28,11 +29,13 @@ def images(digits_heldout):
 
 
 @pytest.fixture
-def started(tmp_path, agent_keys):
-    """Factory: start an Agent (stopped at teardown) with a subscriber on the same broker."""
+def started(tmp_path, agent_keys, command_keys):
+    """Factory: start an Agent (stopped at teardown) with a subscriber on the same broker. The agent trusts
+    ``command_keys.public`` for commands."""
     running: list = []
 
     def start(broker_url: str = "mqtt://127.0.0.1:1883", sub_port: int = 1883, **overrides):
+        overrides.setdefault("control", {"trust_keys": [str(command_keys.public)]})
         config = agent_config(tmp_path / f"state-{len(running)}", agent_keys, broker_url, **overrides)
         sub = Subscriber("127.0.0.1", sub_port, config.fleet, config.device_id)
         agent = Agent(config).start()
@@ -85,43 +88,49 @@ def test_install_serve_and_telemetry_reach_a_plain_subscriber(started, make_pack
     assert len(seqs) == len(set(seqs))
 
 
-def test_commands_over_mqtt_malformed_ping_set_config(started):
+def test_commands_over_mqtt_garbage_ping_set_config(started, command_keys):
     agent, sub = started()
     wait_for(agent.link.connected.is_set, 15, what="the agent's MQTT connection")
     fleet, dev = agent.config.fleet, agent.config.device_id
+    key = command_keys.private
     publish_command(*SHARED_BROKER, fleet, dev, b"\x00garbage")
-    publish_command(*SHARED_BROKER, fleet, dev, {"id": "c-unknown", "command": "format-disk"})
-    publish_command(*SHARED_BROKER, fleet, dev, {"id": "c-bad-args", "command": "deploy", "args": {"url": 1}})
-    publish_command(*SHARED_BROKER, fleet, dev, {"id": "c-ping", "command": "ping"})
-    publish_command(*SHARED_BROKER, fleet, dev, {"id": "c-cfg", "command": "set-config",
-                                                 "args": {"telemetry_interval_s": 5,
-                                                          "batching": {"max_batch": 4}}})
-    results = wait_for(lambda: len(sub.of("cmd/result")) >= 5 and sub.of("cmd/result"), 15,
-                       what="five command results")
+    # Signed by the dashboard, but for another device: someone replaying it here is refused.
+    other = agent_test_fixtures().signed_command(key, "ping", fleet=fleet, device_id="someone-else", command_id="c-x")
+    publish_command(*SHARED_BROKER, fleet, dev, other)
+    send_command(*SHARED_BROKER, key, fleet, dev, "c-bad-args", "deploy", {"url": 1})
+    send_command(*SHARED_BROKER, key, fleet, dev, "c-ping", "ping")
+    send_command(*SHARED_BROKER, key, fleet, dev, "c-cfg", "set-config",
+                 {"telemetry_interval_s": 5, "batching": {"max_batch": 4}})
+    results = wait_for(lambda: len(sub.of("cmd/result")) >= 3 and sub.of("cmd/result"), 15,
+                       what="three command results")
     by_id = {r.command_id: r for r in results}
-    assert by_id["unknown"].status == "rejected" and "payload is not JSON" in by_id["unknown"].message
-    assert by_id["c-unknown"].status == "rejected" and "command" in by_id["c-unknown"].message
     assert by_id["c-bad-args"].status == "rejected"
     assert by_id["c-bad-args"].message.startswith("bad deploy arguments:")
     assert by_id["c-ping"].status == "succeeded" and by_id["c-ping"].message == "pong"
     assert by_id["c-cfg"].status == "succeeded"
     assert agent.reporter.interval_s == 5.0 and agent.registry.limits.max_batch == 4
+    # Garbage and the command for another device get no result, only a refused event and a count.
+    assert set(by_id) == {"c-bad-args", "c-ping", "c-cfg"}
+    refused = wait_for(lambda: [e for e in sub.of("events") if e.event == "refused"], 15, what="a refused event")
+    assert refused[0].details["reason"] == "malformed" and refused[0].command_id is None
+    assert agent.commands.refusals.total == 2
     assert agent.link.connected.is_set()  # still alive and connected after the garbage
 
 
-def test_deploy_command_downloads_installs_and_serves(started, make_package, images, tmp_path):
-    agent, sub = started()
-    wait_for(agent.link.connected.is_set, 15, what="the agent's MQTT connection")
+def test_deploy_command_downloads_installs_and_serves(started, make_package, images, tmp_path, command_keys):
     pkg = make_package("2.0.0")
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(pkg.parent))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    store = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    agent, sub = started(download={"allowed_urls": [store]})
+    wait_for(agent.link.connected.is_set, 15, what="the agent's MQTT connection")
+    fleet, dev, key = agent.config.fleet, agent.config.device_id, command_keys.private
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/{pkg.name}"
+        url = store + pkg.name
         sha = hashlib.sha256(pkg.read_bytes()).hexdigest()
-        publish_command(*SHARED_BROKER, agent.config.fleet, agent.config.device_id,
-                        {"id": "dep-1", "command": "deploy", "deployment_id": "D1",
-                         "args": {"package_url": url, "sha256": sha, "size": pkg.stat().st_size}})
+        send_command(*SHARED_BROKER, key, fleet, dev, "dep-1", "deploy",
+                     {"package_url": url, "sha256": sha, "size": pkg.stat().st_size}, deployment_id="D1")
         done = wait_for(lambda: [r for r in sub.of("cmd/result") if r.command_id == "dep-1"
                                  and r.status in ("succeeded", "failed")], 60, what="the deploy result")
         assert done[0].status == "succeeded", done[0].message
@@ -131,8 +140,7 @@ def test_deploy_command_downloads_installs_and_serves(started, make_package, ima
         code, body = infer(agent.server.address, images[:1])
         assert code == 200 and body["model_version"] == "2.0.0"
         # A deploy of a package whose hash does not match fails with a result naming the command.
-        publish_command(*SHARED_BROKER, agent.config.fleet, agent.config.device_id,
-                        {"id": "dep-2", "command": "deploy", "args": {"package_url": url, "sha256": "0" * 64}})
+        send_command(*SHARED_BROKER, key, fleet, dev, "dep-2", "deploy", {"package_url": url, "sha256": "0" * 64})
         failed = wait_for(lambda: [r for r in sub.of("cmd/result") if r.command_id == "dep-2"
                                    and r.status == "failed"], 60, what="the failed deploy result")
         assert "sha256" in failed[0].message
@@ -242,17 +250,18 @@ def test_full_outbox_drops_the_oldest_and_telemetry_counts_them(tmp_path, agent_
         agent.stop(flush_timeout=0.5)
 
 
-def test_command_sent_while_the_agent_is_down_is_answered_after_restart(tmp_path, agent_keys):
+def test_command_sent_while_the_agent_is_down_is_answered_after_restart(tmp_path, agent_keys, command_keys):
     """The agent keeps a broker session: a command published while it is stopped is delivered when it
     starts again (and held until its command handler is ready), then answered."""
-    config = agent_config(tmp_path / "state", agent_keys, "mqtt://127.0.0.1:1883")
+    config = agent_config(tmp_path / "state", agent_keys, "mqtt://127.0.0.1:1883",
+                          control={"trust_keys": [str(command_keys.public)]})
     sub = Subscriber(*SHARED_BROKER, config.fleet, config.device_id)
     first = Agent(config).start()
     try:
         wait_for(first.link.connected.is_set, 15, what="the first connection")
     finally:
         first.stop(flush_timeout=2)
-    publish_command(*SHARED_BROKER, config.fleet, config.device_id, {"id": "while-down", "command": "ping"})
+    send_command(*SHARED_BROKER, command_keys.private, config.fleet, config.device_id, "while-down", "ping")
     second = Agent(config).start()
     try:
         result = wait_for(lambda: [r for r in sub.of("cmd/result") if r.command_id == "while-down"], 30,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_support import Broker, free_port, wait_for
+from agent_support import MOSQUITTO, Broker, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "tests" / "assets" / "digits"
@@ -107,15 +107,64 @@ def _served_version(api_port: int) -> str | None:
         return None
 
 
+class AclBroker:
+    """Mosquitto running what `edgeopt-dashboard broker-config` wrote: TLS, one account per part, the ACL."""
+
+    def __init__(self, workdir: Path, devices: list[str]):
+        self.dir, self.port = Path(workdir), free_port()
+        _run(BIN / "edgeopt-dashboard", "broker-config", "--out", self.dir, "--fleet", "plant-a",
+             *[a for d in devices for a in ("--device", d)], "--tls-generate", "127.0.0.1", "--public-host",
+             "127.0.0.1", "--port", self.port, "--bind", "127.0.0.1")
+        self.ca = self.dir / "ca.pem"
+        accounts = json.loads((self.dir / "credentials.json").read_text())["accounts"]
+        self.pw = {user: account["password"] for user, account in accounts.items()}
+        # `user root`: as root, mosquitto would switch to a user who cannot read pytest's tmp folders.
+        self.conf = self.dir / "run.conf"
+        self.conf.write_text("user root\n" + (self.dir / "mosquitto.conf").read_text())
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening(self.port), 15, what="mosquitto with the broker-config configuration")
+
+    def url(self, account: str | None = None) -> str:
+        auth = f"{account}:{self.pw[account]}@" if account else ""
+        return f"mqtts://{auth}127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_staged_deployment_and_rollback_across_all_parts(tmp_path, packages, database_url):
+    _staged_deployment_and_rollback(tmp_path, packages, database_url, acl=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_the_same_through_broker_config_tls_accounts_and_acl(tmp_path, packages):
+    """Every part with its own broker identity over TLS: agents as plant-a/<id>, ingest as edgeopt-ingest
+    (reads only), web and later stages as edgeopt-dashboard (publishes commands only)."""
+    _staged_deployment_and_rollback(tmp_path, packages, f"sqlite:///{tmp_path / 'dash.db'}", acl=True)
+
+
+def _staged_deployment_and_rollback(tmp_path, packages, database_url, acl: bool):
     keys, pkgs = packages
-    broker = Broker(tmp_path / "broker").start()
+    broker = AclBroker(tmp_path / "broker", ["cam-01", "cam-02"]) if acl else Broker(tmp_path / "broker").start()
     procs: list[subprocess.Popen] = []
     env = dict(os.environ, EDGEOPT_DATABASE_URL=database_url, EDGEOPT_INSTANCE_DIR=str(tmp_path / "web"),
-               EDGEOPT_TRUSTED_KEYS=str(keys / "edgeopt.pub"), EDGEOPT_BROKER_URL=broker.url,
+               EDGEOPT_TRUSTED_KEYS=str(keys / "edgeopt.pub"),
+               EDGEOPT_BROKER_URL=broker.url("edgeopt-dashboard") if acl else broker.url,
                EDGEOPT_FLEET="plant-a")
+    if acl:
+        env["EDGEOPT_BROKER_CA"] = str(broker.ca)
     web_port = free_port()
     env["EDGEOPT_PUBLIC_URL"] = f"http://127.0.0.1:{web_port}"
     try:
@@ -129,18 +178,24 @@ def test_staged_deployment_and_rollback_across_all_parts(tmp_path, packages, dat
             fh = open(logs / f"{name}.log", "w")
             procs.append(subprocess.Popen([str(a) for a in args], env=env, stdout=fh, stderr=subprocess.STDOUT))
 
-        spawn("ingest", BIN / "edgeopt-dashboard", "ingest", "--broker", broker.url, "--flush-ms", "50",
-              "--heartbeat-check", "1")
+        spawn("ingest", BIN / "edgeopt-dashboard", "ingest", "--broker",
+              broker.url("edgeopt-ingest") if acl else broker.url, "--flush-ms", "50", "--heartbeat-check", "1")
         spawn("web", BIN / "edgeopt-dashboard", "serve", "--port", web_port)
 
+        # The dashboard's command-signing public key, created now (the documented order: agents trust it
+        # before the first command is sent).
+        command_pub = _run(BIN / "edgeopt-dashboard", "command-key", env=env).stdout.strip()
         agents = {}
         for dev in ("cam-01", "cam-02"):
             api_port = free_port()
             cfg = tmp_path / f"{dev}.toml"
+            account = (["--broker-ca", broker.ca, "--broker-username", f"plant-a/{dev}", "--broker-password",
+                        broker.pw[f"plant-a/{dev}"]] if acl else [])
             cfg.write_text(_run(BIN / "edgeopt", "agent", "init", "--device-id", dev, "--fleet", "plant-a",
-                                "--broker", broker.url, "--state-dir", tmp_path / dev, "--api-port", api_port,
-                                "--trust-key", keys / "edgeopt.pub", "--telemetry-interval", "1",
-                                "--group", "line-1").stdout)
+                                "--broker", broker.url() if acl else broker.url, "--state-dir", tmp_path / dev,
+                                "--api-port", api_port, "--trust-key", keys / "edgeopt.pub",
+                                "--telemetry-interval", "1", "--group", "line-1", "--command-key", command_pub,
+                                "--package-url", f"http://127.0.0.1:{web_port}/dl/", *account).stdout)
             _run(BIN / "edgeopt", "agent", "install", pkgs["1.0.0"], "--config", cfg)
             spawn(dev, BIN / "edgeopt-agent", "--config", cfg)
             agents[dev] = api_port

@@ -13,6 +13,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import edgeopt.sdk.profile, edgeopt.sdk.package, edgeopt.sdk.telemetry, edgeopt.sdk.topics, edgeopt.sdk.errors
+import edgeopt.sdk.command_signing
 print('ok')
 """
 

@@ -69,9 +69,16 @@ def test_merged_histogram_quantiles_track_numpy():
     assert t.Histogram().quantile(0.5) is None
 
 
-def test_commands():
-    c = t.parse_payload("cmd", b'{"id": "c1", "command": "deploy", "args": {"package_url": "http://x/p", "sha256": "' + b"a" * 64 + b'"}}')
-    assert t.DeployArgs.model_validate(c.args).package_url == "http://x/p"
+def test_commands_travel_signed_with_their_own_schema_major():
+    """cmd carries a SignedCommand (schema 2.x); a bare schema 1 command is refused as a version mismatch."""
+    signed = t.parse_payload("cmd", b'{"schema_version": "2.0", "body": "{}", "key_id": "' + b"0" * 16
+                             + b'", "signature": "AA=="}')
+    assert isinstance(signed, t.SignedCommand) and signed.alg == "ed25519"
+    with pytest.raises(t.PayloadError) as err:
+        t.parse_payload("cmd", b'{"schema_version": "1.0", "id": "c1", "command": "ping"}')
+    assert err.value.reason == "bad_version"
     with pytest.raises(t.PayloadError) as err:
         t.parse_payload("cmd", b'{"id": "c2", "command": "reboot"}')
     assert err.value.reason == "bad_schema"
+    # the other payloads stay at 1.x
+    assert t.SCHEMA_VERSION == "1.0" and t.COMMAND_SCHEMA_VERSION == "2.0"
