@@ -88,7 +88,7 @@ def create_app(config: Mapping[str, Any] | None = None):
 
     from . import auth
     from .api import bp as api_bp
-    from .views import init_db_session, register_error_handlers
+    from .views import init_db_session, register_error_handlers, register_input_checks
     from .views.alerts import bp as alerts_bp
     from .views.auth import bp as auth_bp
     from .views.deployments import bp as deployments_bp
@@ -117,6 +117,9 @@ def create_app(config: Mapping[str, Any] | None = None):
     app.extensions["edgeopt_csrf"] = csrf
 
     init_db_session(app)
+    # Before auth and the routes: the bounded <int:> converter must exist when the routes are added, and
+    # hostile input (NUL, deep JSON) is refused before any view or user lookup sends it to the database.
+    register_input_checks(app)
     auth.init_app(app)
 
     for bp in (auth_bp, fleet_bp, devices_bp, packages_bp, download_bp, deployments_bp, alerts_bp, api_bp):
