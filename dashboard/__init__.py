@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +54,8 @@ def _secret_key(instance: Path) -> str:
 
 def default_config(instance: Path) -> dict[str, Any]:
     """Settings read from the environment (see docs/dashboard-web.md for the list)."""
+    from . import ratelimit
+
     keys = os.environ.get("EDGEOPT_TRUSTED_KEYS", "")
     return {
         "DATABASE_URL": os.environ.get("EDGEOPT_DATABASE_URL") or f"sqlite:///{instance / 'edgeopt.db'}",
@@ -73,6 +76,16 @@ def default_config(instance: Path) -> dict[str, Any]:
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "REMEMBER_COOKIE_SECURE": _env_bool("EDGEOPT_SECURE_COOKIES"),
         "WTF_CSRF_TIME_LIMIT": None,  # tied to the session instead: a long-open page still submits
+        # A login session (and its remember-me cookie) ends after this long, or at logout/password change.
+        "REMEMBER_COOKIE_DURATION": timedelta(days=int(os.environ.get("EDGEOPT_SESSION_DAYS", "30"))),
+        # Failed-login limits (limits' syntax) and where they are counted; the default, the dashboard's own
+        # database, is shared by every worker (see ratelimit.py).
+        "RATELIMIT_STORAGE_URI": os.environ.get("EDGEOPT_RATELIMIT_STORAGE_URI", "edgeopt+db://"),
+        "LOGIN_LIMIT_PER_IP": os.environ.get("EDGEOPT_LOGIN_LIMIT_PER_IP", ratelimit.DEFAULT_PER_IP),
+        "LOGIN_LIMIT_PER_USER": os.environ.get("EDGEOPT_LOGIN_LIMIT_PER_USER", ratelimit.DEFAULT_PER_USER),
+        # Number of reverse proxies in front of the app whose X-Forwarded-For is trusted (0: none). Behind a
+        # proxy, without it every client has the proxy's address and shares one per-IP login limit.
+        "TRUSTED_PROXIES": int(os.environ.get("EDGEOPT_TRUSTED_PROXIES", "0")),
         "JSON_SORT_KEYS": False,
     }
 
@@ -109,6 +122,10 @@ def create_app(config: Mapping[str, Any] | None = None):
     if "SECRET_KEY" not in settings:
         settings["SECRET_KEY"] = _secret_key(instance)
     app.config.from_mapping(settings)
+    if app.config["TRUSTED_PROXIES"] > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"], x_proto=1)
 
     csrf = CSRFProtect(app)
     # Token-authenticated API calls are exempt; session-authenticated API calls are checked in the
