@@ -111,6 +111,8 @@ def check_core(pkgs: Path) -> None:
     step("edgeopt verify (the contracts, pure Python)", True)
     p = run("edgeopt", "package", DIGITS / "digits_cnn.onnx", "--no-sign", "-o", "/dev/null", expect=5)
     step("edgeopt package names the extra to install", "pip install 'edgeopt[sdk]'" in p.stderr, p.stderr)
+    p = run("edgeopt-agent", "--help", expect=5)
+    step("edgeopt-agent names the agent extras", "pip install 'edgeopt[agent-openvino]'" in p.stderr, p.stderr)
 
 
 def check_sdk(pkgs: Path) -> None:
@@ -169,6 +171,10 @@ def check_agent(pkgs: Path, present: list[str]) -> None:
             step(f"probe: {name} missing, names [{extra}]",
                  not caps[name].get("available") and f"pip install 'edgeopt[{extra}]'" in caps[name]["reason"],
                  json.dumps(caps[name]))
+    table = run("edgeopt", "agent", "probe", env={**os.environ, "COLUMNS": "300"}).stdout
+    for name, extra in RUNTIME_EXTRA.items():
+        if name not in present:
+            step(f"probe table names [{extra}]", f"pip install 'edgeopt[{extra}]'" in table, table[-800:])
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         cfg = Path(tmp) / "agent.toml"
