@@ -43,6 +43,29 @@ def test_five_failures_for_a_user_block_even_the_right_password(client):
     assert _login_from(client, "viewer", PASSWORD, ip="198.51.100.8").status_code == 302
 
 
+def test_the_limit_lifts_when_its_window_ends(app, client):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+
+    from edgeopt.dashboard.models import RateLimitCounter
+
+    for _ in range(5):
+        _login_from(client, "admin", "wrong-password")
+    assert _login_from(client, "admin", PASSWORD).status_code == 429
+    # The end of the window, without waiting for it: every counter's expiry moved into the past.
+    with app.extensions["edgeopt_sessionmaker"]() as s:
+        s.execute(update(RateLimitCounter).values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        s.commit()
+    assert _login_from(client, "admin", PASSWORD).status_code == 302
+    # and a new failure starts a new window from one
+    assert _login_from(client, "admin", "wrong-password").status_code == 401
+    with app.extensions["edgeopt_sessionmaker"]() as s:
+        live = s.scalars(select(RateLimitCounter.hits).where(
+            RateLimitCounter.expires_at > datetime.now(timezone.utc))).all()
+    assert live and set(live) == {1}
+
+
 def test_username_case_does_not_dodge_the_per_user_limit(client):
     for name in ("admin", "Admin", "ADMIN", "aDmin", "admiN"):
         assert _login_from(client, name, "wrong-password").status_code == 401
