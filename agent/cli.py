@@ -234,9 +234,12 @@ def probe_cmd(as_json: bool) -> None:
     table.add_row("memory", f"{mem / 1024**3:.1f} GiB" if mem else "?")
     table.add_row("cpu flags", f"{len(caps['cpu_flags'])} (avx2: {'yes' if 'avx2' in caps['cpu_flags'] else 'no'}, "
                                f"avx512f: {'yes' if 'avx512f' in caps['cpu_flags'] else 'no'})")
+    from rich.markup import escape
+
     for name, rt in caps["runtimes"].items():
         value = f"{rt['version']}: {', '.join(rt['devices'])}" if rt.get("available") else f"unavailable ({rt['reason']})"
-        table.add_row(name, value)
+        # escaped: rich would take "[agent-openvino]" in the install hint for markup and drop it
+        table.add_row(name, escape(value))
     Console().print(table)
     if json.dumps(caps["openvino_devices"]) == '["CPU"]':
         click.echo("OpenVINO sees only the CPU here: packages for the igpu or npu profiles are refused.", err=True)

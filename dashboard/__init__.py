@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +54,8 @@ def _secret_key(instance: Path) -> str:
 
 def default_config(instance: Path) -> dict[str, Any]:
     """Settings read from the environment (see docs/dashboard-web.md for the list)."""
+    from . import ratelimit
+
     keys = os.environ.get("EDGEOPT_TRUSTED_KEYS", "")
     return {
         "DATABASE_URL": os.environ.get("EDGEOPT_DATABASE_URL") or f"sqlite:///{instance / 'edgeopt.db'}",
@@ -77,6 +80,16 @@ def default_config(instance: Path) -> dict[str, Any]:
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "REMEMBER_COOKIE_SECURE": _env_bool("EDGEOPT_SECURE_COOKIES"),
         "WTF_CSRF_TIME_LIMIT": None,  # tied to the session instead: a long-open page still submits
+        # A login session (and its remember-me cookie) ends after this long, or at logout/password change.
+        "REMEMBER_COOKIE_DURATION": timedelta(days=int(os.environ.get("EDGEOPT_SESSION_DAYS", "30"))),
+        # Failed-login limits (limits' syntax) and where they are counted; the default, the dashboard's own
+        # database, is shared by every worker (see ratelimit.py).
+        "RATELIMIT_STORAGE_URI": os.environ.get("EDGEOPT_RATELIMIT_STORAGE_URI", "edgeopt+db://"),
+        "LOGIN_LIMIT_PER_IP": os.environ.get("EDGEOPT_LOGIN_LIMIT_PER_IP", ratelimit.DEFAULT_PER_IP),
+        "LOGIN_LIMIT_PER_USER": os.environ.get("EDGEOPT_LOGIN_LIMIT_PER_USER", ratelimit.DEFAULT_PER_USER),
+        # Number of reverse proxies in front of the app whose X-Forwarded-For is trusted (0: none). Behind a
+        # proxy, without it every client has the proxy's address and shares one per-IP login limit.
+        "TRUSTED_PROXIES": int(os.environ.get("EDGEOPT_TRUSTED_PROXIES", "0")),
         "JSON_SORT_KEYS": False,
     }
 
@@ -92,7 +105,7 @@ def create_app(config: Mapping[str, Any] | None = None):
 
     from . import auth
     from .api import bp as api_bp
-    from .views import init_db_session, register_error_handlers
+    from .views import init_db_session, register_error_handlers, register_input_checks
     from .views.alerts import bp as alerts_bp
     from .views.auth import bp as auth_bp
     from .views.deployments import bp as deployments_bp
@@ -113,6 +126,10 @@ def create_app(config: Mapping[str, Any] | None = None):
     if "SECRET_KEY" not in settings:
         settings["SECRET_KEY"] = _secret_key(instance)
     app.config.from_mapping(settings)
+    if app.config["TRUSTED_PROXIES"] > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"], x_proto=1)
 
     csrf = CSRFProtect(app)
     # Token-authenticated API calls are exempt; session-authenticated API calls are checked in the
@@ -121,6 +138,9 @@ def create_app(config: Mapping[str, Any] | None = None):
     app.extensions["edgeopt_csrf"] = csrf
 
     init_db_session(app)
+    # Before auth and the routes: the bounded <int:> converter must exist when the routes are added, and
+    # hostile input (NUL, deep JSON) is refused before any view or user lookup sends it to the database.
+    register_input_checks(app)
     auth.init_app(app)
 
     for bp in (auth_bp, fleet_bp, devices_bp, packages_bp, download_bp, deployments_bp, alerts_bp, api_bp):

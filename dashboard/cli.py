@@ -80,8 +80,8 @@ def _read_password(password: str | None) -> str:
 @json_option
 def create_user(username: str, role: str, password: str | None, update: bool, database_url: str | None,
                 as_json: bool) -> None:
-    """Create a dashboard user (or change one with --update)."""
-    from sqlalchemy import select
+    """Create a dashboard user (or change one with --update, which also ends the user's browser sessions)."""
+    from sqlalchemy import delete, select
     from sqlalchemy.orm import Session
 
     from . import models as m
@@ -106,6 +106,8 @@ def create_user(username: str, role: str, password: str | None, update: bool, da
             session.add(user)
         else:
             user.role, user.password_hash = role, hash_password(pw)
+            # the old password's browser sessions end with it
+            session.execute(delete(m.LoginSession).where(m.LoginSession.user_id == user.id))
     if as_json:
         emit_json({"username": username, "role": role, "updated": update})
     else:

@@ -17,7 +17,7 @@ Tables (see also ``docs/dashboard.md``):
   rollup_state (watermarks)
 - events, command_results
 - packages, deployments, deployment_targets
-- users, api_tokens
+- users, api_tokens, login_sessions, rate_limits
 - alert_rules, alerts
 - ingest_counters
 """
@@ -506,6 +506,34 @@ class User(Base):
     last_login: Mapped[Optional[datetime]] = mapped_column()
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+    sessions: Mapped[list["LoginSession"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class LoginSession(Base):
+    """One browser login, kept server-side so that logout and a password change end it for good.
+
+    The signed session (and remember-me) cookie carries a random token; only its SHA-256 is stored.
+    Every request looks the token up, so a copied cookie stops working the moment its row is gone.
+    """
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="sessions")
+
+
+class RateLimitCounter(Base):
+    """A fixed-window counter of the login rate limits (see ``ratelimit.py``), shared by every web worker."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hits: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class ApiToken(Base):

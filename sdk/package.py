@@ -418,6 +418,25 @@ def _check_member_name(name: str) -> None:
         raise PackageError(f"unsafe path in package: {name!r} ('..' and empty components are refused)")
 
 
+def check_file_references(manifest: Manifest, source: str = "manifest") -> None:
+    """Refuse a manifest that names a file outside the package (``model_file``, ``golden.file``).
+
+    A valid signature only proves who wrote the manifest, not that its names are safe: a loader that
+    opened ``model_file: ../../../../etc/passwd`` relative to the package folder would read outside it.
+    Every name must be a safe member name listed in ``files`` (whose members the hash check matched).
+    """
+    for name in manifest.files:
+        _check_member_name(name)
+    named = [("model_file", manifest.model_file)]
+    if manifest.golden is not None:
+        named.append(("golden.file", manifest.golden.file))
+    for key, name in named:
+        if name not in manifest.files:
+            raise PackageError(f"{source}: manifest {key} {name!r} is not one of the package's files "
+                               f"({', '.join(sorted(manifest.files)) or 'none'}); refused",
+                               hint="a manifest may only name files inside its own package")
+
+
 class PackageReader:
     """Opens a package defensively and verifies it. Use as a context manager.
 
@@ -535,12 +554,14 @@ class PackageReader:
                                     f"(file was changed after signing)")
 
     def verify(self, public_keys: Iterable | None, *, allow_unsigned: bool = False) -> str | None:
-        """Check the signature (unless allowed unsigned and no keys given) and every file's hash."""
+        """Check the signature (unless allowed unsigned and no keys given), every file's hash, and that
+        every file the manifest names is one of the package's own files."""
         signer = None
         keys = list(public_keys or [])
         if keys or not allow_unsigned:
             signer = verify_signature(self.manifest_bytes, self.signature_bytes, keys)
         self.verify_hashes()
+        check_file_references(self.manifest, str(self.path))
         return signer
 
     def extract_to(self, dest: str | Path) -> Path:

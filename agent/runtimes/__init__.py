@@ -11,10 +11,11 @@ from ...sdk.plugins import load_registered
 from .base import LoadedModel, Runtime
 
 REGISTRY: dict[str, tuple[str, str]] = {
-    # name: ("module:Class", extra that installs it)
-    "openvino": ("edgeopt.agent.runtimes.openvino:OpenVINORuntime", "openvino"),
-    "onnxruntime": ("edgeopt.agent.runtimes.onnxruntime:OnnxRuntimeRuntime", "onnxruntime"),
-    "tflite": ("edgeopt.agent.runtimes.tflite:TFLiteRuntime", "tflite"),
+    # name: ("module:Class", extra that installs it): a device installs the agent with one runtime, so the
+    # hint names the agent's extra for it (the SDK's own extras install the runtimes too).
+    "openvino": ("edgeopt.agent.runtimes.openvino:OpenVINORuntime", "agent-openvino"),
+    "onnxruntime": ("edgeopt.agent.runtimes.onnxruntime:OnnxRuntimeRuntime", "agent-onnxruntime"),
+    "tflite": ("edgeopt.agent.runtimes.tflite:TFLiteRuntime", "agent-tflite"),
 }
 
 

@@ -6,7 +6,7 @@ from flask import abort, request
 from edgeopt.sdk.errors import InputError
 
 from .. import stats
-from ..views import get_db
+from ..views import get_db, int_arg
 from ..views.devices import list_args
 from . import bp, ok
 from .serialize import parse_range
@@ -15,8 +15,7 @@ from .serialize import parse_range
 @bp.get("/fleet")
 def fleet():
     """Fleet overview: counts, profiles, package versions, slowest devices, open alerts."""
-    slowest = request.args.get("slowest", 10, type=int)
-    return ok(stats.fleet_summary(get_db(), slowest=max(0, min(slowest, 100))))
+    return ok(stats.fleet_summary(get_db(), slowest=int_arg("slowest", 10, 0, 100)))
 
 
 @bp.get("/fleet/series")
@@ -69,10 +68,9 @@ def device_events(device_id: str):
     db = get_db()
     if stats.device_detail(db, device_id) is None:
         abort(404, description=f"no device {device_id!r}")
-    limit = max(1, min(request.args.get("limit", 100, type=int), 1000))
+    limit = int_arg("limit", 100, 1, 1000)
     return ok({"device_id": device_id,
-               "events": stats.device_events(db, device_id, limit=limit,
-                                             before_id=request.args.get("before_id", type=int))})
+               "events": stats.device_events(db, device_id, limit=limit, before_id=int_arg("before_id"))})
 
 
 @bp.get("/ingest/counters")

@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from edgeopt.sdk.errors import InputError
 
+from ..auth import end_all_sessions
 from ..models import ApiToken, User
 from ..security import ROLES, hash_password, new_token, requires_role
 from ..views import get_db
@@ -81,11 +82,15 @@ def update_user(user_id: int):
         if user.id == current_user.id:
             raise InputError("you cannot disable yourself")
         user.active = bool(body["active"])
+        if not user.active:
+            end_all_sessions(db, user.id)
     if "password" in body:
         try:
             user.password_hash = hash_password(str(body["password"]))
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        # A new password ends every browser session of the user: whoever knew the old one is logged out.
+        end_all_sessions(db, user.id)
     db.commit()
     return ok(_user(user))
 

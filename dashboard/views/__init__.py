@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-from flask import Flask, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Flask, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,82 @@ def register_error_handlers(app: Flask) -> None:
         from ..security import has_role
 
         return {"can": lambda role: has_role(current_user, role)}
+
+
+# Primary keys are INTEGER columns (int4 on PostgreSQL): a larger id cannot exist, and sending one to the
+# database overflows (PostgreSQL "integer out of range", SQLite OverflowError) instead of finding nothing.
+MAX_ID = 2**31 - 1
+
+
+class BoundedIntConverter(IntegerConverter):
+    """``<int:...>`` limited to :data:`MAX_ID`: a larger number does not match the route (404)."""
+
+    def __init__(self, map, *args, **kwargs):  # noqa: A002 - werkzeug's parameter name
+        kwargs.setdefault("max", MAX_ID)
+        super().__init__(map, *args, **kwargs)
+
+
+def int_arg(name: str, default: int | None = None, lo: int = 1, hi: int = MAX_ID) -> int | None:
+    """A whole-number query parameter in ``lo..hi``; 400 with a message naming it otherwise.
+
+    (``request.args.get(name, type=int)`` silently ignores a bad value and passes any size through.)
+    """
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, description=f"{name} must be a whole number, found {raw[:40]!r}")
+    if not lo <= value <= hi:
+        abort(400, description=f"{name} must be between {lo} and {hi}, found {raw[:40]}")
+    return value
+
+
+def _nul_in_json(doc) -> bool:
+    # Iterative walk: a document nested as deep as the parser allows must not overflow the stack here.
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def check_request_input():
+    """Before every request: refuse NUL characters and unparseably deep JSON with a 400.
+
+    PostgreSQL text cannot hold NUL (psycopg raises DataError), so a NUL anywhere in the path, the query,
+    a form or a JSON body would otherwise end as a 500 deep inside a query. Checked once here, for every
+    route, instead of in each view.
+    """
+    if "\x00" in request.path:
+        abort(400, description="the URL path contains a NUL character (\\x00), which is not allowed")
+    for where, multi in (("query parameter", request.args), ("form field", request.form)):
+        for key, value in multi.items(multi=True):
+            if "\x00" in key or "\x00" in value:
+                abort(400, description=f"{where} {key.replace(chr(0), '?')[:40]!r} contains a NUL character "
+                                       "(\\x00), which is not allowed")
+    if request.is_json and request.content_length != 0:
+        try:
+            doc = request.get_json(silent=True)
+        except RecursionError:
+            abort(400, description="the JSON body is nested too deeply")
+        if _nul_in_json(doc):
+            abort(400, description="a JSON string in the body contains a NUL character (\\u0000), which is not allowed")
+    return None
+
+
+def register_input_checks(app: Flask) -> None:
+    """The bounded ``int`` converter (before any route is added) and :func:`check_request_input`."""
+    app.url_map.converters["int"] = BoundedIntConverter
+    app.before_request(check_request_input)
 
 
 def flash_error(message: str) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlparse
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from flask import (Blueprint, abort, current_app, flash, make_response, redirect, render_template, request, session,
+                   url_for)
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import func, select
 from wtforms import BooleanField, PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
-from ..auth import CurrentUser
+from ..auth import end_all_sessions, end_session, start_session
 from ..security import MIN_PASSWORD_LENGTH, ROLES, check_password, hash_password, new_token, requires_role
 from . import get_db
 
@@ -56,21 +57,36 @@ def login():
     form = LoginForm()
     if form.validate_on_submit():
         db = get_db()
-        user = db.scalar(select(User).where(User.username == form.username.data))
-        if user is None or not user.active or not check_password(user.password_hash, form.password.data):
-            log.info("failed login for %r from %s", form.username.data, request.remote_addr)
+        guard = current_app.extensions["edgeopt_login_guard"]
+        ip, username = request.remote_addr or "?", form.username.data
+        wait = guard.blocked(ip, username)
+        if wait is not None:
+            # Refused before the password is checked: a right guess made now would not be recognised.
+            log.warning("login for %r from %s refused: too many failed attempts", username, ip)
+            flash(f"too many failed logins; try again in {wait} s", "error")
+            resp = make_response(render_template("login.html", form=form), 429)
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        user = db.scalar(select(User).where(User.username == username))
+        # The hash is always checked (a dummy one for unknown users), so an unknown or disabled user takes
+        # as long as a wrong password: the answer time does not tell which usernames exist.
+        password_ok = check_password(user.password_hash if user is not None else None, form.password.data)
+        if user is None or not user.active or not password_ok:
+            guard.failed(ip, username)
+            log.info("failed login for %r from %s", username, ip)
             flash("wrong username or password", "error")
             return render_template("login.html", form=form), 401
         user.last_login = utcnow()
         db.commit()
         session.clear()  # a fresh session on login: no fixation of an earlier session id's data
-        login_user(CurrentUser.from_row(user), remember=form.remember.data)
+        login_user(start_session(db, user), remember=form.remember.data)
         return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html", form=form)
 
 
 @bp.post("/logout")
 def logout():
+    end_session(get_db(), getattr(current_user, "session_token", None))
     logout_user()
     session.clear()
     flash("logged out", "success")
@@ -134,6 +150,8 @@ def update_user(user_id: int):
             flash("you cannot disable yourself", "error")
             return redirect(url_for("auth.users"))
         user.active = request.form["active"] == "1"
+        if not user.active:
+            end_all_sessions(db, user.id)
     db.commit()
     flash(f"user {user.username} updated", "success")
     return redirect(url_for("auth.users"))

@@ -9,6 +9,7 @@ from ..models import Device, DeviceGroup
 from . import get_db
 
 bp = Blueprint("devices", __name__)
+MAX_PAGE = 1_000_000
 
 
 def list_args(args) -> dict:
@@ -18,6 +19,9 @@ def list_args(args) -> dict:
         per_page = int(args.get("per_page", 50))
     except ValueError:
         raise ValueError("page and per_page must be whole numbers") from None
+    # The offset (page - 1) * per_page must fit the database's BIGINT; no real fleet has a million pages.
+    if not 1 <= page <= MAX_PAGE:
+        raise ValueError(f"page must be between 1 and {MAX_PAGE}, found {page}")
     status = args.get("status") or None
     if status not in (None, "online", "offline"):
         raise ValueError(f"status must be online or offline, found {status!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 LABELS_KEY = "labels"
+# Random calibration/held-out data is for smoke tests; more than this is a mistake, not a smoke test.
+MAX_RANDOM_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -193,7 +196,20 @@ def guess_layout(shape) -> str:
 
 
 def random_samples(specs: list[InputSpec], n: int, seed: int, batch: int = 1) -> SampleSet:
-    """Random inputs (standard normal for floats, small non-negative ints otherwise)."""
+    """Random inputs (standard normal for floats, small non-negative ints otherwise).
+
+    Refuses (InputError) when the ``n`` samples would take more than :data:`MAX_RANDOM_BYTES`: each
+    allocation alone may fit, so without this bound the process would grow until the OOM killer ends it."""
+    total = 0
+    for s in specs:
+        shape = concrete_shape(s, batch)
+        # float inputs are drawn as float64 before the cast: count the larger of the two
+        total += n * math.prod(shape) * max(np.dtype(s.dtype).itemsize, 8 if np.dtype(s.dtype).kind == "f" else 0)
+    if total > MAX_RANDOM_BYTES:
+        inputs = ", ".join(f"{s.name} {list(concrete_shape(s, batch))}" for s in specs)
+        raise InputError(f"random data for {n} samples of {inputs} would take {total / 1024**3:.1f} GiB, over the "
+                         f"{MAX_RANDOM_BYTES / 1024**3:.1f} GiB limit",
+                         hint="give smaller input shapes, or real data with --calib / --heldout")
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):

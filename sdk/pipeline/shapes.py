@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,11 @@ from ..errors import InputError, UnsupportedError
 from ..profile import HardwareProfile
 
 log = logging.getLogger(__name__)
+
+# One input tensor of one batch may hold at most this much. Calibration, held-out and random data are
+# built from these shapes, so a typo (or a hostile flag) like images:1000000000,3,224,224 must be refused
+# here, naming the input, instead of ending in an allocation of hundreds of GiB and a MemoryError.
+MAX_INPUT_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,30 @@ def parse_input_shape(text: str) -> tuple[str, list[int]]:
         values = None
     if not values or any(v <= 0 for v in values):
         raise InputError(f"--input-shape {text!r} is not NAME:D1,D2,...", hint="e.g. --input-shape images:1,3,224,224")
+    # The dtype is not known yet: bound the element count at one byte each; _check_request then bounds the
+    # real size with the input's dtype.
+    check_input_size(name, values)
     return name, values
+
+
+def check_input_size(name: str, dims, dtype: str | None = None) -> None:
+    """Refuse an input shape whose tensor would exceed :data:`MAX_INPUT_BYTES`, before anything is allocated.
+
+    Without ``dtype`` every element counts one byte (the least any dtype takes)."""
+    elements = math.prod(int(d) for d in dims)  # Python ints: no overflow however large the dims
+    size = elements * (np.dtype(dtype).itemsize if dtype else 1)
+    if size > MAX_INPUT_BYTES:
+        how = f"as {np.dtype(dtype).name}" if dtype else "even at one byte per element"
+        raise InputError(f"--input-shape {name}:{','.join(str(d) for d in dims)} is {elements:,} elements, "
+                         f"{_fmt_bytes(size)} {how}: over the {_fmt_bytes(MAX_INPUT_BYTES)} limit for one input",
+                         hint="check the dims (batch first); calibration and validation data are built from them")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def onnx_input_specs(model) -> list[InputSpec]:
@@ -71,6 +100,7 @@ def _check_request(specs: list[InputSpec], shapes: dict[str, list[int]], model_n
             if isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"--input-shape {name}: dim {i} is fixed to {want} in the model, found {got}",
                                  hint=f"use {name}:{_suggest(spec, None)}")
+        check_input_size(name, dims, spec.dtype)
 
 
 def fix_onnx_shapes(model, shapes: dict[str, list[int]], model_name: str = "the model") -> list[str]:
