@@ -168,6 +168,24 @@ class OnnxRuntimeBackend(Backend):
                                                               for o in n.output}
         return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts]
 
+    def revert_consumers(self, model_file: Path) -> dict[str, list[str]]:
+        """Each activation QuantizeLinear -> the weighted nodes reading its DequantizeLinear output: the nodes
+        to keep in float, weights too, when re-quantizing with that activation in float."""
+        import onnx
+
+        model = onnx.load(str(model_file), load_external_data=False)
+        readers: dict[str, list] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        out = {}
+        for q in model.graph.node:
+            if q.op_type != "QuantizeLinear":
+                continue
+            dqs = [d for d in readers.get(q.output[0], []) if d.op_type == "DequantizeLinear"]
+            out[q.name] = [n.name for d in dqs for n in readers.get(d.output[0], []) if n.op_type in QUANTIZABLE]
+        return out
+
     def revert_layers(self, model_file: Path) -> dict[str, str]:
         """Each activation QuantizeLinear -> the node whose output it quantizes (its layer)."""
         import onnx

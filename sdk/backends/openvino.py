@@ -130,6 +130,30 @@ class OpenVINOBackend(Backend):
         return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
                 and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
 
+    def revert_consumers(self, model_file: Path) -> dict[str, list[str]]:
+        """Each activation FakeQuantize -> the weighted layers it feeds (through weightless reshapes): the
+        layers to keep in float, weights too, when re-quantizing with that quantizer's input in float."""
+        model = _core().read_model(str(model_file))
+        out: dict[str, list[str]] = {}
+        for op in model.get_ordered_ops():
+            if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() in (
+                    "Constant", "Convert"):
+                continue
+            found, stack, seen = [], [t.get_node() for t in op.output(0).get_target_inputs()], set()
+            while stack:
+                node = stack.pop()
+                name = node.get_friendly_name()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if node.get_type_name() in WEIGHTED:
+                    found.append(name)
+                elif node.get_type_name() in ("Reshape", "Transpose", "Concat", "Split", "VariadicSplit",
+                                              "StridedSlice", "Squeeze", "Unsqueeze", "MaxPool", "Interpolate"):
+                    stack.extend(t.get_node() for o in node.outputs() for t in o.get_target_inputs())
+            out[op.get_friendly_name()] = found
+        return out
+
     def revert_layers(self, model_file: Path) -> dict[str, str]:
         """Each activation FakeQuantize -> the layer it feeds (NNCF names it '<layer>/fq_...')."""
         return {name: name.split("/fq_")[0] for name in self.revert_points(model_file)}

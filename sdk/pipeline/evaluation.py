@@ -106,7 +106,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                     # Many activations in float: the error may sit in weights, which bypassing cannot reach.
                     # Re-quantizing with whole layers in float (weights too) can hold the budget with fewer.
                     found = _faster(prep, found, _requantize_search(prep, backend, job, artifact, build_and_check,
-                                                                    progress, report), progress)
+                                                                    progress, report, [n for n, _ in ranked]),
+                                    progress)
                 if found is not None:
                     loaded.close()
                     artifact, loaded, outputs, report = found
@@ -190,9 +191,19 @@ def _sensitivity(backend, job, artifact: Artifact, prep: Prepared):
 MANY_REVERTS = 8  # bypassed activations above which whole layers in float are tried too
 
 
-def _requantize_search(prep, backend, job, base: Artifact, build_and_check, progress, first_report):
-    """The float-layer search (re-quantizing), or None when even every ranked layer misses the budget."""
-    ranking = _sensitivity(backend, job, base, prep)
+def _requantize_search(prep, backend, job, base: Artifact, build_and_check, progress, first_report,
+                       ranked_points: list[str]):
+    """The float-layer search (re-quantizing), or None when even every ranked layer misses the budget.
+
+    Layers are ranked by the task metric too: the weighted layers fed by the best-ranked activation quantizers
+    come first (keeping such a layer in float frees its weights and its input), then the rest by their own
+    error (per-layer cosine)."""
+    consumers = backend.revert_consumers(base.model_file)
+    order: list[str] = []
+    for point in ranked_points:
+        order.extend(layer for layer in consumers.get(point, []) if layer not in order)
+    proxy = _sensitivity(backend, job, base, prep)
+    ranking = [LayerError(layer=n, error=0.0) for n in order] + [e for e in proxy if e.layer not in set(order)]
     if not ranking:
         return None
     with progress.stage("whole layers in float (re-quantize)"):

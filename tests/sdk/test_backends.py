@@ -180,3 +180,15 @@ def test_bypassing_every_activation_quantizer_moves_outputs_to_fp32(tmp_path, ru
     assert every < 3 * none
     layers = backend.revert_layers(art.model_file)
     assert set(layers) >= set(points) and all(layers[p] for p in points)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_revert_consumers_name_the_weighted_layers_a_quantizer_feeds(tmp_path, runtime):
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend(runtime)
+    art = backend.build(_job(tmp_path, src, "int8", runtime=runtime))
+    consumers = backend.revert_consumers(art.model_file)
+    assert set(consumers) >= set(backend.revert_points(art.model_file))
+    fed = sorted({layer for layers in consumers.values() for layer in layers})
+    # every Conv/Gemm of the tiny CNN reads some quantized activation
+    assert len(fed) == 3, consumers
