@@ -132,7 +132,8 @@ _BINARY_PLANS = BoundedCache(512)  # (id(specs), JSON header bytes) -> _BinaryPl
 _MAX_PLANNED_HEADER = 4096
 
 
-def parse_infer_request(body: bytes, header_length: int | None, specs: list[TensorSpec]) -> InferRequest:
+def parse_infer_request(body: bytes | bytearray, header_length: int | None,
+                        specs: list[TensorSpec]) -> InferRequest:
     """Decode a request body and check it against the model's inputs.
 
     Raises :class:`ApiError` (400) naming the input, what was expected and what was found.
@@ -141,6 +142,8 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
         if header_length < 0 or header_length > len(body):
             raise _bad(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
         header, binary = body[:header_length], memoryview(body)[header_length:]
+        if not isinstance(header, bytes):  # an inflated body is a bytearray; the plan cache needs a key
+            header = bytes(header)
         plan = _BINARY_PLANS.get((id(specs), header))
         if plan is not None and plan.specs is specs:
             request = plan.build(binary)
