@@ -148,6 +148,8 @@ class HttpConnection(asyncio.Protocol):
         after answering a framing error."""
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
+            if not self.buf:
+                return False
             limit = self.limits.max_header_bytes
             if len(self.buf) > limit:
                 self._fail(431, f"request head is over the {limit}-byte limit")

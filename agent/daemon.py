@@ -96,7 +96,8 @@ class Agent:
     def _bind(self) -> InferenceServer:
         host, port = self.config.api.host, self.config.api.port
         try:
-            return InferenceServer(self.registry, host, port, self.config.api.event_loop)
+            return InferenceServer(self.registry, host, port, self.config.api.event_loop,
+                                   limits=self.config.api.http_limits())
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UnavailableError(f"local API port {host}:{port} is already in use",

@@ -90,8 +90,15 @@ class InferenceServer:
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
         self.connections: set[HttpConnection] = set()
-        self.evicted = 0
-        self.refused = 0
+        self.evicted = 0  # connections closed to make room for a new one
+        self.refused = 0  # new connections answered 503 because every open one was busy
+        self.inflating = 0  # request bodies being inflated on the worker thread now
+        gauges = registry.metrics.extra_gauges
+        gauges["edgeopt_api_connections"] = lambda: len(self.connections)
+        gauges["edgeopt_api_connections_max"] = lambda: self.max_connections
+        gauges["edgeopt_api_connections_evicted"] = lambda: self.evicted
+        gauges["edgeopt_api_connections_refused"] = lambda: self.refused
+        gauges["edgeopt_api_inflating"] = lambda: self.inflating
         # One worker: compressed bodies inflate one at a time, so memory stays within one body limit.
         self._inflater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="api-inflate")
         self._started = threading.Event()
@@ -167,8 +174,14 @@ class InferenceServer:
                       body: bytes, keep: bool) -> None:
         """Inflate ``body`` on the worker thread; the connection continues when it is done."""
         assert self._loop is not None
+        self.inflating += 1
         future = self._loop.run_in_executor(self._inflater, inflate, coding, body, self.limits.max_body_bytes)
-        future.add_done_callback(lambda f: conn.inflated(f, method, target, headers, keep))
+
+        def done(f: Any) -> None:
+            self.inflating -= 1
+            conn.inflated(f, method, target, headers, keep)
+
+        future.add_done_callback(done)
 
     def _await(self, conn: HttpConnection, deferred: Deferred, keep: bool) -> None:
         deferred.pending.on_done(lambda: self._completed(conn, deferred, keep))
