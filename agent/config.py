@@ -91,9 +91,10 @@ class ApiConfig(_Strict):
         description="asyncio: the standard library's loop. uvloop: uvloop's loop (pip install uvloop); it measured "
                     "no faster here, see BENCHMARKS.md.")
     max_connections: int = Field(
-        1024, ge=1, le=1_000_000, title="Max connections",
+        512, ge=1, le=100_000, title="Max connections",
         description="Open client connections at most. At the cap a new connection closes the longest-idle one; "
-                    "when all are busy it gets 503. Lowered to fit the open-file limit (RLIMIT_NOFILE) minus 160.")
+                    "when all are busy it gets 503. Lowered (with a warning) to the open-file limit minus 160, "
+                    "and to 864 at most: the MQTT client cannot use a descriptor numbered 1024 or above.")
     header_timeout_s: float = Field(
         10.0, gt=0, le=3600, title="Header timeout",
         description="Seconds a client has to send a whole request head (and a new connection its first one); "
@@ -284,7 +285,7 @@ event_loop = "asyncio"
 # What one client can hold: open connections (at the cap the longest-idle one is closed; kept under the
 # open-file limit), seconds to send a request head / between body bytes / idle between requests,
 # and the largest request head and body (bodies after gzip/deflate decoding too).
-max_connections = 1024
+max_connections = 512
 header_timeout_s = 10
 body_timeout_s = 30
 idle_timeout_s = 60

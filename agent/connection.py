@@ -60,7 +60,7 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
-    max_connections: int = 1024
+    max_connections: int = 512
 
 
 class _Head:

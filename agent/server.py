@@ -12,8 +12,8 @@ inflated off the loop), header/body/idle timeouts enforced by a sweep about once
 of open connections. At the cap a new connection closes the longest-idle one (an idle keep-alive or a
 half-sent head) rather than being refused, so a flood of idle sockets cannot lock out a real client;
 only when every connection is busy is the new one answered 503. The cap is also kept below the
-process's open-file limit (``RLIMIT_NOFILE``) minus a reserve for the agent's own files and broker
-connection: running out of descriptors would stop telemetry and installs too. Routes and payloads are
+process's open-file limit (``RLIMIT_NOFILE``, and 1024, since the MQTT client uses ``select()``) minus a
+reserve for the agent's own files and broker connection: running out of descriptors stopped telemetry too. Routes and payloads are
 in :mod:`edgeopt.agent.api`.
 """
 from __future__ import annotations
@@ -39,20 +39,27 @@ __all__ = ["InferenceServer", "HttpLimits", "ModelRegistry", "ModelEntry", "Batc
 
 log = logging.getLogger(__name__)
 
-# Descriptors kept for the agent itself when the connection cap is derived from RLIMIT_NOFILE: model and
-# runtime files, the broker connection, the outbox, downloads, plus up to 100 sockets asyncio may accept
-# in one loop iteration before evicted ones are closed.
+# Descriptors kept for the agent itself when the connection cap is derived from the open-file limit: model
+# and runtime files, the broker connection, the outbox, downloads, plus up to 100 sockets asyncio accepts in
+# one loop iteration (its listen backlog) before the ones evicted for them are closed.
 RESERVED_FDS = 160
+# paho-mqtt waits on its socket with select(), which cannot watch a descriptor numbered 1024 or more: if API
+# sockets took every low number, the broker connection (opened again at each reconnect) would fail. So the
+# API's sockets stay below this whatever LimitNOFILE allows.
+SELECT_FD_LIMIT = 1024
 
 
 def effective_max_connections(wanted: int) -> int:
-    """``wanted``, lowered to fit under the soft ``RLIMIT_NOFILE`` with :data:`RESERVED_FDS` to spare."""
+    """``wanted``, lowered so the API's sockets plus :data:`RESERVED_FDS` fit under the soft open-file limit
+    (``RLIMIT_NOFILE``) and under :data:`SELECT_FD_LIMIT`."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft - RESERVED_FDS >= wanted:
+    room = SELECT_FD_LIMIT if soft == resource.RLIM_INFINITY else min(soft, SELECT_FD_LIMIT)
+    if room - RESERVED_FDS >= wanted:
         return wanted
-    cap = max(8, soft - RESERVED_FDS)
-    log.warning("[api] max_connections = %d does not fit the open-file limit (%d, %d kept for the agent): "
-                "using %d; raise LimitNOFILE in the service unit", wanted, soft, RESERVED_FDS, cap)
+    cap = max(8, room - RESERVED_FDS)
+    log.warning("[api] max_connections = %d does not fit: open-file limit %d (descriptors from %d are out of "
+                "reach of the MQTT client's select()), %d kept for the agent; using %d", wanted, soft,
+                SELECT_FD_LIMIT, RESERVED_FDS, cap)
     return cap
 
 
@@ -129,8 +136,7 @@ class InferenceServer:
     def _run(self) -> None:
         loop = self._loop = self._new_loop()
         asyncio.set_event_loop(loop)
-        self._server = loop.run_until_complete(loop.create_server(lambda: HttpConnection(self), sock=self._sock,
-                                                                  backlog=1024))
+        self._server = loop.run_until_complete(loop.create_server(lambda: HttpConnection(self), sock=self._sock))
         lim = self.limits
         self._tick = max(0.05, min(1.0, lim.header_timeout_s / 4, lim.body_timeout_s / 4, lim.idle_timeout_s / 4))
         loop.call_later(self._tick, self._sweep)
