@@ -57,6 +57,8 @@ class Agent:
                               hint="check that the folder is writable by the agent's user") from None
         self.metrics.extra_gauges["edgeopt_outbox_pending"] = lambda: len(self.outbox)
         self.metrics.extra_gauges["edgeopt_outbox_dropped"] = lambda: self.outbox.dropped
+        # 1 while the state directory's disk is (nearly) full and the outbox drops its oldest messages
+        self.metrics.extra_gauges["edgeopt_outbox_disk_full"] = lambda: int(self.outbox.disk_full)
         self.capabilities = capabilities
         self.server: InferenceServer | None = None
         self.link: MqttLink | None = None
