@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..sdk.errors import ConfigError
 from ..sdk.profile import format_validation_error
 from ..sdk.topics import TopicError, validate_id
+
+if TYPE_CHECKING:
+    from .connection import HttpLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -112,7 +115,7 @@ class ApiConfig(_Strict):
         256 * 1024 * 1024, ge=1024, le=4 * GIB, title="Max request body",
         description="Largest request body in bytes, after gzip/deflate decoding too; larger ones get 413.")
 
-    def http_limits(self) -> "HttpLimits":
+    def http_limits(self) -> HttpLimits:
         """These bounds as the transport's :class:`~edgeopt.agent.connection.HttpLimits`."""
         from .connection import HttpLimits
 

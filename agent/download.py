@@ -101,8 +101,9 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
                         if received > max_bytes:
                             fh.close()
                             part.unlink(missing_ok=True)
-                            raise InputError(f"package at {url} is over the {max_bytes}-byte download limit",
-                                             hint="raise download.max_bytes in the agent config if this is expected")
+                            raise InputError(
+                                f"package at {url} is over the {max_bytes}-byte download limit",
+                                hint="raise download.max_bytes in the agent config if this is expected")
                         fh.write(block)
                         if on_progress is not None:
                             on_progress(received, total)

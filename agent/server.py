@@ -13,8 +13,8 @@ of open connections. At the cap a new connection closes the longest-idle one (an
 half-sent head) rather than being refused, so a flood of idle sockets cannot lock out a real client;
 only when every connection is busy is the new one answered 503. The cap is also kept below the
 process's open-file limit (``RLIMIT_NOFILE``, and 1024, since the MQTT client uses ``select()``) minus a
-reserve for the agent's own files and broker connection: running out of descriptors stopped telemetry too. Routes and payloads are
-in :mod:`edgeopt.agent.api`.
+reserve for the agent's own files and broker connection: running out of descriptors stopped telemetry
+too. Routes and payloads are in :mod:`edgeopt.agent.api`.
 """
 from __future__ import annotations
 

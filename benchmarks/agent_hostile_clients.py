@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_common import DIGITS_ONNX, Daemon, build_package, free_port, install, json_request, machine, write_config  # noqa: E402
+from agent_common import (DIGITS_ONNX, Daemon, build_package, free_port, install, json_request,  # noqa: E402
+                          machine, write_config)
 
 
 class LimitedDaemon(Daemon):

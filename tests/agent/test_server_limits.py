@@ -205,7 +205,8 @@ def test_gzip_bomb_is_413_and_the_connection_stays_usable(serve):
 
 
 @pytest.mark.parametrize("body, encoding, status, message", [
-    (gzip.compress(b'{"inputs": []}')[:-6], "gzip", 400, "request body is not valid gzip: the compressed stream is truncated"),
+    (gzip.compress(b'{"inputs": []}')[:-6], "gzip", 400,
+     "request body is not valid gzip: the compressed stream is truncated"),
     (b"not gzip at all", "gzip", 400, "request body is not valid gzip: Error -3 while decompressing data: "
                                       "incorrect header check"),
     (gzip.compress(b"{}") + b"junk", "gzip", 400,

@@ -46,9 +46,10 @@ def test_outbox_on_a_full_state_disk_drops_oldest_and_recovers(tmp_path, agent_k
     api_port, broker_port = free_port(), free_port()
     with smallfs.small_filesystem(tmp_path / "state", 48) as state:
         config_path = tmp_path / "agent.toml"
-        config_path.write_text(render_config(device_id="full-1", fleet="itest", broker=f"mqtt://127.0.0.1:{broker_port}",
-                                             state_dir=state, trusted_keys=[agent_keys.trusted_public],
-                                             api_port=api_port, telemetry_interval_s=0.1))
+        config_path.write_text(render_config(device_id="full-1", fleet="itest",
+                                             broker=f"mqtt://127.0.0.1:{broker_port}", state_dir=state,
+                                             trusted_keys=[agent_keys.trusted_public], api_port=api_port,
+                                             telemetry_interval_s=0.1))
         config = load_config(config_path)
         Installer(Store(state), config).install_file(make_package("1.0.0"))
         proc = subprocess.Popen(AGENT + ["--config", str(config_path)], stdout=subprocess.DEVNULL,
