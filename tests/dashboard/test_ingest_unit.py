@@ -88,7 +88,7 @@ def _run_writer(svc, items, want_rows, timeout=20.0):
     from edgeopt.dashboard import models as m
     from sqlalchemy.orm import Session
 
-    t = threading.Thread(target=svc._write_loop, daemon=True)
+    t = threading.Thread(target=svc.loop.run, daemon=True)
     t.start()
     for it in items:
         svc.queue.put(it)
@@ -125,7 +125,7 @@ def test_writer_survives_deadlocks_and_unexpected_errors(db_url, caplog):
         return real(batch, now)
 
     svc.writer.write = flaky
-    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard.ingest"):
+    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard"):
         assert _run_writer(svc, _incoming(10), want_rows=10) == 10
     text = caplog.text
     assert "batch rolled back by the database (deadlock detected); retrying" in text
