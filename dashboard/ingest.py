@@ -485,6 +485,8 @@ class IngestService:
         self.engine.dispose()
         self._wake_r.close()
         self._wake_w.close()
+        if self._slot_lock is not None:
+            self._slot_lock.close()  # frees the slot (and its session) for the next process
         log.info("ingest stopped: %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
 
     def _idle(self) -> bool:

@@ -147,6 +147,15 @@ def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch
             int(weight))
 
 
+def _add(aggs: dict, key, *row, weight: int = 1) -> bool:
+    """Add a row to ``aggs[key]``, creating it only for a well-formed row (no empty bucket from a bad one)."""
+    agg = aggs.get(key) or _Agg()
+    if not agg.add(*row, weight=weight):
+        return False
+    aggs[key] = agg
+    return True
+
+
 def _lock(session: Session) -> bool:
     if session.bind.dialect.name != "postgresql":
         return True  # SQLite serializes writers itself
@@ -210,14 +219,14 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
 
 def _recompute_minute(session: Session, minute: datetime, devices: list[int]) -> int:
     r = m.TelemetryRaw
-    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    aggs: dict[tuple[int, str], _Agg] = {}
     end = minute + timedelta(minutes=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
                    r.rss_bytes, r.queue_depth, r.batch_sizes).where(
             r.ts >= minute, r.ts < end, r.device_pk.in_(chunk))
         for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            if not aggs[(dpk, model)].add(req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
+            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
                 log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
     _upsert(session, m.Rollup1m, [a.row(device_pk=d, model=mo, bucket_start=minute)
                                   for (d, mo), a in aggs.items()])
@@ -226,14 +235,14 @@ def _recompute_minute(session: Session, minute: datetime, devices: list[int]) ->
 
 def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int:
     r = m.Rollup1m
-    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    aggs: dict[tuple[int, str], _Agg] = {}
     end = hour + timedelta(hours=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
                    r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
             r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk))
         for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            if not aggs[(dpk, model)].add(req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
+            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
                 log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
     _upsert(session, m.Rollup1h, [a.row(device_pk=d, model=mo, bucket_start=hour)
                                   for (d, mo), a in aggs.items()])
@@ -242,12 +251,12 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
 
 def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int:
     r = m.Rollup1m if resolution == "1m" else m.Rollup1h
-    aggs: dict[str, _Agg] = defaultdict(_Agg)
+    aggs: dict[str, _Agg] = {}
     devices: dict[str, set[int]] = defaultdict(set)
     q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
         r.bucket_start == bucket, r.model != "")
     for dpk, model, req, err, counts, sum_ms in session.execute(q):
-        if aggs[model].add(req, err, 0, counts, sum_ms, None, None, 0, None):
+        if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None):
             devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
