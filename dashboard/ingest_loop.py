@@ -22,7 +22,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Callable
 
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .db import redact
@@ -39,18 +39,19 @@ def first_line(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> str:
-    """How the writer reacts to a database error: "refused" (a constraint: write one by one), "conflict"
+    """How the writer reacts to a database error: "refused" (a constraint, or a value the column cannot hold,
+    such as an integer past 64 bits: write one by one), "conflict"
     (deadlock / serialization: retry now), "unavailable" (connection, timeout, locked: retry with
     backoff) or "unexpected". Errors come wrapped by SQLAlchemy or, from the COPY fast path, raw psycopg."""
     orig = getattr(exc, "orig", None) or exc
-    if isinstance(exc, IntegrityError):
+    if isinstance(exc, (IntegrityError, DataError)) or isinstance(orig, OverflowError):
         return "refused"
     try:
         import psycopg
     except ImportError:  # SQLite-only installs
         psycopg = None
     if psycopg is not None and isinstance(orig, psycopg.Error):
-        if isinstance(orig, psycopg.IntegrityError):
+        if isinstance(orig, (psycopg.IntegrityError, psycopg.DataError)):
             return "refused"
         if (getattr(orig, "sqlstate", None) or "").startswith("40"):  # class 40: deadlock, serialization
             return "conflict"
