@@ -470,7 +470,11 @@ class IngestService:
                 self._closing = True
                 c.disconnect(properties=props)
 
-            self._call(_disconnect)
+            if self.connected.is_set():
+                self._call(_disconnect)  # on the network thread, which then ends
+            else:  # no connection to end: just stop the loop (it may be waiting to reconnect)
+                self._closing = True
+                self._wake()
             self._threads["mqtt"].join(5)
             self._closing = True
         self.stop_event.set()
