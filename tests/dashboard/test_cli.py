@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from edgeopt.dashboard import models as m
+from edgeopt.dashboard.db import head_revision
 
 EXE = str(Path(sys.executable).with_name("edgeopt-dashboard"))
 
@@ -34,7 +35,7 @@ def test_init_db_default_is_sqlite_in_data_dir(tmp_path):
     r = run("init-db", "--json", env={"EDGEOPT_DATA_DIR": str(tmp_path / "data")})
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["revision"] == "0001" and doc["database"] == f"sqlite:///{tmp_path / 'data' / 'edgeopt.db'}"
+    assert doc["revision"] == head_revision() and doc["database"] == f"sqlite:///{tmp_path / 'data' / 'edgeopt.db'}"
     assert (tmp_path / "data" / "edgeopt.db").exists()
 
 
@@ -84,7 +85,7 @@ def test_unreachable_database_is_one_line():
 
 def test_uninitialised_database_is_refused(tmp_path):
     r = run("create-token", "x", url=f"sqlite:///{tmp_path / 'empty.db'}")
-    assert r.returncode == 3 and "is at schema revision none, expected 0001 (run: edgeopt-dashboard init-db)" in r.stderr
+    assert r.returncode == 3 and f"is at schema revision none, expected {head_revision()} (run: edgeopt-dashboard init-db)" in r.stderr
 
 
 def test_bad_urls(tmp_path):
