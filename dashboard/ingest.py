@@ -6,7 +6,7 @@ Run it with ``edgeopt-dashboard ingest --broker mqtt://host:1883`` (one or more 
   reconnect restores them: telemetry, events and cmd/result through the shared subscription
   ``$share/<group>/edgeopt/v1/+/+/<kind>`` (processes of one group split the messages), and ``status``
   WITHOUT sharing, because every process must see the retained births and last wills.
-- The MQTT thread only queues messages; a writer thread (``ingest_loop.WriterLoop``) validates and
+- The MQTT thread (``ingest_mqtt.MqttLink``) only queues messages; a writer thread (``ingest_loop.WriterLoop``) validates and
   writes them in batches (every ``batch_size`` messages or ``flush_ms``). A message is acknowledged to
   the broker (MQTT 5 manual acks, ``PUBACK``) only after the transaction holding it, or its dead letter,
   has committed. The process keeps a persistent session under a stable client id (``ingest_health``),
@@ -22,7 +22,7 @@ Run it with ``edgeopt-dashboard ingest --broker mqtt://host:1883`` (one or more 
 - A maintenance thread marks devices offline after 3 telemetry intervals of silence, rolls up and
   applies retention every ``rollup_every_s``, and calls ``edgeopt.dashboard.deployments.tick(session,
   publish, now)`` every ``tick_every_s`` when that module exists.
-- A broker outage is survived: paho reconnects with backoff (1..30 s).
+- A broker outage is survived: the link reconnects with backoff (1..30 s) and resumes its session.
 """
 from __future__ import annotations
 
@@ -30,12 +30,11 @@ import importlib
 import logging
 import os
 import queue
-import select
 import signal
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +51,7 @@ from edgeopt.sdk.telemetry import MAX_PAYLOAD_BYTES
 from . import ingest_health
 from .db import check_connection, data_dir, make_engine, redact
 from .ingest_loop import WriterLoop, classify as _classify, first_line as _first_line  # noqa: F401 - re-exported
+from .ingest_mqtt import MqttLink
 from .ingest_writer import BatchWriter, Incoming, Limits, mark_heartbeat_offline
 from .rollup import RetentionSettings, run_rollup
 
@@ -125,195 +125,32 @@ class IngestService:
             raise MissingDependencyError("paho-mqtt is not installed",
                                          hint="install it with: pip install 'edgeopt[dashboard]'") from None
         self.settings = settings
-        self.host, self.port = settings.broker_address()
         self.engine = make_engine(settings.database_url)
         self.client_id = settings.client_id
         self._slot_lock = None
         self.writer = BatchWriter(self.engine, dead_letters_per_minute=settings.dead_letters_per_minute)
         self.queue: queue.Queue[Incoming] = queue.Queue(maxsize=settings.max_buffer)
         self.stop_event = threading.Event()
-        self.connected = threading.Event()
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
+        self.link = MqttLink(settings, subscriptions(settings.group), self.queue, self.stop_event, self.stats,
+                             self._lock)
         self.loop = WriterLoop(self.queue, self.writer, settings.limits(), settings.batch_size, settings.flush_ms,
-                               self.stop_event, self._committed, self.stats, self._lock)
-        # Work for the network thread (paho is not thread-safe): acks of committed messages, and calls.
-        self._acks: deque[tuple[int, int, int]] = deque()
-        self._calls: deque[Callable[[Any], Any]] = deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._conn = 0  # connection generation: an ack goes only to the connection its message came on
-        self._unsubscribed = threading.Event()
-        self._closing = False
-        self._client = None
+                               self.stop_event, self.link.committed, self.stats, self._lock)
         self._threads: dict[str, threading.Thread] = {}
         self._targets: dict[str, Callable[[], None]] = {}
         self.restarts: Counter = Counter()
         self.deaths: dict[str, str] = {}
         self.started_at = datetime.now(timezone.utc)
 
-    # ------------------------------------------------------------------------------------- mqtt side
-    def _make_client(self):
-        import paho.mqtt.client as mqtt
-
-        from .mqtt_buffered import make_client
-
-        client = make_client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
-        if self.settings.username:
-            client.username_pw_set(self.settings.username, self.settings.password)
-        client.max_queued_messages_set(10_000)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.on_unsubscribe = lambda *a: self._unsubscribed.set()
-        return client
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
-            return
-        from paho.mqtt.subscribeoptions import SubscribeOptions
-
-        self._conn += 1
-        self._acks.clear()  # acks for the previous connection: the broker redelivers those messages
-        subs = [(f, SubscribeOptions(qos=1)) for f in subscriptions(self.settings.group)]
-        client.subscribe(subs)
-        self.stats["connects"] += 1
-        log.info("connected to %s:%s as %s (session %s); subscribing to %s", self.host, self.port, self.client_id,
-                 "resumed" if flags.session_present else "new", [s for s, _ in subs])
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        bad = [rc for rc in reason_codes if rc.is_failure]
-        if bad:
-            log.error("broker refused subscriptions: %s", bad)
-            return
-        log.info("subscriptions granted")
-        self.connected.set()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
-        if not self.stop_event.is_set() and not self._closing:
-            log.warning("disconnected from broker %s:%s (%s); reconnecting", self.host, self.port, reason_code)
-
-    def _on_message(self, client, userdata, msg) -> None:
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:  # paho raises on a topic that is not UTF-8: it becomes a dead letter
-            topic = "<topic is not UTF-8>"
-        item = Incoming(topic, msg.payload, datetime.now(timezone.utc), msg.mid, msg.qos, self._conn)
-        # Receive Maximum keeps the broker from sending more than the queue holds; blocking is the rest.
-        while not self.stop_event.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _committed(self, items: list[Incoming]) -> None:
-        """Called by the writer after a commit: acknowledge those messages (on the network thread)."""
-        self._acks.extend((it.conn, it.mid, it.qos) for it in items if it.qos)
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # already woken (buffer full) or closing
-
-    def _call(self, fn: Callable[[Any], Any]) -> None:
-        """Run ``fn(client)`` on the network thread."""
-        self._calls.append(fn)
-        self._wake()
-
-    def _run_pending(self, client) -> None:
-        stale = 0
-        while self._acks:
-            conn, mid, qos = self._acks.popleft()
-            if conn == self._conn and client.is_connected():
-                client.ack(mid, qos)
-            else:
-                stale += 1
-        if stale:
-            with self._lock:
-                self.stats["acks_after_reconnect"] += stale
-        while self._calls:
-            self._calls.popleft()(client)
-
-    def _network_loop(self) -> None:
-        """paho's network loop, done here instead of ``loop_start()``: one ``select`` (on the broker socket
-        and the wake-up socket of the writer's acks), then every packet already received. Reconnects with
-        backoff (1..30 s) for ever. No exception ends it: an unexpected one drops the connection, which
-        the next turn opens again (everything unacknowledged is delivered again)."""
-        client, state = self._client, {"delay": 1.0, "first": True, "warned": False, "next_try": 0.0}
-        while not self._closing and not self.stop_event.is_set():
-            try:
-                self._network_turn(client, state)
-            except Exception:  # noqa: BLE001 - the network thread must not die
-                log.exception("MQTT network loop error; reconnecting")
-                with self._lock:
-                    self.stats["network_errors"] += 1
-                client.drop_connection()
-                self.stop_event.wait(1.0)
-
-    def _network_turn(self, client, state: dict) -> None:
-        import paho.mqtt.client as mqtt
-
-        if self.connected.is_set():
-            state["delay"], state["warned"] = 1.0, False  # a session that got its subscriptions resets the backoff
-        if client.socket() is None:
-            # Backoff between attempts, also when the TCP connect works but the broker refuses us.
-            wait = state["next_try"] - time.monotonic()
-            if wait > 0:
-                self.stop_event.wait(min(wait, 0.5))
-                return
-            state["next_try"], state["delay"] = time.monotonic() + state["delay"], min(state["delay"] * 2, 30.0)
-            try:
-                if state["first"]:
-                    client.connect(self.host, self.port, **self._connect_args)
-                else:
-                    client.reconnect()
-                state["first"] = False
-            except (OSError, mqtt.WebsocketConnectionError) as exc:
-                if not state["warned"]:
-                    log.warning("cannot reach broker %s:%s (%s); retrying with backoff", self.host, self.port, exc)
-                    state["warned"] = True
-                return
-        sock = client.socket()
-        if sock is None:
-            return
-        try:
-            # Bytes already buffered need no select (the socket may have nothing more to say).
-            timeout = 0.0 if client.buffered() else 1.0
-            readable, writable, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
-                                                  timeout)
-        except (OSError, ValueError):  # closed under us
-            readable = writable = []
-        if self._wake_r in readable:
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-        rc = mqtt.MQTT_ERR_SUCCESS
-        if sock in readable or client.buffered():
-            rc = client.read_available()
-        if rc == mqtt.MQTT_ERR_SUCCESS:
-            self._run_pending(client)
-        if rc == mqtt.MQTT_ERR_SUCCESS and (writable or client.want_write()):
-            rc = client.loop_write()
-        if rc == mqtt.MQTT_ERR_SUCCESS:
-            rc = client.loop_misc()
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and client.socket() is not None:
-            client.drop_connection()  # paho closes on most errors itself; make sure, then reconnect above
+    @property
+    def connected(self) -> threading.Event:
+        """Set while the broker connection has its subscriptions."""
+        return self.link.connected
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish QoS 1 through this process's connection (used by the deployment controller)."""
-        if self._client is None:
-            raise RuntimeError("ingest client is not running")
-        self._call(lambda c: c.publish(topic, payload, qos=1))
+        self.link.publish(topic, payload)
 
     # ------------------------------------------------------------------------------------ maintenance
     def _maintenance_loop(self) -> None:
@@ -385,7 +222,7 @@ class IngestService:
         next_beat = 0.0
         while not self.stop_event.wait(0.2):
             for name, t in list(self._threads.items()):
-                if name != "supervisor" and not t.is_alive() and not self.stop_event.is_set() and not self._closing:
+                if name != "supervisor" and not t.is_alive() and not self.stop_event.is_set() and not self.link.closing:
                     self.restarts[name] += 1
                     log.error("thread ingest-%s is dead (%s); restarting it (restart %d)", name,
                               self.deaths.get(name, "returned"), self.restarts[name])
@@ -423,18 +260,8 @@ class IngestService:
             self.client_id, self._slot_lock = ingest_health.claim_client_id(
                 Path(self.settings.data_dir) if self.settings.data_dir else data_dir())
         self.writer.name = self.client_id
-        self._client = self._make_client()
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        # A persistent session (clean_start False, an expiry) under a stable client id: what this process
-        # received but had not acknowledged when it died is delivered again when it comes back.
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry_s
-        props.ReceiveMaximum = min(65535, self.settings.max_buffer)
-        self._connect_args = dict(keepalive=self.settings.keepalive_s, clean_start=self.settings.session_expiry_s == 0,
-                                  properties=props)
-        self._targets = {"writer": self.loop.run, "maint": self._maintenance_loop, "mqtt": self._network_loop}
+        self.link.open(self.client_id)
+        self._targets = {"writer": self.loop.run, "maint": self._maintenance_loop, "mqtt": self.link.run}
         for name in self._targets:
             self._spawn(name)
         self._targets["supervisor"] = self._supervise
@@ -448,35 +275,18 @@ class IngestService:
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         drained = False
-        if self._client is not None and self.connected.is_set():
-            self._call(lambda c: c.unsubscribe(subscriptions(self.settings.group)))
-            self._unsubscribed.wait(max(0.0, min(5.0, deadline - time.monotonic())))
-            while time.monotonic() < deadline and not self._idle():
-                time.sleep(0.05)
-            drained = self._idle()
-        if self._client is not None:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = None
-            if drained:  # nothing left for the broker to keep: end the session now
-                props = Properties(PacketTypes.DISCONNECT)
-                props.SessionExpiryInterval = 0
-            else:
+        if self.link.client is not None:
+            if self.connected.is_set():
+                self.link.unsubscribe(min(5.0, deadline - time.monotonic()))
+                while time.monotonic() < deadline and not self._idle():
+                    time.sleep(0.05)
+                drained = self._idle()
+            if not drained:
                 log.warning("stopping with %d messages not acknowledged: the broker keeps them for %s",
                             self.loop.in_hand + self.queue.qsize(), self.client_id)
-
-            def _disconnect(c) -> None:
-                self._closing = True
-                c.disconnect(properties=props)
-
-            if self.connected.is_set():
-                self._call(_disconnect)  # on the network thread, which then ends
-            else:  # no connection to end: just stop the loop (it may be waiting to reconnect)
-                self._closing = True
-                self._wake()
+            self.link.close(drained, deadline)
             self._threads["mqtt"].join(5)
-            self._closing = True
+            self.link.closing = True
         self.stop_event.set()
         for t in self._threads.values():
             t.join(max(0.1, deadline - time.monotonic()))
@@ -487,14 +297,13 @@ class IngestService:
             except DBAPIError:
                 pass
         self.engine.dispose()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.link.dispose()
         if self._slot_lock is not None:
             self._slot_lock.close()  # frees the slot (and its session) for the next process
         log.info("ingest stopped: %s", " ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
 
     def _idle(self) -> bool:
-        return self.queue.empty() and self.loop.items is None and not self._acks
+        return self.queue.empty() and self.loop.items is None and not self.link.acks_pending
 
     def run_forever(self) -> None:
         """Run until SIGTERM/SIGINT."""

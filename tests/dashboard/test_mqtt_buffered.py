@@ -58,7 +58,7 @@ def test_ingest_works_on_the_public_reader(engine, db_url, mqtt_broker, tmp_path
     svc.start()
     try:
         wait_until(svc.connected.is_set, 30)
-        assert type(svc._client) is mqtt_buffered.PlainClient
+        assert type(svc.link.client) is mqtt_buffered.PlainClient
         d, pub = SimDevice("plain-1"), Publisher("127.0.0.1", mqtt_broker.port)
         for _ in range(300):
             pub.publish(d.topic("telemetry"), d.telemetry(requests=2)[0].to_json())
