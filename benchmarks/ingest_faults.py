@@ -36,7 +36,7 @@ from ingest_bench import EXE, free_port, publisher  # noqa: E402
 BROKER_CONF = ("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                # What the ingest needs from Mosquitto (docs/ingest-reliability.md): room to queue messages for
                # an ingest session that is away (kill -9, restart) or not acknowledging (database down).
-               "max_queued_messages 1000000\nmax_queued_bytes 0\n")
+               "max_queued_messages {queue}\nmax_queued_bytes 0\n")
 
 
 class OwnPostgres:
@@ -87,7 +87,8 @@ def wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def run_scenario(scenario: str, messages: int, devices: int, publishers: int, workdir: Path) -> dict:
+def run_scenario(scenario: str, messages: int, devices: int, publishers: int, workdir: Path,
+                 broker_queue: int = 1_000_000) -> dict:
     import psycopg
     from sqlalchemy import create_engine, text
 
@@ -102,7 +103,7 @@ def run_scenario(scenario: str, messages: int, devices: int, publishers: int, wo
             c.execute("CREATE DATABASE edgeopt")
         init_db(pg.url)
         port = free_port()
-        (workdir / "mosquitto.conf").write_text(BROKER_CONF.format(port=port))
+        (workdir / "mosquitto.conf").write_text(BROKER_CONF.format(port=port, queue=broker_queue))
         broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
                                    str(workdir / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                                   stderr=open(workdir / "mosquitto.log", "w"))
@@ -173,7 +174,8 @@ def run_scenario(scenario: str, messages: int, devices: int, publishers: int, wo
             p.wait(60)
         text_logs = "".join(lg.read_text() for lg in logs)
         complete = len(per_dev) == devices and all(r == (per_device, per_device, 1, per_device) for r in per_dev)
-        return dict(scenario=scenario, messages=total, rows=rows, duplicate_rows=rows - distinct,
+        return dict(scenario=scenario, broker_queue=broker_queue, messages=total, rows=rows,
+                    duplicate_rows=rows - distinct,
                     zero_loss=complete, redelivered_dropped=int(ctrs.get("duplicate", 0)),
                     rows_at_restart=at_restart, outage_s=round(t_up - t_down, 2),
                     caught_up_after_s=round(t_end - t_up, 2), seconds=round(t_end - t0, 2),
@@ -201,11 +203,13 @@ def main() -> None:
     ap.add_argument("--publishers", type=int, default=3)
     ap.add_argument("--scenarios", default="fast,immediate,kill9",
                     help="Comma list of: fast, immediate (pg_ctl restart modes), kill9 (stop, kill -9 one ingest, start).")
+    ap.add_argument("--broker-queue", type=int, default=1_000_000,
+                    help="Mosquitto max_queued_messages (its default, 1000, shows what an unprepared broker drops).")
     args = ap.parse_args()
     results = []
     for scenario in args.scenarios.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_scenario(scenario, args.messages, args.devices, args.publishers, Path(tmp))
+            res = run_scenario(scenario, args.messages, args.devices, args.publishers, Path(tmp), args.broker_queue)
         results.append(res)
         print(json.dumps(res), flush=True)
     ok = all(r["zero_loss"] and r["duplicate_rows"] == 0 for r in results)
