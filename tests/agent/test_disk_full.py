@@ -81,8 +81,12 @@ class _Files(BaseHTTPRequestHandler):
 def test_install_on_a_full_disk_fails_cleanly_and_the_old_version_serves(when, tmp_path, agent_config, events,
                                                                          make_package, monkeypatch):
     v1, v2 = make_package("1.0.0"), make_package("1.1.0")
+    # The package store the agent may download from (deploy URLs outside it are refused before connecting).
+    _Files.path_to_serve = v2
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    store_url = f"http://127.0.0.1:{httpd.server_port}/"
     with small_filesystem(tmp_path / "state", 48) as root:
-        config = agent_config(state_dir=str(root))
+        config = agent_config(state_dir=str(root), download={"allowed_urls": [store_url]})
         serving = Serving()
         inst = Installer(Store(root), config, on_event=events, on_switch=serving.on_switch)
         try:
@@ -107,11 +111,9 @@ def test_install_on_a_full_disk_fails_cleanly_and_the_old_version_serves(when, t
             with pytest.raises(EdgeoptError) as err:
                 if when == "download":
                     fillers.append(fill(root, leave=16 * 1024))  # less than the package: ENOSPC mid-download
-                    _Files.path_to_serve = v2
-                    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
                     threading.Thread(target=httpd.serve_forever, daemon=True).start()
                     try:
-                        inst.install_url(f"http://127.0.0.1:{httpd.server_port}/v2.eopkg", sha256_file(v2))
+                        inst.install_url(f"{store_url}v2.eopkg", sha256_file(v2))
                     finally:
                         httpd.shutdown()
                 else:
@@ -138,6 +140,7 @@ def test_install_on_a_full_disk_fails_cleanly_and_the_old_version_serves(when, t
             assert serving.version() == "1.1.0"
         finally:
             serving.close()
+            httpd.server_close()
 
 
 @needs_mount
