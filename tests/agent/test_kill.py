@@ -1,9 +1,17 @@
-"""SIGKILL during install or rollback, at named points and at arbitrary moments.
+"""SIGKILL during install or rollback, at named points and at every write of the state directory.
 
-The install runs in a real subprocess (`edgeopt agent install`) that kills itself with SIGKILL at the
-fault-injection point named by EDGEOPT_AGENT_CRASH_AT. Then, as a restarted agent would, the test runs
-`Store.recover()` and loads what the pointer names: it must be a complete version (the old one before the
-pointer switch, the new one after), serving real inferences, never neither.
+Named points: the install runs in a real subprocess (`edgeopt agent install`) that kills itself with SIGKILL
+at the fault-injection point named by EDGEOPT_AGENT_CRASH_AT.
+
+Every write: the CLI runs under tests/agent/stop_at_write.py, whose audit hook stops the process (SIGSTOP)
+just before or just after one write of the state directory (open for writing, rename/replace, remove,
+mkdir); the test sees it stopped there (so the kill lands before the step completes, at a point it names),
+SIGKILLs it, and does that for each point of an uninterrupted run in turn. A write added to the store or
+the installer becomes a point by itself.
+
+Then, as a restarted agent would, the test runs `Store.recover()` and loads what the pointer names: it must
+be a complete version (the old one before the pointer switch, the new one after), serving real inferences,
+never neither.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import pytest
 from edgeopt.agent.config import load_config
 from edgeopt.agent.loader import load_serving
 from edgeopt.agent.store import CRASH_ENV, Store
+from edgeopt.sdk.errors import EdgeoptError
 
 EDGEOPT = str(Path(sys.executable).with_name("edgeopt"))
 
@@ -102,7 +111,6 @@ def test_sigkill_during_first_install_leaves_nothing(agent_config_file, make_pac
 # ------------------------------------------------------------------ every write of the store
 
 STOPPER = str(Path(__file__).with_name("stop_at_write.py"))
-POINTER_SWAP = re.compile(r"^after rename models/digits/\.current\.json\.\*\.tmp -> models/digits/current\.json$")
 
 
 def _hooked_env(state: Path, spec: str) -> dict:
@@ -147,21 +155,29 @@ def _kill_at_every_write(args, state: Path, template: Path, work: Path, old, new
     """Kill ``args`` at each of its write points in turn (from a copy of ``template``); check each restart."""
     shutil.copytree(template, state)
     points = _census(args, state, work)
-    swaps = [i for i, p in enumerate(points) if POINTER_SWAP.match(p)]
-    assert len(swaps) == 1, f"expected one pointer swap by os.replace, found {swaps} in {points}"
-    # The pointer only ever changes by replacing it whole: it is never opened for writing in place.
-    in_place = [p for p in points if "open-write models/digits/current.json" in p]
-    assert not in_place, f"the pointer is written in place: {in_place}"
-    assert any("open-write journal.json" in p or "journal.json" in p for p in points)
+    # The first point after which the pointer file holds something new: from there on a restart must serve
+    # the new version (so an in-place write, killed once the file is truncated, serves neither: caught).
+    switch = next((i for i, p in enumerate(points) if p.startswith("after ") and
+                   p.endswith(" models/digits/current.json")), None)
+    assert switch is not None, f"no write of models/digits/current.json among {points}"
     for index, expected_point in enumerate(points):
         shutil.rmtree(state)
         shutil.copytree(template, state)
         landed = _stop_and_kill(args, state, index, work)
         assert landed == f"{index}\t{expected_point}", (index, expected_point, landed)
-        switched = index >= swaps[0]
+        switched = index >= switch
         where = f"killed at point {index} ({expected_point})"
-        assert _restart_serves(args[-1]) == (new if switched else old), where
+        try:
+            served = _restart_serves(Path(args[-1]))
+        except EdgeoptError as exc:
+            pytest.fail(f"{where}: the restarted agent cannot serve: {exc.one_line()}")
+        assert served == (new if switched else old), where
         assert Store(state).versions("digits") == (versions_new if switched else versions_old), where
+    # The pointer only ever changes by replacing it whole (one os.replace), never by writing it in place.
+    assert [p for p in points if "models/digits/current.json" in p] == [
+        "before rename models/digits/.current.json.*.tmp -> models/digits/current.json",
+        "after rename models/digits/.current.json.*.tmp -> models/digits/current.json"], points
+    assert any("journal.json" in p for p in points)
     return points
 
 
