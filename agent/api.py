@@ -20,7 +20,6 @@ import logging
 import re
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -67,8 +66,10 @@ class Api:
         self.metrics = registry.metrics
         self.ready = threading.Event()
 
-    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> "Response | Deferred":
-        """Route one request; ``headers`` have lower-case names."""
+    def handle(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes | bytearray) -> "Response | Deferred":
+        """Route one request; ``headers`` have lower-case names, ``body`` is already decoded (the transport
+        undoes ``Content-Encoding``, bounded, see :mod:`edgeopt.agent.inflate`)."""
         path = path.split("?", 1)[0]
         try:
             if path.startswith("/v2/models/"):
@@ -103,7 +104,7 @@ class Api:
         return entry
 
     def _model_route(self, method: str, name: str, version: str | None, rest: str, headers: Mapping[str, str],
-                     body: bytes) -> "Response | Deferred":
+                     body: bytes | bytearray) -> "Response | Deferred":
         if method == "POST" and rest == "/infer":
             entry = self._entry(name, version)
             return self._infer(entry, name, version, headers, body)
@@ -121,13 +122,12 @@ class Api:
                            "output": [tensor_metadata(s) for s in entry.loaded.outputs]})
 
     def _infer(self, entry: ModelEntry, name: str, version: str | None, headers: Mapping[str, str],
-               body: bytes) -> "Response | Deferred":
+               body: bytes | bytearray) -> "Response | Deferred":
         """Decode, check and queue one request; the answer comes from :meth:`Deferred.finish` once the
         batcher has run it (no thread waits for it)."""
         start = time.perf_counter()
         mm = entry.metrics or self.metrics.model(name)
         try:
-            body = _decode_body(headers, body)
             raw_len = headers.get(_HEADER_LENGTH_LOWER)
             try:
                 header_len = int(raw_len) if raw_len is not None else None
@@ -183,15 +183,3 @@ class Deferred:
     def __init__(self, pending: Any, finish: Callable[[], Response]):
         self.pending = pending
         self.finish = finish
-
-
-def _decode_body(headers: Mapping[str, str], body: bytes) -> bytes:
-    encoding = headers.get("content-encoding", "").lower()
-    if encoding in ("gzip", "deflate"):
-        try:
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise ApiError(400, f"request body is not valid {encoding}: {exc}") from None
-    if encoding not in ("", "identity"):
-        raise ApiError(400, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    return body

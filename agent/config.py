@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..sdk.errors import ConfigError
 from ..sdk.profile import format_validation_error
 from ..sdk.topics import TopicError, validate_id
+
+if TYPE_CHECKING:
+    from .connection import HttpLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,6 +93,35 @@ class ApiConfig(_Strict):
         "asyncio", title="Event loop",
         description="asyncio: the standard library's loop. uvloop: uvloop's loop (pip install uvloop); it measured "
                     "no faster here, see BENCHMARKS.md.")
+    max_connections: int = Field(
+        512, ge=1, le=100_000, title="Max connections",
+        description="Open client connections at most. At the cap a new connection closes the longest-idle one; "
+                    "when all are busy it gets 503. Lowered (with a warning) to the open-file limit minus 160, "
+                    "and to 864 at most: the MQTT client cannot use a descriptor numbered 1024 or above.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, title="Header timeout",
+        description="Seconds a client has to send a whole request head (and a new connection its first one); "
+                    "then 408 and the connection is closed.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, title="Body timeout",
+        description="Seconds a request body may stall without new bytes before 408 and close.")
+    idle_timeout_s: float = Field(
+        60.0, gt=0, le=86400, title="Idle timeout",
+        description="Seconds a keep-alive connection may sit idle between requests before it is closed.")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, title="Max request head",
+        description="Largest request head (request line and headers) in bytes; larger ones get 431.")
+    max_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, le=4 * GIB, title="Max request body",
+        description="Largest request body in bytes, after gzip/deflate decoding too; larger ones get 413.")
+
+    def http_limits(self) -> HttpLimits:
+        """These bounds as the transport's :class:`~edgeopt.agent.connection.HttpLimits`."""
+        from .connection import HttpLimits
+
+        return HttpLimits(max_header_bytes=self.max_header_bytes, max_body_bytes=self.max_body_bytes,
+                          header_timeout_s=self.header_timeout_s, body_timeout_s=self.body_timeout_s,
+                          idle_timeout_s=self.idle_timeout_s, max_connections=self.max_connections)
 
 
 class BatchingConfig(_Strict):
@@ -293,6 +325,15 @@ host = {_toml_str(api_host)}
 port = {int(api_port)}
 # asyncio (the standard library's loop) or uvloop (pip install uvloop; measured no faster here).
 event_loop = "asyncio"
+# What one client can hold: open connections (at the cap the longest-idle one is closed; kept under the
+# open-file limit), seconds to send a request head / between body bytes / idle between requests,
+# and the largest request head and body (bodies after gzip/deflate decoding too).
+max_connections = 512
+header_timeout_s = 10
+body_timeout_s = 30
+idle_timeout_s = 60
+max_header_bytes = 16384
+max_body_bytes = 268435456
 
 [batching]
 # Group concurrent requests: up to max_batch (unset = the package profile's batch_size, which is 1 for

@@ -58,6 +58,8 @@ class Agent:
                               hint="check that the folder is writable by the agent's user") from None
         self.metrics.extra_gauges["edgeopt_outbox_pending"] = lambda: len(self.outbox)
         self.metrics.extra_gauges["edgeopt_outbox_dropped"] = lambda: self.outbox.dropped
+        # 1 while the state directory's disk is (nearly) full and the outbox drops its oldest messages
+        self.metrics.extra_gauges["edgeopt_outbox_disk_full"] = lambda: int(self.outbox.disk_full)
         self.capabilities = capabilities
         self.server: InferenceServer | None = None
         self.link: MqttLink | None = None
@@ -98,7 +100,8 @@ class Agent:
     def _bind(self) -> InferenceServer:
         host, port = self.config.api.host, self.config.api.port
         try:
-            return InferenceServer(self.registry, host, port, self.config.api.event_loop)
+            return InferenceServer(self.registry, host, port, self.config.api.event_loop,
+                                   limits=self.config.api.http_limits())
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UnavailableError(f"local API port {host}:{port} is already in use",

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 from ..sdk.errors import InputError, SecurityError, UnavailableError
+from .store import no_space, no_space_error
 
 log = logging.getLogger(__name__)
 
@@ -176,29 +177,39 @@ def _attempt(url: str, part: Path, *, max_bytes: int, timeout_s: float, expected
             part.unlink(missing_ok=True)
             raise SecurityError(f"package at {url} is {total} bytes; the deploy command said {expected_size}")
         received = offset
-        with open(part, mode) as fh:
-            try:
-                while True:
-                    block = response.read(CHUNK)
-                    if not block:
-                        break
-                    received += len(block)
-                    if received > max_bytes:
-                        fh.close()
-                        part.unlink(missing_ok=True)
-                        raise InputError(f"package at {url} is over the {max_bytes}-byte download limit",
-                                         hint="raise download.max_bytes in the agent config if this is expected")
-                    fh.write(block)
-                    if on_progress is not None:
-                        on_progress(received, total)
-            except (OSError, http.client.HTTPException) as exc:
+        try:
+            with open(part, mode) as fh:
+                try:
+                    while True:
+                        block = response.read(CHUNK)
+                        if not block:
+                            break
+                        received += len(block)
+                        if received > max_bytes:
+                            fh.close()
+                            part.unlink(missing_ok=True)
+                            raise InputError(
+                                f"package at {url} is over the {max_bytes}-byte download limit",
+                                hint="raise download.max_bytes in the agent config if this is expected")
+                        fh.write(block)
+                        if on_progress is not None:
+                            on_progress(received, total)
+                except (OSError, http.client.HTTPException) as exc:
+                    if no_space(exc):
+                        raise
+                    fh.flush()
+                    raise DownloadError(f"download of {_shown(url)} interrupted at byte {received}: "
+                                        f"{_network_error(exc)}") from None
                 fh.flush()
-                raise DownloadError(f"download of {_shown(url)} interrupted at byte {received}: "
-                                    f"{_network_error(exc)}") from None
-            fh.flush()
-            os.fsync(fh.fileno())
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if not no_space(exc):
+                raise
+            # A partial file that can never complete would keep the disk full for everything else.
+            part.unlink(missing_ok=True)
+            raise no_space_error(part.parent, f"downloading {_shown(url)}") from None
         if total is not None and received < total:
-            raise DownloadError(f"download of {url} interrupted at byte {received} of {total}")
+            raise DownloadError(f"download of {_shown(url)} interrupted at byte {received} of {total}")
 
 
 def download(url: str, dest: str | Path, *, sha256: str, size: int | None = None,

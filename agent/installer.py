@@ -27,7 +27,7 @@ from .download import download
 from .loader import load_installed, self_test, warm_up
 from .probe import can_run, probe
 from .runtimes import LoadedModel
-from .store import InstalledModel, Store, crash_point
+from .store import InstalledModel, Store, crash_point, no_space, no_space_error
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class Installer:
         dest = self.store.downloads_dir / f"{sha256.lower()}.eopkg"
         started = time.monotonic()
         try:
+            if size is not None:  # refuse before filling the disk with a download that cannot be installed
+                self._check_free(size, "the download needs")
             download(url, dest, sha256=sha256, size=size, max_bytes=self.config.download.max_bytes,
                      timeout_s=self.config.download.timeout_s, allowed=self.config.download.allowed_urls)
         except EdgeoptError as exc:
@@ -145,7 +147,10 @@ class Installer:
                 reader.extract_to(staging)
             except (EdgeoptError, OSError) as exc:
                 shutil.rmtree(staging, ignore_errors=True)
-                err = exc if isinstance(exc, EdgeoptError) else PackageError(f"extraction failed: {exc}")
+                if no_space(exc):
+                    err: EdgeoptError = no_space_error(self.store.root, f"extracting {name} {version}")
+                else:
+                    err = exc if isinstance(exc, EdgeoptError) else PackageError(f"extraction failed: {exc}")
                 self._refuse(err, name, version, from_version, ctx, "extract")
                 raise err from None
         finally:
@@ -186,10 +191,12 @@ class Installer:
                 raise PackageError(f"OpenVINO model {manifest.model_file} has no {weights} in the package")
 
     def _check_disk_space(self, manifest) -> None:
-        need = sum(f.size for f in manifest.files.values())
+        self._check_free(sum(f.size for f in manifest.files.values()), "the package needs")
+
+    def _check_free(self, need: int, what: str) -> None:
         free = shutil.disk_usage(self.store.root).free
         if need * 1.1 + 16 * 1024 * 1024 > free:
-            raise UnsupportedError(f"not enough disk space in {self.store.root}: the package needs {need} bytes, "
+            raise UnsupportedError(f"not enough disk space in {self.store.root}: {what} {need} bytes, "
                                    f"{free} are free")
 
     def _activate(self, staging: Path, manifest, current: InstalledModel | None, rollback: bool,
@@ -197,14 +204,15 @@ class Installer:
         """Journal, commit the folder, load, self-test, switch. Undo on any failure."""
         name, version = manifest.name, manifest.version
         from_version = current.version if current else None
-        self.store.write_journal({"op": "rollback-install" if rollback else "install", "model": name,
-                                  "version": version, "from_version": from_version, "created": True,
-                                  "started_at": time.time()})
-        crash_point("after_journal")
         loaded: LoadedModel | None = None
         switched = False
-        stage = "commit"
+        stage = "journal"
         try:
+            self.store.write_journal({"op": "rollback-install" if rollback else "install", "model": name,
+                                      "version": version, "from_version": from_version, "created": True,
+                                      "started_at": time.time()})
+            crash_point("after_journal")
+            stage = "commit"
             path = self.store.commit_package(staging, name, version)
             crash_point("after_commit")
             new = InstalledModel(name=name, version=version, path=path, manifest=manifest,
@@ -227,14 +235,18 @@ class Installer:
                 self.on_switch(new, loaded)
             crash_point("after_on_switch")
         except BaseException as exc:
-            self._undo(name, version, current, switched, loaded)
-            err = exc if isinstance(exc, EdgeoptError) else EdgeoptError(
-                f"{stage} failed: {type(exc).__name__}: {exc}")
+            shutil.rmtree(staging, ignore_errors=True)  # still there when the journal could not be written
+            self._undo(name, version, current, switched, loaded, created=stage != "journal")
+            if no_space(exc):
+                err = no_space_error(self.store.root, f"installing {name} {version} ({stage})")
+            else:
+                err = exc if isinstance(exc, EdgeoptError) else EdgeoptError(
+                    f"{stage} failed: {type(exc).__name__}: {exc}")
             event = "self_test" if stage == "self_test" else "install"
             self._emit(event, False, model=name, version=version, from_version=from_version,
                        message=f"{err.one_line()}; {from_version or 'nothing'} still serving", ctx=ctx,
                        details={"stage": stage, "error": type(err).__name__})
-            if isinstance(exc, EdgeoptError) or not isinstance(exc, Exception):
+            if err is exc or not isinstance(exc, Exception):
                 raise
             raise err from exc
         self._emit("switch", True, model=name, version=version, from_version=from_version,
@@ -249,14 +261,14 @@ class Installer:
         return new
 
     def _undo(self, name: str, version: str, current: InstalledModel | None, switched: bool,
-              loaded: LoadedModel | None) -> None:
+              loaded: LoadedModel | None, created: bool = True) -> None:
         try:
             if switched:
                 if current is not None:
                     self.store.set_current(name, current.version, current.previous_version)
                 else:
                     self.store.pointer_path(name).unlink(missing_ok=True)
-            if self.store.package_dir(name, version).exists():
+            if created and self.store.package_dir(name, version).exists():
                 self.store.remove_version(name, version)
             self.store.clear_journal()
         except Exception:  # recover() at the next start finishes what this could not

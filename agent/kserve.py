@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +133,8 @@ _BINARY_PLANS = BoundedCache(512)  # (id(specs), JSON header bytes) -> _BinaryPl
 _MAX_PLANNED_HEADER = 4096
 
 
-def parse_infer_request(body: bytes, header_length: int | None, specs: list[TensorSpec]) -> InferRequest:
+def parse_infer_request(body: bytes | bytearray, header_length: int | None,
+                        specs: list[TensorSpec]) -> InferRequest:
     """Decode a request body and check it against the model's inputs.
 
     Raises :class:`ApiError` (400) naming the input, what was expected and what was found.
@@ -141,6 +143,8 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
         if header_length < 0 or header_length > len(body):
             raise _bad(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
         header, binary = body[:header_length], memoryview(body)[header_length:]
+        if not isinstance(header, bytes):  # an inflated body is a bytearray; the plan cache needs a key
+            header = bytes(header)
         plan = _BINARY_PLANS.get((id(specs), header))
         if plan is not None and plan.specs is specs:
             request = plan.build(binary)
@@ -155,13 +159,54 @@ def parse_infer_request(body: bytes, header_length: int | None, specs: list[Tens
     return _parse_full(body, memoryview(b""), specs)[0]
 
 
+MAX_JSON_DEPTH = 64
+# Every byte but the brackets and the quote, for bytes.translate: what is left says how deep the JSON nests.
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_ESCAPE = re.compile(rb"\\.", re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_DEPTH_CHUNK = 1 << 22
+
+
+def _nests_deeper_than(data: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays/objects more than ``limit`` deep, without parsing it.
+
+    Linear and in C or numpy throughout (a hostile 256 MiB body costs about a second, not the stack):
+    drop escapes, then strings, then everything but brackets, and take the running depth in chunks.
+    """
+    if b"\\" in data:
+        data = _ESCAPE.sub(b"", data)
+    brackets = _STRING.sub(b"", data.translate(None, _NOT_STRUCTURE))
+    codes = np.frombuffer(brackets, np.uint8)
+    depth = 0
+    for start in range(0, len(codes), _DEPTH_CHUNK):
+        part = codes[start:start + _DEPTH_CHUNK]
+        step = (part == ord("[")).astype(np.int32) + (part == ord("{"))
+        step -= (part == ord("]")).astype(np.int32) + (part == ord("}"))
+        running = np.cumsum(step) + depth
+        if running.max() > limit:
+            return True
+        depth = int(running[-1])
+    return False
+
+
+def loads_bounded(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses (400) JSON nested more than ``max_depth`` deep instead of recursing into
+    it: 100,000 nested brackets made the standard parser raise RecursionError, answered as a 500."""
+    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
+    if data.count(b"[") + data.count(b"{") > max_depth and _nests_deeper_than(data, max_depth):
+        raise _bad(f"request JSON nests deeper than {max_depth} levels")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"request is not valid JSON: {exc}") from None
+    except RecursionError:  # not reachable after the check above; kept so it can never become a 500
+        raise _bad(f"request JSON nests deeper than {max_depth} levels") from None
+
+
 def _parse_full(header: bytes, binary: memoryview,
                 specs: list[TensorSpec]) -> tuple[InferRequest, list[tuple] | None]:
     """The request and, when every input is binary, the layout a :class:`_BinaryPlan` replays."""
-    try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"request is not valid JSON: {exc}") from None
+    doc = loads_bounded(header)
     if not isinstance(doc, dict):
         raise _bad("request must be a JSON object with an 'inputs' list")
     items = doc.get("inputs")
@@ -217,8 +262,10 @@ def _parse_full(header: bytes, binary: memoryview,
                 if (dtype.kind in "iu" and found not in "iu") or (dtype.kind == "b" and found != "b") \
                         or (dtype.kind == "f" and found not in "biuf"):
                     raise ValueError(f"found {_KIND_NAMES.get(found, 'other')} values")
-                arr = np.asarray(data, dtype=dtype)
-            except (TypeError, ValueError, OverflowError) as exc:
+                # 1e39 into FP32 would become inf with only a warning: refuse it like 300 into UINT8.
+                with np.errstate(over="raise"):
+                    arr = np.asarray(data, dtype=dtype)
+            except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
                 raise _bad(f"input {name!r}: data is not a list of {want_dt} values ({exc})") from None
             if arr.size != count:
                 raise _bad(f"input {name!r}: shape {shape} needs {count} values, found {arr.size}")
@@ -295,6 +342,11 @@ def _encode_full(model: str, version: str | None, request: InferRequest, wanted:
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                # JSON has no NaN or Infinity: Python (and Triton) would write the bare words, which strict
+                # parsers (JavaScript, Go, jq) refuse. Binary output carries them exactly.
+                raise ApiError(422, f"output {name!r} holds NaN or infinite values, which JSON cannot carry; "
+                                    "ask for it as binary data (parameters.binary_data: true)")
             entry["data"] = arr.reshape(-1).tolist()
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": model, "outputs": outs}

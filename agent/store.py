@@ -20,6 +20,7 @@ what a killed install left behind (staging, a new version folder the pointer nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -77,12 +78,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException) -> bool:
+    """The filesystem (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def no_space_error(root: Path, doing: str) -> UnavailableError:
+    """The one-line error for a full state directory: where, while doing what, how much is free."""
+    try:
+        free = f"{shutil.disk_usage(root).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return UnavailableError(f"no space left on the device of {root} while {doing} ({free})",
+                            hint="free space on that filesystem and retry; the previous version keeps serving")
+
+
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write must not leave a half-written file behind
+        raise
     crash_point(f"before_replace_{path.stem}")
     os.replace(tmp, path)
     _fsync_dir(path.parent)

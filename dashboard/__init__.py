@@ -149,17 +149,27 @@ def create_app(config: Mapping[str, Any] | None = None):
 
     @app.get("/healthz")
     def healthz():
-        """Liveness and database reachability; no authentication (load balancers call it)."""
+        """Liveness, database reachability and the ingest processes' own health reports; no authentication
+        (load balancers call it). 503 when the database is unreachable, or, with ``?ingest=required``,
+        when the ingest is not fully healthy (or absent); otherwise 200 with ``status`` "ok" or "degraded"."""
+        from datetime import datetime, timezone
+
+        from flask import request
         from sqlalchemy import text
 
+        from .ingest_health import summary
         from .views import get_db
 
         try:
             get_db().execute(text("SELECT 1"))
+            ingest = summary(get_db(), datetime.now(timezone.utc))
         except Exception as exc:  # noqa: BLE001 - any database failure means "not healthy"
             log.warning("health check: database unreachable: %s", exc)
             return jsonify(status="error", database="unreachable"), 503
-        return jsonify(status="ok", database="ok")
+        # No ingest process has ever reported (a web-only install): not a fault of the web app.
+        status = "ok" if ingest["status"] in ("ok", "absent") else "degraded"
+        code = 503 if request.args.get("ingest") == "required" and ingest["status"] != "ok" else 200
+        return jsonify(status=status, database="ok", ingest=ingest), code
 
     @app.cli.command("evaluate-alerts")
     def evaluate_alerts_cmd():

@@ -169,10 +169,11 @@ def retention_options(f):
 @click.option("--group", default="edgeopt-ingest", show_default=True,
               help="Shared subscription group: processes of one group split the messages ('' = no sharing).")
 @click.option("--client-id", default=None,
-              help="MQTT client id. Given, the session is persistent: the broker queues messages while this "
-                   "process restarts (default: edgeopt-ingest-<host>-<pid>, a fresh session each start).")
+              help="MQTT client id of this process's persistent session (default: edgeopt-ingest-<host>-<slot>, "
+                   "the lowest slot free on this host, so a restarted process resumes its session).")
 @click.option("--session-expiry", default=3600, show_default=True, type=click.IntRange(0),
-              help="Seconds the broker keeps a persistent session (--client-id) while the process is away.")
+              help="Seconds the broker keeps this process's session (its unacknowledged messages) while it is "
+                   "away (0: no persistent session: a kill -9 then loses the messages in hand).")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 50_000),
               help="Write after this many messages...")
 @click.option("--flush-ms", default=200, show_default=True, type=click.IntRange(1, 60_000),
@@ -183,14 +184,24 @@ def retention_options(f):
               help="Seconds between rollups in this process (0: never; run `rollup` separately).")
 @click.option("--heartbeat-check", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between heartbeat-timeout checks.")
+@click.option("--max-ts-ahead", default=86400.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Refuse (dead-letter) payloads whose ts is more than this many seconds ahead of their receipt.")
+@click.option("--max-ts-age", default=7 * 86400.0, show_default=True, type=click.FloatRange(0),
+              help="Refuse telemetry/events/results whose ts is older than this many seconds at receipt (0: any).")
+@click.option("--health-every", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between this process's health rows (read by /healthz and ingest-status).")
 @retention_options
 @database_option
 def ingest(broker, broker_ca, command_broker, group, client_id, session_expiry, batch_size, flush_ms, max_buffer,
-           rollup_every, heartbeat_check, raw_hours, minute_days, hour_days, database_url) -> None:
+           rollup_every, heartbeat_check, max_ts_ahead, max_ts_age, health_every, raw_hours, minute_days, hour_days,
+           database_url) -> None:
     """Run an ingest process: MQTT telemetry, events, results and status into the database.
 
-    It also advances deployments, signing later stages with the dashboard's command key (EDGEOPT_COMMAND_KEY,
-    else the instance folder's): the web processes and the ingest must use the same key.
+    Messages are acknowledged to the broker only once committed (or dead-lettered), in a persistent
+    session under a stable client id, so a killed process loses nothing: restart it on the same host
+    (same data directory) or with the same --client-id. It also advances deployments, signing later stages
+    with the dashboard's command key (EDGEOPT_COMMAND_KEY, else the instance folder's): the web processes
+    and the ingest must use the same key.
     """
     from .command_signing import load_signer
     from .ingest import IngestService, IngestSettings
@@ -203,6 +214,7 @@ def ingest(broker, broker_ca, command_broker, group, client_id, session_expiry, 
                               batch_size=batch_size,
                               flush_ms=flush_ms, max_buffer=max_buffer, rollup_every_s=rollup_every,
                               heartbeat_check_s=heartbeat_check, database_url=database_url,
+                              max_ts_ahead_s=max_ts_ahead, max_ts_age_s=max_ts_age, health_every_s=health_every,
                               retention=RetentionSettings(raw_hours=raw_hours, rollup_1m_days=minute_days,
                                                           rollup_1h_days=hour_days))
     settings.broker_address()
@@ -446,6 +458,16 @@ def serve(host: str, port: int, threads: int, database_url: str | None) -> None:
                                hint="choose another --port, or stop what uses it") from None
     click.echo(f"serving on http://{host}:{port}", err=True)
     server.run()
+
+
+def _register_ingest_commands() -> None:
+    from .cli_ingest import dead_letters_group, ingest_status
+
+    cli.add_command(dead_letters_group)
+    cli.add_command(ingest_status)
+
+
+_register_ingest_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

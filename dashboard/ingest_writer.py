@@ -3,7 +3,9 @@
 Separate from the MQTT client (``ingest.py``) so it can be tested and benchmarked without a broker.
 
 - :func:`prepare` validates every message against the contracts (``sdk.topics.parse``,
-  ``sdk.telemetry.parse_payload``) and sorts it into rows; rejected messages only add to a counter.
+  ``sdk.telemetry.parse_payload``) and its timestamp against a window around its receipt, and sorts it
+  into rows. It never raises for one message: a rejected message (or one that hits a bug) is counted by
+  reason and set aside in ``Prepared.rejected``, which the writer stores as a dead letter.
 - :meth:`BatchWriter.write` writes the rows with dialect-specific ``INSERT .. ON CONFLICT DO NOTHING``
   (SQLite and PostgreSQL), so a redelivered message (QoS 1) is counted once as ``duplicate`` and
   changes nothing else.
@@ -25,9 +27,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from edgeopt.sdk import topics
-from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload, EventPayload, PayloadError,
-                                   StatusPayload, TelemetryPayload, parse_payload)
+from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload,
+                                   EventPayload, PayloadError, StatusPayload, TelemetryPayload, json_too_deep,
+                                   parse_payload)
 
+from . import dead_letters
 from . import models as m
 
 log = logging.getLogger(__name__)
@@ -39,11 +43,36 @@ ACCEPTED_KINDS = {"telemetry": "telemetry", "events": "events", "cmd/result": "c
 
 @dataclass
 class Incoming:
-    """One received message: its topic, raw payload and the server time it arrived."""
+    """One received message: its topic, raw payload and the server time it arrived; for MQTT, its packet
+    id, QoS and the connection it came on (it is acknowledged on that connection once committed)."""
 
     topic: str
     payload: bytes
     received: datetime
+    mid: int = 0
+    qos: int = 0
+    conn: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What :func:`prepare` accepts besides the contracts: payload size, and how far a payload's ``ts``
+    may be ahead of or behind its receipt. A ts far ahead (9999-12-31) would pin ``last_seen`` and session
+    ordering and overflow date arithmetic; ``max_age`` (None: no bound) does not apply to ``status``,
+    whose retained births carry the time the device came online, however long ago."""
+
+    max_bytes: int = MAX_PAYLOAD_BYTES
+    max_ahead: timedelta = timedelta(days=1)
+    max_age: timedelta | None = timedelta(days=7)
+
+
+@dataclass
+class Rejected:
+    """A message set aside: the counter reason and a one-line description."""
+
+    item: Incoming
+    reason: str
+    error: str
 
 
 @dataclass
@@ -58,10 +87,15 @@ class Prepared:
     fleets: dict[str, str] = field(default_factory=dict)  # device_id -> fleet
     touch: dict[str, dict[str, Any]] = field(default_factory=dict)  # device_id -> newest telemetry facts
     counters: Counter = field(default_factory=Counter)
+    rejected: list[Rejected] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return len(self.telemetry_msgs) + len(self.events) + len(self.results) + len(self.statuses)
+
+    def reject(self, item: Incoming, reason: str, error: str) -> None:
+        self.counters[reason] += 1
+        self.rejected.append(Rejected(item, reason, error))
 
 
 def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
@@ -80,10 +114,11 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
 
 def _parse(kind: str, data: bytes, max_bytes: int):
     """``parse_payload`` with a fast path: pydantic's own JSON parser validates a good payload in one step
-    (about twice as fast as ``json.loads`` + validation); anything it refuses goes through
-    ``parse_payload`` itself, so the accepted payloads and the rejection reasons are exactly the contract's."""
+    (about twice as fast as ``json.loads`` + validation); anything it refuses, and anything the contract's
+    bounds (depth, NUL) might refuse, goes through ``parse_payload`` itself, so the accepted payloads and
+    the rejection reasons are exactly the contract's."""
     model = PAYLOAD_BY_KIND.get(kind)
-    if model is not None and len(data) <= max_bytes:
+    if model is not None and len(data) <= max_bytes and b"\\u0000" not in data and not json_too_deep(data):
         try:
             return model.model_validate_json(data)
         except ValueError:
@@ -91,56 +126,80 @@ def _parse(kind: str, data: bytes, max_bytes: int):
     return parse_payload(kind, data, max_bytes=max_bytes)
 
 
-def prepare(items: Iterable[Incoming], max_bytes: int = MAX_PAYLOAD_BYTES) -> Prepared:
-    """Validate and sort a batch. Never raises for bad input: it is counted by reason instead."""
+def _ts_error(kind: str, ts: datetime, received: datetime, limits: Limits) -> str | None:
+    if ts > received + limits.max_ahead:
+        return f"ts {ts.isoformat()} is more than {limits.max_ahead} ahead of its receipt at {received.isoformat()}"
+    if limits.max_age is not None and kind != "status" and ts < received - limits.max_age:
+        return f"ts {ts.isoformat()} is more than {limits.max_age} before its receipt at {received.isoformat()}"
+    return None
+
+
+def prepare(items: Iterable[Incoming], limits: Limits | None = None) -> Prepared:
+    """Validate and sort a batch. Never raises for one message: a bad one is counted by reason and kept in
+    ``rejected``; an unexpected error on one message (a bug) is counted as ``ingest_error`` the same way."""
+    limits = limits or Limits()
     out = Prepared()
     for item in items:
         try:
-            t = topics.parse(item.topic)
-        except topics.TopicError:
-            out.counters["bad_topic"] += 1
-            continue
-        if t.kind == "cmd":  # our own commands, if someone subscribed us to them
-            out.counters["unexpected_kind"] += 1
-            continue
-        try:
-            p = _parse(t.kind, item.payload, max_bytes)
-        except PayloadError as exc:
-            out.counters[exc.reason] += 1
-            continue
-        if getattr(p, "device_id", None) != t.device_id:
-            # A device may only speak for itself: the topic (which ACLs can restrict) is authoritative.
-            out.counters["device_mismatch"] += 1
-            continue
-        out.fleets.setdefault(t.device_id, t.fleet)
-        if isinstance(p, TelemetryPayload):
-            key = (t.device_id, p.session_id, p.seq)
-            if key in out.telemetry_msgs:
-                out.counters["duplicate"] += 1
-                continue
-            rows = _telemetry_rows(p)
-            out.telemetry_msgs[key] = len(rows)
-            out.telemetry.extend((t.device_id, r) for r in rows)
-            p95 = [s.p95_ms for s in p.models if s.p95_ms is not None]
-            facts = dict(ts=p.ts, session=p.session_id, interval=p.interval_s, received=item.received,
-                         p95=max(p95) if p95 else None, cpu=p.system.cpu_percent, rss=p.system.rss_bytes)
-            old = out.touch.get(t.device_id)
-            if old is None or old["ts"] <= p.ts:
-                out.touch[t.device_id] = facts
-        elif isinstance(p, EventPayload):
-            out.events.append((t.device_id, dict(
-                ts=p.ts, session_id=p.session_id, seq=p.seq, kind=p.event, ok=p.ok, model=p.model,
-                version=p.version, from_version=p.from_version, message=p.message[:4000],
-                command_id=p.command_id, deployment_id=p.deployment_id, details=p.details,
-                received_at=item.received)))
-        elif isinstance(p, CommandResultPayload):
-            out.results.append((t.device_id, dict(
-                ts=p.ts, session_id=p.session_id, seq=p.seq, command_id=p.command_id, command=p.command,
-                ok=p.ok, status=p.status, message=p.message[:4000], deployment_id=p.deployment_id,
-                details=p.details, received_at=item.received)))
-        elif isinstance(p, StatusPayload):
-            out.statuses.append((t.device_id, p, item.received))
+            _prepare_one(out, item, limits)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the batch or the writer
+            log.warning("unexpected error on a message from %r (%d bytes): %s: %s", item.topic[:200],
+                        len(item.payload), type(exc).__name__, exc)
+            out.reject(item, "ingest_error", f"{type(exc).__name__}: {exc}")
     return out
+
+
+def _prepare_one(out: Prepared, item: Incoming, limits: Limits) -> None:
+    """Sort one message into ``out``. Everything is computed before ``out`` is touched, so an exception
+    half-way leaves the batch as it was."""
+    try:
+        t = topics.parse(item.topic)
+    except topics.TopicError as exc:
+        return out.reject(item, "bad_topic", str(exc))
+    if t.kind == "cmd":  # our own commands, if someone subscribed us to them
+        return out.reject(item, "unexpected_kind", f"ingest does not take {t.kind!r} messages")
+    try:
+        p = _parse(t.kind, item.payload, limits.max_bytes)
+    except PayloadError as exc:
+        return out.reject(item, exc.reason, str(exc))
+    if getattr(p, "device_id", None) != t.device_id:
+        # A device may only speak for itself: the topic (which ACLs can restrict) is authoritative.
+        return out.reject(item, "device_mismatch", f"payload device_id {getattr(p, 'device_id', None)!r} "
+                                                   f"on the topic of {t.device_id!r}")
+    bad_ts = _ts_error(t.kind, p.ts, item.received, limits)
+    if bad_ts:
+        return out.reject(item, "ts_out_of_window", bad_ts)
+    if isinstance(p, TelemetryPayload):
+        key = (t.device_id, p.session_id, p.seq)
+        if key in out.telemetry_msgs:
+            out.counters["duplicate"] += 1
+            return
+        rows = _telemetry_rows(p)
+        p95 = [s.p95_ms for s in p.models if s.p95_ms is not None]
+        facts = dict(ts=p.ts, session=p.session_id, interval=p.interval_s, received=item.received,
+                     p95=max(p95) if p95 else None, cpu=p.system.cpu_percent, rss=p.system.rss_bytes)
+        out.fleets.setdefault(t.device_id, t.fleet)
+        out.telemetry_msgs[key] = len(rows)
+        out.telemetry.extend((t.device_id, r) for r in rows)
+        old = out.touch.get(t.device_id)
+        if old is None or old["ts"] <= p.ts:
+            out.touch[t.device_id] = facts
+    elif isinstance(p, EventPayload):
+        row = dict(ts=p.ts, session_id=p.session_id, seq=p.seq, kind=p.event, ok=p.ok, model=p.model,
+                   version=p.version, from_version=p.from_version, message=p.message[:4000],
+                   command_id=p.command_id, deployment_id=p.deployment_id, details=p.details,
+                   received_at=item.received)
+        out.fleets.setdefault(t.device_id, t.fleet)
+        out.events.append((t.device_id, row))
+    elif isinstance(p, CommandResultPayload):
+        row = dict(ts=p.ts, session_id=p.session_id, seq=p.seq, command_id=p.command_id, command=p.command,
+                   ok=p.ok, status=p.status, message=p.message[:4000], deployment_id=p.deployment_id,
+                   details=p.details, received_at=item.received)
+        out.fleets.setdefault(t.device_id, t.fleet)
+        out.results.append((t.device_id, row))
+    elif isinstance(p, StatusPayload):
+        out.fleets.setdefault(t.device_id, t.fleet)
+        out.statuses.append((t.device_id, p, item.received))
 
 
 def status_applies(dev: m.Device, p: StatusPayload) -> bool:
@@ -172,17 +231,20 @@ class WriteStats:
     results: int = 0
     statuses: int = 0
     duplicates: int = 0
+    dead_letters: int = 0
 
 
 class BatchWriter:
     """Writes prepared batches; keeps a cache of device id -> primary key."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, name: str = "", dead_letters_per_minute: int = 1000):
         self.engine = engine
         self.dialect = engine.dialect.name
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database dialect {self.dialect!r}")
         self._pks: dict[str, int] = {}
+        self.name = name  # written with each dead letter: which ingest process set it aside
+        self.dead_letter_budget = dead_letters.Budget(dead_letters_per_minute)
 
     def forget_devices(self) -> None:
         self._pks.clear()
@@ -201,6 +263,7 @@ class BatchWriter:
         stats = WriteStats()
         counters = Counter(batch.counters)
         device_ids = set(batch.fleets)
+        letters = dead_letters.rows(batch.rejected, self.name, self.dead_letter_budget, counters)
         if any(d not in self._pks for d in device_ids):
             with Session(self.engine) as session, session.begin():
                 self._resolve(session, device_ids, batch.fleets, now)
@@ -235,6 +298,9 @@ class BatchWriter:
                     stats.results = n
             if batch.touch:
                 self._touch_devices(session, batch, pks)
+            # Set aside in the same transaction as the batch: committed (and then acknowledged) together.
+            dead_letters.insert(session, letters)
+            stats.dead_letters = len(letters)
             self._count(session, counters, now)
         return stats
 

@@ -19,7 +19,7 @@ Tables (see also ``docs/dashboard.md``):
 - packages, deployments, deployment_targets
 - users, api_tokens, login_sessions, rate_limits
 - alert_rules, alerts
-- ingest_counters
+- ingest_counters, dead_letters (messages the ingest set aside), ingest_processes (ingest health)
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
-                        Text, TypeDecorator, UniqueConstraint, false, true)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, TypeDecorator, UniqueConstraint, false, true)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -603,3 +603,39 @@ class IngestCounter(Base):
     reason: Mapped[str] = mapped_column(String(64), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeadLetter(Base):
+    """A message the ingest could not accept, kept for inspection (``edgeopt-dashboard dead-letters``):
+    malformed, too deep, out-of-window timestamps, refused by the database. The payload is kept as
+    received, up to ``DEAD_LETTER_MAX_BYTES``; ``payload_bytes`` is its full size."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column()
+    reason: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str] = mapped_column(Text, default="")
+    topic: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_bytes: Mapped[int] = mapped_column(Integer)
+    ingest: Mapped[str] = mapped_column(String(128), default="")
+
+    __table_args__ = (Index("ix_dead_letters_received", "received_at"),
+                      Index("ix_dead_letters_reason_received", "reason", "received_at"))
+
+
+class IngestProcess(Base):
+    """Health of one ingest process (keyed by its MQTT client id), written by the process itself every
+    few seconds: a stale ``beat_at`` means the process is gone or cannot reach the database."""
+
+    __tablename__ = "ingest_processes"
+
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    beat_at: Mapped[datetime] = mapped_column()
+    beat_every_s: Mapped[float] = mapped_column(Float)
+    healthy: Mapped[bool] = mapped_column(Boolean)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)

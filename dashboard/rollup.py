@@ -7,6 +7,11 @@ the last run (a watermark on the raw id, rescanned with some overlap because con
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
 Histograms are merged by adding bucket counts, so percentiles of any rollup are exact to the bucket
 bounds. Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
+
+No stored row can stop it: a row whose ts is more than :data:`MAX_AHEAD` ahead of now (written before
+the ingest refused such timestamps: 9999-12-31 made every run fail with OverflowError and the watermark
+never moved again) and a row whose histogram or batch sizes are malformed are skipped and counted
+(``RollupStats.skipped_rows``), and the watermark moves past them.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 WATERMARK = "rollup_raw_id"
 ADVISORY_LOCK = 0x6564676F  # "edgo": one rollup at a time across ingest processes (PostgreSQL)
 CHUNK = 1000
+MAX_AHEAD = timedelta(days=1)  # raw rows further ahead of now than this are not rolled up
 
 
 class RetentionSettings(BaseModel):
@@ -43,6 +49,8 @@ class RetentionSettings(BaseModel):
     rollup_1m_days: float = Field(30, gt=0, description="1-minute rollups kept this many days.")
     rollup_1h_days: float = Field(400, gt=0, description="1-hour rollups kept this many days.")
     events_days: float = Field(400, gt=0, description="Events and command results kept this many days.")
+    dead_letters_days: float = Field(14, gt=0, description="Dead letters (messages the ingest set aside) kept "
+                                     "this many days.")
 
 
 @dataclass
@@ -51,6 +59,7 @@ class RollupStats:
     buckets_1m: int = 0
     buckets_1h: int = 0
     fleet_buckets: int = 0
+    skipped_rows: int = 0
     deleted: int = 0
     skipped_locked: bool = False
     seconds: float = 0.0
@@ -90,7 +99,16 @@ class _Agg:
         self.cpu_n = self.rss_n = 0
         self.batch: dict[str, int] = defaultdict(int)
 
-    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight: int = 1) -> None:
+    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight: int = 1) -> bool:
+        """Add one row; False (and nothing added) for a row whose values are malformed."""
+        try:
+            clean = _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight)
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            return False
+        self._add(*clean)
+        return True
+
+    def _add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight) -> None:
         self.requests += requests or 0
         self.errors += errors or 0
         self.samples += samples
@@ -116,6 +134,26 @@ class _Agg:
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
                     queue_depth_max=self.queue, batch_sizes=dict(self.batch))
+
+
+def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight):
+    """A row's values checked and converted before they touch an aggregate (rows are JSON from the database:
+    anything written by an older version, or by hand, must not break a whole rollup)."""
+    if counts and len(counts) == NBUCKETS:
+        counts = [int(c) for c in counts]
+    batch = {str(k): int(v) for k, v in (batch or {}).items()}
+    return (int(requests or 0), int(errors or 0), int(samples), counts, float(sum_ms or 0.0),
+            None if cpu is None else float(cpu), None if rss is None else float(rss), int(queue or 0), batch,
+            int(weight))
+
+
+def _add(aggs: dict, key, *row, weight: int = 1) -> bool:
+    """Add a row to ``aggs[key]``, creating it only for a well-formed row (no empty bucket from a bad one)."""
+    agg = aggs.get(key) or _Agg()
+    if not agg.add(*row, weight=weight):
+        return False
+    aggs[key] = agg
+    return True
 
 
 def _lock(session: Session) -> bool:
@@ -149,9 +187,14 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
         stats.raw_rows_scanned = len(rows)
         # minute -> devices touched in it (recomputed for every model of those devices)
         minutes: dict[datetime, set[int]] = defaultdict(set)
+        ahead = now + MAX_AHEAD
         for _id, dpk, _model, ts in rows:
-            if ts >= raw_cutoff:
+            if ts > ahead:
+                stats.skipped_rows += 1
+            elif ts >= raw_cutoff:
                 minutes[floor_minute(ts)].add(dpk)
+        if stats.skipped_rows:
+            log.warning("rollup: %d raw rows with a ts more than %s ahead of now skipped", stats.skipped_rows, MAX_AHEAD)
         hours: dict[datetime, set[int]] = defaultdict(set)
         for minute, devs in sorted(minutes.items()):
             stats.buckets_1m += _recompute_minute(session, minute, sorted(devs))
@@ -176,14 +219,15 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
 
 def _recompute_minute(session: Session, minute: datetime, devices: list[int]) -> int:
     r = m.TelemetryRaw
-    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    aggs: dict[tuple[int, str], _Agg] = {}
     end = minute + timedelta(minutes=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
                    r.rss_bytes, r.queue_depth, r.batch_sizes).where(
             r.ts >= minute, r.ts < end, r.device_pk.in_(chunk))
         for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            aggs[(dpk, model)].add(req, err, 1, counts, sum_ms, cpu, rss, queue, batch)
+            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
+                log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
     _upsert(session, m.Rollup1m, [a.row(device_pk=d, model=mo, bucket_start=minute)
                                   for (d, mo), a in aggs.items()])
     return len(aggs)
@@ -191,14 +235,15 @@ def _recompute_minute(session: Session, minute: datetime, devices: list[int]) ->
 
 def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int:
     r = m.Rollup1m
-    aggs: dict[tuple[int, str], _Agg] = defaultdict(_Agg)
+    aggs: dict[tuple[int, str], _Agg] = {}
     end = hour + timedelta(hours=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
                    r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
             r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk))
         for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            aggs[(dpk, model)].add(req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n)
+            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
+                log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
     _upsert(session, m.Rollup1h, [a.row(device_pk=d, model=mo, bucket_start=hour)
                                   for (d, mo), a in aggs.items()])
     return len(aggs)
@@ -206,13 +251,13 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
 
 def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int:
     r = m.Rollup1m if resolution == "1m" else m.Rollup1h
-    aggs: dict[str, _Agg] = defaultdict(_Agg)
+    aggs: dict[str, _Agg] = {}
     devices: dict[str, set[int]] = defaultdict(set)
     q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
         r.bucket_start == bucket, r.model != "")
     for dpk, model, req, err, counts, sum_ms in session.execute(q):
-        aggs[model].add(req, err, 0, counts, sum_ms, None, None, 0, None)
-        devices[model].add(dpk)
+        if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None):
+            devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
                                           hist_counts=a.counts, hist_sum_ms=a.sum_ms)
@@ -227,12 +272,14 @@ def apply_retention(session: Session, now: datetime, retention: RetentionSetting
     cut_1m = now - timedelta(days=retention.rollup_1m_days)
     cut_1h = now - timedelta(days=retention.rollup_1h_days)
     cut_ev = now - timedelta(days=retention.events_days)
+    cut_dl = now - timedelta(days=retention.dead_letters_days)
     for stmt in (delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw),
                  delete(m.Rollup1m).where(m.Rollup1m.bucket_start < cut_1m),
                  delete(m.Rollup1h).where(m.Rollup1h.bucket_start < cut_1h),
                  delete(m.FleetRollup).where(m.FleetRollup.resolution == "1m", m.FleetRollup.bucket_start < cut_1m),
                  delete(m.FleetRollup).where(m.FleetRollup.resolution == "1h", m.FleetRollup.bucket_start < cut_1h),
                  delete(m.Event).where(m.Event.ts < cut_ev),
-                 delete(m.CommandResult).where(m.CommandResult.ts < cut_ev)):
+                 delete(m.CommandResult).where(m.CommandResult.ts < cut_ev),
+                 delete(m.DeadLetter).where(m.DeadLetter.received_at < cut_dl)):
         n += session.execute(stmt.execution_options(synchronize_session=False)).rowcount or 0
     return n

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
@@ -25,6 +26,9 @@ SUPPORTED_MAJOR = 1
 COMMAND_SCHEMA_VERSION = "2.0"
 COMMAND_MAJOR = 2
 MAX_PAYLOAD_BYTES = 256 * 1024
+# Deepest JSON nesting a payload may have (a telemetry payload needs 5). The standard library's decoder
+# recurses once per level and a few KB of brackets end in RecursionError, so depth is checked first.
+MAX_JSON_DEPTH = 32
 
 # Upper bounds (ms) of the latency buckets; one more bucket counts everything above the last bound.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
@@ -301,17 +305,76 @@ PAYLOAD_BY_KIND: dict[str, type[BaseModel]] = {
 _MAJOR_BY_KIND = {"cmd": COMMAND_MAJOR}
 
 
+# JSON strings (brackets inside them do not nest) and every byte that is not a bracket.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NUL_ESCAPE = b"\\u0000"
+
+
+def json_too_deep(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``data`` nests arrays/objects deeper than ``max_depth``, found without parsing it
+    (C-speed scans; one pass over the brackets only when there are more than ``max_depth`` of them)."""
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for b in _JSON_STRING.sub(b'""', data).translate(None, _NOT_BRACKETS):
+        depth += 1 if b in (0x5B, 0x7B) else -1
+        if depth > max_depth:
+            return True
+    return False
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """Where in a decoded document a string (key or value) holds U+0000, or None."""
+    if isinstance(value, str):
+        return (path or "<top>") if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = k.replace("\x00", "\\u0000")
+            where = f"{path}.{key}" if path else key
+            if "\x00" in k:
+                return where
+            found = _nul_path(v, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_path(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def load_json(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The standard library's ``json.loads`` with the bounds every reader of device input needs: size,
+    nesting depth, and no U+0000 in any string (PostgreSQL text cannot hold it, and a NUL in a name or
+    message is never legitimate). Raises :class:`PayloadError` with reason ``oversize``, ``too_deep``,
+    ``bad_json`` or ``nul_char``."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise PayloadError(f"payload of {len(raw)} bytes is over the {max_bytes}-byte limit", "oversize")
+    if json_too_deep(raw, max_depth):
+        raise PayloadError(f"payload nests deeper than {max_depth} levels", "too_deep")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"payload is not JSON: {exc}", "bad_json") from None
+    except RecursionError:  # unreachable after the depth check; kept so no input can escape as a crash
+        raise PayloadError(f"payload nests deeper than {max_depth} levels", "too_deep") from None
+    if _NUL_ESCAPE in raw:  # the exact walk only when an escaped NUL may be there
+        where = _nul_path(doc)
+        if where:
+            raise PayloadError(f"payload holds a NUL character (\\u0000) at {where}", "nul_char")
+    return doc
+
+
 def parse_payload(kind: str, data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> BaseModel:
-    """Decode and validate a payload for a topic kind. Raises :class:`PayloadError` with a counter reason."""
+    """Decode and validate a payload for a topic kind. Raises :class:`PayloadError` with a counter reason
+    (``unknown_kind``, ``oversize``, ``too_deep``, ``bad_json``, ``nul_char``, ``bad_version``, ``bad_schema``)."""
     model = PAYLOAD_BY_KIND.get(kind)
     if model is None:
         raise PayloadError(f"unknown payload kind {kind!r}", "unknown_kind")
-    if len(data) > max_bytes:
-        raise PayloadError(f"payload of {len(data)} bytes is over the {max_bytes}-byte limit", "oversize")
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"payload is not JSON: {exc}", "bad_json") from None
+    doc = load_json(data, max_bytes=max_bytes)
     if not isinstance(doc, dict):
         raise PayloadError("payload must be a JSON object", "bad_json")
     version = str(doc.get("schema_version", ""))

@@ -159,7 +159,7 @@ class OnnxRuntimeBackend(Backend):
 
     # ------------------------------------------------------------------ float fallback without re-quantizing
 
-    def revert_points(self, model_file: Path) -> list[str]:
+    def revert_points(self, model_file: Path, layers: bool = False) -> list[str]:
         """The activation QuantizeLinear nodes of a QDQ model (weights are initializers, never bypassed)."""
         import onnx
 
@@ -194,7 +194,8 @@ class OnnxRuntimeBackend(Backend):
         producers = {o: n.name for n in model.graph.node for o in n.output}
         return {n.name: producers.get(n.input[0], n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
-    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]]) -> list[float]:
+    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]],
+                      reference: Path | None = None) -> list[float]:
         """``score(outputs)`` on ``feeds`` with each group of activation Q/DQ pairs bypassed (weights stay
         int8); one score per group. The same search as OpenVINO's, so both runtimes rank by the task metric."""
         import onnx
@@ -202,7 +203,8 @@ class OnnxRuntimeBackend(Backend):
         model = onnx.load(str(model_file))
         return [float(score(_run_all(_bypass_qdq(_copy(model), group), feeds))) for group in groups]
 
-    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
+    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str,
+                       reference: Path | None = None) -> Artifact:
         """The QDQ model with the named activation Q/DQ pairs bypassed (those activations stay float)."""
         import onnx
 

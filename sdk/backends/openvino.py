@@ -124,11 +124,13 @@ class OpenVINOBackend(Backend):
 
     # ------------------------------------------------------------------ float fallback without re-quantizing
 
-    def revert_points(self, model_file: Path) -> list[str]:
-        """The activation quantizers (FakeQuantize on a non-constant input) of an int8 IR."""
+    def revert_points(self, model_file: Path, layers: bool = False) -> list[str]:
+        """The activation quantizers (FakeQuantize on a non-constant input) of an int8 IR, in graph order; with
+        ``layers``, also each weighted layer with int8 weights (reverting one restores its fp32 weights and its
+        input's quantizer, which bypassing activations alone cannot reach)."""
         model = _core().read_model(str(model_file))
-        return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
-                and op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")]
+        return [op.get_friendly_name() for op in model.get_ordered_ops() if _is_activation_fq(op)
+                or (layers and _int8_weights(op))]
 
     def revert_consumers(self, model_file: Path) -> dict[str, list[str]]:
         """Each activation FakeQuantize -> the weighted layers it feeds (through weightless reshapes): the
@@ -152,23 +154,30 @@ class OpenVINOBackend(Backend):
                                               "StridedSlice", "Squeeze", "Unsqueeze", "MaxPool", "Interpolate"):
                     stack.extend(t.get_node() for o in node.outputs() for t in o.get_target_inputs())
             out[op.get_friendly_name()] = found
+        for op in model.get_ordered_ops():
+            if _int8_weights(op):
+                out[op.get_friendly_name()] = [op.get_friendly_name()]
         return out
 
     def revert_layers(self, model_file: Path) -> dict[str, str]:
-        """Each activation FakeQuantize -> the layer it feeds (NNCF names it '<layer>/fq_...')."""
-        return {name: name.split("/fq_")[0] for name in self.revert_points(model_file)}
+        """Each revert point -> its layer (NNCF names an activation quantizer '<layer>/fq_...')."""
+        return {name: name.split("/fq_")[0] for name in self.revert_points(model_file, layers=True)}
 
-    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]]) -> list[float]:
-        """``score(outputs)`` on ``feeds`` with each group of activation quantizers bypassed (weights stay
-        int8), without re-calibrating: what NNCF's accuracy control ranks by. One score per group."""
+    def score_reverts(self, model_file: Path, feeds: list[dict], score, groups: list[list[str]],
+                      reference: Path | None = None) -> list[float]:
+        """``score(outputs)`` on ``feeds`` with each group of revert points in float (activation quantizers
+        bypassed; layers given their ``reference`` fp32 weights), without re-calibrating: what NNCF's accuracy
+        control ranks by. One score per group."""
         model = _core().read_model(str(model_file))
-        return [float(score(_run_all(_bypass(model.clone(), group), feeds))) for group in groups]
+        weights = _reference_weights(reference)
+        return [float(score(_run_all(_bypass(model.clone(), group, weights), feeds))) for group in groups]
 
-    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str) -> Artifact:
-        """The int8 IR with the named activation quantizers bypassed (those activations stay float)."""
+    def build_reverted(self, model_file: Path, names: list[str], workdir: Path, precision: str,
+                       reference: Path | None = None) -> Artifact:
+        """The int8 IR with the named revert points in float (activations bypassed, layers with fp32 weights)."""
         import openvino as ov
 
-        model = _bypass(_core().read_model(str(model_file)), names)
+        model = _bypass(_core().read_model(str(model_file)), names, _reference_weights(reference))
         xml = workdir / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
         layers = sorted({n.split("/fq_")[0] for n in names})
@@ -232,16 +241,60 @@ class OpenVINOBackend(Backend):
         return probe
 
 
-def _bypass(model, names: list[str]):
-    """Reconnect the consumers of each named FakeQuantize to its input (in place; returns the model)."""
+def _is_activation_fq(op) -> bool:
+    return op.get_type_name() == "FakeQuantize" and \
+        op.input_value(0).get_node().get_type_name() not in ("Constant", "Convert")
+
+
+def _int8_weights(op) -> bool:
+    """A weighted layer whose weights NNCF stored as int8 (Multiply '.../fq_weights_N' over a Convert)."""
+    return op.get_type_name() in WEIGHTED and "/fq_weights" in op.input_value(1).get_node().get_friendly_name()
+
+
+def _reference_weights(reference: Path | None) -> dict:
+    """fp32 weights of each weighted layer of the reference IR, and the bias of the Add that follows it (NNCF's
+    bias correction changed the int8 model's biases to offset its weight error), by op name."""
+    if reference is None:
+        return {}
+    model = _core().read_model(str(reference))
+    out = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in WEIGHTED and op.input_value(1).get_node().get_type_name() == "Constant":
+            out[op.get_friendly_name()] = op.input_value(1).get_node().get_data().copy()
+            for target in op.output(0).get_target_inputs():
+                add = target.get_node()
+                if add.get_type_name() == "Add" and add.input_value(1).get_node().get_type_name() == "Constant":
+                    out[add.get_friendly_name()] = add.input_value(1).get_node().get_data().copy()
+    return out
+
+
+def _bypass(model, names: list[str], weights: dict | None = None):
+    """Put the named revert points in float (in place; returns the model): a FakeQuantize's consumers read its
+    input; a layer gets its fp32 weights back and reads its input before that input's quantizer."""
+    import openvino as ov
+
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     for name in names:
-        fq = ops.get(name)
-        if fq is None:
+        op = ops.get(name)
+        if op is None:
             continue
-        source = fq.input_value(0)
-        for target in list(fq.output(0).get_target_inputs()):
-            target.replace_source_output(source)
+        if op.get_type_name() == "FakeQuantize":
+            source = op.input_value(0)
+            for target in list(op.output(0).get_target_inputs()):
+                target.replace_source_output(source)
+            continue
+        w = (weights or {}).get(name)
+        if w is None or tuple(w.shape) != tuple(op.input_value(1).get_shape()):
+            continue
+        op.input(1).replace_source_output(ov.op.Constant(w).output(0))
+        for target in op.output(0).get_target_inputs():
+            add = target.get_node()
+            bias = (weights or {}).get(add.get_friendly_name())
+            if add.get_type_name() == "Add" and bias is not None and \
+                    tuple(bias.shape) == tuple(add.input_value(1).get_shape()):
+                add.input(1).replace_source_output(ov.op.Constant(bias).output(0))
+        if _is_activation_fq(op.input_value(0).get_node()):
+            op.input(0).replace_source_output(op.input_value(0).get_node().input_value(0))
     model.validate_nodes_and_infer_types()
     return model
 

@@ -100,8 +100,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                 report = report.model_copy(update={"sensitive_layers": _sensitivity(backend, job, artifact, prep)[:10],
                                                    "sensitivity_basis": "error added vs fp32"})
             if cand.accuracy_aware and ranked:
-                found = _revert_search(prep, backend, artifact, runtime, run_device, hint, workdir, progress, report,
-                                       [n for n, _ in ranked])
+                found = _revert_search(prep, backend, job, artifact, runtime, run_device, hint, workdir, progress,
+                                       report, [n for n, _ in ranked])
                 if found is not None and len(found[3].float_layers) > MANY_REVERTS:
                     # Many activations in float: the error may sit in weights, which bypassing cannot reach.
                     # Re-quantizing with whole layers in float (weights too) can hold the budget with fewer.
@@ -304,20 +304,21 @@ def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[st
     def score(outs):
         return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
 
-    points = backend.revert_points(base.model_file)
+    points = backend.revert_points(base.model_file, layers=True)
+    reference = backend.layer_reference(job)
     task = prep.evaluator.task
     if len(points) <= RANK_LIMIT:
         with progress.stage(f"rank {len(points)} activation quantizers by the {task} metric (one at a time)"):
-            scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in points])
+            scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in points], reference)
         return sorted(zip(points, scores), key=lambda x: -x[1])
     size = math.ceil(len(points) / (RANK_LIMIT // 2))
     groups = [points[i:i + size] for i in range(0, len(points), size)]
     with progress.stage(f"rank {len(groups)} groups of {size} activation quantizers by the {task} metric"):
-        group_scores = backend.score_reverts(base.model_file, feeds, score, groups)
+        group_scores = backend.score_reverts(base.model_file, feeds, score, groups, reference)
     order = sorted(range(len(groups)), key=lambda i: -group_scores[i])
     singles = [p for i in order[: max(1, (RANK_LIMIT // 2) // size)] for p in groups[i]]
     with progress.stage(f"rank the {len(singles)} quantizers of the best groups one at a time"):
-        scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in singles])
+        scores = backend.score_reverts(base.model_file, feeds, score, [[p] for p in singles], reference)
     ranked = sorted(zip(singles, scores), key=lambda x: -x[1])
     # the rest follow group by group, best group first, each scored with its group
     done = set(singles)
@@ -325,13 +326,13 @@ def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[st
     return ranked
 
 
-def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
+def _revert_search(prep, backend, job, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
                    ranked: list[str]):
-    """Bypass activation quantizers of the int8 model, best-ranked first, until the task budget holds.
+    """Put revert points of the int8 model in float, best-ranked first, until the task budget holds.
 
-    ``ranked`` comes from bypassing each quantizer alone and re-judging the model by its task metric (no
-    re-calibration). k = 1, 2, 4, ... quantizers are bypassed and validated on all held-out samples, and the
-    smallest passing k is bisected. Weights stay int8. Returns None when even every activation in float
+    ``ranked`` comes from putting each point (an activation quantizer; on OpenVINO also a layer with its fp32
+    weights) in float alone and re-judging the model by its task metric (no re-calibration). k = 1, 2, 4, ... quantizers are bypassed and validated on all held-out samples, and the
+    smallest passing k is bisected. Returns None when even every activation in float
     misses the budget (the caller then re-quantizes with float layers).
     """
     budget = prep.profile.accuracy
@@ -342,7 +343,8 @@ def _revert_search(prep, backend, base: Artifact, runtime, run_device, hint, wor
     def try_(k):
         folder = workdir / f"revert{next(attempts)}"
         folder.mkdir()
-        art = backend.build_reverted(base.model_file, ranked[:k], folder, base.precision)
+        art = backend.build_reverted(base.model_file, ranked[:k], folder, base.precision,
+                                     backend.layer_reference(job))
         loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
                               options=device_options(art.runtime_options, run_device))
         outs = [loaded.infer(feed) for feed in prep.heldout.samples]

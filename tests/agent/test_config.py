@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeopt.agent.config import AgentConfig, load_config, render_config
+from edgeopt.agent.config import AgentConfig, ApiConfig, load_config, render_config
 from edgeopt.sdk.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,19 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path, agent_keys):
     assert cfg.outbox.max_messages == 100_000
     assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("127.0.0.1", 1883, False)
     assert cfg.telemetry_interval_s == 10.0 and cfg.allow_unsigned is False
+    from edgeopt.agent.connection import HttpLimits
+
+    assert cfg.api.http_limits() == HttpLimits(max_header_bytes=16384, max_body_bytes=256 * 1024**2,
+                                               header_timeout_s=10, body_timeout_s=30, idle_timeout_s=60,
+                                               max_connections=512)
+
+
+def test_api_limits_are_read_and_checked(tmp_path, agent_keys):
+    body = BASE + "[api]\nmax_connections = 64\nheader_timeout_s = 2.5\nmax_body_bytes = 1048576\n"
+    limits = load_config(_write(tmp_path, body, agent_keys.trusted_public)).api.http_limits()
+    assert (limits.max_connections, limits.header_timeout_s, limits.max_body_bytes) == (64, 2.5, 1048576)
+    with pytest.raises(ConfigError, match=r"api\.idle_timeout_s.*greater than 0"):
+        load_config(_write(tmp_path, BASE + "[api]\nidle_timeout_s = 0\n", agent_keys.trusted_public))
 
 
 def test_relative_key_path(tmp_path, agent_keys):
@@ -173,8 +186,13 @@ def test_model_has_titles_and_descriptions():
 def test_systemd_unit_runs_the_daemon_with_the_config():
     unit = (ROOT / "agent" / "systemd" / "edgeopt-agent.service").read_text()
     for line in ("Type=simple", "ExecStart=/usr/local/bin/edgeopt-agent --config /etc/edgeopt/agent.toml",
-                 "Restart=on-failure", "StateDirectory=edgeopt", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+                 "Restart=on-failure", "StateDirectory=edgeopt", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "LimitNOFILE=4096"):
         assert line in unit.splitlines(), line
+    # the API's default connection cap fits the unit's open-file limit with the agent's reserve to spare
+    from edgeopt.agent.server import RESERVED_FDS
+
+    assert ApiConfig().max_connections + RESERVED_FDS <= 4096
 
 
 def test_systemd_unit_verifies(tmp_path):

@@ -88,23 +88,65 @@ def test_expect_100_continue(server):
     s.close()
 
 
+_INFER = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+
+
 @pytest.mark.parametrize("raw, status, message", [
-    (b"POST /v2/models/digits/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411,
+    (_INFER + b"Transfer-Encoding: chunked\r\n\r\n", 411,
      "chunked request bodies are not supported: send Content-Length"),
-    (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: lots\r\n\r\n", 400, "Content-Length is not a number"),
-    (b"HELLO\r\n\r\n", 400, "malformed request line 'HELLO'"),
-    (b"GET / HTTP/2.0\r\n\r\n", 505, "malformed request line 'GET / HTTP/2.0'"),
-    (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed header line 'no colon here'"),
-    (b"POST /v2/models/digits/infer HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n", 413,
+    (_INFER + b"Content-Length: lots\r\n\r\n", 400,
+     "malformed request head: Invalid character in Content-Length"),
+    (b"HELLO\r\n\r\n", 400, "malformed request head: Invalid method encountered"),
+    (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/2.0 is not supported; use HTTP/1.1"),
+    (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed request head: Invalid header token"),
+    (_INFER + b"Content-Length: 999999999999\r\n\r\n", 413,
      "request body of 999999999999 bytes is over the 268435456-byte limit"),
-])
+    # Request-smuggling openings the hand-written parser let through (issue 9): each must be refused.
+    (_INFER + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400,
+     "malformed request head: Duplicate Content-Length"),
+    (_INFER + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400,
+     "malformed request head: Duplicate Content-Length"),
+    (_INFER + b"Content-Length: 1_0\r\n\r\n0123456789", 400,
+     "malformed request head: Invalid character in Content-Length"),
+    (_INFER + b"Content-Length: +3\r\n\r\nabc", 400,
+     "malformed request head: Invalid character in Content-Length"),
+    (_INFER + b"Content-Length : 3\r\n\r\nabc", 400, "malformed request head: Invalid header field char"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n", 400,
+     "malformed request head: Invalid header value char"),
+    (_INFER + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400,
+     "malformed request head: Content-Length can't be present with Transfer-Encoding"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-A: a\r\n folded\r\n\r\n", 400,
+     "malformed request head: Unexpected whitespace after header value"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed request head: duplicate Host header"),
+    (_INFER + b"Inference-Header-Content-Length: 1\r\nInference-Header-Content-Length: 2\r\n\r\n", 400,
+     "malformed request head: duplicate Inference-Header-Content-Length header"),
+    # Bare-LF line ends: answered at once, not left waiting for a CRLF CRLF that never comes.
+    (b"GET /v2 HTTP/1.1\nHost: x\n\n", 400, "malformed request head: Expected CRLF after version"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\n\n", 400, "malformed request head: Missing expected CR after header value"),
+    # A head over the size cap (16 KiB by default), whole or still arriving.
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431,
+     "request head is over the 16384-byte limit"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000, 431, "request head is over the 16384-byte limit"),
+], ids=["chunked", "cl-word", "bad-method", "http2", "no-colon", "too-long", "dup-cl", "dup-cl-same", "cl-underscore",
+        "cl-plus", "space-before-colon", "nul-in-value", "te-and-cl", "obs-fold", "dup-host", "dup-ihcl",
+        "bare-lf", "bare-lf-headers", "head-100k", "head-100k-partial"])
 def test_framing_errors_answer_and_close(server, raw, status, message):
     s, buf = _conn(server), bytearray()
     s.sendall(raw)
     got, headers, body = _read_response(s, buf)
     assert got == status and json.loads(body) == {"error": message}
     assert headers["connection"] == "close"
+    assert _closed(s)  # nothing after the error is read as a request
     s.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:  # the server closed with our unread bytes still queued
+        pass
+    return True
 
 
 def test_same_head_different_bodies(server, digits_model):
@@ -196,8 +238,8 @@ def test_stop_finishes_requests_in_progress(digits_model):
     s.sendall(head + body)
     stopper = threading.Thread(target=srv.stop)
     for _ in range(100):
-        if registry.get("digits").batcher.queue_depth == 0 and srv._connections and \
-                any(c.busy for c in srv._connections):
+        if registry.get("digits").batcher.queue_depth == 0 and srv.connections and \
+                any(c.busy for c in srv.connections):
             break
         threading.Event().wait(0.02)
     stopper.start()

@@ -21,7 +21,9 @@ def _fill(rule) -> str:
 def test_healthz_is_public_and_checks_the_database(client):
     resp = client.get("/healthz")
     assert resp.status_code == 200
-    assert resp.get_json() == {"status": "ok", "database": "ok"}
+    assert resp.get_json() == {"status": "ok", "database": "ok", "ingest": {
+        "status": "absent", "processes": 0, "healthy": 0, "stale": 0}}
+    assert client.get("/healthz?ingest=required").status_code == 503  # no ingest process has reported
 
 
 def test_nothing_but_login_static_health_and_downloads_without_auth(app, client):

@@ -28,7 +28,9 @@ class IngestProc:
 
     def __init__(self, db_url: str, broker_url: str, log: Path, group: str = "edgeopt-ingest", *extra: str):
         self.log = log
-        env = dict(os.environ, EDGEOPT_DATABASE_URL=db_url)
+        # One data directory per test: processes started again in it take the same slot, so the same MQTT
+        # client id and session (ingest_health), as on a real host.
+        env = dict(os.environ, EDGEOPT_DATABASE_URL=db_url, EDGEOPT_DATA_DIR=str(log.parent / "ingest-data"))
         self.proc = subprocess.Popen(
             [EXE, "ingest", "--broker", broker_url, "--group", group, "--flush-ms", "50", "--batch-size", "200",
              "--rollup-every", "0", "--heartbeat-check", "0.3", *extra],

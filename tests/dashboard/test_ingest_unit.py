@@ -65,6 +65,8 @@ def test_classify_database_errors():
     assert c(OperationalError("s", {}, sqlite3.OperationalError("database is locked"))) == "unavailable"
     assert c(psycopg.errors.UniqueViolation("u")) == "refused"
     assert c(IntegrityError("s", {}, sqlite3.IntegrityError("fk"))) == "refused"
+    assert c(psycopg.errors.NumericValueOutOfRange("bigint")) == "refused"
+    assert c(OverflowError("Python int too large to convert to SQLite INTEGER")) == "refused"
     assert c(ValueError("bug")) == "unexpected"
 
 
@@ -88,7 +90,7 @@ def _run_writer(svc, items, want_rows, timeout=20.0):
     from edgeopt.dashboard import models as m
     from sqlalchemy.orm import Session
 
-    t = threading.Thread(target=svc._write_loop, daemon=True)
+    t = threading.Thread(target=svc.loop.run, daemon=True)
     t.start()
     for it in items:
         svc.queue.put(it)
@@ -125,9 +127,38 @@ def test_writer_survives_deadlocks_and_unexpected_errors(db_url, caplog):
         return real(batch, now)
 
     svc.writer.write = flaky
-    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard.ingest"):
+    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard"):
         assert _run_writer(svc, _incoming(10), want_rows=10) == 10
     text = caplog.text
     assert "batch rolled back by the database (deadlock detected); retrying" in text
     assert "unexpected error writing a batch of 10 messages (attempt 3)" in text
+    svc.engine.dispose()
+
+
+def test_a_value_the_database_cannot_hold_is_dead_lettered(db_url, caplog):
+    """rss_bytes = 2**70 passes the contract but fits no BIGINT: that message alone is set aside (db_refused),
+    at once, and the rest of its batch is written."""
+    import json
+    import logging
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from edgeopt.dashboard import models as m
+    from edgeopt.dashboard.ingest_writer import Incoming
+    from edgeopt.dashboard.simulate import SimDevice
+
+    svc = ingest.IngestService(ingest.IngestSettings(database_url=db_url, flush_ms=20, batch_size=50))
+    d = SimDevice("huge-1")
+    items = [Incoming(d.topic("telemetry"), d.telemetry()[0].to_json(), datetime.now(timezone.utc)) for _ in range(6)]
+    doc = json.loads(items[2].payload)
+    doc["system"]["rss_bytes"] = 2**70
+    items[2].payload = json.dumps(doc).encode()
+    with caplog.at_level(logging.INFO, logger="edgeopt.dashboard"):
+        assert _run_writer(svc, items, want_rows=5) == 5
+    with Session(svc.engine) as s:
+        letters = s.scalars(select(m.DeadLetter)).all()
+        assert [(x.reason, x.payload) for x in letters] == [("db_refused", items[2].payload)]
+    assert "batch refused by the database" in caplog.text and "unexpected error" not in caplog.text
     svc.engine.dispose()

@@ -149,3 +149,35 @@ def test_device_series_resolutions_agree(engine, session, fleet):
     assert auto["resolution"] == "1m" and auto["step_s"] >= 60
     with pytest.raises(LookupError, match="unknown device 'nope'"):
         stats.device_series(session, "nope", T0, NOW)
+
+
+def test_no_stored_row_stops_the_rollup(engine, session, fleet):
+    """Rows the ingest refuses today but may have stored before (ts 9999-12-31: OverflowError in every run,
+    the watermark never moved) or that are malformed are skipped and counted; the rest rolls up."""
+    run_rollup(engine, now=NOW)
+    dev = session.scalars(select(m.Device).where(m.Device.device_id == "d0")).one()
+    base = dict(device_pk=dev.id, session_id="old", interval_s=60.0, requests=5, errors=0, throughput_ips=0.1,
+                hist_sum_ms=1.0, queue_depth=0, batch_sizes={})
+    good = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    good[3] = 5
+    session.add_all([
+        m.TelemetryRaw(**base, model="a", seq=10_001, ts=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc),
+                       hist_counts=good),
+        m.TelemetryRaw(**dict(base, batch_sizes={"1": "many"}), model="a", seq=10_002, ts=NOW - timedelta(minutes=2),
+                       hist_counts=good),
+        m.TelemetryRaw(**base, model="a", seq=10_003, ts=NOW - timedelta(minutes=1), hist_counts=good),
+    ])
+    session.commit()
+    st = run_rollup(engine, now=NOW, overlap_ids=0)
+    assert st.skipped_rows == 1
+    mark = session.get(m.RollupState, "rollup_raw_id")
+    session.refresh(mark)
+    assert mark.value == session.scalar(select(func.max(m.TelemetryRaw.id)))  # the watermark moved past them
+    minute = session.scalars(select(m.Rollup1m).where(m.Rollup1m.device_pk == dev.id, m.Rollup1m.model == "a",
+                                                      m.Rollup1m.bucket_start == (NOW - timedelta(minutes=1)))).one()
+    assert (minute.requests, minute.hist_counts) == (5, good)
+    # The malformed row's minute got no bucket at all (not an empty one).
+    assert session.scalar(select(func.count()).select_from(m.Rollup1m).where(
+        m.Rollup1m.bucket_start == NOW - timedelta(minutes=2))) == 0
+    # Retention runs in the same transaction: it works again too.
+    assert run_rollup(engine, now=NOW + timedelta(days=3)).deleted > 0

@@ -192,3 +192,33 @@ def test_revert_consumers_name_the_weighted_layers_a_quantizer_feeds(tmp_path, r
     fed = sorted({layer for layers in consumers.values() for layer in layers})
     # every Conv/Gemm of the tiny CNN reads some quantized activation
     assert len(fed) == 3, consumers
+
+
+def test_openvino_reverting_every_layer_with_reference_weights_is_fp32(tmp_path):
+    """Layer revert points: the layer's fp32 weights come back from the reference IR and its input quantizer is
+    bypassed. With every point reverted the int8 IR computes what fp32 does."""
+    from edgeopt.agent.runtimes import get_runtime
+
+    src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
+    backend = get_backend("openvino")
+    job = _job(tmp_path, src, "int8", runtime="openvino")
+    art = backend.build(job)
+    layers = [p for p in backend.revert_points(art.model_file, layers=True)
+              if p not in backend.revert_points(art.model_file)]
+    assert len(layers) == 3 and backend.revert_consumers(art.model_file)[layers[0]] == [layers[0]]
+    feeds = random_samples([InputSpec("input", "float32", (1, 1, 8, 8))], 4, seed=5).samples
+    fp32 = get_runtime("onnxruntime").load(src, device="CPUExecutionProvider")
+    ref = [fp32.infer(f) for f in feeds]
+    fp32.close()
+
+    def error(outs):
+        return float(sum(np.abs(o[k] - r[k]).sum() for o, r in zip(outs, ref) for k in r))
+
+    everything = backend.revert_points(art.model_file, layers=True)
+    int8, restored = backend.score_reverts(art.model_file, feeds, error, [[], everything],
+                                           backend.layer_reference(job))
+    assert restored < 1e-3 < int8
+    out = tmp_path / "rev"
+    out.mkdir()
+    reverted = backend.build_reverted(art.model_file, layers, out, "int8", backend.layer_reference(job))
+    assert sorted(reverted.float_layers) == sorted(layers)

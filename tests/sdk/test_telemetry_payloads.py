@@ -82,3 +82,34 @@ def test_commands_travel_signed_with_their_own_schema_major():
     assert err.value.reason == "bad_schema"
     # the other payloads stay at 1.x
     assert t.SCHEMA_VERSION == "1.0" and t.COMMAND_SCHEMA_VERSION == "2.0"
+
+
+def test_deep_nesting_is_refused_before_the_decoder_recurses():
+    """The probe's payload: a 4 KB event nested 2,000 deep ended the ingest writer with RecursionError."""
+    deep = b'{"details": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    for kind in ("telemetry", "events", "cmd"):
+        with pytest.raises(t.PayloadError) as err:
+            t.parse_payload(kind, deep)
+        assert err.value.reason == "too_deep"
+        assert str(err.value) == f"payload nests deeper than {t.MAX_JSON_DEPTH} levels"
+    # Brackets inside strings do not nest, and the bound itself is allowed.
+    assert not t.json_too_deep(b'{"m": "' + b"[" * 5000 + b'"}')
+    at_bound = b"[" * (t.MAX_JSON_DEPTH - 1) + b"{}" + b"]" * (t.MAX_JSON_DEPTH - 1)
+    assert not t.json_too_deep(at_bound) and t.json_too_deep(b"[" + at_bound + b"]")
+
+
+def test_nul_characters_are_refused_with_where():
+    data = json.loads(_telemetry())
+    data["models"][0]["model"] = "dig\u0000its"
+    with pytest.raises(t.PayloadError) as err:
+        t.parse_payload("telemetry", json.dumps(data).encode())
+    assert err.value.reason == "nul_char"
+    assert str(err.value) == "payload holds a NUL character (\\u0000) at models[0].model"
+    data = json.loads(_telemetry())
+    data["details\u0000"] = 1
+    with pytest.raises(t.PayloadError, match=r"at details\\u0000$"):
+        t.parse_payload("telemetry", json.dumps(data).encode())
+    # An escaped backslash followed by "u0000" is six printable characters, not a NUL.
+    data = json.loads(_telemetry())
+    data["note"] = "\\u0000"
+    assert t.parse_payload("telemetry", json.dumps(data).encode()).seq == 3
