@@ -179,3 +179,80 @@ def test_score_is_the_least_slack():
     report = _judge("classify", _logits([1, 2]), _logits([1, 3]), AccuracyBudget(max_metric_drop=60.0),
                     labels=np.array([1, 2]))
     assert accuracy.score(report) == pytest.approx(60.0 - 50.0)
+
+
+# ------------------------------------------------------------------ per-layer error (the sensitivity ranking)
+
+
+class _Layer:
+    def __init__(self, name, upstream=()):
+        self.name, self.upstream = name, list(upstream)
+
+
+def test_layer_errors_are_the_error_each_layer_adds_over_its_worst_upstream():
+    ref = {"a": np.array([1.0, 0.0]), "b": np.array([1.0, 0.0]), "c": np.array([1.0, 0.0]),
+           "zero": np.zeros(2), "dead": np.zeros(2), "reshaped": np.ones(3), "gone": np.ones(2)}
+    opt = {"a": np.array([1.0, 0.0]), "b": np.array([0.6, 0.8]), "c": np.array([0.0, 1.0]),
+           "zero": np.zeros(2), "dead": np.array([0.0, 1.0]), "reshaped": np.ones(4)}
+    layers = [_Layer("gone"), _Layer("a"), _Layer("b", ["a"]), _Layer("c", ["b", "a"]), _Layer("zero"),
+              _Layer("dead", ["zero"]), _Layer("reshaped")]
+    errors = accuracy.layer_errors(layers, lambda f: ref, lambda f: opt, [{}])
+    got = {e.layer: e.error for e in errors}
+    assert got["a"] == pytest.approx(0.0) and got["b"] == pytest.approx(0.4)
+    assert got["c"] == pytest.approx(1.0 - 0.4)  # raw error 1.0, of which 0.4 came from upstream b
+    assert got["zero"] == 0.0 and got["dead"] == 1.0  # zero vs zero: no error; zero vs something: all error
+    # most harmful first; layers that could not be compared last, in graph order, with no error
+    assert [e.layer for e in errors] == ["dead", "c", "b", "a", "zero", "gone", "reshaped"]
+    assert got["gone"] == 0.0 and got["reshaped"] == 0.0
+
+
+def test_layer_errors_accumulate_over_feeds_and_ignore_nan():
+    feeds = [{"i": 0}, {"i": 1}]
+    refs = [{"x": np.array([1.0, 0.0])}, {"x": np.array([0.0, 3.0])}]
+    opts = [{"x": np.array([1.0, 0.0])}, {"x": np.array([np.nan, 3.0])}]
+    (e,) = accuracy.layer_errors([_Layer("x")], lambda f: refs[f["i"]], lambda f: opts[f["i"]], feeds)
+    assert e.error == pytest.approx(0.0)  # one cosine over both feeds' dot products; NaN read as 0
+    opts[1] = {"x": np.array([0.0, -3.0])}
+    (e,) = accuracy.layer_errors([_Layer("x")], lambda f: refs[f["i"]], lambda f: opts[f["i"]], feeds)
+    assert e.error == pytest.approx(1.0 - (1.0 - 9.0) / 10.0)  # dot 1-9, norms 10 and 10
+
+
+# ------------------------------------------------------------------ what the report carries
+
+
+def test_report_budget_lists_the_task_keys_only():
+    budget = AccuracyBudget(min_cosine=0.5, min_top1_agreement=0.7, max_metric_drop=2.0)
+    a, _ = _unit_pair(0.9)
+    assert _judge("generic", [{"y": a[None]}], [{"y": a[None]}], budget).budget == {"min_cosine": 0.5,
+                                                                                   "task": "generic"}
+    report = _judge("classify", _logits([1]), _logits([1]), budget)
+    assert report.budget == {"min_top1_agreement": 0.7, "max_metric_drop": 2.0, "task": "classify"}
+    seg = np.zeros((1, 1, 8, 8))
+    assert set(_judge("segment", [{"m": seg}], [{"m": seg}], budget).budget) == {"min_mask_iou", "mask_threshold",
+                                                                                  "task"}
+    emb = [{"embedding": np.eye(4)[i][None]} for i in range(4)]
+    assert set(_judge("embed", emb, emb, budget).budget) == {"min_recall_at_1", "min_embedding_cosine", "task"}
+
+
+def test_samples_count_batch_rows_and_metric_is_the_first_budgeted_check():
+    ref = [{"y": np.ones((3, 4))}, {"y": np.ones((2, 4))}, {"y": np.float64(1.0)}]
+    report = _judge("generic", ref, ref, AccuracyBudget(min_cosine=0.5))
+    assert report.samples == 3 + 2 + 1  # rows of axis 0; a scalar output is one sample
+    labels = np.arange(2)
+    report = _judge("classify", _logits([0, 1]), _logits([0, 1]), AccuracyBudget(), labels)
+    assert [c.name for c in report.checks] == ["accuracy", "top-1 agreement"]
+    assert report.metric.name == "accuracy" and report.checks[1].rule == ""  # reported, not budgeted
+    assert report.top1_agreement == 1.0
+
+
+def test_score_without_budgeted_checks_is_the_min_cosine_and_nan_scores_lowest():
+    from edgeopt.sdk.package import MetricResult, ValidationReport
+
+    report = ValidationReport(samples=1, max_abs_error=0.0, min_cosine=0.75, mean_cosine=0.8, passed=True,
+                              checks=[MetricResult(name="m", fp32=1.0, optimized=0.5, drop=0.5, bound=None,
+                                                   rule="", passed=True)])
+    assert accuracy.score(report) == 0.75
+    nan = report.model_copy(update={"checks": [at_least("m", float("nan"), 0.5)]})
+    assert accuracy.score(nan) == -1e9
+    drop = report.model_copy(update={"checks": [max_drop("acc", 90.0, 88.0, 3.0), at_least("m", 0.9, 0.5)]})
+    assert accuracy.score(drop) == pytest.approx(min(3.0 - 2.0, 0.9 - 0.5))
