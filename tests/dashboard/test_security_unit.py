@@ -40,6 +40,11 @@ def test_has_role_needs_an_authenticated_user():
     assert has_role(_User("admin", authenticated=False), "viewer") is False
     assert has_role(object(), "viewer") is False  # no is_authenticated at all
 
+    class RoleOnly:  # a role but no is_authenticated: not logged in
+        role = "admin"
+
+    assert has_role(RoleOnly(), "viewer") is False
+
 
 def test_password_hash_round_trip_and_minimum_length():
     h = hash_password("long enough")
@@ -103,7 +108,8 @@ def test_requires_role_401_403_and_runs_the_view(role_app):
     assert c.get("/op").status_code == 401
     c.get("/login/viewer")
     resp = c.get("/op")
-    assert resp.status_code == 403 and "this needs the operator role; you are viewer" in resp.get_data(as_text=True)
+    assert resp.status_code == 403
+    assert "<p>this needs the operator role; you are viewer</p>" in resp.get_data(as_text=True)
     for role in ("operator", "admin"):
         c.get(f"/login/{role}")
         resp = c.get("/op")
