@@ -7,6 +7,8 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
 want=()
 command -v mosquitto >/dev/null 2>&1 || want+=(mosquitto mosquitto-clients)
+# systemd-analyze checks the agent's unit file in tests/agent/test_config.py
+command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
 if [[ "${EDGEOPT_SETUP_BROWSER:-1}" == 1 ]]; then
   command -v chromium >/dev/null 2>&1 || want+=(chromium)
 fi

@@ -124,7 +124,7 @@ def test_close_drains_accepted_requests_then_refuses_new_ones():
     pending = [batcher.submit({"x": np.ones((1, 3), np.float32)}) for _ in range(5)]
     closer = threading.Thread(target=batcher.close)
     closer.start()
-    time.sleep(0.05)
+    _wait(lambda: batcher._closed, "close() to mark the batcher closed")  # close() is now draining
     with pytest.raises(ClosedError, match="model 'fake' is being replaced or stopped"):
         batcher.submit({"x": np.ones((1, 3), np.float32)})
     model.gate.set()
@@ -158,6 +158,21 @@ def test_reconfigure_changes_limits():
     batcher.close()
 
 
+def _wait(pred, what: str, timeout: float = 10.0) -> None:
+    """Poll ``pred`` until true (a generous deadline, no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def _wait_filling(batcher: Batcher, missing: int) -> None:
+    """The marker that the worker took the queued requests and now waits for ``missing`` more to fill its
+    batch (what the tests below used to assume after a sleep)."""
+    _wait(lambda: batcher._filling is not None and batcher._wake_at == missing and not batcher._queue,
+          f"the worker to wait for {missing} more request(s)")
+
+
 def _primed(max_batch: int = 4) -> tuple[FakeModel, Batcher]:
     """A batcher whose previous batch was full (as under concurrent load), with a 60 s max delay: it now
     waits for a full batch, so any test that relied on the delay would hit its 10 s result timeout."""
@@ -179,7 +194,7 @@ def test_filling_batch_runs_as_soon_as_it_is_full():
     request); the full batch then runs at once, long before the max delay."""
     model, batcher = _primed(4)
     pending = [batcher.submit({"x": np.full((1, 3), i, np.float32)}) for i in range(3)]
-    time.sleep(0.2)
+    _wait_filling(batcher, missing=1)  # the worker holds the three and waits for one more
     assert model.calls == [1, 4]  # still waiting for the fourth request
     pending.append(batcher.submit({"x": np.full((1, 3), 3, np.float32)}))
     for i, p in enumerate(pending):
@@ -192,7 +207,7 @@ def test_request_that_cannot_join_ends_the_wait():
     """A request of another per-sample shape wakes the worker at once: the partial batch runs, then it."""
     model, batcher = _primed(4)
     waiting = batcher.submit({"x": np.ones((1, 3), np.float32)})
-    time.sleep(0.1)
+    _wait_filling(batcher, missing=3)
     other = batcher.submit({"x": np.ones((1, 5), np.float32)})
     assert waiting.result(10)["y"].shape == (1, 3)
     assert other.result(10)["y"].shape == (1, 5)
@@ -204,7 +219,7 @@ def test_reconfigure_wakes_a_worker_filling_a_batch():
     """Lowering max_batch while the worker waits for a bigger batch lets the smaller batch run at once."""
     model, batcher = _primed(4)
     waiting = batcher.submit({"x": np.ones((1, 3), np.float32)})
-    time.sleep(0.1)
+    _wait_filling(batcher, missing=3)
     batcher.reconfigure(max_batch=2)
     second = batcher.submit({"x": np.ones((1, 3), np.float32)})
     assert waiting.result(10)["y"].shape == (1, 3) and second.result(10)["y"].shape == (1, 3)

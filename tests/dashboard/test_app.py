@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from urllib.parse import parse_qs, urlsplit
 
 from dashboard_web_fixtures import (app, client, db, login, runner, seed_fleet, trusted_keys)  # noqa: F401
 
@@ -35,19 +36,21 @@ def test_nothing_but_login_static_health_and_downloads_without_auth(app, client)
             resp = client.open(url, method=method)
             checked += 1
             if url.startswith("/api/"):
-                if method == "GET":
-                    assert resp.status_code == 401, (method, url, resp.status_code)
-                else:  # unsafe API calls without a session or token: refused (CSRF or auth) with JSON
-                    assert resp.status_code in (400, 401), (method, url, resp.status_code)
+                # The API is exempt from the app-wide CSRF check (token callers), so the login check answers.
+                assert resp.status_code == 401, (method, url, resp.status_code)
                 body = resp.get_json()
                 assert set(body) == {"error", "message"}, (url, body)
+                assert body["error"] == "unauthorized", (url, body)
             elif method == "GET":
                 assert resp.status_code == 302, (method, url, resp.status_code)
-                assert resp.headers["Location"].startswith("/login")
+                loc = urlsplit(resp.headers["Location"])
+                assert loc.path == "/login" and not loc.netloc, (url, resp.headers["Location"])
+                assert parse_qs(loc.query)["next"] == [url], (url, resp.headers["Location"])
             else:
-                # A form post without session: the CSRF check refuses it before anything else.
-                assert resp.status_code in (400, 401, 302), (method, url, resp.status_code)
-                assert resp.status_code != 200
+                # A form post without a session has no CSRF token: refused before anything else, on the
+                # error page (never a redirect, which would hide whether it was refused).
+                assert resp.status_code == 400, (method, url, resp.status_code)
+                assert "Form refused" in resp.get_data(as_text=True), (method, url)
     assert checked > 40
 
 

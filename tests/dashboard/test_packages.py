@@ -74,12 +74,18 @@ def test_expired_download_link(app, good_pkg):
 
     with pytest.raises(SecurityError, match="download link is not valid"):
         package_store.resolve_download_token("k", "garbage", 60)
-    tok = package_store._serializer("k").dumps({"id": 1, "sha256": "a"})
     import time
 
-    time.sleep(1.1)
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    class HourAgo(TimestampSigner):  # signs as if an hour ago, instead of sleeping past the max age
+        def get_timestamp(self) -> int:
+            return int(time.time()) - 3600
+
+    tok = URLSafeTimedSerializer("k", salt=package_store.DOWNLOAD_SALT, signer=HourAgo).dumps({"id": 1, "sha256": "a"})
+    assert package_store.resolve_download_token("k", tok, 7200) == (1, "a")  # within its max age: valid
     with pytest.raises(SecurityError, match="download link expired"):
-        package_store.resolve_download_token("k", tok, 0)
+        package_store.resolve_download_token("k", tok, 60)
 
 
 def test_unsigned_package_is_refused(app, client, tmp_path):

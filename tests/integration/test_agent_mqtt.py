@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import platform
 import threading
 from functools import partial
 
@@ -54,7 +56,13 @@ def test_install_serve_and_telemetry_reach_a_plain_subscriber(started, make_pack
     wait_for(agent.link.connected.is_set, 15, what="the agent's MQTT connection")
     status = wait_for(lambda: sub.of("status"), 10, what="the birth message")[-1]
     assert status.state == "online" and status.session_id == agent.envelope.session_id
-    assert "runtimes" in status.capabilities or status.capabilities  # the probe's report
+    # The probe's report, as the agent holds it (after a JSON round trip), with this machine's ONNX Runtime.
+    caps = status.capabilities
+    assert caps == json.loads(json.dumps(agent.capabilities, default=str))
+    assert caps["arch"] == platform.machine() and caps["os"] == platform.system()
+    assert caps["runtimes"]["onnxruntime"]["available"] is True
+    assert caps["ort_providers"] == caps["runtimes"]["onnxruntime"]["devices"]
+    assert "CPUExecutionProvider" in caps["ort_providers"]
     assert status.packages == []
 
     installed = agent.installer.install_file(make_package("1.0.0"))
