@@ -100,8 +100,11 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
                 report = report.model_copy(update={"sensitive_layers": _sensitivity(backend, job, artifact, prep)[:10],
                                                    "sensitivity_basis": "error added vs fp32"})
             if cand.accuracy_aware and ranked:
-                found = _revert_search(prep, backend, job, artifact, runtime, run_device, hint, workdir, progress,
+                found = _greedy_search(prep, backend, job, artifact, runtime, run_device, hint, workdir, progress,
                                        report, [n for n, _ in ranked])
+                if found is None:
+                    found = _revert_search(prep, backend, job, artifact, runtime, run_device, hint, workdir,
+                                           progress, report, [n for n, _ in ranked])
                 if found is not None and len(found[3].float_layers) > MANY_REVERTS:
                     # Many activations in float: the error may sit in weights, which bypassing cannot reach.
                     # Re-quantizing with whole layers in float (weights too) can hold the budget with fewer.
@@ -326,6 +329,55 @@ def _rank_reverts(prep, backend, job, base: Artifact, progress) -> list[tuple[st
     return ranked
 
 
+GREEDY_POOL = 24  # best-ranked points the greedy search chooses from
+GREEDY_STEPS = 8  # points it adds at most before giving way to the k = 1, 2, 4, ... search
+
+
+def _load_reverted(prep, backend, job, base: Artifact, runtime, run_device, hint, folder, names, first_report):
+    """Build, load and judge the int8 model with ``names`` in float, on all held-out samples."""
+    art = backend.build_reverted(base.model_file, names, folder, base.precision, backend.layer_reference(job))
+    loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
+                          options=device_options(art.runtime_options, run_device))
+    outs = [loaded.infer(feed) for feed in prep.heldout.samples]
+    report = accuracy.compare(prep.reference_outputs, outs, prep.profile.accuracy, prep.heldout.labels, prep.evaluator)
+    report = report.model_copy(update={"float_layers": art.float_layers,
+                                       "sensitive_layers": first_report.sensitive_layers,
+                                       "sensitivity_basis": first_report.sensitivity_basis})
+    return art, loaded, outs, report
+
+
+def _greedy_search(prep, backend, job, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
+                   ranked: list[str]):
+    """Add revert points one at a time, each step re-judging every remaining point of the best-ranked pool on top
+    of those already chosen (a static ranking misses points that only help together, such as a detector's
+    class-logit layers at its three scales); stop at the first set that holds the budget on all held-out
+    samples. Returns None when GREEDY_STEPS points do not reach it."""
+    if not hasattr(backend, "score_reverts"):
+        return None
+    feeds, refs, labels = _subset(prep)
+
+    def score(outs):
+        return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
+
+    pool, chosen = list(ranked[:GREEDY_POOL]), []
+    reference = backend.layer_reference(job)
+    with progress.stage(f"greedy search over the {len(pool)} best-ranked points (re-judged each step)"):
+        for step in range(1, GREEDY_STEPS + 1):
+            left = [p for p in pool if p not in chosen]
+            if not left:
+                return None
+            scores = backend.score_reverts(base.model_file, feeds, score, [chosen + [p] for p in left], reference)
+            chosen.append(left[max(range(len(left)), key=scores.__getitem__)])
+            folder = workdir / f"greedy{step}"
+            folder.mkdir()
+            found = _load_reverted(prep, backend, job, base, runtime, run_device, hint, folder, chosen, first_report)
+            progress.note(f"greedy, {step} point(s) in float: {_accuracy_line(found[3])}")
+            if found[3].passed:
+                return found
+            found[1].close()
+    return None
+
+
 def _revert_search(prep, backend, job, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,
                    ranked: list[str]):
     """Put revert points of the int8 model in float, best-ranked first, until the task budget holds.
@@ -343,17 +395,9 @@ def _revert_search(prep, backend, job, base: Artifact, runtime, run_device, hint
     def try_(k):
         folder = workdir / f"revert{next(attempts)}"
         folder.mkdir()
-        art = backend.build_reverted(base.model_file, ranked[:k], folder, base.precision,
-                                     backend.layer_reference(job))
-        loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
-                              options=device_options(art.runtime_options, run_device))
-        outs = [loaded.infer(feed) for feed in prep.heldout.samples]
-        report = accuracy.compare(prep.reference_outputs, outs, budget, prep.heldout.labels, prep.evaluator)
-        report = report.model_copy(update={"float_layers": art.float_layers,
-                                           "sensitive_layers": first_report.sensitive_layers,
-                                           "sensitivity_basis": first_report.sensitivity_basis})
-        progress.note(f"{k} activation(s) in float: {_accuracy_line(report)}")
-        return art, loaded, outs, report
+        found = _load_reverted(prep, backend, job, base, runtime, run_device, hint, folder, ranked[:k], first_report)
+        progress.note(f"{k} point(s) in float: {_accuracy_line(found[3])}")
+        return found
 
     best, lo, k = None, 0, 1
     while best is None:

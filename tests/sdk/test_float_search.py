@@ -92,7 +92,7 @@ def test_requantize_search_ranks_the_layer_the_best_quantizer_feeds_first(cli, t
     s, err, out = _package(cli, tmp_path, model, tmp_path / "calib.npz", _profile(tmp_path, 0.975), keypair,
                            "--heldout", tmp_path / "heldout.npz")
     assert "FAIL [generic]: cosine of 'logits' 0.0000" in err  # plain int8: the inputs all round to zero
-    assert re.search(r"\d+ activation\(s\) in float: PASS", err), err
+    assert re.search(r"greedy, \d+ point\(s\) in float: PASS", err), err
     assert "whole layers in float (re-quantize)" in err
     # The input quantizer ranks best; conv1 is the weighted layer it feeds, so the search keeps it first.
     assert len(searches) == 1 and searches[0][0] == "conv1" and set(searches[0]) == LAYERS
