@@ -55,6 +55,8 @@ def runoff_pick(prep: Prepared, results: list[CandidateResult], progress) -> Can
 
     with progress.stage(f"run-off: {len(good)} candidates within the budget, timed side by side"):
         times = make_runoff(prep)(good)
+    for r in good:
+        r.runoff_p50_ms = times.get(r.candidate.label)
     line = "run-off of the in-budget candidates, timed side by side: " + ", ".join(
         f"{r.candidate.label} {times.get(r.candidate.label, float('nan')):.3f} ms" for r in good)
     progress.note(line)

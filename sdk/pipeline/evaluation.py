@@ -354,28 +354,47 @@ def _greedy_search(prep, backend, job, base: Artifact, runtime, run_device, hint
     samples. Returns None when GREEDY_STEPS points do not reach it."""
     if not hasattr(backend, "score_reverts"):
         return None
-    feeds, refs, labels = _subset(prep)
+    # Judged on every held-out sample: a detector's F1 over a handful of images moves with single boxes.
+    feeds, refs, labels = prep.heldout.samples, prep.reference_outputs, prep.heldout.labels
 
     def score(outs):
         return accuracy.score(accuracy.compare(refs, outs, prep.profile.accuracy, labels, prep.evaluator))
 
-    pool, chosen = list(ranked[:GREEDY_POOL]), []
+    # Candidates: the best-ranked single points, and every module of the model taken whole (points sharing a
+    # name prefix such as "/model.22/" - exporters name nodes after their module path): the error of a
+    # detector's head is spread over many points that only help together.
+    candidates = [[p] for p in ranked[:GREEDY_POOL]] + module_groups(ranked)
+    chosen: list[str] = []
     reference = backend.layer_reference(job)
-    with progress.stage(f"greedy search over the {len(pool)} best-ranked points (re-judged each step)"):
+    with progress.stage(f"greedy search over {len(candidates)} points and modules (re-judged each step)"):
         for step in range(1, GREEDY_STEPS + 1):
-            left = [p for p in pool if p not in chosen]
+            left = [c for c in candidates if not set(c) <= set(chosen)]
             if not left:
                 return None
-            scores = backend.score_reverts(base.model_file, feeds, score, [chosen + [p] for p in left], reference)
-            chosen.append(left[max(range(len(left)), key=scores.__getitem__)])
+            scores = backend.score_reverts(base.model_file, feeds, score,
+                                           [chosen + [p for p in c if p not in chosen] for c in left], reference)
+            best = left[max(range(len(left)), key=scores.__getitem__)]
+            chosen += [p for p in best if p not in chosen]
             folder = workdir / f"greedy{step}"
             folder.mkdir()
             found = _load_reverted(prep, backend, job, base, runtime, run_device, hint, folder, chosen, first_report)
-            progress.note(f"greedy, {step} point(s) in float: {_accuracy_line(found[3])}")
+            progress.note(f"greedy, {len(chosen)} point(s) in float: {_accuracy_line(found[3])}")
             if found[3].passed:
                 return found
             found[1].close()
     return None
+
+
+def module_groups(points: list[str], min_size: int = 2) -> list[list[str]]:
+    """Points grouped by their first two name components ("/model.22/cv3.0/..." -> "/model.22"), the module
+    an exporter named them after; groups of at least ``min_size``, in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for p in points:
+        parts = p.split("/")
+        if len(parts) < 3:
+            continue
+        groups.setdefault("/".join(parts[:2]), []).append(p)
+    return [g for g in groups.values() if len(g) >= min_size]
 
 
 def _revert_search(prep, backend, job, base: Artifact, runtime, run_device, hint, workdir, progress, first_report,

@@ -139,6 +139,7 @@ class CandidateResult:
     outputs: list | None = field(default=None, repr=False)  # optimized outputs on the held-out samples
     tensors: tuple | None = field(default=None, repr=False)  # (inputs, outputs) TensorSpecs of the built model
     exception: Exception | None = field(default=None, repr=False)  # the EdgeoptError behind ``error``
+    runoff_p50_ms: float | None = None  # p50 in the side-by-side run-off of the in-budget candidates
 
     def row(self) -> dict[str, Any]:
         """Flat, JSON-ready summary."""
@@ -150,6 +151,7 @@ class CandidateResult:
             "size_bytes": self.size_bytes, "source_size_bytes": self.source_size_bytes,
             "p50_ms": self.optimized.p50_ms if self.optimized else None,
             "fp32_p50_ms": self.fp32.p50_ms if self.fp32 else None,
+            "runoff_p50_ms": self.runoff_p50_ms,
             "speedup": self.speedup,
             "min_cosine": v.min_cosine if v else None, "mean_cosine": v.mean_cosine if v else None,
             "max_abs_error": v.max_abs_error if v else None,

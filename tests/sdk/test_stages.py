@@ -258,3 +258,13 @@ def test_public_functions_are_not_shadowed_by_submodules():
         importlib.import_module(f"edgeopt.sdk.pipeline.{info.name}")
     for name in ("prepare", "candidates_for", "evaluate", "pick", "build_package", "export_torch"):
         assert callable(getattr(pipeline, name)), name
+
+
+def test_module_groups_follow_the_exporters_module_paths():
+    from edgeopt.sdk.pipeline.evaluation import module_groups
+
+    points = ["/model.0/conv/Conv/fq_output_0", "/model.22/cv3.0/act/Mul/fq_output_0", "/model.22/Sub/fq_output_0",
+              "/model.0/act/Mul/fq_output_0", "input/fq_output_0", "/model.9/Add/fq_output_0"]
+    assert module_groups(points) == [["/model.0/conv/Conv/fq_output_0", "/model.0/act/Mul/fq_output_0"],
+                                     ["/model.22/cv3.0/act/Mul/fq_output_0", "/model.22/Sub/fq_output_0"]]
+    assert module_groups(points, min_size=1)[-1] == ["/model.9/Add/fq_output_0"]
