@@ -373,7 +373,12 @@ def _greedy_search(prep, backend, job, base: Artifact, runtime, run_device, hint
                 return None
             scores = backend.score_reverts(base.model_file, feeds, score,
                                            [chosen + [p for p in c if p not in chosen] for c in left], reference)
-            best = left[max(range(len(left)), key=scores.__getitem__)]
+            # Of the candidates that already hold the budget (slack >= 0), the one adding the fewest points;
+            # else the one that lifts the metric most.
+            holding = [i for i, sc in enumerate(scores) if sc >= 0]
+            pick_i = (min(holding, key=lambda i: (len(set(left[i]) - set(chosen)), -scores[i])) if holding
+                      else max(range(len(left)), key=scores.__getitem__))
+            best = left[pick_i]
             chosen += [p for p in best if p not in chosen]
             folder = workdir / f"greedy{step}"
             folder.mkdir()
