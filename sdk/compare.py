@@ -429,15 +429,19 @@ def make_runoff(prepared) -> Runoff:
     import numpy as np
 
     from ..agent.runtimes import get_runtime
+    from .pipeline.evaluation import device_options
 
     def runoff(results) -> dict[str, float]:
         sample = prepared.heldout.samples[0]
         loaded, feeds = {}, {}
         try:
             for r in results:
+                # With the options the candidate was validated and benchmarked with (OpenVINO's f32 precision
+                # hint): without them OpenVINO runs bf16 on CPUs that have it, faster than what ships.
                 model = get_runtime(r.candidate.runtime).load(
                     r.artifact.model_file, device=r.run_device, threads=prepared.threads,
-                    performance_hint=prepared.profile.performance_hint.value)
+                    performance_hint=prepared.profile.performance_hint.value,
+                    options=device_options(r.artifact.runtime_options, r.run_device))
                 loaded[r.candidate.label] = model
                 batch = getattr(r, "batch", 1) or 1
                 fixed = all(isinstance(t.shape[0], int) and t.shape[0] > 0 for t in model.inputs if t.shape)

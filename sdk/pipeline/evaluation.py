@@ -363,7 +363,7 @@ def _greedy_search(prep, backend, job, base: Artifact, runtime, run_device, hint
     # Candidates: the best-ranked single points, and every module of the model taken whole (points sharing a
     # name prefix such as "/model.22/" - exporters name nodes after their module path): the error of a
     # detector's head is spread over many points that only help together.
-    candidates = [[p] for p in ranked[:GREEDY_POOL]] + module_groups(ranked)
+    candidates = [[p] for p in ranked[:GREEDY_POOL]] + module_groups(ranked) + sibling_groups(ranked)
     chosen: list[str] = []
     reference = backend.layer_reference(job)
     with progress.stage(f"greedy search over {len(candidates)} points and modules (re-judged each step)"):
@@ -388,6 +388,32 @@ def _greedy_search(prep, backend, job, base: Artifact, runtime, run_device, hint
                 return found
             found[1].close()
     return None
+
+
+def sibling_groups(points: list[str], max_size: int = 12) -> list[list[str]]:
+    """Points that are the same layer of sibling modules: names equal once every module index is a wildcard
+    except the last index of the deepest indexed component ("/model.22/cv3.0/cv3.0.2/Conv" and
+    "/model.22/cv3.1/cv3.1.2/Conv" -> "/model.#/cv3.#/cv3.#.2/Conv"): a detector's class-logit convs at its
+    three scales, which help only together."""
+    import re
+
+    index = re.compile(r"\.(\d+)")
+    groups: dict[str, list[str]] = {}
+    for p in points:
+        parts = p.split("/")
+        deepest = max((i for i, c in enumerate(parts) if index.search(c)), default=None)
+        if deepest is None:
+            continue
+        key = []
+        for i, c in enumerate(parts):
+            if i == deepest:
+                found = list(index.finditer(c))
+                head, last = c[:found[-1].start()], c[found[-1].start():]
+                key.append(index.sub(".#", head) + last)
+            else:
+                key.append(index.sub(".#", c))
+        groups.setdefault("/".join(key), []).append(p)
+    return [g for g in groups.values() if 2 <= len(g) <= max_size]
 
 
 def module_groups(points: list[str], min_size: int = 2) -> list[list[str]]:

@@ -268,3 +268,14 @@ def test_module_groups_follow_the_exporters_module_paths():
     assert module_groups(points) == [["/model.0/conv/Conv/fq_output_0", "/model.0/act/Mul/fq_output_0"],
                                      ["/model.22/cv3.0/act/Mul/fq_output_0", "/model.22/Sub/fq_output_0"]]
     assert module_groups(points, min_size=1)[-1] == ["/model.9/Add/fq_output_0"]
+
+
+def test_sibling_groups_join_the_same_layer_of_sibling_modules():
+    from edgeopt.sdk.pipeline.evaluation import sibling_groups
+
+    points = [f"/model.22/cv3.{i}/cv3.{i}.{j}/Conv/WithoutBiases" for i in range(3) for j in range(3)]
+    points += ["/model.1/conv/Conv/WithoutBiases", "/model.22/dfl/conv/Conv"]
+    groups = sibling_groups(points)
+    assert ["/model.22/cv3.0/cv3.0.2/Conv/WithoutBiases", "/model.22/cv3.1/cv3.1.2/Conv/WithoutBiases",
+            "/model.22/cv3.2/cv3.2.2/Conv/WithoutBiases"] in groups
+    assert len(groups) == 3 and all(len(g) == 3 for g in groups)
