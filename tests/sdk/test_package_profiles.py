@@ -220,8 +220,10 @@ def test_torch_module_through_python_api(tmp_path, keypair):
                               torch.nn.Linear(4 * 8 * 8, 10))
     path = export_torch(net, torch.randn(1, 1, 8, 8), tmp_path / "net.onnx", input_names=["images"],
                         output_names=["logits"])
+    # An untrained net's logits are near ties: top-1 agreement on random inputs means nothing (fp16 or bf16
+    # flips a few), so it is judged per output (task generic), as the random-weight ResNet-18 is.
     res = build_package(PackageRequest(model=path, profile="igpu", sign_key=keypair[0], output=tmp_path / "t.eopkg",
-                                       bench_iterations=5))
+                                       bench_iterations=5, task="generic"))
     assert res.manifest.precision == "fp16" and res.validation.passed
     assert [t.name for t in res.manifest.inputs] == ["images"]
 
