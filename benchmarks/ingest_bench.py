@@ -79,6 +79,22 @@ def publisher(port: int, first_device: int, n_devices: int, per_device: int, rea
     pub.close()
 
 
+
+def start_publishers(port: int, devices: int, publishers: int, per_device: int):
+    """Fork ``publishers`` processes splitting ``devices`` between them; return (processes, go event, done queue)
+    once every one is connected and waiting for ``go``."""
+    ctx = mp.get_context("fork")
+    ready, go, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    share = devices // publishers
+    procs = [ctx.Process(target=publisher, args=(port, i * share, share if i < publishers - 1
+                                                 else devices - i * share, per_device, ready, go, done))
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.acquire()
+    return procs, go, done
+
 def run_once(pg_url: str, n_ingest: int, messages: int, devices: int, publishers: int, workdir: Path,
              batch_size: int, flush_ms: int) -> dict:
     import psycopg
@@ -111,16 +127,7 @@ def run_once(pg_url: str, n_ingest: int, messages: int, devices: int, publishers
             time.sleep(0.1)
         per_device = messages // devices
         total = per_device * devices
-        ctx = mp.get_context("fork")
-        ready, go, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        share = devices // publishers
-        procs = [ctx.Process(target=publisher, args=(port, i * share, share if i < publishers - 1
-                                                     else devices - i * share, per_device, ready, go, done))
-                 for i in range(publishers)]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            ready.acquire()
+        procs, go, done = start_publishers(port, devices, publishers, per_device)
         engine = create_engine(url)
         import psutil
 

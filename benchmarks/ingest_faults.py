@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import multiprocessing as mp
 import os
 import pwd
 import shutil
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import EXE, free_port, publisher  # noqa: E402
+from ingest_bench import EXE, free_port, start_publishers  # noqa: E402
 
 BROKER_CONF = ("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                # What the ingest needs from Mosquitto (docs/ingest-reliability.md): room to queue messages for
@@ -112,16 +111,7 @@ def run_scenario(scenario: str, messages: int, devices: int, publishers: int, wo
         wait_for(lambda: all(lg.read_text().count("subscriptions granted") >= 1 for lg in logs), 60, "ingest")
         per_device = messages // devices
         total = per_device * devices
-        ctx = mp.get_context("fork")
-        ready, go, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        share = devices // publishers
-        procs = [ctx.Process(target=publisher, args=(port, i * share, share if i < publishers - 1
-                                                     else devices - i * share, per_device, ready, go, done))
-                 for i in range(publishers)]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            ready.acquire()
+        procs, go, done = start_publishers(port, devices, publishers, per_device)
         engine = create_engine(pg.url, pool_pre_ping=True)
         state = {"count": 0}
 
