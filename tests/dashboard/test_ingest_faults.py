@@ -23,27 +23,16 @@ from dashboard_web_fixtures import app, client, trusted_keys  # noqa: F401
 from edgeopt.dashboard import models as m
 from edgeopt.dashboard.simulate import Publisher, SimDevice
 from edgeopt.sdk.telemetry import EventPayload
-from test_ingest_mqtt import EXE, IngestProc, counters, n_rows, wait_until
+from test_ingest_mqtt import EXE, counters, ingest, n_rows, wait_until  # noqa: F401 (ingest: fixture)
 
 pytestmark = pytest.mark.timeout(240)
 DEEP = b'{"details": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # the probe's ~4 KB message
 
 
 @pytest.fixture
-def start_ingest(db_url, mqtt_broker, tmp_path):
-    procs: list[IngestProc] = []
-
-    def start(*extra: str) -> IngestProc:
-        p = IngestProc(db_url, mqtt_broker.url, tmp_path / f"ingest{len(procs)}.log", "edgeopt-ingest", *extra)
-        procs.append(p)
-        p.wait_subscribed()
-        return p
-
-    yield start
-    for p in procs:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
+def start_ingest(ingest):
+    """test_ingest_mqtt's ingest starter (group edgeopt-ingest; processes killed at teardown)."""
+    return ingest
 
 
 def cli(db_url: str, *args: str) -> subprocess.CompletedProcess:
