@@ -150,6 +150,11 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
         kwargs["options"] = {"providers": [manifest.device],
                              "graph_optimization_level": block.get("graph_optimization_level", "all"),
                              "intra_op_spinning": block.get("intra_op_spinning") is True}
+        # The GPU path (hardware_profiles/gpu.toml): fixed batch sizes in device buffers, CUDA graphs, NHWC,
+        # cuDNN's algorithm search. Absent keys keep ONNX Runtime's behaviour of earlier packages.
+        for key in ("batch_sizes", "cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search"):
+            if key in block:
+                kwargs["options"][key] = block[key]
     return kwargs
 
 

@@ -76,6 +76,10 @@ class ModelRegistry:
             return 1
         if self.limits.max_batch is not None:
             return self.limits.max_batch
+        # A model run at fixed batch sizes (ONNX Runtime's I/O binding, CUDA graphs) batches up to the largest.
+        sizes = getattr(loaded, "batch_sizes", None)
+        if sizes:
+            return int(max(sizes))
         profile = getattr(manifest, "profile", None) or {}
         return int(profile.get("batch_size", 1) or 1)
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -85,6 +85,46 @@ class OnnxRuntimeRuntime(_Strict):
         "thread takes a core from the agent's API and the device's other work and burns power while idle; "
         "on suits a box that does nothing but inference.",
     )
+    batch_sizes: tuple[int, ...] = Field(
+        (),
+        description="Batch sizes the agent runs the model at, with its inputs and outputs in buffers allocated "
+        "once per size on the device (I/O binding). A batch is padded up to the nearest size, and one larger than "
+        "the largest is split. The agent's dynamic batcher batches up to the largest. Empty: any batch, as sent.",
+    )
+    cuda_graph: bool = Field(
+        False,
+        description="CUDAExecutionProvider: capture one CUDA graph per batch size at load and replay it (needs "
+        "batch_sizes, fixed shapes otherwise, and every node on the GPU: ONNX Runtime refuses the session if a "
+        "node would run on the CPU).",
+    )
+    prefer_nhwc: bool = Field(
+        False, description="CUDAExecutionProvider: NHWC convolution kernels (tensor cores without layout transposes)."
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE",
+        description="CUDAExecutionProvider: how cuDNN picks each convolution's algorithm. EXHAUSTIVE times them all "
+        "at the first run of each shape (the agent does that at load, once per batch size).",
+    )
+    fp16_io: bool = Field(
+        False,
+        description="fp16 packages: inputs and outputs in float16 too (no Casts at the model's edges; half the bytes "
+        "copied). Clients send FP16; the agent's Python API converts float32 arrays.",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 or b > 4096 for b in v):
+            raise ValueError("batch sizes must be between 1 and 4096")
+        return tuple(sorted(set(v)))
+
+    @model_validator(mode="after")
+    def _graph_needs_sizes(self):
+        if self.cuda_graph and not self.batch_sizes:
+            raise ValueError("cuda_graph needs batch_sizes (one graph is captured per size)")
+        if self.cuda_graph and "CUDAExecutionProvider" not in self.providers:
+            raise ValueError("cuda_graph applies to CUDAExecutionProvider only")
+        return self
 
 
 class TFLiteRuntime(_Strict):

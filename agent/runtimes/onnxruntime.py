@@ -36,8 +36,18 @@ class OnnxRuntimeModel(LoadedModel):
         self.inputs = [_spec(a) for a in session.get_inputs()]
         self.outputs = [_spec(a) for a in session.get_outputs()]
         self._names = [o.name for o in self.outputs]
+        self._fp16_inputs = {s.name for s in self.inputs if s.dtype == "float16"}
+
+    def _host_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """float32 arrays for a float16 input (an ``fp16_io`` package) are converted on the host: half the bytes
+        cross to the device, and no Cast runs on it. Nothing else is converted."""
+        if not self._fp16_inputs:
+            return feeds
+        return {k: (v.astype(np.float16) if k in self._fp16_inputs and v.dtype == np.float32 else v)
+                for k, v in feeds.items()}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self._host_feeds(feeds)
         self.check_feeds(feeds)
         try:
             values = self.session.run(self._names, feeds)
@@ -48,6 +58,88 @@ class OnnxRuntimeModel(LoadedModel):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(runtime="onnxruntime", providers=self.session.get_providers(), version=ort.__version__)
+        return out
+
+
+_NP_TO_ORT_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+class BoundOnnxRuntimeModel(OnnxRuntimeModel):
+    """A model run at fixed batch sizes with its inputs and outputs in buffers allocated once per size on the
+    provider's device (ONNX Runtime's I/O binding), optionally replaying one captured CUDA graph per size.
+
+    A batch of ``n`` samples runs at the smallest size >= n: the host array is copied into that size's input
+    buffer (padding rows keep zeros), the outputs' first ``n`` rows are returned. A batch larger than the
+    largest size runs in pieces of the largest. Every non-batch dimension must be fixed, so each buffer has
+    one shape: what CUDA graphs need (a captured graph replays fixed addresses and shapes).
+    """
+
+    def __init__(self, session: ort.InferenceSession, batch_sizes: tuple[int, ...], device: str = "cpu",
+                 graphs: bool = False):
+        super().__init__(session)
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+        self.device = device
+        self.graphs = graphs
+        for spec in self.inputs + self.outputs:
+            if not spec.shape or any(not isinstance(d, int) or d < 0 for d in spec.shape[1:]):
+                raise UnsupportedError(
+                    f"batch_sizes needs fixed shapes apart from the batch dimension; {spec.name} is {spec.shape} "
+                    f"(fix them at package time with --input-shape)")
+        self._slots: dict[int, tuple] = {}
+        for graph_id, b in enumerate(self.batch_sizes, start=1):
+            ins = {s.name: np.zeros([b, *s.shape[1:]], dtype=np.dtype(s.dtype)) for s in self.inputs}
+            dev_in = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in ins.items()}
+            dev_out = {s.name: ort.OrtValue.ortvalue_from_shape_and_type([b, *s.shape[1:]], np.dtype(s.dtype).type,
+                                                                        device, 0) for s in self.outputs}
+            binding = session.io_binding()
+            for k, v in dev_in.items():
+                binding.bind_ortvalue_input(k, v)
+            for k, v in dev_out.items():
+                binding.bind_ortvalue_output(k, v)
+            run_options = ort.RunOptions()
+            if graphs:
+                # One captured graph per size: ONNX Runtime keys graphs by this id (0 is reserved).
+                run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._slots[b] = (ins, dev_in, dev_out, binding, run_options)
+        # Run every size now: cuDNN's algorithm search, memory arenas and graph capture (ONNX Runtime captures
+        # after its first regular runs) happen at load, not on the first requests.
+        for b in self.batch_sizes:
+            for _ in range(3):
+                self._run_slot(b)
+
+    def _run_slot(self, b: int) -> None:
+        _, _, _, binding, run_options = self._slots[b]
+        self.session.run_with_iobinding(binding, run_options)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self._host_feeds(feeds)
+        self.check_feeds(feeds)
+        n = next(iter(feeds.values())).shape[0]
+        if any(v.shape[0] != n for v in feeds.values()):
+            raise InputError("inputs disagree on the batch dimension")
+        top = self.batch_sizes[-1]
+        if n > top:
+            parts = [self.infer({k: v[i:i + top] for k, v in feeds.items()}) for i in range(0, n, top)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in self._names}
+        b = next(size for size in self.batch_sizes if size >= n)
+        ins, dev_in, dev_out, binding, run_options = self._slots[b]
+        for k, v in feeds.items():
+            host = ins[k]
+            host[:n] = v
+            if n < b:
+                host[n:] = 0
+            dev_in[k].update_inplace(host)
+        try:
+            self.session.run_with_iobinding(binding, run_options)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            raise InputError(f"ONNX Runtime refused the inputs: {' '.join(str(exc).split())[:300]}") from None
+        if self.device == "cpu":  # numpy() is a view of the bound buffer there, which the next run overwrites
+            return {k: dev_out[k].numpy()[:n].copy() for k in self._names}
+        return {k: dev_out[k].numpy()[:n] for k in self._names}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(batch_sizes=list(self.batch_sizes), cuda_graph=self.graphs, io_binding=self.device)
         return out
 
 
@@ -84,9 +176,27 @@ class OnnxRuntimeRuntime(Runtime):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = int(threads)
+        batch_sizes = tuple(options.pop("batch_sizes", ()) or ())
+        graphs = bool(options.pop("cuda_graph", False))
+        cuda = {"prefer_nhwc": "1" if options.pop("prefer_nhwc", False) else "0",
+                "cudnn_conv_algo_search": str(options.pop("cudnn_conv_algo_search", "EXHAUSTIVE"))}
+        if graphs:
+            if providers[0] != "CUDAExecutionProvider" or not batch_sizes:
+                raise UnsupportedError("cuda_graph needs CUDAExecutionProvider and batch_sizes")
+            cuda["enable_cuda_graph"] = "1"
+        provider_list = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
         try:
-            session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            session = ort.InferenceSession(str(model_path), sess_options=so, providers=provider_list)
         except Exception as exc:  # ORT raises several pybind exception types
             raise UnsupportedError(f"ONNX Runtime cannot load {Path(model_path).name}: "
                                    f"{' '.join(str(exc).split())[:300]}") from None
-        return OnnxRuntimeModel(session)
+        if not batch_sizes:
+            return OnnxRuntimeModel(session)
+        try:
+            return BoundOnnxRuntimeModel(session, batch_sizes, device=_NP_TO_ORT_DEVICE.get(providers[0], "cpu"),
+                                         graphs=graphs)
+        except UnsupportedError:
+            raise
+        except Exception as exc:  # capture or binding failed on this device
+            raise UnsupportedError(f"ONNX Runtime cannot run {Path(model_path).name} at batch sizes "
+                                   f"{list(batch_sizes)}: {' '.join(str(exc).split())[:300]}") from None

@@ -92,8 +92,12 @@ class OnnxRuntimeBackend(Backend):
             tmp = job.workdir / "fp32-opt.onnx"
             self._optimize_offline(job.source, tmp, job.graph_level, notes)
             model = onnx.load(str(tmp))
-            # keep_io_types: the package takes and returns float32 like the original, so callers don't change.
-            fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+            # keep_io_types: the package takes and returns float32 like the original, so callers don't change;
+            # unless the profile's fp16_io asks for float16 at the edges too (no Casts on the device).
+            fp16_io = bool(getattr(job.runtime_options, "fp16_io", False))
+            fp16 = convert_float_to_float16(model, keep_io_types=not fp16_io, disable_shape_infer=False)
+            if fp16_io:
+                notes.append("inputs and outputs in float16 (profile fp16_io): no Casts at the model's edges")
             onnx.save(fp16, str(out))
         elif job.precision == "int8":
             pre = self.layer_reference(job)
