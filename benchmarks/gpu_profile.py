@@ -125,15 +125,17 @@ def ort_variants(model: Path, fp32: Path, work: Path, batches: list[int], block:
     for b in batches:
         x = rng.standard_normal([b, *inp.shape[1:]]).astype(np.float32)
         ref = loaded["fp32 source, plain"].infer({inp.name: x}) if "fp32 source, plain" in loaded else None
-        rows = {}
+        rows, feeds = {}, {}
         for name, m in loaded.items():
-            out = m.infer({inp.name: x})
+            # A float16-input model gets float16 from its client (converting here would time numpy's cast)
+            feeds[name] = {inp.name: x.astype(np.float16) if m.inputs[0].dtype == "float16" else x}
+            out = m.infer(feeds[name])
             first = next(iter(out.values()))
             rows[name] = {"host": [], "device": [], "load_s": load_s[name],
                           "cosine": _cos(next(iter(ref.values())), first) if ref else None}
         for _ in range(5):  # interleaved rounds
             for name, m in loaded.items():
-                rows[name]["host"].append(_lat(lambda: m.infer({inp.name: x}), 100))
+                rows[name]["host"].append(_lat(lambda: m.infer(feeds[name]), 100))
                 if hasattr(m, "_run_slot"):
                     rows[name]["device"].append(_lat(lambda: m._run_slot(b), 200))
         results[b] = {k: {"host_ms": float(np.median(v["host"])),
@@ -143,6 +145,24 @@ def ort_variants(model: Path, fp32: Path, work: Path, batches: list[int], block:
     for m in loaded.values():
         m.close()
     return results
+
+
+def pinned_probe() -> None:
+    """Can ONNX Runtime's Python API give page-locked host memory for the agent's staging buffers?"""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+    dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    print(f"pageable -> device, 19 MB: {_lat(lambda: dev.update_inplace(x), 50):.3f} ms", flush=True)
+    try:
+        pin = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, "cuda_pinned", 0)
+        view = pin.numpy()
+        view[...] = x
+        shares = np.shares_memory(view, pin.numpy()) if hasattr(np, "shares_memory") else None
+        print(f"cuda_pinned OrtValue: ok, numpy() is a view: {shares}; device {pin.device_name()}", flush=True)
+        print(f"pinned numpy -> device: {_lat(lambda: dev.update_inplace(view), 50):.3f} ms", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"cuda_pinned OrtValue: not available ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
 
 
 def torch_baselines(batches: list[int], seconds_cap: float) -> dict:
@@ -203,12 +223,14 @@ def http_batching(package: str, public_key: str, work: Path, clients: int, secon
         d = work / mode.split()[1]
         d.mkdir(parents=True)
         ports[mode] = free_port()
-        cfgs[mode] = write_config(d, Path(public_key), api_port=ports[mode], batching=limits,
+        cfgs[mode] = write_config(d, Path(public_key).resolve(), api_port=ports[mode], batching=limits,
                                   broker_port=free_port())
-        install(cfgs[mode], Path(package))
+        install(cfgs[mode], Path(package).resolve())
     x = np.random.default_rng(1).standard_normal([1, *shape[1:]]).astype(dtype)
     body, headers = binary_request(x)
-    name = Path(package).stem.split("-")[0]
+    from edgeopt.sdk.package import read_manifest
+
+    name = read_manifest(package).name
     runs: dict = {m: [] for m in modes}
     with contextlib.ExitStack() as stack:
         pids = {m: stack.enter_context(Daemon(cfgs[m], ports[m])).pid for m in modes}
@@ -246,6 +268,10 @@ def main() -> int:
     print(f"profile onnxruntime block: {json.dumps(block)}", flush=True)
     figures: dict = {"install_s": install_s, "block": block, "onnxruntime": ort.__version__}
     figures["ort"] = ort_variants(pkg_dir / manifest["model_file"], Path(args.fp32), work, batches, block)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
+    report(figures, batches)
+    pinned_probe()
     if args.http_seconds:
         inp = manifest["inputs"][0]
         shape = [d if isinstance(d, int) else 1 for d in inp["shape"]]

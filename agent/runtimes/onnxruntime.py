@@ -124,6 +124,9 @@ class BoundOnnxRuntimeModel(OnnxRuntimeModel):
         b = next(size for size in self.batch_sizes if size >= n)
         ins, dev_in, dev_out, binding, run_options = self._slots[b]
         for k, v in feeds.items():
+            if n == b and v.flags.c_contiguous:
+                dev_in[k].update_inplace(v)  # one copy, straight from the caller's array
+                continue
             host = ins[k]
             host[:n] = v
             if n < b:
