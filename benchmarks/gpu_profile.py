@@ -107,6 +107,8 @@ def ort_variants(model: Path, fp32: Path, work: Path, batches: list[int], block:
         "+ NHWC + graphs, cuDNN HEURISTIC": (model, {**bound, "prefer_nhwc": True, "cuda_graph": True,
                                                      "cudnn_conv_algo_search": "HEURISTIC"}),
         "+ NHWC + graphs + fp16 I/O": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True}),
+        "+ NHWC + graphs + fp16 I/O + pinned": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True,
+                                                       "pinned_staging": True}),
         "fp32 source, plain": (fp32, dict(cuda)),
         "fp32 source, binding + graphs": (fp32, {**bound, "cuda_graph": True}),
     }
@@ -165,7 +167,7 @@ def pinned_probe() -> None:
         print(f"cuda_pinned OrtValue: not available ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
 
 
-def torch_baselines(batches: list[int], seconds_cap: float) -> dict:
+def torch_baselines(batches: list[int], seconds_cap: float, compile_batches: list[int] | None = None) -> dict:
     """torchvision ResNet-18 (random weights): eager fp16 channels-last, and torch.compile max-autotune."""
     import torch
     import torchvision
@@ -183,16 +185,23 @@ def torch_baselines(batches: list[int], seconds_cap: float) -> dict:
         def host():
             y = fn(x_host.cuda(non_blocking=True).half().contiguous(memory_format=torch.channels_last))
             y.float().cpu()
-        return _lat(dev, 200, 20), _lat(host, 100, 10)
+
+        x_pageable = x_host.clone()  # what an application holds after reading a request: not page-locked
+
+        def host_pageable():
+            y = fn(x_pageable.cuda().half().contiguous(memory_format=torch.channels_last))
+            y.float().cpu()
+        return _lat(dev, 200, 20), _lat(host, 100, 10), _lat(host_pageable, 100, 10)
 
     with torch.inference_mode():
         for b in batches:
             x_host = torch.randn(b, 3, 224, 224).pin_memory()
             x_dev = x_host.cuda().half().contiguous(memory_format=torch.channels_last)
-            e_dev, e_host = timed(net, x_dev, x_host)
-            out.setdefault(b, {})["torch eager fp16 channels-last"] = {"device_ms": e_dev, "host_ms": e_host}
+            e_dev, e_host, e_page = timed(net, x_dev, x_host)
+            out.setdefault(b, {})["torch eager fp16 channels-last"] = {"device_ms": e_dev, "host_ms": e_host,
+                                                                       "host_pageable_ms": e_page}
             print(f"torch eager b{b}: device {e_dev:.3f} ms, host {e_host:.3f} ms", flush=True)
-        for b in batches:
+        for b in compile_batches or batches:
             if time.perf_counter() - start > seconds_cap:
                 print(f"torch.compile b{b}: skipped, over the {seconds_cap:.0f} s cap", flush=True)
                 continue
@@ -204,8 +213,9 @@ def torch_baselines(batches: list[int], seconds_cap: float) -> dict:
             for _ in range(3):
                 compiled(x_dev)
             torch.cuda.synchronize()
-            c_dev, c_host = timed(compiled, x_dev, x_host)
+            c_dev, c_host, c_page = timed(compiled, x_dev, x_host)
             out[b]["torch.compile max-autotune fp16"] = {"device_ms": c_dev, "host_ms": c_host,
+                                                         "host_pageable_ms": c_page,
                                                          "compile_s": time.perf_counter() - t0}
             print(f"torch.compile b{b}: device {c_dev:.3f} ms, host {c_host:.3f} ms "
                   f"(compile {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -250,6 +260,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--torch", choices=["resnet18"], help="also measure PyTorch on torchvision's architecture")
     ap.add_argument("--torch-cap-s", type=float, default=300, help="stop compiling new batch sizes after this")
+    ap.add_argument("--torch-compile-batches", help="compile only these batch sizes (default: --batches)")
     ap.add_argument("--http-seconds", type=float, default=0, help="HTTP load test per round (0: skip)")
     ap.add_argument("--http-rounds", type=int, default=3)
     ap.add_argument("--json", help="write every figure to this file")
@@ -279,7 +290,9 @@ def main() -> int:
                                         args.http_rounds, shape, inp["dtype"])
     if args.torch:
         try:
-            figures["torch"] = torch_baselines(batches, args.torch_cap_s)
+            figures["torch"] = torch_baselines(batches, args.torch_cap_s,
+                                               [int(b) for b in args.torch_compile_batches.split(",")]
+                                               if args.torch_compile_batches else None)
         except Exception as exc:  # noqa: BLE001 - reported; the ONNX Runtime figures stand
             print(f"torch baselines not measured: {type(exc).__name__}: {exc}", flush=True)
     if args.json:
@@ -307,7 +320,8 @@ def report(f: dict, batches: list[int]) -> None:
             print(f"{name:<36} {r['host_ms']:>9.3f} {base / r['host_ms']:>9.2f}x {dev_s:>10} {vs_tc:>17} "
                   f"{r['load_s']:>7.1f} {cos_s:>8}")
         for name, r in (torch_f.get(b) or torch_f.get(str(b)) or {}).items():
-            print(f"{name:<36} {r['host_ms']:>9.3f} {base / r['host_ms']:>9.2f}x {r['device_ms']:>10.3f}")
+            print(f"{name:<36} {r['host_ms']:>9.3f} {base / r['host_ms']:>9.2f}x {r['device_ms']:>10.3f}"
+                  f"   (host, pageable input: {r.get('host_pageable_ms', float('nan')):.3f} ms)")
     if "http" in f:
         print("\nagent HTTP API, 16 clients, batch-1 requests")
         off = f["http"]["batching off"]["throughput"]
