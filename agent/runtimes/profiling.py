@@ -1,0 +1,64 @@
+"""Profile one model file layer by layer with its runtime: shared by ``edgeopt bench --layers`` (host) and
+``edgeopt agent profile`` (device), so both measure the same way.
+
+The profiler runs on a second load of the model (ORT's profiler and OpenVINO's PERF_COUNT are set at load),
+never on the instance that serves: on a device, service continues on its own instance while the profile
+runs, competing only for CPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...sdk.layers import RawProfile, build_profile
+from . import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def plain_latency_ms(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray],
+                     runs: int, warmup: int = 3) -> float:
+    """Median latency of ``runs`` inferences without any profiler (the reference for the layer sum)."""
+    loaded = get_runtime(runtime).load(Path(model_path), **load_kwargs)
+    try:
+        for _ in range(warmup):
+            loaded.infer(feeds)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            loaded.infer(feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        loaded.close()
+    return float(np.median(times))
+
+
+def profile_model(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray], *,
+                  runs: int = 50, warmup: int = 3, deadline_s: float | None = None,
+                  latency_ms: float | None = None, macs_by_node: dict[str, int] | None = None,
+                  peak: dict | None = None, batch: int = 1,
+                  model: dict | None = None) -> tuple[dict[str, Any], RawProfile]:
+    """Load ``model_path`` for profiling, run it, and return (profile document, raw per-run records).
+
+    ``macs_by_node`` (source node -> MACs, from :mod:`edgeopt.sdk.flops`) replaces the runtime's own shape
+    count for layers whose source nodes it knows (ORT pre-packs weights, so its records lack their shapes).
+    """
+    kwargs = dict(load_kwargs)
+    kwargs["options"] = {**(kwargs.get("options") or {}), "profile_layers": True}
+    kwargs.pop("cache_dir", None)  # a cached blob must not stand in for a profiled compile
+    loaded = get_runtime(runtime).load(Path(model_path), **kwargs)
+    try:
+        raw = loaded.profile_layers(feeds, runs, warmup=warmup, deadline_s=deadline_s)
+    finally:
+        loaded.close()
+    if macs_by_node:
+        for layer in raw.layers:
+            counted = [macs_by_node[n] for n in layer.source_nodes if n in macs_by_node]
+            if counted:
+                layer.macs = sum(counted)
+    doc = build_profile(raw, latency_ms=latency_ms, peak=peak, batch=batch, model=model)
+    return doc, raw
