@@ -142,6 +142,7 @@ def build_profile(raw: RawProfile, *, latency_ms: float | None = None, peak: dic
         "layer_sum_vs_latency": round(total_ms / latency_ms, 4) if latency_ms else None,
         "flops": sum(r["flops"] for r in rows), "peak": peak or None, "notes": list(raw.notes),
     }
+    doc["silent_precision"] = silent_precision(doc)
     return doc
 
 
@@ -174,6 +175,17 @@ def _key(row: dict[str, Any]) -> str:
     return str(src[0]) if src else str(row.get("name"))
 
 
+def silent_precision(profile: dict[str, Any]) -> list[str]:
+    """Compute layers that ran in a float precision other than the package's (the CPU plugin's bf16 on a
+    fp32 or int8 package, fp32 on a fp16 package): 'layer: ran in bf16 (package fp32)'."""
+    declared = str((profile.get("model") or {}).get("precision") or "")
+    wanted = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"fp32", "int8"}}.get(declared)
+    if wanted is None:
+        return []
+    return [f"{r['name']}: ran in {r['precision']} (package {declared})" for r in profile.get("layers") or []
+            if r.get("compute") and r["precision"] in ("fp32", "bf16", "fp16") and r["precision"] not in wanted]
+
+
 def compare(profile: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
     """Layer by layer ``profile`` (new) vs ``against`` (baseline): faster, slower, float, precision changes.
 
@@ -204,6 +216,7 @@ def compare(profile: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
         "stayed_float": [r["layer"] for r in rows if r["stayed_float"]],
         "precision_changed": [f"{r['layer']}: {r['baseline_precision']} -> {r['precision']}"
                               for r in rows if r["precision_changed"]],
+        "silent_precision": silent_precision(profile), "baseline_silent_precision": silent_precision(against),
         "only_in_profile": [k for k in a if k not in b], "only_in_baseline": [k for k in b if k not in a],
         "total_ms": total_new, "baseline_total_ms": total_old,
         "speedup": round(total_old / total_new, 3) if total_new and total_old else None,

@@ -100,12 +100,16 @@ def render(profile: dict[str, Any]) -> str:
         items = "".join(f"<li>{_e(label)} ({len(c[key])}): {_e(', '.join(c[key][:12]))}</li>"
                         for label, key in (("faster", "faster"), ("slower", "slower"),
                                            ("stayed in float", "stayed_float"),
-                                           ("precision changed", "precision_changed")) if c[key])
+                                           ("precision changed", "precision_changed"),
+                                           ("ran in another precision than its package", "silent_precision"))
+                        if c[key])
         comparison = (f"<h2>Against {_e(profile['against']['model'].get('name'))} "
                       f"{_e(profile['against']['model'].get('precision'))}</h2><p>layer sum "
                       f"{c['baseline_total_ms']:.3f} ms → {c['total_ms']:.3f} ms"
                       f"{speed}"
                       f"</p><ul>{items}</ul>")
+    silent = (f"<p><strong>Precision differs from the package</strong>: "
+              f"{_e(', '.join(profile['silent_precision'][:20]))}</p>" if profile.get("silent_precision") else "")
     notes = "".join(f"<li>{_e(n)}</li>" for n in profile.get("notes") or [])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
@@ -116,7 +120,7 @@ table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:2px
 package precision {_e(m.get('precision'))}; {profile.get('runs')} runs; sum of layer medians
 {profile.get('layer_sum_ms')} ms, whole-model median without the profiler {profile.get('latency_ms')} ms.</p>
 <p>Compute layers by executed precision (µs): {_e(profile.get('compute_precisions'))}</p>
-<h2>Top layers</h2>{bar_chart(profile)}
+{silent}<h2>Top layers</h2>{bar_chart(profile)}
 <h2>Roofline</h2>{roofline(profile)}
 {comparison}
 <h2>Layers</h2>{layer_table(profile)}

@@ -197,7 +197,7 @@ class TelemetryPayload(_Payload):
 class EventPayload(_Payload):
     kind: Literal["event"] = "event"
     event: Literal["download", "install", "switch", "self_test", "rollback", "refused", "error", "config",
-                   "started", "stopped"]
+                   "started", "stopped", "placement", "profile"]
     ok: bool = True
     model: str | None = None
     version: str | None = None
@@ -218,7 +218,7 @@ class CommandPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     schema_version: str = Field(COMMAND_SCHEMA_VERSION, description="major.minor; agents reject other majors.")
     id: str = Field(min_length=1, max_length=64, description="Command id; every result names it.")
-    command: Literal["deploy", "rollback", "set-config", "ping"]
+    command: Literal["deploy", "rollback", "set-config", "ping", "profile"]
     fleet: str = Field(min_length=1, max_length=128, description="The fleet of the one device it targets.")
     device_id: str = Field(min_length=1, max_length=128, description="The one device it targets.")
     issued_at: AwareDatetime = Field(description="UTC time the dashboard signed it.")

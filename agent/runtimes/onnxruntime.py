@@ -46,6 +46,7 @@ MAX_PROFILE_FILE_BYTES = 512 * 1024 * 1024
 _CONV = {"Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3}
 _GEMM = {"Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul",
          "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add"}
 _ITEMSIZE = {"float": 4, "float16": 2, "bfloat16": 2, "double": 8, "uint8": 1, "int8": 1, "int16": 2,
              "int32": 4, "int64": 8, "bool": 1}
 
@@ -78,10 +79,11 @@ def _macs(op: str, ins: list[tuple[str, list[int]]], outs: list[tuple[str, list[
 
 class OnnxRuntimeModel(LoadedModel):
     def __init__(self, session: ort.InferenceSession, profile_dir: Path | None = None,
-                 producers: dict[str, str] | None = None):
+                 producers: dict[str, str] | None = None, nodes: dict[str, tuple[str, list[str]]] | None = None):
         self.session = session
         self._profile_dir = profile_dir
         self._producers = producers or {}
+        self._nodes = nodes or {}
         self.inputs = [_spec(a) for a in session.get_inputs()]
         self.outputs = [_spec(a) for a in session.get_outputs()]
         self._names = [o.name for o in self.outputs]
@@ -124,9 +126,15 @@ class OnnxRuntimeModel(LoadedModel):
         if base in sources:
             return [base]
         tensor = re.sub(r"_nchwc$", "", base)
-        if tensor in self._producers:
-            return [self._producers[tensor]]
-        return []
+        if tensor not in self._producers:
+            return []
+        node = self._producers[tensor]
+        # A fused Conv+Relu is named after the Relu's output: name the Conv first (it is the layer's work, and
+        # the key a comparison with an unfused or quantized build matches on).
+        op, inputs = self._nodes.get(node, ("", []))
+        if op in _ACTIVATIONS and inputs and inputs[0] in self._producers:
+            return [self._producers[inputs[0]], node]
+        return [node]
 
     def profile_layers(self, feeds: dict[str, np.ndarray], runs: int, *, warmup: int = 2,
                        deadline_s: float | None = None) -> RawProfile:
@@ -236,19 +244,22 @@ class OnnxRuntimeRuntime(Runtime):
                 shutil.rmtree(profile_dir, ignore_errors=True)
             raise UnsupportedError(f"ONNX Runtime cannot load {Path(model_path).name}: "
                                    f"{' '.join(str(exc).split())[:300]}") from None
-        return OnnxRuntimeModel(session, profile_dir, _producers(model_path) if profile_dir else None)
+        producers, nodes = _graph(model_path) if profile_dir else ({}, {})
+        return OnnxRuntimeModel(session, profile_dir, producers, nodes)
 
 
-def _producers(model_path: Path) -> dict[str, str]:
-    """tensor name -> name of the node that produces it in the model file (empty without the onnx package:
-    a device may run ORT without ONNX tooling)."""
+def _graph(model_path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[str]]]]:
+    """(tensor name -> producing node, node -> (op type, inputs)) of the model file; empty without the onnx
+    package (a device may run ORT without ONNX tooling: then ORT's own names are shown)."""
     try:
         import onnx
     except ImportError:
-        return {}
+        return {}, {}
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - ORT loaded it; names are a nicety
         log.info("cannot read %s for node names: %s", model_path, exc)
-        return {}
-    return {out: node.name for node in model.graph.node for out in node.output if node.name}
+        return {}, {}
+    named = [n for n in model.graph.node if n.name]
+    return ({out: n.name for n in named for out in n.output},
+            {n.name: (n.op_type, list(n.input)) for n in named})

@@ -141,6 +141,9 @@ def _print_layers(doc: dict, top: int, trace: Path | None, html: Path | None) ->
     con.print(f"sum of layer medians {doc['layer_sum_ms']:.3f} ms; whole-model median without the profiler "
               f"{doc['latency_ms']:.3f} ms" + (f" (ratio {ratio:.2f})" if ratio else ""), highlight=False)
     con.print(f"compute layers by executed precision (µs): {doc['compute_precisions']}", highlight=False)
+    if doc["silent_precision"]:
+        con.print(f"[bold]precision differs from the package[/bold] ({len(doc['silent_precision'])} layers): "
+                  + ", ".join(doc["silent_precision"][:6]))
     for note in doc["notes"]:
         con.print(f"note: {note}", highlight=False)
     con.print(m.get("where", ""), highlight=False)
@@ -151,7 +154,9 @@ def _print_layers(doc: dict, top: int, trace: Path | None, html: Path | None) ->
                   f"{c['baseline_total_ms']:.3f} -> {c['total_ms']:.3f} ms"
                   + (f", speed-up {c['speedup']:.2f}x" if c["speedup"] else ""), highlight=False)
         for label, key in (("faster", "faster"), ("slower", "slower"), ("stayed in float", "stayed_float"),
-                           ("precision changed", "precision_changed")):
+                           ("precision changed", "precision_changed"),
+                           ("ran in another precision than its package", "silent_precision"),
+                           ("baseline ran in another precision than its package", "baseline_silent_precision")):
             if c[key]:
                 con.print(f"  {label} ({len(c[key])}): {', '.join(c[key][:8])}", highlight=False)
     for label, path in (("trace", trace), ("HTML report", html)):
