@@ -30,7 +30,7 @@ BODIES = {
         "stage_percent": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
         "failure_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.2}}},
     "api.create_alert_rule": {"type": "object", "required": ["name", "kind"], "properties": {
-        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["offline", "p95_slo", "install_failure"]},
+        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["offline", "p95_slo", "install_failure", "placement"]},
         "model": {"type": "string"}, "threshold_minutes": {"type": "number"}, "threshold_ms": {"type": "number"},
         "enabled": {"type": "boolean"}}},
     "api.create_user": {"type": "object", "required": ["username", "password"], "properties": {
