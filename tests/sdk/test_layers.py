@@ -129,3 +129,15 @@ def test_resnet18_layer_sum_is_close_to_whole_model_latency(cli, resnet18_onnx, 
     # Per-layer times add up to the whole model (profiler overhead and gaps aside); the benchmark holds the
     # 15% bound with more runs, here only gross breakage is caught.
     assert 0.5 < doc["layer_sum_vs_latency"] < 2.0
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_manifest_carries_the_host_profile_summary(digits_packages, runtime):
+    from edgeopt.sdk.package import PackageReader
+
+    with PackageReader(digits_packages[(runtime, "int8")]) as pkg:
+        hp = pkg.manifest.host_profile
+    assert hp is not None and hp["runtime"] == runtime and hp["runs"] == 20 and hp["layer_sum_ms"] > 0
+    assert hp["compute_precisions"].keys() == {"int8"}
+    assert hp["top_layers"] and hp["layers_total"] == len(hp["layers"])
+    assert {r["op_type"] for r in hp["layers"]} & {"QLinearConv", "Convolution"}
