@@ -164,7 +164,8 @@ def summary(profile: dict[str, Any], top: int = 10) -> dict[str, Any]:
                        for g in (profile.get("by_op_type") or [])[:top]],
         "top_layers": [{k: r.get(k) for k in keep} for r in top_layers(profile, top)],
         "layers": [{"name": r.get("name"), "op_type": r.get("op_type"), "precision": r.get("precision"),
-                    "median_us": r.get("median_us")} for r in (profile.get("layers") or [])[:400]],
+                    "median_us": r.get("median_us"), "source_nodes": list(r.get("source_nodes") or [])[:1],
+                    "compute": r.get("compute")} for r in (profile.get("layers") or [])[:400]],
         "notes": list(profile.get("notes") or [])[:10],
     }
 

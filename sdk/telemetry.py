@@ -282,6 +282,15 @@ class RollbackArgs(BaseModel):
     version: str | None = Field(None, description="Version to return to; default the previous one.")
 
 
+class ProfileArgs(BaseModel):
+    """``profile``: per-layer profile of an installed model on the device, bounded in runs and time."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128, description="Installed model to profile (current version).")
+    runs: int = Field(30, ge=1, le=200, description="Profiled runs on the golden input.")
+    deadline_s: float = Field(20.0, gt=0.0, le=120.0, description="Stop profiling after this many seconds.")
+
+
 class CommandResultPayload(_Payload):
     kind: Literal["cmd_result"] = "cmd_result"
     command_id: str
