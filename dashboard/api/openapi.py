@@ -36,6 +36,8 @@ BODIES = {
     "api.create_user": {"type": "object", "required": ["username", "password"], "properties": {
         "username": {"type": "string"}, "password": {"type": "string", "minLength": 8},
         "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}},
+    "api.request_device_profile": {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string"}, "runs": {"type": "integer", "minimum": 1, "maximum": 200, "default": 30}}},
     "api.create_token": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
 }
 
