@@ -33,10 +33,11 @@ class LoadedModel(abc.ABC):
         return None
 
     def profile_layers(self, feeds: dict[str, np.ndarray], runs: int, *, warmup: int = 2,
-                       deadline_s: float | None = None):
+                       deadline_s: float | None = None, between=None):
         """Per-layer times of ``runs`` inferences (a :class:`edgeopt.sdk.layers.RawProfile`); the model must
         have been loaded with ``options={"profile_layers": True}``. Stops early (after at least one run)
-        once ``deadline_s`` has passed."""
+        once ``deadline_s`` has passed. ``between(seconds)`` is called after every run with its wall time
+        (the host interleaves a plain inference there; a device pauses to leave the CPU to service)."""
         raise UnsupportedError(f"{type(self).__name__} does not expose per-layer times")
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:

@@ -137,7 +137,7 @@ class OnnxRuntimeModel(LoadedModel):
         return [node]
 
     def profile_layers(self, feeds: dict[str, np.ndarray], runs: int, *, warmup: int = 2,
-                       deadline_s: float | None = None) -> RawProfile:
+                       deadline_s: float | None = None, between=None) -> RawProfile:
         """Run ``warmup`` + ``runs`` inferences under ORT's profiler and read its per-node records."""
         if self._profile_dir is None:
             raise UnsupportedError("this ONNX Runtime session was not loaded for profiling "
@@ -148,9 +148,12 @@ class OnnxRuntimeModel(LoadedModel):
         for i in range(warmup + runs):
             t0 = time.perf_counter()
             self.infer(feeds)
+            elapsed = time.perf_counter() - t0
             if i >= warmup:
-                run_ms.append((time.perf_counter() - t0) * 1e3)
+                run_ms.append(elapsed * 1e3)
                 done += 1
+            if between is not None:
+                between(elapsed)
             if end is not None and time.monotonic() > end and done >= 1:
                 break
         path = Path(self.session.end_profiling())

@@ -101,7 +101,7 @@ class OpenVINOModel(LoadedModel):
         return openvino_layers(self.compiled)
 
     def profile_layers(self, feeds: dict[str, np.ndarray], runs: int, *, warmup: int = 2,
-                       deadline_s: float | None = None) -> RawProfile:
+                       deadline_s: float | None = None, between=None) -> RawProfile:
         """``warmup`` + ``runs`` inferences, reading the per-layer counters (PERF_COUNT) after each."""
         if not self._profiling:
             raise UnsupportedError("this OpenVINO model was not compiled with PERF_COUNT "
@@ -117,6 +117,8 @@ class OpenVINOModel(LoadedModel):
             t0 = time.perf_counter()
             request.infer(feeds, share_inputs=False)
             elapsed = (time.perf_counter() - t0) * 1e3
+            if between is not None:
+                between(elapsed / 1e3)
             if i < warmup:
                 continue
             run_ms.append(elapsed)

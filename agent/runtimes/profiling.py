@@ -20,6 +20,31 @@ from . import get_runtime
 log = logging.getLogger(__name__)
 
 
+class Interleaved:
+    """``between`` callback that times one plain (unprofiled) inference after each profiled run, so the
+    whole-model latency and the layer times are measured in the same rounds, under the same machine load."""
+
+    def __init__(self, runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray],
+                 warmup: int = 3):
+        self.loaded = get_runtime(runtime).load(Path(model_path), **load_kwargs)
+        self.feeds = feeds
+        self.times: list[float] = []
+        for _ in range(warmup):
+            self.loaded.infer(feeds)
+
+    def __call__(self, _seconds: float) -> None:
+        t0 = time.perf_counter()
+        self.loaded.infer(self.feeds)
+        self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def median_ms(self, skip: int = 0) -> float | None:
+        kept = self.times[skip:]
+        return float(np.median(kept)) if kept else None
+
+    def close(self) -> None:
+        self.loaded.close()
+
+
 def plain_latency_ms(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray],
                      runs: int, warmup: int = 3) -> float:
     """Median latency of ``runs`` inferences without any profiler (the reference for the layer sum)."""
@@ -40,8 +65,8 @@ def plain_latency_ms(runtime: str, model_path: Path, load_kwargs: dict[str, Any]
 def profile_model(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray], *,
                   runs: int = 50, warmup: int = 3, deadline_s: float | None = None,
                   latency_ms: float | None = None, macs_by_node: dict[str, int] | None = None,
-                  peak: dict | None = None, batch: int = 1,
-                  model: dict | None = None) -> tuple[dict[str, Any], RawProfile]:
+                  peak: dict | None = None, batch: int = 1, model: dict | None = None,
+                  between=None) -> tuple[dict[str, Any], RawProfile]:
     """Load ``model_path`` for profiling, run it, and return (profile document, raw per-run records).
 
     ``macs_by_node`` (source node -> MACs, from :mod:`edgeopt.sdk.flops`) replaces the runtime's own shape
@@ -52,7 +77,7 @@ def profile_model(runtime: str, model_path: Path, load_kwargs: dict[str, Any], f
     kwargs.pop("cache_dir", None)  # a cached blob must not stand in for a profiled compile
     loaded = get_runtime(runtime).load(Path(model_path), **kwargs)
     try:
-        raw = loaded.profile_layers(feeds, runs, warmup=warmup, deadline_s=deadline_s)
+        raw = loaded.profile_layers(feeds, runs, warmup=warmup, deadline_s=deadline_s, between=between)
     finally:
         loaded.close()
     if macs_by_node:

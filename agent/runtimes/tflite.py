@@ -79,7 +79,7 @@ class TFLiteModel(LoadedModel):
                         "source_nodes": []})
         return out
 
-    def profile_layers(self, feeds, runs, *, warmup=2, deadline_s=None):
+    def profile_layers(self, feeds, runs, *, warmup=2, deadline_s=None, between=None):
         raise UnsupportedError(
             "LiteRT (TFLite) exposes no per-op timing to Python: its Interpreter has no profiler API, so "
             "edgeopt can show whole-model latency and the op list with precisions only; per-op times need "

@@ -30,20 +30,44 @@ def macs_by_node(model_path: Path) -> dict[str, int]:
 
 def profile_file(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict, *, runs: int,
                  warmup: int, batch: int, peak: dict | None, model: dict) -> tuple[dict[str, Any], RawProfile]:
-    """Whole-model latency without the profiler, then the per-layer profile, in this one run."""
-    from ...agent.runtimes.profiling import plain_latency_ms, profile_model
+    """The per-layer profile, with the whole-model latency without the profiler measured in the same rounds
+    (one plain inference on a second load after each profiled run)."""
+    from ...agent.runtimes.profiling import Interleaved, profile_model
 
-    latency = plain_latency_ms(runtime, model_path, load_kwargs, feeds, runs=max(runs, 10), warmup=warmup)
-    return profile_model(runtime, model_path, load_kwargs, feeds, runs=runs, warmup=warmup, latency_ms=latency,
-                         macs_by_node=macs_by_node(model_path), peak=peak, batch=batch, model=model)
+    plain = Interleaved(runtime, model_path, load_kwargs, feeds, warmup=warmup)
+    try:
+        doc, raw = profile_model(runtime, model_path, load_kwargs, feeds, runs=runs, warmup=warmup,
+                                 macs_by_node=macs_by_node(model_path), peak=peak, batch=batch, model=model,
+                                 between=plain)
+        latency = plain.median_ms(skip=warmup)
+        plain_min = min(plain.times[warmup:]) if plain.times[warmup:] else None
+    finally:
+        plain.close()
+    if latency:
+        doc["latency_ms"] = round(latency, 4)
+        doc["layer_sum_vs_latency"] = round(doc["layer_sum_ms"] / latency, 4)
+        doc["latency_min_ms"] = round(plain_min, 4)
+    # How much of each profiled run's wall time its layers account for (median over runs): independent of
+    # the medians, it shows time the profiler does not attribute to any layer.
+    sums = [sum(layer.times_us[i] for layer in raw.layers) / 1e3 for i in range(len(raw.run_ms))
+            if all(len(layer.times_us) > i for layer in raw.layers)]
+    if sums:
+        import numpy as np
+
+        doc["accounted_share"] = round(float(np.median([t / w for t, w in zip(sums, raw.run_ms) if w > 0])), 4)
+    return doc, raw
 
 
 def profile_package(path: str | Path, *, runs: int = 50, warmup: int = 3, batch_size: int | None = None,
-                    public_keys: list | None = None, peak: dict | None = None) -> tuple[dict[str, Any], RawProfile]:
-    """Verify and load ``path`` as ``edgeopt bench`` does, and profile it layer by layer."""
+                    public_keys: list | None = None, peak: dict | None = None,
+                    threads: int | None = None) -> tuple[dict[str, Any], RawProfile]:
+    """Verify and load ``path`` as ``edgeopt bench`` does, and profile it layer by layer (``threads``
+    overrides the package's inference threads)."""
     tmp = Path(tempfile.mkdtemp(prefix="edgeopt-layers-"))
     try:
         opened = open_package(path, tmp, public_keys)
+        if threads:
+            opened["load_kwargs"]["threads"] = threads
         m, root = opened["manifest"], opened["root"]
         loaded = opened["runtime"].load(root / m.model_file, **opened["load_kwargs"])
         try:
