@@ -140,13 +140,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=200)
     model = sdk_assets.resnet18()
     out = Path(tempfile.mkdtemp(prefix="lp-pkgs-"))
     try:
         packages = {(rt, p): build(model, rt, p, out) for rt in ("onnxruntime", "openvino") for p in ("int8", "fp32")}
         rows = layer_sums(packages, args.runs, args.threads or None)
-        table = Table(width=200, title=f"ResNet-18: sum of layer medians vs whole-model median ({args.runs} runs each, "
+        table = Table(title=f"ResNet-18: sum of layer medians vs whole-model median ({args.runs} runs each, "
                             f"{args.threads or 'default'} threads)")
         for col in ("package", "latency ms (no profiler)", "profiled run ms", "layer sum ms", "ratio", "target",
                     "ratio of minimums", "run accounted", "layers"):
@@ -166,7 +166,7 @@ def main() -> None:
                 args.json.write_text(json.dumps({"layer_sums": rows}, indent=1, default=str))
             return
         serve = serving_during_profile(packages[("onnxruntime", "int8")], args.serve_s, args.rate, args.runs)
-        t2 = Table(width=200, title=f"Serving p99 during an on-device profile (ONNX Runtime int8, {args.rate:g} req/s)")
+        t2 = Table(title=f"Serving p99 during an on-device profile (ONNX Runtime int8, {args.rate:g} req/s)")
         for col in ("p99 without (before/after) ms", "p99 during ms", "ratio", "target", "p50 without/during ms",
                     "profile"):
             t2.add_column(col, justify="right")
