@@ -148,5 +148,5 @@ def test_agent_profile_cli(capsys, agent_config_file, make_package, tmp_path, mo
     assert code == 0 and "digits 1.0.0 on this device: top 15 of" in out
     assert "the package's manifest has no host profile to compare with" in out
     code, _, err = _run(capsys, "agent", "profile", "nope", "--config", cfg)
-    assert code != 0 and err.strip() == ("error: model 'nope' is not installed here (hint: see installed models "
+    assert code == 3 and err.strip() == ("error: model 'nope' is not installed here (see installed models "
                                          "with: edgeopt agent list)")
