@@ -19,6 +19,18 @@ from . import get_runtime
 
 log = logging.getLogger(__name__)
 
+# Options that keep two loads of one model in one process from disturbing each other: ONNX Runtime's idle
+# pool threads spin by default, and the spinning pool of one session slows the other one's runs (measured:
+# whole-run times 10x the sum of the layers). Per runtime, so other runtimes get no unknown option.
+QUIET_OPTIONS: dict[str, dict[str, Any]] = {"onnxruntime": {"intra_op_spinning": False}}
+
+
+def quiet(runtime: str, load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``load_kwargs`` with :data:`QUIET_OPTIONS` of ``runtime`` added to its options."""
+    kwargs = dict(load_kwargs)
+    kwargs["options"] = {**(kwargs.get("options") or {}), **QUIET_OPTIONS.get(runtime, {})} or None
+    return kwargs
+
 
 class Interleaved:
     """``between`` callback that times one plain (unprofiled) inference after each profiled run, so the
@@ -26,7 +38,7 @@ class Interleaved:
 
     def __init__(self, runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray],
                  warmup: int = 3):
-        self.loaded = get_runtime(runtime).load(Path(model_path), **load_kwargs)
+        self.loaded = get_runtime(runtime).load(Path(model_path), **quiet(runtime, load_kwargs))
         self.feeds = feeds
         self.times: list[float] = []
         for _ in range(warmup):
@@ -45,23 +57,6 @@ class Interleaved:
         self.loaded.close()
 
 
-def plain_latency_ms(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray],
-                     runs: int, warmup: int = 3) -> float:
-    """Median latency of ``runs`` inferences without any profiler (the reference for the layer sum)."""
-    loaded = get_runtime(runtime).load(Path(model_path), **load_kwargs)
-    try:
-        for _ in range(warmup):
-            loaded.infer(feeds)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            loaded.infer(feeds)
-            times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        loaded.close()
-    return float(np.median(times))
-
-
 def profile_model(runtime: str, model_path: Path, load_kwargs: dict[str, Any], feeds: dict[str, np.ndarray], *,
                   runs: int = 50, warmup: int = 3, deadline_s: float | None = None,
                   latency_ms: float | None = None, macs_by_node: dict[str, int] | None = None,
@@ -72,7 +67,7 @@ def profile_model(runtime: str, model_path: Path, load_kwargs: dict[str, Any], f
     ``macs_by_node`` (source node -> MACs, from :mod:`edgeopt.sdk.flops`) replaces the runtime's own shape
     count for layers whose source nodes it knows (ORT pre-packs weights, so its records lack their shapes).
     """
-    kwargs = dict(load_kwargs)
+    kwargs = quiet(runtime, load_kwargs)
     kwargs["options"] = {**(kwargs.get("options") or {}), "profile_layers": True}
     kwargs.pop("cache_dir", None)  # a cached blob must not stand in for a profiled compile
     loaded = get_runtime(runtime).load(Path(model_path), **kwargs)
