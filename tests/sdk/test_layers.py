@@ -126,9 +126,10 @@ def test_resnet18_layer_sum_is_close_to_whole_model_latency(cli, resnet18_onnx, 
     convs = [r for r in doc["layers"] if r["flops"] and r["op_type"] in ("QLinearConv", "Conv", "FusedConv")]
     assert len(convs) == 20 and all(r["source_nodes"] for r in convs)
     assert sum(r["flops"] for r in doc["layers"]) == pytest.approx(2 * 1.82e9, rel=0.05)
-    # Per-layer times add up to the whole model (profiler overhead and gaps aside); the benchmark holds the
-    # 15% bound with more runs, here only gross breakage is caught.
-    assert 0.5 < doc["layer_sum_vs_latency"] < 2.0
+    # The layers account for each profiled run's wall time (the median over runs of layer sum / run time):
+    # unlike the ratio of medians, this does not move with the load of a shared host (BENCHMARKS.md).
+    assert doc["accounted_share"] > 0.9
+    assert doc["latency_ms"] > 0 and doc["layer_sum_vs_latency"] > 0
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
