@@ -243,3 +243,72 @@ def probe_cmd(as_json: bool) -> None:
     Console().print(table)
     if json.dumps(caps["openvino_devices"]) == '["CPU"]':
         click.echo("OpenVINO sees only the CPU here: packages for the igpu or npu profiles are refused.", err=True)
+
+
+@agent.command("profile")
+@click.argument("model")
+@config_option
+@click.option("--runs", type=click.IntRange(min=1, max=200), default=30, show_default=True,
+              help="Profiled runs on the golden input (each layer's time is the median).")
+@click.option("--deadline", "deadline_s", type=click.FloatRange(min=0.1, max=600), default=20.0, show_default=True,
+              help="Stop profiling after this many seconds (after at least one run).")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write a Chrome trace JSON here.")
+@click.option("--send", is_flag=True, help="Also queue the result as a 'profile' event for the dashboard.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Layers shown.")
+@json_option
+def profile_cmd(model: str, config_path: Path, runs: int, deadline_s: float, trace: Path | None, send: bool,
+                top: int, as_json: bool) -> None:
+    """Per-layer profile of MODEL's current version on this device, while the agent keeps serving it.
+
+    Runs on a second load of the model with one inference thread, on the package's golden input, for at most
+    --runs runs and --deadline seconds; compares with the host profile in the package's manifest.
+    """
+    from ..sdk.errors import InputError
+    from ..sdk.layers import chrome_trace, compare, fmt_flops, top_layers
+    from .config import load_config
+    from .profile import artifact, profile_installed
+    from .store import Store
+
+    config = load_config(config_path)
+    installed = Store(config.state_dir).current(model)
+    if installed is None:
+        raise InputError(f"model {model!r} is not installed here", hint="see installed models with: edgeopt agent list")
+    doc, raw = profile_installed(installed, config, runs=runs, deadline_s=deadline_s)
+    host = installed.manifest.host_profile
+    comparison = compare(doc, host) if host else None
+    if trace is not None:
+        from ..sdk.cli.bench_cmd import _write_atomic
+
+        _write_atomic(trace, json.dumps(chrome_trace(doc, raw)))
+    if send:
+        details = artifact(doc, raw, host)
+        _fleet_reporter(config)({"event": "profile", "ok": True, "model": installed.name,
+                                 "version": installed.version, "from_version": None, "command_id": None,
+                                 "deployment_id": None, "details": details,
+                                 "message": f"profile: {doc['layer_sum_ms']:.3f} ms over {doc['runs']} runs"})
+    if as_json:
+        emit_json({"profile": doc, "comparison": comparison})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    table = Table(title=f"{installed.name} {installed.version} on this device: top {top} of {len(doc['layers'])} "
+                        f"layers ({doc['runtime']} {doc['device']}, {doc['runs']} runs)")
+    for col in ("layer", "op type", "ran in", "median µs", "share", "FLOPs"):
+        table.add_column(col, justify="left" if col in ("layer", "op type", "ran in") else "right")
+    for r in top_layers(doc, top):
+        table.add_row(r["name"][:48], r["op_type"], r["precision"], f"{r['median_us']:.1f}", f"{r['share']:.1%}",
+                      fmt_flops(r["flops"]))
+    con.print(table)
+    con.print(f"sum of layer medians {doc['layer_sum_ms']:.3f} ms", highlight=False)
+    if comparison:
+        con.print(f"host profile in the manifest: {comparison['baseline_total_ms']} ms; here {comparison['total_ms']} "
+                  f"ms", highlight=False)
+        for key in ("precision_changed", "silent_precision"):
+            if comparison[key]:
+                con.print(f"{key.replace('_', ' ')}: {', '.join(comparison[key][:8])}", highlight=False)
+    else:
+        con.print("the package's manifest has no host profile to compare with", highlight=False)
+    if trace is not None:
+        con.print(f"trace: {trace}", highlight=False)

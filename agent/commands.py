@@ -1,4 +1,4 @@
-"""Commands from the dashboard: ``deploy``, ``rollback``, ``set-config``, ``ping``.
+"""Commands from the dashboard: ``deploy``, ``rollback``, ``set-config``, ``ping``, ``profile``.
 
 Nothing runs unless it is signed by a key in ``[control] trust_keys``, addressed to this device, within
 its validity window and never seen before (:mod:`edgeopt.agent.control`). A message that fails those
@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..sdk.command_signing import CommandRefused
 from ..sdk.errors import EdgeoptError
-from ..sdk.telemetry import CommandPayload, CommandResultPayload, DeployArgs, EventPayload, RollbackArgs
+from ..sdk.telemetry import (CommandPayload, CommandResultPayload, DeployArgs, EventPayload, ProfileArgs,
+                             RollbackArgs)
 from .control import RefusalReporter
 from .download import check_package_url
 
@@ -68,7 +69,8 @@ class CommandHandler:
     def __init__(self, envelope: Any, emit: Callable[[str, Any], Any], *, verifier: Any,
                  allowed_urls: Sequence[str] = (), installer: Any = None,
                  set_interval: Callable[[float], None] | None = None,
-                 set_batching: Callable[..., None] | None = None, pending_dir: Path | None = None):
+                 set_batching: Callable[..., None] | None = None, pending_dir: Path | None = None,
+                 profiler: Callable[..., Any] | None = None):
         self.envelope = envelope
         self.emit = emit
         self.verifier = verifier
@@ -77,6 +79,8 @@ class CommandHandler:
         self.installer = installer
         self.set_interval = set_interval
         self.set_batching = set_batching
+        # profiler(model, runs=, deadline_s=, command_id=) -> result details; sends the profile event itself
+        self.profiler = profiler
         # A deploy or rollback that was accepted is recorded here until its final result is queued, so a
         # command interrupted by a kill or power loss still gets a result after the restart.
         self.pending_dir = Path(pending_dir) if pending_dir is not None else None
@@ -179,6 +183,15 @@ class CommandHandler:
         args = RollbackArgs.model_validate(cmd.args)
         self._accept(cmd, f"rolling back {args.model}", lambda: self.installer.rollback(
             args.model, version=args.version, command_id=cmd.id, deployment_id=cmd.deployment_id))
+
+    def _profile(self, cmd: CommandPayload) -> None:
+        args = ProfileArgs.model_validate(cmd.args)
+        if self.profiler is None:
+            self.result(cmd.id, cmd.command, "rejected", "this agent cannot profile", cmd.deployment_id)
+            return
+        # Queued behind installs (one job at a time): a profile never races a switch of the same model.
+        self._accept(cmd, f"profiling {args.model} (at most {args.runs} runs, {args.deadline_s:g} s)",
+                     lambda: self.profiler(args.model, runs=args.runs, deadline_s=args.deadline_s, command_id=cmd.id))
 
     def _set_config(self, cmd: CommandPayload) -> None:
         args = SetConfigArgs.model_validate(cmd.args)

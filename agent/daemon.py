@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from ..sdk.errors import ConfigError, EdgeoptError, ExitCode, UnavailableError
+from ..sdk.errors import ConfigError, EdgeoptError, ExitCode, InputError, UnavailableError
 from ..sdk.telemetry import EventPayload, InstalledPackage
 from .commands import CommandHandler
 from .config import AgentConfig, load_config
@@ -86,6 +86,23 @@ class Agent:
         if self.link is not None and self.link.connected.is_set():
             self.link.publish_status()
 
+    def profile_model(self, model: str, *, runs: int, deadline_s: float, command_id: str | None = None) -> dict:
+        """The ``profile`` command: per-layer profile of the current version on a second load (service goes on),
+        sent as a ``profile`` event whose details carry the artifact (edgeopt.agent.profile)."""
+        from .profile import artifact, profile_installed
+
+        installed = self.store.current(model)
+        if installed is None:
+            raise InputError(f"model {model!r} is not installed here")
+        doc, raw = profile_installed(installed, self.config, runs=runs, deadline_s=deadline_s)
+        details = artifact(doc, raw, installed.manifest.host_profile)
+        self.on_event({"event": "profile", "ok": True, "model": model, "version": installed.version,
+                       "from_version": None, "command_id": command_id, "deployment_id": None, "details": details,
+                       "message": f"profile of {model} {installed.version}: layer sum {doc['layer_sum_ms']:.3f} ms, "
+                                  f"{doc['runs']} runs"})
+        return {"model": model, "version": installed.version, "layer_sum_ms": doc["layer_sum_ms"],
+                "runs": doc["runs"]}
+
     def status_fields(self) -> dict[str, Any]:
         packages = []
         for name, inst in sorted(self.store.installed().items()):
@@ -146,7 +163,8 @@ class Agent:
                                        allowed_urls=self.config.download.allowed_urls, installer=self.installer,
                                        set_interval=self.reporter.set_interval,
                                        set_batching=self.registry.reconfigure,
-                                       pending_dir=Path(self.config.state_dir) / "commands")
+                                       pending_dir=Path(self.config.state_dir) / "commands",
+                                       profiler=self.profile_model)
         interrupted = self.commands.fail_interrupted(
             lambda name: (self.store.current(name).version if self.store.current(name) else None))
         if interrupted:

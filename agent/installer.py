@@ -24,7 +24,7 @@ from ..sdk.errors import EdgeoptError, InputError, PackageError, SecurityError, 
 from ..sdk.package import PackageReader, load_public_key, verify_signature
 from .config import AgentConfig
 from .download import download
-from .loader import load_installed, self_test, warm_up
+from .loader import load_installed, placement_check, self_test, warm_up
 from .probe import can_run, probe
 from .runtimes import LoadedModel
 from .store import InstalledModel, Store, crash_point, no_space, no_space_error
@@ -205,6 +205,7 @@ class Installer:
         name, version = manifest.name, manifest.version
         from_version = current.version if current else None
         loaded: LoadedModel | None = None
+        placed: dict[str, Any] | None = None
         switched = False
         stage = "journal"
         try:
@@ -220,6 +221,9 @@ class Installer:
             stage = "load"
             loaded = load_installed(new, self.config)
             crash_point("after_load")
+            stage = "placement"
+            placed = self._check_placement(loaded, manifest, from_version, ctx)
+            stage = "load"
             warm_up(loaded)
             stage = "self_test"
             report = self_test(loaded, path, manifest)
@@ -254,11 +258,31 @@ class Installer:
         self._emit("rollback" if rollback else "install", True, model=name, version=version,
                    from_version=from_version, message=f"installed {name} {version}", ctx=ctx,
                    details={"profile": manifest.profile_name, "runtime": manifest.runtime,
-                            "device": manifest.device, "precision": manifest.precision})
+                            "device": manifest.device, "precision": manifest.precision,
+                            "placement": {k: placed[k] for k in ("ok", "message", "devices", "precisions")
+                                          if k in placed} if placed else None})
         self.store.prune(name, KEEP_VERSIONS)
         self.store.clear_journal()
         crash_point("after_install")
         return new
+
+    def _check_placement(self, loaded: LoadedModel, manifest, from_version: str | None,
+                         ctx: dict[str, Any]) -> dict[str, Any] | None:
+        """Check what the runtime did with the graph; a mismatch is a ``placement`` event (ok=False) that the
+        dashboard alerts on, and refuses the switch where the profile says ``placement = "strict"``. A match
+        is not an event of its own: it rides in the install event's details."""
+        report = placement_check(loaded, manifest)
+        if report is None:
+            return None
+        name, version = manifest.name, manifest.version
+        if not report["ok"]:
+            self._emit("placement", False, model=name, version=version, from_version=from_version,
+                       message=report["message"], ctx=ctx, details=report)
+        if not report["ok"] and report.get("strict"):
+            raise UnsupportedError(f"{name} {version} does not run as its manifest says: {report['message']}",
+                                   hint="the profile's placement = \"strict\" refuses it; rebuild the package "
+                                        "for this device or use a profile with placement = \"warn\"")
+        return report
 
     def _undo(self, name: str, version: str, current: InstalledModel | None, switched: bool,
               loaded: LoadedModel | None, created: bool = True) -> None:
@@ -332,6 +356,7 @@ class Installer:
         switched = False
         try:
             loaded = load_installed(new, self.config)
+            self._check_placement(loaded, manifest, current.version, ctx)
             warm_up(loaded)
             report = self_test(loaded, new.path, manifest)
             self._emit("self_test", True, model=model, version=target, from_version=current.version,

@@ -171,6 +171,27 @@ def load_installed(installed: InstalledModel, config: AgentConfig) -> LoadedMode
     return runtime.load(model_path, **kwargs)
 
 
+def placement_check(loaded: LoadedModel, manifest: Manifest) -> dict[str, Any] | None:
+    """Compare what the runtime did with the graph (``LoadedModel.placement()``) with the manifest's device,
+    precision and float layers (:func:`edgeopt.sdk.placement.check`). None where the runtime does not say.
+    The result's ``strict`` is the profile's ``placement`` policy."""
+    from ..sdk.errors import UnsupportedError
+    from ..sdk.placement import check
+
+    try:
+        observed = loaded.placement()
+    except UnsupportedError as exc:
+        return {"ok": True, "checked": False, "message": f"placement not checked: {exc.one_line()}"}
+    if observed is None:
+        return None
+    float_layers = list(manifest.validation.float_layers) if manifest.validation else []
+    report = check(observed, device=manifest.device, precision=manifest.precision, float_layers=float_layers)
+    out = report.to_dict()
+    out["checked"] = True
+    out["strict"] = (manifest.profile or {}).get("placement") == "strict"
+    return out
+
+
 def _zeros_for(spec: TensorSpec) -> np.ndarray:
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
     return np.zeros(shape, dtype=np.dtype(spec.dtype))
@@ -202,6 +223,12 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
         for candidate in candidates:
             try:
                 loaded = load_installed(candidate, config)
+                report = placement_check(loaded, candidate.manifest)
+                if report is not None and on_event is not None and not report["ok"]:
+                    # At start a mismatch is reported, never refused: the device keeps serving what it has.
+                    on_event({"event": "placement", "ok": False, "model": name, "version": candidate.version,
+                              "from_version": None, "message": report["message"], "command_id": None,
+                              "deployment_id": None, "details": report})
                 warm_up(loaded)
                 serving[name] = (candidate, loaded)
                 break

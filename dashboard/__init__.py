@@ -110,6 +110,7 @@ def create_app(config: Mapping[str, Any] | None = None):
     from .views.auth import bp as auth_bp
     from .views.deployments import bp as deployments_bp
     from .views.devices import bp as devices_bp
+    from .views.profiles import bp as profiles_bp
     from .views.fleet import bp as fleet_bp
     from .views.packages import bp as packages_bp, download_bp
 
@@ -143,7 +144,8 @@ def create_app(config: Mapping[str, Any] | None = None):
     register_input_checks(app)
     auth.init_app(app)
 
-    for bp in (auth_bp, fleet_bp, devices_bp, packages_bp, download_bp, deployments_bp, alerts_bp, api_bp):
+    for bp in (auth_bp, fleet_bp, devices_bp, profiles_bp, packages_bp, download_bp, deployments_bp, alerts_bp,
+               api_bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
 

@@ -87,8 +87,41 @@ def _install_failures(session: Session, rule: AlertRule, now: datetime) -> dict[
     return out
 
 
+PLACEMENT_KINDS = ("placement", "install", "rollback")
+
+
+def _placement(session: Session, rule: AlertRule, now: datetime) -> dict[int, tuple[float, str]]:
+    """Fires while a device's latest install, rollback or placement event of a model says the runtime did not
+    run it as its manifest says (nodes off the device, compute layers in another precision)."""
+    q = (select(Event.device_pk, Event.kind, Event.ok, Event.message, Event.model, Event.version, Event.details,
+                Device.device_id)
+         .join(Device, Device.id == Event.device_pk)
+         .where(Event.kind.in_(PLACEMENT_KINDS), Event.ts >= now - INSTALL_WINDOW)
+         .order_by(Event.device_pk, Event.ts, Event.id))
+    if rule.model:
+        q = q.where(Event.model == rule.model)
+    latest = {}
+    for row in session.execute(q):
+        latest[(row.device_pk, row.model)] = row
+    out: dict[int, tuple[float, str]] = {}
+    for (pk, _model), ev in latest.items():
+        details = ev.details if isinstance(ev.details, dict) else {}
+        placed = details.get("placement") if isinstance(details.get("placement"), dict) else {}
+        if ev.kind == "placement" and not ev.ok:
+            message = ev.message
+        elif ev.kind != "placement" and not ev.ok and details.get("stage") == "placement":
+            message = ev.message
+        elif ev.kind != "placement" and ev.ok and placed.get("ok") is False:
+            message = str(placed.get("message") or "")
+        else:
+            continue
+        out[pk] = (0.0, f"{ev.device_id}: {ev.model or '?'} {ev.version or ''} does not run as its package says: "
+                        f"{message or 'no message'}"[:500])
+    return out
+
+
 CHECKS = {AlertKind.offline.value: _offline, AlertKind.p95_slo.value: _p95,
-          AlertKind.install_failure.value: _install_failures}
+          AlertKind.install_failure.value: _install_failures, AlertKind.placement.value: _placement}
 
 
 def evaluate(session: Session, now: datetime | None = None) -> dict[str, int]:

@@ -113,6 +113,7 @@ class AlertKind(str, enum.Enum):
     offline = "offline"  # device offline longer than threshold_minutes
     p95_slo = "p95_slo"  # p95 of a model above threshold_ms
     install_failure = "install_failure"
+    placement = "placement"  # the runtime did not run a package as its manifest says (agent placement check)
 
 
 class AlertState(str, enum.Enum):

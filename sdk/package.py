@@ -178,6 +178,10 @@ class Manifest(_Model):
         default_factory=dict,
         description="Options to load the model with (Runtime.load(options=...)), e.g. OpenVINO "
                     "INFERENCE_PRECISION_HINT=f32: the precision the package was validated at.")
+    host_profile: dict[str, Any] | None = Field(
+        None, description="Per-layer profile summary of the packaged model on the build host (edgeopt.sdk.layers."
+                          "summary): the reference a device's profile is compared with. None where the runtime "
+                          "exposes no per-layer times (LiteRT).")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @field_validator("format_version")

@@ -240,6 +240,10 @@ class HardwareProfile(_Strict):
     threads: ThreadsSpec = Field(default_factory=ThreadsSpec, description="Inference thread policy.")
     accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget, description="Accuracy budget vs fp32.")
     fallback: str | None = Field(None, description="Profile to use when this one cannot run the model.")
+    placement: Literal["warn", "strict"] = Field(
+        "warn", description="What the agent does when the runtime did not run the package as its manifest says "
+                            "(nodes off the device, compute layers in another precision): 'warn' raises an event "
+                            "and a dashboard alert and switches; 'strict' also refuses to switch.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "HardwareProfile":

@@ -197,7 +197,7 @@ class TelemetryPayload(_Payload):
 class EventPayload(_Payload):
     kind: Literal["event"] = "event"
     event: Literal["download", "install", "switch", "self_test", "rollback", "refused", "error", "config",
-                   "started", "stopped"]
+                   "started", "stopped", "placement", "profile"]
     ok: bool = True
     model: str | None = None
     version: str | None = None
@@ -218,7 +218,7 @@ class CommandPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     schema_version: str = Field(COMMAND_SCHEMA_VERSION, description="major.minor; agents reject other majors.")
     id: str = Field(min_length=1, max_length=64, description="Command id; every result names it.")
-    command: Literal["deploy", "rollback", "set-config", "ping"]
+    command: Literal["deploy", "rollback", "set-config", "ping", "profile"]
     fleet: str = Field(min_length=1, max_length=128, description="The fleet of the one device it targets.")
     device_id: str = Field(min_length=1, max_length=128, description="The one device it targets.")
     issued_at: AwareDatetime = Field(description="UTC time the dashboard signed it.")
@@ -280,6 +280,15 @@ class RollbackArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     version: str | None = Field(None, description="Version to return to; default the previous one.")
+
+
+class ProfileArgs(BaseModel):
+    """``profile``: per-layer profile of an installed model on the device, bounded in runs and time."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128, description="Installed model to profile (current version).")
+    runs: int = Field(30, ge=1, le=200, description="Profiled runs on the golden input.")
+    deadline_s: float = Field(20.0, gt=0.0, le=120.0, description="Stop profiling after this many seconds.")
 
 
 class CommandResultPayload(_Payload):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ...sdk.errors import InputError
+from ...sdk.errors import InputError, UnsupportedError
 from ...sdk.package import TensorSpec
 
 
@@ -26,6 +26,19 @@ class LoadedModel(abc.ABC):
 
     def close(self) -> None:
         """Free runtime resources."""
+
+    def placement(self) -> list[dict[str, Any]] | None:
+        """What the runtime did with the graph: ``[{node, op_type, device, precision, source_nodes}]``, or
+        None where the runtime does not say (see :mod:`edgeopt.sdk.placement`)."""
+        return None
+
+    def profile_layers(self, feeds: dict[str, np.ndarray], runs: int, *, warmup: int = 2,
+                       deadline_s: float | None = None, between=None):
+        """Per-layer times of ``runs`` inferences (a :class:`edgeopt.sdk.layers.RawProfile`); the model must
+        have been loaded with ``options={"profile_layers": True}``. Stops early (after at least one run)
+        once ``deadline_s`` has passed. ``between(seconds)`` is called after every run with its wall time
+        (the host interleaves a plain inference there; a device pauses to leave the CPU to service)."""
+        raise UnsupportedError(f"{type(self).__name__} does not expose per-layer times")
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """Refuse wrong names, dtypes or ranks with a message naming input, expected and found."""

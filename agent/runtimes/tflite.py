@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...sdk.errors import InputError, UnsupportedError
+from ...sdk.layers import precision_word
 from ...sdk.package import TensorSpec
 from .base import LoadedModel, Runtime
 
@@ -61,6 +62,28 @@ class TFLiteModel(LoadedModel):
         out = super().describe()
         out.update(runtime="tflite", package=_PACKAGE, version=TFLiteRuntime.version())
         return out
+
+    def placement(self) -> list[dict[str, Any]] | None:
+        """The interpreter's ops and the dtype of each op's first input (what LiteRT's Python API exposes;
+        which ops XNNPACK took over is not exposed)."""
+        try:
+            ops = self.interp._get_ops_details()  # the only op listing the Python Interpreter has
+            dtypes = {d["index"]: np.dtype(d["dtype"]).name for d in self.interp.get_tensor_details()}
+        except (AttributeError, ValueError, RuntimeError):
+            return None
+        out = []
+        for op in ops:
+            first = next((int(i) for i in op.get("inputs", []) if int(i) >= 0), None)
+            out.append({"node": f"{op.get('op_name')}:{op.get('index')}", "op_type": str(op.get("op_name", "")),
+                        "device": "CPU", "precision": precision_word(dtypes.get(first)) if first is not None else None,
+                        "source_nodes": []})
+        return out
+
+    def profile_layers(self, feeds, runs, *, warmup=2, deadline_s=None, between=None):
+        raise UnsupportedError(
+            "LiteRT (TFLite) exposes no per-op timing to Python: its Interpreter has no profiler API, so "
+            "edgeopt can show whole-model latency and the op list with precisions only; per-op times need "
+            "LiteRT's C++ benchmark_model tool (--enable_op_profiling=true) on the device")
 
 
 class TFLiteRuntime(Runtime):

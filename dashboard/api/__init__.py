@@ -46,4 +46,4 @@ def ok(payload, status: int = 200):
     return resp
 
 
-from . import alerts, deployments, fleet, openapi, packages, users  # noqa: E402,F401  (register routes)
+from . import alerts, deployments, fleet, openapi, packages, profiles, users  # noqa: E402,F401  (register routes)

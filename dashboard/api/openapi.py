@@ -30,12 +30,14 @@ BODIES = {
         "stage_percent": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
         "failure_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.2}}},
     "api.create_alert_rule": {"type": "object", "required": ["name", "kind"], "properties": {
-        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["offline", "p95_slo", "install_failure"]},
+        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["offline", "p95_slo", "install_failure", "placement"]},
         "model": {"type": "string"}, "threshold_minutes": {"type": "number"}, "threshold_ms": {"type": "number"},
         "enabled": {"type": "boolean"}}},
     "api.create_user": {"type": "object", "required": ["username", "password"], "properties": {
         "username": {"type": "string"}, "password": {"type": "string", "minLength": 8},
         "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}},
+    "api.request_device_profile": {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string"}, "runs": {"type": "integer", "minimum": 1, "maximum": 200, "default": 30}}},
     "api.create_token": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
 }
 

@@ -168,10 +168,35 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
         source=ManifestSource(filename=prep.source.path.name, format=prep.source.format, sha256=prep.source.sha256),
         calibration=prep.calibration_info or CalibrationInfo(source="none", samples=0),
         validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
-        runtime_options=device_options(art.runtime_options, chosen.device) or {})
+        runtime_options=device_options(art.runtime_options, chosen.device) or {},
+        host_profile=_host_profile(prep, chosen))
     written = pack.write(output, manifest, art.files, golden_bytes, private_key)
     return BuildResult(manifest=written, output=output, chosen=chosen, tried=results, benchmark=bench,
                        validation=v, signed=private_key is not None)
+
+
+def _host_profile(prep: Prepared, chosen: CandidateResult) -> dict | None:
+    """Per-layer profile summary of the chosen model on this host (the device-side profile's reference)."""
+    from ...agent.runtimes import get_runtime
+    from .layerbench import host_profile_summary
+
+    art = chosen.artifact
+    device = chosen.device if chosen.device in get_runtime(art.runtime).devices() else \
+        {"onnxruntime": "CPUExecutionProvider"}.get(art.runtime, "CPU")
+    options = device_options(art.runtime_options, device) or {}
+    if art.runtime == "onnxruntime":
+        options = {"providers": [device]}
+    kwargs = {"device": device, "threads": prep.threads, "performance_hint": prep.profile.performance_hint.value,
+              "options": options or None}
+    try:
+        feeds = prep.heldout.samples[0]
+        summary = host_profile_summary(art.runtime, art.model_file, kwargs, feeds, runs=20)
+    except Exception as exc:  # noqa: BLE001 - a reference profile is a nicety; the package is still valid
+        log.warning("no host profile in the manifest: %s", exc)
+        return None
+    if summary is not None:
+        summary["host_proxy"] = device != chosen.device
+    return summary
 
 
 def _safe_name(name: str) -> str:

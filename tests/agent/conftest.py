@@ -92,7 +92,9 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
     None for unsigned), ``tamper`` (None | "artifact": a model byte changed after signing | "manifest": the
     manifest edited after signing), ``broken_golden`` (expected outputs shifted so the self-test fails),
     ``golden_count`` (4), ``profile`` (shipped profile name, "cpu"), ``device`` (override the runtime
-    device, e.g. "NPU"), ``host_proxy`` (add a benchmark measured on the host as a stand-in).
+    device, e.g. "NPU"), ``host_proxy`` (add a benchmark measured on the host as a stand-in),
+    ``runtime_options`` (OpenVINO default ``{"INFERENCE_PRECISION_HINT": "f32"}``; ``{}`` lets the CPU plugin
+    pick bf16), ``placement`` (the profile's placement policy, "warn" | "strict").
     """
     from edgeopt.agent.loader import write_golden
     from edgeopt.agent.runtimes import get_runtime
@@ -105,8 +107,9 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
     def make(version: str = "1.0.0", *, name: str = "digits", runtime: str = "onnxruntime",
              key: str | None = "trusted", tamper: str | None = None, broken_golden: bool = False,
              golden_count: int = 4, profile: str = "cpu", device: str | None = None,
-             host_proxy: bool = False) -> Path:
-        params = (version, name, runtime, key, tamper, broken_golden, golden_count, profile, device, host_proxy)
+             host_proxy: bool = False, runtime_options: dict | None = None, placement: str | None = None) -> Path:
+        params = (version, name, runtime, key, tamper, broken_golden, golden_count, profile, device, host_proxy,
+                  json.dumps(runtime_options, sort_keys=True), placement)
         if params in cache:
             return cache[params]
         work = root / f"build-{len(cache)}"
@@ -115,7 +118,11 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
         if runtime == "openvino":
             model_file = _to_openvino_ir(digits_model, work)
             artifacts: dict[str, Any] = {"model.xml": model_file, "model.bin": work / "model.bin"}
-            loaded = rt.load(model_file, device="CPU")
+            # As the SDK packages fp32 for OpenVINO: pinned to f32, or the CPU plugin runs bf16 where it can
+            # (runtime_options={} builds exactly that package, for the placement check's tests).
+            if runtime_options is None:
+                runtime_options = {"INFERENCE_PRECISION_HINT": "f32"}
+            loaded = rt.load(model_file, device="CPU", options=runtime_options or None)
         else:
             model_file = digits_model
             artifacts = {"model.onnx": model_file}
@@ -127,6 +134,8 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
         write_golden(work / "golden.npz", samples_in, samples_out)
         artifacts["golden.npz"] = work / "golden.npz"
         prof = load_profile(profile).to_dict()
+        if placement is not None:
+            prof["placement"] = placement
         bench = None
         if host_proxy:
             stats = LatencyStats(p50_ms=0.1, p90_ms=0.1, p99_ms=0.2, mean_ms=0.1, throughput_ips=1e4, iterations=10)
@@ -140,6 +149,7 @@ def make_package(tmp_path_factory, agent_keys: Keys, digits_model: Path, digits_
             source_model=SourceModel(filename=digits_model.name, format="onnx", sha256=sha256_file(digits_model)),
             golden=GoldenSpec(count=golden_count, atol=1e-4, rtol=1e-3, min_cosine=0.9999),
             benchmark=bench, toolchain={"test": "tests/agent/conftest.py"},
+            runtime_options=runtime_options or {},
         )
         loaded.close()
         priv = {"trusted": agent_keys.trusted_private, "other": agent_keys.other_private, None: None}[key]

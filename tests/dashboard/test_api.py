@@ -107,7 +107,7 @@ def test_method_not_allowed_is_json(client, viewer):
 
 
 def test_alert_rules_crud_and_validation(client, operator):
-    bad = [({"name": "x", "kind": "bogus"}, "unknown alert kind 'bogus'; expected one of offline, p95_slo, install_failure"),
+    bad = [({"name": "x", "kind": "bogus"}, "unknown alert kind 'bogus'; expected one of offline, p95_slo, install_failure, placement"),
            ({"name": "x", "kind": "offline"}, "an offline rule needs threshold_minutes (how long offline before alerting)"),
            ({"name": "x", "kind": "p95_slo", "threshold_ms": -1}, "threshold_ms must be above 0, found -1"),
            ({"kind": "offline", "threshold_minutes": 1}, "rule name is required (at most 128 characters)")]
@@ -122,6 +122,35 @@ def test_alert_rules_crud_and_validation(client, operator):
     assert client.get("/api/v1/alert-rules", headers=operator).get_json()["rules"][0]["name"] == "slo"
     assert client.delete(f"/api/v1/alert-rules/{rule['id']}", headers=operator).get_json() == {"deleted": rule["id"]}
     assert client.get("/api/v1/alert-rules", headers=operator).get_json()["rules"] == []
+
+
+def test_placement_alert_opens_on_a_mismatch_and_resolves_on_a_clean_install(app, client, operator):
+    """The agent's placement check (event ``placement`` ok=False, or an install whose details say the
+    placement did not match) opens a placement alert; a later install that matches resolves it."""
+    from edgeopt.dashboard.alerting import evaluate
+    from edgeopt.dashboard.simulate import SimDevice
+    from edgeopt.sdk.telemetry import EventPayload
+
+    devices = seed_fleet(app, n=2, minutes=1)
+    assert client.post("/api/v1/alert-rules", json={"name": "placement", "kind": "placement"},
+                       headers=operator).status_code == 201
+    d: SimDevice = devices[0]
+    msg = "5 compute layers ran in bf16, the package is fp32 (/0/Conv/WithoutBiases, ...)"
+
+    def send(**kw):
+        ev = EventPayload(device_id=d.device_id, session_id=d.session_id, seq=d.next_seq(), model="digits", **kw)
+        ingest(app.extensions["edgeopt_engine"], [(d.topic("events"), ev.to_json())])
+        with app.extensions["edgeopt_sessionmaker"]() as s:
+            return evaluate(s)
+
+    send(event="placement", ok=False, version="1.1.0", message=msg, details={"ok": False})
+    assert send(event="install", ok=True, version="1.1.0",
+                details={"placement": {"ok": False, "message": msg}})["resolved"] == 0
+    alerts = client.get("/api/v1/alerts", headers=operator).get_json()["alerts"]
+    assert [(a["rule"], a["device_id"]) for a in alerts] == [("placement", d.device_id)]
+    assert alerts[0]["message"] == f"{d.device_id}: digits 1.1.0 does not run as its package says: {msg}"
+    assert send(event="install", ok=True, version="1.2.0",
+                details={"placement": {"ok": True, "message": "all 20 nodes on CPU"}})["resolved"] == 1
 
 
 def test_alerts_open_and_resolve(app, client, operator, db):

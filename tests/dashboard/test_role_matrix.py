@@ -48,6 +48,8 @@ MATRIX: dict[tuple[str, str], str] = {
     ("GET", "/fleet"): "viewer",
     ("GET", "/devices"): "viewer",
     ("GET", "/devices/<device_id>"): "viewer",
+    ("GET", "/devices/<device_id>/profile"): "viewer",
+    ("GET", "/devices/<device_id>/profile/<int:event_id>/trace.json"): "viewer",
     ("GET", "/packages"): "viewer",
     ("GET", "/packages/<int:package_id>"): "viewer",
     ("GET", "/packages/<int:package_id>/file"): "viewer",
@@ -60,6 +62,7 @@ MATRIX: dict[tuple[str, str], str] = {
     ("POST", "/logout"): "viewer",
     # pages: operators
     ("POST", "/packages"): "operator",
+    ("POST", "/devices/<device_id>/profile"): "operator",
     ("GET", "/deployments/new"): "operator",
     ("POST", "/deployments"): "operator",
     ("POST", "/deployments/<deployment_id>/abort"): "operator",
@@ -80,6 +83,7 @@ MATRIX: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/devices/<device_id>"): "viewer",
     ("GET", "/api/v1/devices/<device_id>/events"): "viewer",
     ("GET", "/api/v1/devices/<device_id>/series"): "viewer",
+    ("GET", "/api/v1/devices/<device_id>/profiles"): "viewer",
     ("GET", "/api/v1/packages"): "viewer",
     ("GET", "/api/v1/packages/<int:package_id>"): "viewer",
     ("GET", "/api/v1/packages/<int:package_id>/file"): "viewer",
@@ -93,6 +97,7 @@ MATRIX: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/tokens/<int:token_id>"): "viewer",
     # API: operators
     ("POST", "/api/v1/packages"): "operator",
+    ("POST", "/api/v1/devices/<device_id>/profiles"): "operator",
     ("POST", "/api/v1/deployments"): "operator",
     ("POST", "/api/v1/deployments/<deployment_id>/abort"): "operator",
     ("POST", "/api/v1/deployments/<deployment_id>/rollback"): "operator",
