@@ -10,7 +10,7 @@ Run on a machine with an NVIDIA GPU and onnxruntime-gpu (CUDAExecutionProvider):
    profile's options, golden-sample self-test through the same padded, graph-captured path, switch).
 2. ONNX Runtime variants, each loaded through the agent's own runtime class (`OnnxRuntimeRuntime.load`), so an
    option is measured exactly as the agent runs it: the earlier package's plain session, then I/O binding at
-   fixed batch sizes, NHWC kernels, CUDA graphs, cuDNN HEURISTIC instead of EXHAUSTIVE, fp16 inputs/outputs
+   fixed batch sizes, NHWC kernels, CUDA graphs, cuDNN HEURISTIC instead of EXHAUSTIVE, fp16 inputs
    (the fp32 source converted with ``keep_io_types=False`` on the spot), and fp32 on CUDA for "fp16 never
    slower than fp32". "host" times ``infer()`` with numpy in and out (the copies an application pays);
    "device" times the bound run alone (inputs already on the GPU).
@@ -77,9 +77,29 @@ def install_package(package: str, public_key: str, state: Path) -> tuple[Path, d
     return pkg_dir, json.loads((pkg_dir / "manifest.json").read_text()), took
 
 
+def fallback_install(package: str, public_key: str, work: Path) -> dict:
+    """Install a package with a node the CUDA provider has no kernel for: the agent must not serve it silently."""
+    state = work / f"fb-{Path(package).stem}"
+    state.mkdir()
+    cfg = state / "agent.toml"
+    init = subprocess.run([sys.executable, "-m", "edgeopt.sdk.cli", "agent", "init", "--device-id", "h200-1",
+                           "--fleet", "gpu-lab", "--state-dir", str(state / "state"),
+                           "--trust-key", str(Path(public_key).resolve())], capture_output=True, text=True)
+    cfg.write_text(init.stdout)
+    inst = subprocess.run([sys.executable, "-m", "edgeopt.sdk.cli", "agent", "install", package,
+                           "--config", str(cfg), "--json"], capture_output=True, text=True)
+    out = {"exit": inst.returncode, "stderr": inst.stderr.strip()[-600:]}
+    try:
+        out["events"] = [{k: e.get(k) for k in ("event", "ok", "message")} for e in json.loads(inst.stdout)["events"]]
+    except (ValueError, KeyError):
+        out["stdout"] = inst.stdout.strip()[-600:]
+    print(f"fallback package {Path(package).name}: exit {inst.returncode}: {json.dumps(out)[:1200]}", flush=True)
+    return out
+
+
 def fp16_io_model(fp32: Path, out: Path) -> Path:
-    """The SDK's fp16 build with the profile's ``fp16_io`` on: the same offline optimization, then float16 at
-    the edges too."""
+    """The SDK's fp16 build with the profile's ``fp16_inputs`` on: the same offline optimization, then float16
+    inputs too (outputs stay float32)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -87,7 +107,8 @@ def fp16_io_model(fp32: Path, out: Path) -> Path:
 
     tmp = out.with_suffix(".fp32opt.onnx")
     OnnxRuntimeBackend()._optimize_offline(fp32, tmp, "all", [])
-    onnx.save(convert_float_to_float16(onnx.load(str(tmp)), keep_io_types=False), str(out))
+    model = onnx.load(str(tmp))
+    onnx.save(convert_float_to_float16(model, keep_io_types=[o.name for o in model.graph.output]), str(out))
     return out
 
 
@@ -106,8 +127,8 @@ def ort_variants(model: Path, fp32: Path, work: Path, batches: list[int], block:
         "+ NHWC + CUDA graphs": (model, {**bound, "prefer_nhwc": True, "cuda_graph": True}),
         "+ NHWC + graphs, cuDNN HEURISTIC": (model, {**bound, "prefer_nhwc": True, "cuda_graph": True,
                                                      "cudnn_conv_algo_search": "HEURISTIC"}),
-        "+ NHWC + graphs + fp16 I/O": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True}),
-        "+ NHWC + graphs + fp16 I/O + pinned": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True,
+        "+ NHWC + graphs + fp16 inputs": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True}),
+        "+ NHWC + graphs + fp16 inputs + pinned": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True,
                                                        "pinned_staging": True}),
         "fp32 source, plain": (fp32, dict(cuda)),
         "fp32 source, binding + graphs": (fp32, {**bound, "cuda_graph": True}),
@@ -264,6 +285,8 @@ def main() -> int:
     ap.add_argument("--http-seconds", type=float, default=0, help="HTTP load test per round (0: skip)")
     ap.add_argument("--http-rounds", type=int, default=3)
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--fallback-package", action="append",
+                    help="also install this package, whose model has a node the CUDA provider lacks (repeatable)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -278,6 +301,8 @@ def main() -> int:
     block = next((b for b in manifest["profile"].get("runtimes", []) if b.get("runtime") == "onnxruntime"), {})
     print(f"profile onnxruntime block: {json.dumps(block)}", flush=True)
     figures: dict = {"install_s": install_s, "block": block, "onnxruntime": ort.__version__}
+    for extra in args.fallback_package or []:
+        figures.setdefault("fallback", {})[Path(extra).name] = fallback_install(extra, args.public_key, work)
     figures["ort"] = ort_variants(pkg_dir / manifest["model_file"], Path(args.fp32), work, batches, block)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))

@@ -17,4 +17,4 @@ LD_LIBRARY_PATH=$(ls -d $N/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH
 [[ -f /tmp/resnet18.onnx ]] || python3 tests/assets/make_resnet18.py /tmp/resnet18.onnx >/dev/null
 python3 benchmarks/gpu_profile.py --package .whl/resnet18-gpu.eopkg --public-key .whl/edgeopt.pub \
-  --fp32 /tmp/resnet18.onnx --batches "${BATCHES:-1,8,32}" --json "$OUT/gpu_profile.json" "$@" 2>&1 | tee "$OUT/gpu_profile.log"
+  --fp32 /tmp/resnet18.onnx $(for f in .whl/fallback-*.eopkg; do [[ -f $f ]] && echo --fallback-package $f; done) --batches "${BATCHES:-1,8,32}" --json "$OUT/gpu_profile.json" "$@" 2>&1 | tee "$OUT/gpu_profile.log"

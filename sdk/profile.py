@@ -105,10 +105,10 @@ class OnnxRuntimeRuntime(_Strict):
         description="CUDAExecutionProvider: how cuDNN picks each convolution's algorithm. EXHAUSTIVE times them all "
         "at the first run of each shape (the agent does that at load, once per batch size).",
     )
-    fp16_io: bool = Field(
+    fp16_inputs: bool = Field(
         False,
-        description="fp16 packages: inputs and outputs in float16 too (no Casts at the model's edges; half the bytes "
-        "copied). Clients send FP16; the agent's Python API converts float32 arrays.",
+        description="fp16 packages: inputs in float16 too (no Cast at the model's input edge; half the bytes copied "
+        "to the device). Outputs stay float32. Clients send FP16; the agent's Python API converts float32 arrays.",
     )
 
     @field_validator("batch_sizes")

@@ -90,7 +90,7 @@ class OnnxRuntimeModel(LoadedModel):
         self._fp16_inputs = {s.name for s in self.inputs if s.dtype == "float16"}
 
     def _host_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """float32 arrays for a float16 input (an ``fp16_io`` package) are converted on the host: half the bytes
+        """float32 arrays for a float16 input (an ``fp16_inputs`` package) are converted on the host: half the bytes
         cross to the device, and no Cast runs on it. Nothing else is converted."""
         if not self._fp16_inputs:
             return feeds

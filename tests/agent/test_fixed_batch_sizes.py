@@ -140,7 +140,7 @@ def test_profile_rules(tmp_path):
     with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
         load_profile_file(_write_profile(tmp_path, 'cudnn_conv_algo_search = "FAST"'))
     gpu = load_profile("gpu").runtimes[0]
-    assert gpu.cuda_graph and gpu.prefer_nhwc and gpu.fp16_io and max(gpu.batch_sizes) == 32
+    assert gpu.cuda_graph and gpu.prefer_nhwc and gpu.fp16_inputs and max(gpu.batch_sizes) == 32
 
 
 def test_loader_passes_the_gpu_block_and_the_batcher_uses_the_largest_size(tmp_path, digits_model):
@@ -160,9 +160,9 @@ def test_loader_passes_the_gpu_block_and_the_batcher_uses_the_largest_size(tmp_p
 
 
 @pytest.mark.slow
-def test_cli_package_with_fixed_sizes_and_fp16_io_installs_self_tests_and_serves(
+def test_cli_package_with_fixed_sizes_and_fp16_inputs_installs_self_tests_and_serves(
         tmp_path, agent_keys, agent_config_file, digits_model, digits_heldout):
-    profile = _write_profile(tmp_path, "batch_sizes = [1, 4, 8]\nfp16_io = true")
+    profile = _write_profile(tmp_path, "batch_sizes = [1, 4, 8]\nfp16_inputs = true")
     pkg = tmp_path / "digits-fixed.eopkg"
     built = subprocess.run([EDGEOPT, "package", str(digits_model), "--profile", str(profile),
                             "--heldout", str(digits_heldout), "--sign-key", str(agent_keys.trusted_private),
@@ -184,7 +184,8 @@ def test_cli_package_with_fixed_sizes_and_fp16_io_installs_self_tests_and_serves
     config = load_config(agent_config_file)
     _, loaded = load_serving(Store(config.state_dir), config)["digits"]
     assert isinstance(loaded, BoundOnnxRuntimeModel) and loaded.inputs[0].dtype == "float16"
+    assert loaded.outputs[0].dtype == "float32"
     data = np.load(digits_heldout)
     logits = loaded.infer({"images": data["images"][:11]})["logits"]  # 8 + 3 padded to 4
-    assert logits.shape == (11, 10) and logits.dtype == np.float16
+    assert logits.shape == (11, 10) and logits.dtype == np.float32
     assert (logits.argmax(1) == data["labels"][:11]).mean() >= 0.9
