@@ -149,7 +149,8 @@ class Daemon:
 
 def binary_request(x: np.ndarray, input_name: str = "images") -> tuple[bytes, dict[str, str]]:
     """A pre-encoded binary-tensor request (the client's encoding cost is not the agent's overhead)."""
-    header = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+    datatype = {"float32": "FP32", "float16": "FP16"}[x.dtype.name]
+    header = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": datatype,
                                      "parameters": {"binary_data_size": x.nbytes}}],
                          "parameters": {"binary_data_output": True}}).encode()
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),

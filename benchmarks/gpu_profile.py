@@ -128,8 +128,6 @@ def ort_variants(model: Path, fp32: Path, work: Path, batches: list[int], block:
         "+ NHWC + graphs, cuDNN HEURISTIC": (model, {**bound, "prefer_nhwc": True, "cuda_graph": True,
                                                      "cudnn_conv_algo_search": "HEURISTIC"}),
         "+ NHWC + graphs + fp16 inputs": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True}),
-        "+ NHWC + graphs + fp16 inputs + pinned": (io16, {**bound, "prefer_nhwc": True, "cuda_graph": True,
-                                                       "pinned_staging": True}),
         "fp32 source, plain": (fp32, dict(cuda)),
         "fp32 source, binding + graphs": (fp32, {**bound, "cuda_graph": True}),
     }
@@ -285,6 +283,7 @@ def main() -> int:
     ap.add_argument("--http-seconds", type=float, default=0, help="HTTP load test per round (0: skip)")
     ap.add_argument("--http-rounds", type=int, default=3)
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--skip-variants", action="store_true", help="only install, fallback packages and HTTP")
     ap.add_argument("--fallback-package", action="append",
                     help="also install this package, whose model has a node the CUDA provider lacks (repeatable)")
     args = ap.parse_args()
@@ -303,7 +302,9 @@ def main() -> int:
     figures: dict = {"install_s": install_s, "block": block, "onnxruntime": ort.__version__}
     for extra in args.fallback_package or []:
         figures.setdefault("fallback", {})[Path(extra).name] = fallback_install(extra, args.public_key, work)
-    figures["ort"] = ort_variants(pkg_dir / manifest["model_file"], Path(args.fp32), work, batches, block)
+    if args.skip_variants:
+        batches = []
+    figures["ort"] = {} if args.skip_variants else ort_variants(pkg_dir / manifest["model_file"], Path(args.fp32), work, batches, block)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     report(figures, batches)

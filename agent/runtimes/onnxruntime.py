@@ -213,69 +213,6 @@ class OnnxRuntimeModel(LoadedModel):
 _NP_TO_ORT_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
-class _PinnedHost:
-    """Page-locked host memory from the CUDA runtime that ONNX Runtime's CUDA provider already loaded (its Python
-    API cannot allocate any: "Unsupported device type: cuda_pinned"). Copies from it to the GPU are direct DMA."""
-
-    _lib = None
-
-    @classmethod
-    def runtime(cls):
-        if cls._lib is None:
-            import ctypes
-
-            for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-                try:
-                    lib = ctypes.CDLL(name)
-                    break
-                except OSError:
-                    continue
-            else:
-                cls._lib = False
-                return None
-            lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-            lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
-            cls._lib = lib
-        return cls._lib or None
-
-    def __init__(self, nbytes: int):
-        import ctypes
-
-        lib = self.runtime()
-        if lib is None:
-            raise OSError("no CUDA runtime library")
-        self._ptr = ctypes.c_void_p()
-        rc = lib.cudaHostAlloc(ctypes.byref(self._ptr), ctypes.c_size_t(max(1, nbytes)), 0)
-        if rc != 0 or not self._ptr.value:
-            raise OSError(f"cudaHostAlloc failed ({rc})")
-        self._free = lib.cudaFreeHost
-        self.nbytes = nbytes
-
-    def array(self, shape, dtype) -> np.ndarray:
-        import ctypes
-
-        raw = (ctypes.c_uint8 * self.nbytes).from_address(self._ptr.value)
-        return np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape)
-
-    def __del__(self):
-        if getattr(self, "_ptr", None) is not None and self._ptr.value:
-            self._free(self._ptr)
-            self._ptr = None
-
-
-def _host_buffer(shape: list[int], dtype: np.dtype, pinned: bool, keep: list) -> np.ndarray:
-    if pinned:
-        try:
-            mem = _PinnedHost(int(np.prod(shape)) * dtype.itemsize)
-            keep.append(mem)
-            arr = mem.array(shape, dtype)
-            arr[...] = 0
-            return arr
-        except OSError as exc:
-            log.warning("pinned host memory unavailable (%s): staging in pageable memory", exc)
-    return np.zeros(shape, dtype=dtype)
-
-
 class BoundOnnxRuntimeModel(OnnxRuntimeModel):
     """A model run at fixed batch sizes with its inputs and outputs in buffers allocated once per size on the
     provider's device (ONNX Runtime's I/O binding), optionally replaying one captured CUDA graph per size.
@@ -287,15 +224,12 @@ class BoundOnnxRuntimeModel(OnnxRuntimeModel):
     """
 
     def __init__(self, session: ort.InferenceSession, batch_sizes: tuple[int, ...], device: str = "cpu",
-                 graphs: bool = False, pinned: bool = False, profile_dir: Path | None = None,
+                 graphs: bool = False, profile_dir: Path | None = None,
                  producers: dict[str, str] | None = None, nodes: dict[str, tuple[str, list[str]]] | None = None):
         super().__init__(session, profile_dir, producers, nodes)
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
         self.device = device
         self.graphs = graphs
-        # Page-locked staging buffers (CUDA only): every batch is staged there, then DMA'd to the GPU.
-        self.pinned = pinned and device == "cuda"
-        self._pinned_memory: list = []
         for spec in self.inputs + self.outputs:
             if not spec.shape or any(not isinstance(d, int) or d < 0 for d in spec.shape[1:]):
                 raise UnsupportedError(
@@ -303,8 +237,7 @@ class BoundOnnxRuntimeModel(OnnxRuntimeModel):
                     f"(fix them at package time with --input-shape)")
         self._slots: dict[int, tuple] = {}
         for graph_id, b in enumerate(self.batch_sizes, start=1):
-            ins = {s.name: _host_buffer([b, *s.shape[1:]], np.dtype(s.dtype), self.pinned, self._pinned_memory)
-                   for s in self.inputs}
+            ins = {s.name: np.zeros([b, *s.shape[1:]], dtype=np.dtype(s.dtype)) for s in self.inputs}
             dev_in = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in ins.items()}
             dev_out = {s.name: ort.OrtValue.ortvalue_from_shape_and_type([b, *s.shape[1:]], np.dtype(s.dtype).type,
                                                                         device, 0) for s in self.outputs}
@@ -341,7 +274,7 @@ class BoundOnnxRuntimeModel(OnnxRuntimeModel):
         b = next(size for size in self.batch_sizes if size >= n)
         ins, dev_in, dev_out, binding, run_options = self._slots[b]
         for k, v in feeds.items():
-            if n == b and v.flags.c_contiguous and not self.pinned:
+            if n == b and v.flags.c_contiguous:
                 dev_in[k].update_inplace(v)  # one copy, straight from the caller's array
                 continue
             host = ins[k]
@@ -359,8 +292,7 @@ class BoundOnnxRuntimeModel(OnnxRuntimeModel):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update(batch_sizes=list(self.batch_sizes), cuda_graph=self.graphs, io_binding=self.device,
-                   pinned_staging=self.pinned)
+        out.update(batch_sizes=list(self.batch_sizes), cuda_graph=self.graphs, io_binding=self.device)
         return out
 
 
@@ -406,7 +338,6 @@ class OnnxRuntimeRuntime(Runtime):
             so.intra_op_num_threads = int(threads)
         batch_sizes = tuple(options.pop("batch_sizes", ()) or ())
         graphs = bool(options.pop("cuda_graph", False))
-        pinned = bool(options.pop("pinned_staging", False))
         cuda = {"prefer_nhwc": "1" if options.pop("prefer_nhwc", False) else "0",
                 "cudnn_conv_algo_search": str(options.pop("cudnn_conv_algo_search", "EXHAUSTIVE"))}
         if graphs:
@@ -426,7 +357,7 @@ class OnnxRuntimeRuntime(Runtime):
             return OnnxRuntimeModel(session, profile_dir, producers, nodes)
         try:
             return BoundOnnxRuntimeModel(session, batch_sizes, device=_NP_TO_ORT_DEVICE.get(providers[0], "cpu"),
-                                         graphs=graphs, pinned=pinned, profile_dir=profile_dir,
+                                         graphs=graphs, profile_dir=profile_dir,
                                          producers=producers, nodes=nodes)
         except UnsupportedError:
             raise
