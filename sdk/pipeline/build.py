@@ -36,6 +36,9 @@ def build_package(req: PackageRequest, progress: Progress) -> BuildResult:
             raise _failure(prep, results)
         decisions.extend(chosen.decisions)
         decisions.extend(_choice_notes(chosen, results))
+        placement_line = _placement_note(prep, chosen)
+        if placement_line:
+            decisions.append(placement_line)
         if chosen.validation.float_layers:
             decisions.append(f"accuracy-aware: {len(chosen.validation.float_layers)} layer(s) kept in float: "
                              f"{', '.join(chosen.validation.float_layers[:20])}")
@@ -131,6 +134,43 @@ def _choice_notes(chosen: CandidateResult, results: list[CandidateResult]) -> li
         else:
             notes.append(f"{what(r)} lost: slower, p50 {r.optimized.p50_ms:.3f} ms ({r.speedup:.2f}x vs fp32)")
     return notes
+
+
+def placement_line(assignment: dict[str, str], target: str) -> str | None:
+    """One line naming the nodes ONNX Runtime assigned to another provider than the package's target."""
+    off = sorted(node for node, provider in assignment.items() if provider != target)
+    if not off:
+        return None
+    names = ", ".join(off[:8]) + (f" and {len(off) - 8} more" if len(off) > 8 else "")
+    return f"placement: {len(off)} of {len(assignment)} nodes would not run on {target} ({names})"
+
+
+def _placement_note(prep: Prepared, chosen: CandidateResult) -> str | None:
+    """Where ONNX Runtime would run each node on the package's target provider (e.g. the CUDA provider): nodes it
+    leaves to the CPU are reported now, and the agent checks again at install (profile ``placement``)."""
+    art = chosen.artifact
+    if art.runtime != "onnxruntime" or chosen.device in ("", "CPUExecutionProvider"):
+        return None
+    from ...agent.runtimes import get_runtime
+
+    if chosen.device not in get_runtime(art.runtime).devices():
+        return (f"placement not checked here: {chosen.device} is not on this host; the agent checks it at install "
+                f"(profile placement = {getattr(prep.profile, 'placement', 'warn')})")
+    import onnxruntime as ort
+
+    from ..placement import RECORD_ASSIGNMENT, placement
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+    try:
+        session = ort.InferenceSession(str(art.model_file), sess_options=so, providers=[chosen.device])
+        line = placement_line(placement(session), chosen.device)
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal at package time
+        return f"placement not checked: {' '.join(str(exc).split())[:200]}"
+    if line and prep.progress:
+        prep.progress.warn(line)
+    return line or f"placement: every node on {chosen.device}"
 
 
 def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: Path, private_key) -> BuildResult:
