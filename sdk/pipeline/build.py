@@ -36,6 +36,10 @@ def build_package(req: PackageRequest, progress: Progress) -> BuildResult:
             raise _failure(prep, results)
         decisions.extend(chosen.decisions)
         decisions.extend(_choice_notes(chosen, results))
+        if req.validate_on != "host":
+            from .target import validate_on_target
+
+            decisions.extend(validate_on_target(prep, chosen, req.validate_on, progress, sysroot=req.arm_sysroot))
         if chosen.validation.float_layers:
             decisions.append(f"accuracy-aware: {len(chosen.validation.float_layers)} layer(s) kept in float: "
                              f"{', '.join(chosen.validation.float_layers[:20])}")
