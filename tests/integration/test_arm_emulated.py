@@ -1,0 +1,281 @@
+"""The `arm` profile run for real on a 64-bit ARM CPU emulated by QEMU (user mode): the agent, its runtimes
+and numpy are aarch64 builds (scripts/arm-sysroot.sh; scripts/test.sh builds it), the packages are real
+models packaged on this x86 host. Emulation proves instruction-set correctness and the ARM kernels'
+numerics, never speed (docs/arm-emulation.md).
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent_support import Broker, Subscriber, free_port, wait_for
+from edgeopt.agent.config import render_config
+from edgeopt.sdk.emulation import EmulationError, find_emulator
+from edgeopt.sdk.package import PackageReader, load_private_key, write_package
+from edgeopt.sdk.pipeline.golden import read_golden
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGEOPT = [sys.executable, "-m", "edgeopt.sdk.cli"]
+# Generous: an emulated CPU runs 10-50x slower than this one, and the CI machine is shared.
+EMULATED_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    try:
+        return find_emulator()
+    except EmulationError as exc:  # a missing sysroot is a broken set-up, never a reason to skip
+        pytest.fail(f"{exc.one_line()}; scripts/test.sh builds it", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def arm_py(emulator):
+    with emulator.session() as py:
+        yield py
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("arm-keys")
+    subprocess.run(EDGEOPT + ["keygen", "--out", str(d)], check=True, capture_output=True)
+    return d / "edgeopt.key", d / "edgeopt.pub"
+
+
+def _package(out: Path, model: Path, key: Path, *args: str) -> Path:
+    done = subprocess.run(EDGEOPT + ["package", str(model), "-p", "arm", "--sign-key", str(key), "-o", str(out),
+                                     "--iterations", "5", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_arm(tmp_path_factory, keys, digits_model, digits_calib, digits_heldout) -> Path:
+    """The digits CNN, int8 (QDQ) for ONNX Runtime, validated on the host as before."""
+    out = tmp_path_factory.mktemp("arm-pkg") / "digits-arm.eopkg"
+    return _package(out, digits_model, keys[0], "--calib", str(digits_calib), "--heldout", str(digits_heldout),
+                    "--input-shape", "images:1,1,8,8", "--name", "digits")
+
+
+@pytest.fixture(scope="module")
+def face_arm(tmp_path_factory, keys, tflite_model, tflite_inputs) -> Path:
+    """MediaPipe's BlazeFace detector for LiteRT, as exported (float16 weights: the SDK cannot make int8 TFLite)."""
+    out = tmp_path_factory.mktemp("arm-pkg") / "face-arm.eopkg"
+    return _package(out, tflite_model, keys[0], "--heldout", str(tflite_inputs["heldout"]), "--name", "face")
+
+
+def _config(tmp_path: Path, pub: Path, broker_port: int, api_port: int, name: str = "arm-1") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(render_config(device_id=name, fleet="armtest", broker=f"mqtt://127.0.0.1:{broker_port}",
+                                  state_dir=tmp_path / f"state-{name}", trusted_keys=[pub], api_port=api_port,
+                                  telemetry_interval_s=0.5))
+    return path
+
+
+def _emulated_install(arm_py, package: Path, config: Path) -> subprocess.CompletedProcess:
+    return arm_py.run(["-m", "edgeopt.sdk.cli", "agent", "install", str(package), "--config", str(config), "--json"],
+                      timeout=EMULATED_TIMEOUT_S)
+
+
+def _golden(package: Path):
+    with PackageReader(package) as pkg:
+        return pkg.manifest, read_golden(pkg.read(pkg.manifest.golden.file))
+
+
+def test_sysroot_pins_name_every_agent_dependency():
+    """The aarch64 site-packages hold the agent's own dependencies: a dependency added to pyproject.toml
+    without an aarch64 pin would only fail on a device."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [d for d in project["dependencies"] + project["optional-dependencies"]["agent"]
+              if "python_version < '3.11'" not in d]
+    norm = lambda s: re.split(r"[<>=!~;\[ ]", s, 1)[0].strip().lower().replace("_", "-")  # noqa: E731
+    lines = (ROOT / "scripts" / "arm-requirements.txt").read_text().splitlines()
+    pinned = {norm(line): line for line in lines if line.strip() and not line.startswith("#")}
+    assert sorted({norm(d) for d in wanted} - set(pinned)) == []
+    assert all("==" in line for line in pinned.values())  # exact pins: what was seen to work under QEMU
+    assert {"onnxruntime", "ai-edge-litert"} <= set(pinned)  # the arm profile's runtimes
+
+
+def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, digits_arm, face_arm, tmp_path):
+    """Install (verify, extract, load, golden self-test on aarch64, switch) an int8 ONNX Runtime package and a
+    LiteRT package, then the daemon serves tritonclient requests and its telemetry reaches the host's broker."""
+    import tritonclient.http as httpclient
+
+    broker = Broker(tmp_path / "broker").start()
+    api_port = free_port()
+    config = _config(tmp_path, keys[1], broker.port, api_port)
+    daemon = None
+    sub = Subscriber("127.0.0.1", broker.port, "armtest", "arm-1")
+    try:
+        for pkg, runtime in ((digits_arm, "onnxruntime"), (face_arm, "tflite")):
+            done = _emulated_install(arm_py, pkg, config)
+            assert done.returncode == 0, done.stderr[-3000:]
+            doc = json.loads(done.stdout)
+            assert doc["installed"]["runtime"] == runtime and doc["installed"]["profile"] == "arm"
+            events = {e["event"]: e for e in doc["events"]}
+            assert events["self_test"]["ok"] and events["self_test"]["details"]["samples"] >= 1, events
+            assert events["switch"]["ok"] and events["install"]["ok"]
+
+        log = (tmp_path / "daemon.log").open("wb")
+        daemon = arm_py.popen(["-m", "edgeopt.agent.entry", "--config", str(config)], stdout=log,
+                              stderr=subprocess.STDOUT)
+        status = wait_for(lambda: [s for s in sub.of("status") if s.state == "online"], EMULATED_TIMEOUT_S,
+                          interval=0.5, what="the emulated agent's birth message")[-1]
+        caps = status.capabilities
+        # The capability probe as the emulated CPU presents itself: aarch64, its features from the
+        # auxiliary vector (Advanced SIMD and the int8 dot product), not the x86 host's /proc/cpuinfo.
+        assert caps["arch"] == "aarch64"
+        assert {"fp", "asimd", "asimddp"} <= set(caps["cpu_flags"]) and "sse2" not in caps["cpu_flags"]
+        assert "emulated" in caps["cpu_flags_source"]
+        assert "CPUExecutionProvider" in caps["ort_providers"] and caps["tflite"] is True
+
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{api_port}", network_timeout=EMULATED_TIMEOUT_S,
+                                                  connection_timeout=EMULATED_TIMEOUT_S)
+        try:
+            wait_for(lambda: _ready(client), EMULATED_TIMEOUT_S, interval=0.5, what="the emulated API's readiness")
+            for pkg in (digits_arm, face_arm):
+                manifest, samples = _golden(pkg)
+                feeds, want = samples[0]
+                inputs = []
+                for name, arr in feeds.items():
+                    inp = httpclient.InferInput(name, list(arr.shape), "FP32")
+                    inp.set_data_from_numpy(np.ascontiguousarray(arr, np.float32), binary_data=True)
+                    inputs.append(inp)
+                result = client.infer(manifest.name, inputs)
+                for name, expected in want.items():
+                    spec = manifest.golden
+                    np.testing.assert_allclose(result.as_numpy(name), expected, atol=spec.atol, rtol=spec.rtol)
+        finally:
+            client.close()
+
+        def served():
+            return [m for t in sub.of("telemetry") for m in t.models if m.requests]
+        stats = wait_for(lambda: {m.model for m in served()} >= {"digits", "face"} and served(), 120,
+                         interval=0.2, what="telemetry with requests for both models")
+        assert sum(m.requests for m in stats if m.model == "digits") == 1
+        assert sum(m.requests for m in stats if m.model == "face") == 1
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(120)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(10)
+        sub.close()
+        broker.stop()
+    assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
+
+def _ready(client) -> bool:
+    try:
+        return client.is_server_ready()
+    except Exception:  # not listening yet
+        return False
+
+
+def _with_exact_golden(src: Path, dst: Path, private_key: Path) -> Path:
+    """The same package, re-signed, with a golden tolerance that only the builder's own kernels can meet:
+    atol 0, rtol 0, cosine 1 (what an x86-only numeric assumption amounts to)."""
+    work = dst.parent / (dst.stem + "-files")
+    with PackageReader(src) as pkg:
+        manifest = pkg.manifest
+        work.mkdir()
+        files = {}
+        for name in manifest.files:
+            (work / name).write_bytes(pkg.read(name))
+            files[name] = work / name
+    tight = manifest.golden.model_copy(update={"atol": 0.0, "rtol": 0.0, "min_cosine": 1.0})
+    manifest = manifest.model_copy(update={"golden": tight, "files": {}})
+    write_package(dst, manifest, files, load_private_key(private_key))
+    return dst
+
+
+def test_too_tight_golden_tolerance_is_caught_on_aarch64(arm_py, keys, face_arm, tflite_model, tflite_inputs,
+                                                        tmp_path):
+    """A golden tolerance that holds only for x86 kernels: the x86 agent installs the package, the aarch64
+    agent refuses it with the sample, output and figures named and keeps nothing; a package validated on
+    aarch64 (golden outputs from the ARM kernels) passes the same exact tolerance there."""
+    tight = _with_exact_golden(face_arm, tmp_path / "face-tight.eopkg", keys[0])
+    # The agent's own self-test on x86 (the x86 agent refuses an arm package, so it runs here directly):
+    # the builder's kernels reproduce themselves exactly.
+    from edgeopt.agent.loader import self_test
+    from edgeopt.agent.runtimes import get_runtime
+
+    with PackageReader(tight) as pkg:
+        manifest = pkg.manifest
+        pkg.extract_to(tmp_path / "x86")
+    loaded = get_runtime("tflite").load(tmp_path / "x86" / manifest.model_file, device="CPU")
+    try:
+        assert self_test(loaded, tmp_path / "x86", manifest)["max_abs_error"] == 0.0
+    finally:
+        loaded.close()
+
+    arm_config = _config(tmp_path, keys[1], free_port(), free_port(), name="tight-arm")
+    done = _emulated_install(arm_py, tight, arm_config)
+    assert done.returncode != 0
+    line = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: self-test failed on golden sample \d+, output '(regressors|classificators)': "
+                        r"max abs error [0-9.e-]+ \(atol 0, rtol 0\), cosine [0-9.]+ \(min 1\) \(this device "
+                        r"computes different results than the package's builder; not switched\)", line), line
+    listed = arm_py.run(["-m", "edgeopt.sdk.cli", "agent", "list", "--config", str(arm_config), "--json"],
+                        timeout=EMULATED_TIMEOUT_S)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout + listed.stderr
+
+    # Validated on aarch64: the golden outputs are the ARM kernels' own, so the exact tolerance holds there.
+    validated = _package(tmp_path / "face-arm-validated.eopkg", tflite_model, keys[0], "--heldout",
+                         str(tflite_inputs["heldout"]), "--name", "face", "--validate-on", "aarch64")
+    manifest, _ = _golden(validated)
+    v = manifest.validation
+    assert v.ran_on == "aarch64 (emulated)" and v.target.arch == "aarch64" and v.target.emulated
+    assert v.target.runtime_version == "ai-edge-litert 1.4.0"
+    # the host's and the ARM kernels really differ for this model (else this test proves nothing)
+    assert max(o.max_abs_error for o in v.target.vs_host) > 0
+    assert manifest.benchmark.host_proxy  # speed figures are still the host's, labelled as a proxy
+    tight_validated = _with_exact_golden(validated, tmp_path / "face-validated-tight.eopkg", keys[0])
+    done = _emulated_install(arm_py, tight_validated, arm_config)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_validate_on_aarch64_records_where_validation_ran(emulator, keys, digits_model, digits_calib,
+                                                         digits_heldout, tmp_path):
+    """`edgeopt package --validate-on aarch64` of the int8 digits CNN: the gate and the golden samples come
+    from the emulated aarch64 run, the manifest says so, and the host benchmark stays a labelled proxy."""
+    out = _package(tmp_path / "digits-v.eopkg", digits_model, keys[0], "--calib", str(digits_calib), "--heldout",
+                   str(digits_heldout), "--input-shape", "images:1,1,8,8", "--validate-on", "aarch64", "--json")
+    manifest, golden = _golden(out)
+    v = manifest.validation
+    assert v.passed and v.ran_on == "aarch64 (emulated)"
+    t = v.target
+    assert (t.arch, t.emulated, t.runtime_version) == ("aarch64", True, "onnxruntime 1.22.1")
+    assert t.emulator.startswith("qemu-aarch64 version") and t.samples == v.samples == 64
+    assert [o.name for o in t.vs_host] == ["logits"] and t.wall_seconds > 0
+    assert manifest.benchmark.host_proxy and manifest.precision == "int8"
+    assert any(d.startswith("validated on aarch64 (emulated by qemu-aarch64") and "not a speed figure" in d
+               for d in manifest.decisions)
+    assert manifest.format_version == "1.1" and len(golden) == manifest.golden.count
+
+
+def test_validate_on_aarch64_without_a_sysroot_is_one_clear_error(digits_model, digits_calib, tmp_path):
+    done = subprocess.run(EDGEOPT + ["package", str(digits_model), "-p", "arm", "--calib", str(digits_calib),
+                                     "--input-shape", "images:1,1,8,8", "--no-sign", "-o", str(tmp_path / "x.eopkg"),
+                                     "--iterations", "5", "--validate-on", "aarch64", "--arm-sysroot",
+                                     str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: no aarch64 sysroot in {tmp_path / 'none'} (ready, sysroot/usr/bin/python3.11 and site/ are "
+        "expected there) (build it with scripts/arm-sysroot.sh (needs root or sudo once, for apt-get))")
+    assert not (tmp_path / "x.eopkg").exists()
+    done = subprocess.run(EDGEOPT + ["package", str(digits_model), "-p", "cpu", "--no-sign", "-o",
+                                     str(tmp_path / "y.eopkg"), "--arm-sysroot", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--arm-sysroot is only used with --validate-on aarch64" in done.stderr
