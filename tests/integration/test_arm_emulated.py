@@ -67,6 +67,24 @@ def digits_arm(tmp_path_factory, keys, digits_model, digits_calib, digits_heldou
 
 
 @pytest.fixture(scope="module")
+def digits_int8_tflite(tmp_path_factory, digits_model, digits_calib) -> Path:
+    """The digits CNN as an int8 TFLite model (tests/assets/digits_tflite.py: converted, then ai-edge-quantizer)."""
+    sys.path.insert(0, str(ROOT / "tests" / "assets"))
+    import digits_tflite
+
+    d = tmp_path_factory.mktemp("digits-tflite")
+    return digits_tflite.int8_tflite(digits_tflite.float_tflite(digits_model, d / "digits_f32.tflite"), digits_calib,
+                                     d / "digits_int8.tflite")
+
+
+@pytest.fixture(scope="module")
+def digits_litert_arm(tmp_path_factory, keys, digits_int8_tflite, digits_heldout) -> Path:
+    """The int8 TFLite digits CNN packaged for LiteRT (as exported: the SDK does not re-quantize .tflite)."""
+    out = tmp_path_factory.mktemp("arm-pkg") / "digits-litert-arm.eopkg"
+    return _package(out, digits_int8_tflite, keys[0], "--heldout", str(digits_heldout), "--name", "digits-litert")
+
+
+@pytest.fixture(scope="module")
 def face_arm(tmp_path_factory, keys, tflite_model, tflite_inputs) -> Path:
     """MediaPipe's BlazeFace detector for LiteRT, as exported (float16 weights: the SDK cannot make int8 TFLite)."""
     out = tmp_path_factory.mktemp("arm-pkg") / "face-arm.eopkg"
@@ -105,9 +123,11 @@ def test_sysroot_pins_name_every_agent_dependency():
     assert {"onnxruntime", "ai-edge-litert"} <= set(pinned)  # the arm profile's runtimes
 
 
-def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, digits_arm, face_arm, tmp_path):
-    """Install (verify, extract, load, golden self-test on aarch64, switch) an int8 ONNX Runtime package and a
-    LiteRT package, then the daemon serves tritonclient requests and its telemetry reaches the host's broker."""
+def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, digits_arm, digits_litert_arm,
+                                                                tmp_path):
+    """Install (verify, extract, load, golden self-test on aarch64, switch) int8 packages of the digits CNN for
+    ONNX Runtime and for LiteRT, then the daemon serves tritonclient requests and its telemetry reaches the
+    host's broker."""
     import tritonclient.http as httpclient
 
     broker = Broker(tmp_path / "broker").start()
@@ -116,11 +136,12 @@ def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, d
     daemon = None
     sub = Subscriber("127.0.0.1", broker.port, "armtest", "arm-1")
     try:
-        for pkg, runtime in ((digits_arm, "onnxruntime"), (face_arm, "tflite")):
+        for pkg, runtime in ((digits_arm, "onnxruntime"), (digits_litert_arm, "tflite")):
             done = _emulated_install(arm_py, pkg, config)
             assert done.returncode == 0, done.stderr[-3000:]
             doc = json.loads(done.stdout)
-            assert doc["installed"]["runtime"] == runtime and doc["installed"]["profile"] == "arm"
+            installed = doc["installed"]
+            assert (installed["runtime"], installed["profile"], installed["precision"]) == (runtime, "arm", "int8")
             events = {e["event"]: e for e in doc["events"]}
             assert events["self_test"]["ok"] and events["self_test"]["details"]["samples"] >= 1, events
             assert events["switch"]["ok"] and events["install"]["ok"]
@@ -142,7 +163,7 @@ def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, d
                                                   connection_timeout=EMULATED_TIMEOUT_S)
         try:
             wait_for(lambda: _ready(client), EMULATED_TIMEOUT_S, interval=0.5, what="the emulated API's readiness")
-            for pkg in (digits_arm, face_arm):
+            for pkg in (digits_arm, digits_litert_arm):
                 manifest, samples = _golden(pkg)
                 feeds, want = samples[0]
                 inputs = []
@@ -159,10 +180,10 @@ def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, d
 
         def served():
             return [m for t in sub.of("telemetry") for m in t.models if m.requests]
-        stats = wait_for(lambda: {m.model for m in served()} >= {"digits", "face"} and served(), 120,
+        stats = wait_for(lambda: {m.model for m in served()} >= {"digits", "digits-litert"} and served(), 120,
                          interval=0.2, what="telemetry with requests for both models")
         assert sum(m.requests for m in stats if m.model == "digits") == 1
-        assert sum(m.requests for m in stats if m.model == "face") == 1
+        assert sum(m.requests for m in stats if m.model == "digits-litert") == 1
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
