@@ -81,7 +81,8 @@ else
   mkdir -p "$build/sysroot/usr/lib/python3/dist-packages" "$build/sysroot/usr/local/lib/python3.11/dist-packages"
   echo "arm-sysroot: installing the agent's aarch64 wheels ($REQS)"
   plat=(); for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
-  "$PY" -m pip install -q --only-binary=:all: "${plat[@]}" --python-version 3.11 --implementation cp \
+  # --no-warn-conflicts: the host venv's packages are another environment, not this one's
+  "$PY" -m pip install -q --no-warn-conflicts --only-binary=:all: "${plat[@]}" --python-version 3.11 --implementation cp \
       --target "$build/site" -r "$REQS" 2> >(grep -v "is ignored: it is neither" >&2)
   {
     echo "inputs $inputs_hash"
