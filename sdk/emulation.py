@@ -16,6 +16,7 @@ the ARM kernels' numerics, never speed (an emulated CPU runs 10-50x slower than 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,10 +40,16 @@ class EmulationError(UnsupportedError):
 
 @dataclass(frozen=True)
 class ArmEmulator:
-    """An aarch64 sysroot and site-packages run through ``qemu-aarch64-static``."""
+    """An aarch64 sysroot and site-packages run through ``qemu-aarch64-static``.
+
+    ``cpu`` picks the CPU QEMU presents (``qemu-aarch64-static -cpu help``): None is QEMU's ``max`` (Armv8/9
+    with SVE, i8mm and dot product); ``cortex-a72`` is a Raspberry Pi 4 (no dot product: other int8
+    kernels), ``cortex-a53`` a Pi 3, ``cortex-a76`` a Pi 5, ``neoverse-n1`` an Ampere / Graviton 2 core.
+    """
 
     root: Path
     qemu: str
+    cpu: str | None = None
 
     @property
     def sysroot(self) -> Path:
@@ -58,7 +65,7 @@ class ArmEmulator:
 
     def describe(self) -> dict[str, str]:
         """What the ``ready`` file of the build says: QEMU and the aarch64 wheels' versions."""
-        info = {"emulator": "", "arch": "aarch64"}
+        info = {"emulator": "", "arch": "aarch64", "cpu": self.cpu or "max"}
         try:
             lines = (self.root / "ready").read_text(encoding="utf-8", errors="replace").splitlines()[:200]
         except OSError:
@@ -101,7 +108,8 @@ class EmulatedPython:
     def command(self, args: list[str]) -> list[str]:
         emu = self.emulator
         # -s: no user site; the sysroot's own dist-packages folders are empty on purpose (arm-sysroot.sh)
-        return [emu.qemu, "-L", str(emu.sysroot), str(emu.python), "-s", *args]
+        cpu = ["-cpu", emu.cpu] if emu.cpu else []
+        return [emu.qemu, *cpu, "-L", str(emu.sysroot), str(emu.python), "-s", *args]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The host's environment minus its Python settings, with this edgeopt and the aarch64 wheels."""
@@ -127,12 +135,20 @@ class EmulatedPython:
         return subprocess.Popen(self.command(args), env=self.env(env), stdin=subprocess.DEVNULL, **kwargs)
 
 
-def find_emulator(root: str | Path | None = None) -> ArmEmulator:
+_CPU_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def find_emulator(root: str | Path | None = None, cpu: str | None = None) -> ArmEmulator:
     """The emulated aarch64 environment at ``root`` (default ``$EDGEOPT_ARM_SYSROOT``, else .cache/arm-sysroot
     in the current folder or in the source checkout edgeopt runs from).
 
+    ``cpu`` (default ``$EDGEOPT_ARM_CPU``, else QEMU's ``max``) names the emulated CPU model.
     Raises :class:`EmulationError` naming what is missing and the script that builds it.
     """
+    cpu = cpu or os.environ.get("EDGEOPT_ARM_CPU") or None
+    if cpu is not None and not _CPU_NAME.match(cpu):
+        raise EmulationError(f"{cpu!r} is not a QEMU CPU model name",
+                             hint="list them with: qemu-aarch64-static -cpu help")
     given = root or os.environ.get("EDGEOPT_ARM_SYSROOT")
     if given:
         where = Path(given).resolve()
@@ -143,7 +159,7 @@ def find_emulator(root: str | Path | None = None) -> ArmEmulator:
     qemu = shutil.which(QEMU)
     if qemu is None:
         raise EmulationError(f"{QEMU} is not installed, so nothing can run as aarch64 here", hint=BUILD_HINT)
-    emu = ArmEmulator(root=where, qemu=qemu)
+    emu = ArmEmulator(root=where, qemu=qemu, cpu=cpu)
     if not (where / "ready").is_file() or not emu.python.is_file() or not emu.site.is_dir():
         raise EmulationError(f"no aarch64 sysroot in {where} (ready, sysroot/usr/bin/python3.11 and site/ are "
                              f"expected there)", hint=BUILD_HINT)

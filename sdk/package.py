@@ -102,6 +102,7 @@ class TargetValidation(_Model):
     arch: str = Field(description="CPU architecture the model ran on, e.g. aarch64.")
     emulated: bool = Field(description="True when that CPU was emulated (QEMU user mode): numerics, never speed.")
     emulator: str = Field("", description="The emulator and its version, when emulated.")
+    cpu: str = Field("", description="The CPU model emulated (QEMU -cpu), e.g. max or cortex-a72.")
     runtime_version: str = Field(description="The runtime that ran there, e.g. onnxruntime 1.22.1.")
     samples: int = Field(description="Held-out samples run on the target.")
     wall_seconds: float = Field(description="Wall time of the emulated run (emulation: not a speed figure).")

@@ -45,7 +45,8 @@ def _read_outputs(path: Path, count: int) -> list[dict]:
 
 
 def validate_on_target(prep: Prepared, chosen: CandidateResult, target: str, progress, *,
-                       sysroot: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+                       sysroot: Path | None = None, cpu: str | None = None,
+                       timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
     """Re-judge ``chosen`` with outputs computed on ``target``; update its validation and outputs in place.
 
     Returns the decision lines for the manifest. Raises :class:`AccuracyError` when the budget holds on
@@ -59,7 +60,7 @@ def validate_on_target(prep: Prepared, chosen: CandidateResult, target: str, pro
     if arches and target not in arches:
         raise UnsupportedError(f"profile {prep.profile.name!r} targets {'/'.join(arches)}; it cannot be validated "
                                f"on {target}", hint="use --validate-on with the arm profile (or a profile for aarch64)")
-    emu = find_emulator(sysroot)
+    emu = find_emulator(sysroot, cpu)
     art = chosen.artifact
     from .evaluation import device_options
 
@@ -93,8 +94,9 @@ def validate_on_target(prep: Prepared, chosen: CandidateResult, target: str, pro
     version = str(summary.get("runtime_version", ""))
     if version[:1].isdigit():  # ONNX Runtime reports a bare number, LiteRT its package name too
         version = f"{art.runtime} {version}"
-    where = f"aarch64 (emulated by {info.get('emulator') or 'QEMU'})"
+    where = f"aarch64 (emulated by {info.get('emulator') or 'QEMU'}, CPU {info['cpu']})"
     tv = TargetValidation(arch=str(summary.get("arch", "aarch64")), emulated=True, emulator=info.get("emulator", ""),
+                          cpu=info["cpu"],
                           runtime_version=version, samples=len(samples),
                           wall_seconds=round(wall, 2), vs_host=vs_host)
     if tv.arch != "aarch64":

@@ -76,6 +76,8 @@ class PackageRequest(BaseModel):
                             "the golden samples: 'host', or 'aarch64' (an emulated ARM CPU, scripts/arm-sysroot.sh).")
     arm_sysroot: Path | None = Field(None, description="The emulated aarch64 environment (default "
                                                        "$EDGEOPT_ARM_SYSROOT or .cache/arm-sysroot).")
+    arm_cpu: str | None = Field(None, description="QEMU CPU model for --validate-on aarch64 (default max; e.g. "
+                                                  "cortex-a72 for a Raspberry Pi 4).")
     detect_format: str = Field("auto", description="Detection head format: auto, yolov8, yolov8t, yolov5, nms, "
                                                     "tuple, ssd.")
 

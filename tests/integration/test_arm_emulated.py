@@ -123,6 +123,38 @@ def test_sysroot_pins_name_every_agent_dependency():
     assert {"onnxruntime", "ai-edge-litert"} <= set(pinned)  # the arm profile's runtimes
 
 
+def test_sysroot_script_is_idempotent(emulator):
+    """A second run of scripts/arm-sysroot.sh on a built sysroot changes nothing and says so."""
+    before = (emulator.root / "ready").stat().st_mtime_ns
+    done = subprocess.run([str(ROOT / "scripts" / "arm-sysroot.sh"), str(emulator.root)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith(f"arm-sysroot: up to date in {emulator.root} (qemu-aarch64 ")
+    assert "aarch64 CPython 3.11" in done.stdout and "onnxruntime 1.22.1, ai-edge-litert 1.4.0" in done.stdout
+    assert (emulator.root / "ready").stat().st_mtime_ns == before
+    check = subprocess.run([str(ROOT / "scripts" / "arm-sysroot.sh"), "--check", str(emulator.root)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and check.stdout.strip() == f"arm-sysroot: ready in {emulator.root}"
+
+
+def test_probe_reports_the_features_of_the_cpu_qemu_presents(emulator):
+    """QEMU's default `max` CPU has SVE, i8mm and the dot product; a Cortex-A72 (Raspberry Pi 4) has none of
+    them: the probe on each reports what the runtimes will see there."""
+    code = ("import json; from edgeopt.agent.probe import probe; c = probe(); "
+            "print(json.dumps([c['arch'], c['cpu_flags'], c['cpu_model']]))")
+    seen = {}
+    for cpu in ("max", "cortex-a72"):
+        with find_emulator(emulator.root, cpu).session() as py:
+            done = py.run(["-c", code], timeout=EMULATED_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen[cpu] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["max"][0] == seen["cortex-a72"][0] == "aarch64"
+    assert seen["max"][2] is None  # the x86 host's model name is not reported as this CPU's
+    assert {"fp", "asimd", "asimddp", "i8mm", "sve"} <= set(seen["max"][1])
+    a72 = set(seen["cortex-a72"][1])
+    assert {"fp", "asimd", "crc32"} <= a72 and not {"asimddp", "i8mm", "sve", "sse2"} & a72
+
+
 def test_agent_on_aarch64_installs_self_tests_serves_and_reports(arm_py, keys, digits_arm, digits_litert_arm,
                                                                 tmp_path):
     """Install (verify, extract, load, golden self-test on aarch64, switch) int8 packages of the digits CNN for
@@ -269,20 +301,22 @@ def test_too_tight_golden_tolerance_is_caught_on_aarch64(arm_py, keys, face_arm,
 
 def test_validate_on_aarch64_records_where_validation_ran(emulator, keys, digits_model, digits_calib,
                                                          digits_heldout, tmp_path):
-    """`edgeopt package --validate-on aarch64` of the int8 digits CNN: the gate and the golden samples come
-    from the emulated aarch64 run, the manifest says so, and the host benchmark stays a labelled proxy."""
+    """`edgeopt package --validate-on aarch64 --arm-cpu cortex-a72` of the int8 digits CNN: the gate and the
+    golden samples come from the emulated Raspberry Pi 4 class CPU, the manifest says so, and the host
+    benchmark stays a labelled proxy."""
     out = _package(tmp_path / "digits-v.eopkg", digits_model, keys[0], "--calib", str(digits_calib), "--heldout",
-                   str(digits_heldout), "--input-shape", "images:1,1,8,8", "--validate-on", "aarch64", "--json")
+                   str(digits_heldout), "--input-shape", "images:1,1,8,8", "--validate-on", "aarch64",
+                   "--arm-cpu", "cortex-a72", "--json")
     manifest, golden = _golden(out)
     v = manifest.validation
     assert v.passed and v.ran_on == "aarch64 (emulated)"
     t = v.target
-    assert (t.arch, t.emulated, t.runtime_version) == ("aarch64", True, "onnxruntime 1.22.1")
+    assert (t.arch, t.emulated, t.cpu, t.runtime_version) == ("aarch64", True, "cortex-a72", "onnxruntime 1.22.1")
     assert t.emulator.startswith("qemu-aarch64 version") and t.samples == v.samples == 64
     assert [o.name for o in t.vs_host] == ["logits"] and t.wall_seconds > 0
     assert manifest.benchmark.host_proxy and manifest.precision == "int8"
-    assert any(d.startswith("validated on aarch64 (emulated by qemu-aarch64") and "not a speed figure" in d
-               for d in manifest.decisions)
+    assert any(d.startswith("validated on aarch64 (emulated by qemu-aarch64") and "CPU cortex-a72)" in d
+               and "not a speed figure" in d for d in manifest.decisions)
     assert manifest.format_version == "1.1" and len(golden) == manifest.golden.count
 
 
@@ -300,3 +334,8 @@ def test_validate_on_aarch64_without_a_sysroot_is_one_clear_error(digits_model, 
                                      str(tmp_path / "y.eopkg"), "--arm-sysroot", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--arm-sysroot is only used with --validate-on aarch64" in done.stderr
+    done = subprocess.run(EDGEOPT + ["package", str(digits_model), "-p", "arm", "--no-sign", "-o",
+                                     str(tmp_path / "z.eopkg"), "--validate-on", "aarch64", "--arm-cpu", "Pi;rm"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4 and done.stderr.strip().splitlines()[-1] == (
+        "error: 'Pi;rm' is not a QEMU CPU model name (list them with: qemu-aarch64-static -cpu help)")
