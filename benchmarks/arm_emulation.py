@@ -142,7 +142,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['samples']} | {r['max_abs_vs_x86']:.3g} | "
-              f"{r['min_cosine_vs_x86']:.9f} | {r['gate_on_aarch64']} | {r['selftest_aarch64']} | {r['host_s']} | "
+              f"{r['min_cosine_vs_x86']:.12f} | {r['gate_on_aarch64']} | {r['selftest_aarch64']} | {r['host_s']} | "
               f"{r['emulated_s']} | {r['emulation_cost_x']}x |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
