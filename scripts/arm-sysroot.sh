@@ -74,7 +74,13 @@ else
   trap 'rm -rf "$build"' EXIT
   mkdir -p "$build/debs" "$build/sysroot"
   echo "arm-sysroot: downloading ${#DEBS[@]} arm64 packages"
-  (cd "$build/debs" && "${APT[@]}" download -qq "${DEBS[@]/%/:arm64}")
+  # Stale package lists name versions the mirror no longer has (security updates replace them): refresh
+  # the lists and try once more.
+  if ! (cd "$build/debs" && "${APT[@]}" download -qq "${DEBS[@]/%/:arm64}"); then
+    echo "arm-sysroot: download failed; refreshing apt's package lists and retrying once"
+    $SUDO "${APT[@]}" update -qq
+    (cd "$build/debs" && "${APT[@]}" download -qq "${DEBS[@]/%/:arm64}")
+  fi
   for deb in "$build"/debs/*.deb; do dpkg -x "$deb" "$build/sysroot"; done
   # Debian's site.py adds /usr/lib/python3/dist-packages and /usr/local/lib/python3.11/dist-packages; under
   # qemu -L a path missing from the sysroot falls through to the host's, whose x86 modules must never load.

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +111,10 @@ def _golden(package: Path):
 def test_sysroot_pins_name_every_agent_dependency():
     """The aarch64 site-packages hold the agent's own dependencies: a dependency added to pyproject.toml
     without an aarch64 pin would only fail on a device."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [d for d in project["dependencies"] + project["optional-dependencies"]["agent"]
               if "python_version < '3.11'" not in d]
