@@ -102,21 +102,22 @@ def validate_on_target(prep: Prepared, chosen: CandidateResult, target: str, pro
     if tv.arch != "aarch64":
         raise EmulationError(f"the emulated run reported arch {tv.arch!r}, not aarch64")
     worst = max((f.max_abs_error for f in vs_host), default=0.0)
-    line = (f"validated on {where} with {tv.runtime_version}: {len(samples)} held-out samples, "
-            f"max abs error vs the host's outputs {worst:.3g}, least cosine "
-            f"{min((f.min_cosine for f in vs_host), default=1.0):.6f}; golden samples are the aarch64 outputs "
-            f"(emulated wall time {wall:.1f} s: emulation, not a speed figure)")
-    progress.note(line)
+    figures = (f"{len(samples)} held-out samples, max abs error vs the host's outputs {worst:.3g}, least cosine "
+               f"{min((f.min_cosine for f in vs_host), default=1.0):.6f} (emulated wall time {wall:.1f} s: "
+               f"emulation, not a speed figure)")
+    progress.note(f"ran on {where} with {tv.runtime_version}: {figures}")
     if not report.passed:
         raise AccuracyError(f"{chosen.candidate.label} holds the accuracy budget of profile {prep.profile.name!r} on "
                             f"the host but not on {where}: {'; '.join(report.failures)}; no package written",
-                            hint="the ARM kernels compute differently; try --accuracy-aware or --precision fp32")
+                            hint="the ARM kernels compute differently from the host's; relax the budget or try "
+                                 "--precision fp32 (the float fallback and --accuracy-aware search on the host)")
     chosen.validation = report.model_copy(update={
         "ran_on": "aarch64 (emulated)", "target": tv, "float_layers": chosen.validation.float_layers,
         "sensitive_layers": chosen.validation.sensitive_layers,
         "sensitivity_basis": chosen.validation.sensitivity_basis})
     chosen.outputs = target_outs
-    return [line]
+    return [f"validated on {where} with {tv.runtime_version}: {figures}; the accuracy gate and the golden samples "
+            f"use the aarch64 outputs"]
 
 
 __all__ = ["TARGETS", "validate_on_target", "EmulationError"]

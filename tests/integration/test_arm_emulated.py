@@ -323,6 +323,40 @@ def test_validate_on_aarch64_records_where_validation_ran(emulator, keys, digits
     assert manifest.format_version == "1.1" and len(golden) == manifest.golden.count
 
 
+EXACT_METRIC = """
+import numpy as np
+
+
+def neg_max_abs(reference, optimized, labels):
+    # 0 when every output equals the reference exactly, below 0 otherwise: an x86-only assumption
+    return -max(float(np.max(np.abs(np.asarray(o[k], np.float64) - np.asarray(r[k], np.float64))))
+                for r, o in zip(reference, optimized) for k in r)
+"""
+
+
+def test_budget_that_holds_on_x86_but_not_on_aarch64_fails_the_package(emulator, keys, tflite_model, tflite_inputs,
+                                                                       tmp_path):
+    """A metric budget only x86's own kernels meet (no change at all vs the host's float run): the host
+    check passes, the aarch64 run misses it, and `--validate-on aarch64` refuses to write the package."""
+    (tmp_path / "exact_metric.py").write_text(EXACT_METRIC)
+    out = tmp_path / "face-exact.eopkg"
+    args = EDGEOPT + ["package", str(tflite_model), "-p", "arm", "--heldout", str(tflite_inputs["heldout"]),
+                      "--sign-key", str(keys[0]), "--iterations", "5", "--metric", "exact_metric:neg_max_abs",
+                      "--max-metric-drop", "0"]
+    on_host = subprocess.run(args + ["-o", str(tmp_path / "face-host.eopkg")], capture_output=True, text=True,
+                             timeout=600, cwd=tmp_path)
+    assert on_host.returncode == 0, on_host.stderr[-2000:]
+    done = subprocess.run(args + ["-o", str(out), "--validate-on", "aarch64"], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert done.returncode == 6, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: tflite/as-exported\S* holds the accuracy budget of profile 'arm' on the host but not "
+                        r"on aarch64 \(emulated by qemu-aarch64 version [^)]*\), CPU \w+\): exact_metric:neg_max_abs "
+                        r"dropped [0-9.e-]+ .*budget 0; no package written \(the ARM kernels compute differently from "
+                        r"the host's; .*\)", line), line
+    assert not out.exists()
+
+
 def test_validate_on_aarch64_without_a_sysroot_is_one_clear_error(digits_model, digits_calib, tmp_path):
     done = subprocess.run(EDGEOPT + ["package", str(digits_model), "-p", "arm", "--calib", str(digits_calib),
                                      "--input-shape", "images:1,1,8,8", "--no-sign", "-o", str(tmp_path / "x.eopkg"),
