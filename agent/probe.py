@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +17,62 @@ from ..sdk.package import Manifest
 
 log = logging.getLogger(__name__)
 
-def _cpuinfo() -> tuple[str | None, list[str]]:
-    model, flags = None, []
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return platform.processor() or None, []
+# Linux's names for the aarch64 HWCAP / HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), the names
+# /proc/cpuinfo prints as "Features" on a real ARM board.
+_AARCH64_HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
+                  "lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca "
+                  "pacg").split()
+_AARCH64_HWCAP2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm "
+                   "svef64mm svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme sme_i16i64 sme_f64f64 "
+                   "sme_i8i32 sme_f16f32 sme_b16f32 sme_f32f32 sme_fa64 wfxt ebf16 sve_ebf16 cssc rprfm sve2p1 "
+                   "sme2 sme2p1 sme_i16i32 sme_bi32i32 sme_b16b16 sme_f16f16 mops hbc").split()
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_MAX_AUXV_BYTES = 64 * 1024
+
+
+def _auxv_features(auxv: bytes) -> list[str]:
+    """aarch64 CPU features from the auxiliary vector (what the kernel, or QEMU, tells the process)."""
+    words = dict(struct.iter_unpack("<QQ", auxv[: len(auxv) // 16 * 16]))
+    names = [n for i, n in enumerate(_AARCH64_HWCAP) if words.get(_AT_HWCAP, 0) >> i & 1]
+    names += [n for i, n in enumerate(_AARCH64_HWCAP2) if words.get(_AT_HWCAP2, 0) >> i & 1]
+    return sorted(names)
+
+
+def _parse_cpuinfo(text: str) -> tuple[str | None, list[str], str | None]:
+    """(model, flags, which key held the flags: "flags" on x86, "features" on ARM)."""
+    model, flags, key_seen = None, [], None
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
         if model is None and key in ("model name", "hardware", "cpu model"):
             model = value.strip()
         elif not flags and key in ("flags", "features"):  # x86 "flags", ARM "Features"
-            flags = sorted(set(value.split()))
-    return model or platform.processor() or None, flags
+            flags, key_seen = sorted(set(value.split())), key
+    return model, flags, key_seen
+
+
+def _cpuinfo(machine: str | None = None) -> tuple[str | None, list[str], str]:
+    """(CPU model, CPU flags, where the flags came from)."""
+    machine = machine or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    model, flags, key = _parse_cpuinfo(text)
+    if machine == "aarch64":
+        # The runtimes pick their ARM kernels (dot product, i8mm, SVE) from the auxiliary vector, so the
+        # probe reads the same. Under QEMU user emulation /proc/cpuinfo is the x86 host's file: its "flags"
+        # and model name describe another CPU and are dropped.
+        try:
+            with open("/proc/self/auxv", "rb") as fh:
+                aux = _auxv_features(fh.read(_MAX_AUXV_BYTES))
+        except OSError:
+            aux = []
+        if key == "flags":
+            return None, aux, "auxv (/proc/cpuinfo describes another CPU: emulated)"
+        if aux:
+            return model or platform.processor() or None, aux, "auxv"
+    return model or platform.processor() or None, flags, "cpuinfo" if flags else "none"
 
 
 def _memory_bytes() -> int | None:
@@ -61,7 +104,7 @@ def probe() -> dict[str, Any]:
     """OS, arch, CPU model and flags, cores, memory, and each runtime's devices (JSON-ready)."""
     from .runtimes import available_runtimes
 
-    cpu_model, flags = _cpuinfo()
+    cpu_model, flags, flags_source = _cpuinfo()
     runtimes = available_runtimes()
     ov = runtimes.get("openvino", {})
     ort = runtimes.get("onnxruntime", {})
@@ -72,6 +115,7 @@ def probe() -> dict[str, Any]:
         "arch": platform.machine(),
         "cpu_model": cpu_model,
         "cpu_flags": flags,
+        "cpu_flags_source": flags_source,
         "cores_logical": os.cpu_count(),
         "cores_physical": _physical_cores(),
         "memory_bytes": _memory_bytes(),

@@ -44,3 +44,9 @@ if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch
   echo "setup: installing torch==2.13.0 (CPU build) for the tests"
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
+# The emulated 64-bit ARM device for the `arm` profile's tests (tests/integration/test_arm_emulated.py):
+# qemu-user-static, an aarch64 sysroot and the agent's aarch64 wheels in .cache/arm-sysroot. Cached and
+# idempotent; about a minute from nothing. scripts/test.sh asks for it.
+if [[ "${EDGEOPT_SETUP_ARM:-0}" == 1 ]]; then
+  scripts/arm-sysroot.sh
+fi

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/sdk -k profile
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EDGEOPT_SETUP_TORCH=${EDGEOPT_SETUP_TORCH:-1} scripts/setup.sh
+EDGEOPT_SETUP_TORCH=${EDGEOPT_SETUP_TORCH:-1} EDGEOPT_SETUP_ARM=${EDGEOPT_SETUP_ARM:-1} scripts/setup.sh
 scripts/services.sh
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [[ -z "${EDGEOPT_TEST_POSTGRES_URL:-}" ]] && port_open 5432; then

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PackageError, SecurityError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: validation.ran_on and validation.target (--validate-on)
 SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -95,6 +95,21 @@ class OutputFigures(_Model):
     max_abs_error: float
 
 
+class TargetValidation(_Model):
+    """The package's model run on the target's CPU architecture at package time (edgeopt package
+    --validate-on aarch64): its outputs there decided the accuracy gate and are the golden samples."""
+
+    arch: str = Field(description="CPU architecture the model ran on, e.g. aarch64.")
+    emulated: bool = Field(description="True when that CPU was emulated (QEMU user mode): numerics, never speed.")
+    emulator: str = Field("", description="The emulator and its version, when emulated.")
+    cpu: str = Field("", description="The CPU model emulated (QEMU -cpu), e.g. max or cortex-a72.")
+    runtime_version: str = Field(description="The runtime that ran there, e.g. onnxruntime 1.22.1.")
+    samples: int = Field(description="Held-out samples run on the target.")
+    wall_seconds: float = Field(description="Wall time of the emulated run (emulation: not a speed figure).")
+    vs_host: list[OutputFigures] = Field(default_factory=list,
+                                         description="Each output on the target vs the same package on the host.")
+
+
 class ValidationReport(_Model):
     """Reference (fp32) vs optimized model on held-out samples, judged by the model's task."""
 
@@ -117,6 +132,9 @@ class ValidationReport(_Model):
     sensitivity_basis: str = Field("", description="What sensitive_layers' figures mean: 'task metric gained in "
                                                    "float' (bypassed alone, re-judged) or 'error added vs fp32'.")
     float_layers: list[str] = Field(default_factory=list, description="Layers kept in float by --accuracy-aware.")
+    ran_on: str = Field("host", description="Where the optimized outputs judged here were computed: 'host' (the "
+                                            "build machine) or the target's arch, e.g. 'aarch64 (emulated)'.")
+    target: TargetValidation | None = Field(None, description="The run on the target (--validate-on), if any.")
 
 
 class LatencyStats(_Model):

@@ -63,6 +63,16 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--heldout-samples", type=click.IntRange(min=1), help="Cap on held-out samples.")
 @click.option("--iterations", type=click.IntRange(min=5), default=100, show_default=True,
               help="Timed iterations per model in the host benchmark.")
+@click.option("--validate-on", type=click.Choice(["host", "aarch64"]), default="host", show_default=True,
+              help="Where the held-out outputs that decide the accuracy gate and become the golden samples are "
+                   "computed: this host, or an emulated aarch64 CPU (QEMU; build it with scripts/arm-sysroot.sh). "
+                   "Speed figures stay host measurements either way.")
+@click.option("--arm-sysroot", type=click.Path(file_okay=False, path_type=Path),
+              help="The emulated aarch64 environment for --validate-on aarch64 "
+                   "[default: $EDGEOPT_ARM_SYSROOT or .cache/arm-sysroot].")
+@click.option("--arm-cpu", metavar="MODEL",
+              help="The CPU QEMU emulates for --validate-on aarch64 [default: $EDGEOPT_ARM_CPU or max: SVE, "
+                   "i8mm, dot product]: cortex-a72 (Raspberry Pi 4), cortex-a53, cortex-a76, neoverse-n1, a64fx.")
 @accuracy_options
 @json_option
 def package(model: Path, profile: str, output: Path, calib: str | None, heldout: Path | None,
@@ -70,7 +80,8 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             weight_only: bool, runtime: str | None, precision: str | None, graph_level: str | None,
             name: str | None, version_: str, image_size: str | None, mean: str | None, std: str | None,
             scale: float, layout: str | None, channel_order: str, calib_samples: int | None,
-            heldout_samples: int | None, iterations: int, task: str, metric: str | None,
+            heldout_samples: int | None, iterations: int, validate_on: str, arm_sysroot: Path | None,
+            arm_cpu: str | None, task: str, metric: str | None,
             max_metric_drop: float | None, labels: Path | None, detect_format: str, preprocess: str | None,
             as_json: bool) -> None:
     """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
@@ -95,6 +106,13 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
         raise conflicting("--accuracy-aware", "--weight-only")
     if accuracy_aware and precision in ("fp32", "fp16"):
         raise conflicting("--accuracy-aware", f"--precision {precision}")
+    for flag, value in (("--arm-sysroot", arm_sysroot), ("--arm-cpu", arm_cpu)):
+        if value is not None and validate_on == "host":
+            raise click.UsageError(f"{flag} is only used with --validate-on aarch64")
+    if validate_on != "host":
+        from ..emulation import find_emulator
+
+        find_emulator(arm_sysroot, arm_cpu)  # a missing sysroot fails now, not after the pipeline's work
     image_opts = {"size": _size(image_size), "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
                   "layout": layout}
     preprocessing = None
@@ -118,7 +136,8 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             preprocessing=preprocessing, input_shapes=shapes, sign_key=sign_key, unsigned=no_sign,
             accuracy_aware=accuracy_aware, weight_only=weight_only, name=name, version=version_, heldout=heldout,
             runtime=runtime, precision=precision, graph_level=graph_level, calib_samples=calib_samples,
-            heldout_samples=heldout_samples, bench_iterations=iterations,
+            heldout_samples=heldout_samples, bench_iterations=iterations, validate_on=validate_on,
+            arm_sysroot=arm_sysroot, arm_cpu=arm_cpu,
             **accuracy_request(task, metric, max_metric_drop, labels, detect_format))
     except ValidationError as exc:
         raise click.UsageError(exc.errors()[0]["msg"]) from None
@@ -149,6 +168,9 @@ def print_summary(result) -> None:
         ("precision", m.precision + (f" ({len(v.float_layers)} layers kept in float)" if v.float_layers else "")),
         ("size", f"{result.chosen.size_bytes:,} bytes (source {result.chosen.source_size_bytes:,})"),
         ("accuracy", accuracy_summary(v)),
+        *([("validated on", f"{v.ran_on}: {v.target.runtime_version}, {v.target.samples} samples, outputs vs host "
+                            f"max abs err {max((o.max_abs_error for o in v.target.vs_host), default=0.0):.3g}")]
+          if v.target is not None else []),
         ("latency", f"p50 {b.optimized.p50_ms:.3f} ms, p90 {b.optimized.p90_ms:.3f}, p99 {b.optimized.p99_ms:.3f} "
                     f"(fp32 ONNX Runtime p50 {b.fp32.p50_ms:.3f} ms)"),
         ("throughput", f"{b.optimized.throughput_ips:.1f}/s at batch {b.batch_size}; {b.speedup:.2f}x vs fp32"),

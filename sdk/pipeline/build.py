@@ -39,6 +39,11 @@ def build_package(req: PackageRequest, progress: Progress) -> BuildResult:
         placement_line = _placement_note(prep, chosen)
         if placement_line:
             decisions.append(placement_line)
+        if req.validate_on != "host":
+            from .target import validate_on_target
+
+            decisions.extend(validate_on_target(prep, chosen, req.validate_on, progress, sysroot=req.arm_sysroot,
+                                                cpu=req.arm_cpu))
         if chosen.validation.float_layers:
             decisions.append(f"accuracy-aware: {len(chosen.validation.float_layers)} layer(s) kept in float: "
                              f"{', '.join(chosen.validation.float_layers[:20])}")

@@ -71,6 +71,13 @@ class PackageRequest(BaseModel):
                                          "(fp32_outputs, optimized_outputs, labels) -> number, higher is better.")
     max_metric_drop: float | None = Field(None, ge=0.0, description="Budget for --metric: largest drop, its units.")
     labels: Path | None = Field(None, description="COCO-format JSON labels of the held-out images (detect).")
+    validate_on: Literal["host", "aarch64"] = Field(
+        "host", description="Where the optimized model's held-out outputs are computed for the accuracy gate and "
+                            "the golden samples: 'host', or 'aarch64' (an emulated ARM CPU, scripts/arm-sysroot.sh).")
+    arm_sysroot: Path | None = Field(None, description="The emulated aarch64 environment (default "
+                                                       "$EDGEOPT_ARM_SYSROOT or .cache/arm-sysroot).")
+    arm_cpu: str | None = Field(None, description="QEMU CPU model for --validate-on aarch64 (default max; e.g. "
+                                                  "cortex-a72 for a Raspberry Pi 4).")
     detect_format: str = Field("auto", description="Detection head format: auto, yolov8, yolov8t, yolov5, nms, "
                                                     "tuple, ssd.")
 

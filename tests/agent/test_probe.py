@@ -92,3 +92,46 @@ def test_probe_cli_json_and_table():
     assert json.loads(result.stdout)["arch"] == platform.machine()
     table = CliRunner().invoke(cli, ["agent", "probe"])
     assert table.exit_code == 0 and "openvino" in table.stdout and "cpu flags" in table.stdout
+
+
+def _auxv(hwcap: int, hwcap2: int) -> bytes:
+    import struct
+
+    # AT_PAGESZ, AT_HWCAP, AT_HWCAP2, AT_NULL: the layout the kernel (or QEMU) gives a 64-bit process
+    return struct.pack("<8Q", 6, 4096, 16, hwcap, 26, hwcap2, 0, 0)
+
+
+def test_aarch64_features_come_from_the_auxiliary_vector():
+    from edgeopt.agent.probe import _auxv_features
+
+    # bits 0 fp, 1 asimd, 20 asimddp (HWCAP); bit 13 i8mm (HWCAP2): the int8 dot-product kernels' switches
+    assert _auxv_features(_auxv(1 << 0 | 1 << 1 | 1 << 20, 1 << 13)) == ["asimd", "asimddp", "fp", "i8mm"]
+    assert _auxv_features(_auxv(0, 0)) == []
+    assert _auxv_features(b"\x01\x02\x03") == []  # truncated: nothing read, nothing made up
+
+
+def test_emulated_aarch64_ignores_the_hosts_cpuinfo(monkeypatch, tmp_path):
+    """QEMU user mode shows an aarch64 process the x86 host's /proc/cpuinfo: its flags must not be reported."""
+    import builtins
+
+    from edgeopt.agent import probe as probe_mod
+
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU part\t: 0xd0b\nHardware\t: BCM2835\n"
+    auxv = _auxv(1 << 0 | 1 << 1 | 1 << 20 | 1 << 7, 0)
+    real_open = builtins.open
+
+    def fake(cpuinfo):
+        monkeypatch.setattr(probe_mod.Path, "read_text", lambda self, **kw: cpuinfo)
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: __import__("io").BytesIO(auxv)
+                            if f == "/proc/self/auxv" else real_open(f, *a, **k))
+
+    fake(x86)
+    model, flags, source = probe_mod._cpuinfo("aarch64")
+    assert model is None and flags == ["asimd", "asimddp", "crc32", "fp"] and source.startswith("auxv")
+    assert "emulated" in source
+    fake(arm)
+    model, flags, source = probe_mod._cpuinfo("aarch64")
+    assert model == "BCM2835" and flags == ["asimd", "asimddp", "crc32", "fp"] and source == "auxv"
+    fake(x86)
+    assert probe_mod._cpuinfo("x86_64") == ("AMD EPYC", ["avx2", "fpu", "sse2"], "cpuinfo")
