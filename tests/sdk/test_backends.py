@@ -86,13 +86,33 @@ def test_weight_only_int8_onnxruntime(tmp_path):
     np.testing.assert_allclose(_run(art.model_file, x), _run(src, x), atol=0.05)
 
 
-def test_fp16_keeps_float32_io(tmp_path):
+def _io_types(path) -> tuple[list[int], list[int]]:
+    g = onnx.load(str(path)).graph
+    return [i.type.tensor_type.elem_type for i in g.input], [o.type.tensor_type.elem_type for o in g.output]
+
+
+def test_fp16_keeps_float32_io_unless_the_profile_asks_for_fp16_inputs(tmp_path):
     src = tiny_models.tiny_cnn(tmp_path / "m.onnx")
-    art = get_backend("onnxruntime").build(_job(tmp_path, src, "fp16", profile="gpu"))
     x = np.random.default_rng(2).random((1, 1, 8, 8), dtype=np.float32)
-    out = _run(art.model_file, x)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+    job = _job(tmp_path, src, "fp16", profile="gpu")
+    job.runtime_options = job.runtime_options.model_copy(update={"fp16_inputs": False})
+    plain = get_backend("onnxruntime").build(job)
+    assert _io_types(plain.model_file) == ([F32], [F32])
+    out = _run(plain.model_file, x)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, _run(src, x), atol=0.02)
+
+    # the shipped gpu profile: float16 inputs (no Cast at the input edge), float32 outputs
+    job = _job(tmp_path / "g", src, "fp16", profile="gpu")
+    assert job.runtime_options.fp16_inputs
+    art = get_backend("onnxruntime").build(job)
+    assert _io_types(art.model_file) == ([F16], [F32])
+    out16 = _run(art.model_file, x.astype(np.float16))
+    assert out16.dtype == np.float32
+    np.testing.assert_allclose(out16, _run(src, x), atol=0.02)
+    assert any("inputs in float16" in n for n in art.notes)
 
 
 def test_layers_and_probe_onnxruntime(tmp_path):
