@@ -44,8 +44,9 @@ def roofline(profile: dict[str, Any], width: int = 760, height: int = 380) -> st
     """Log-log SVG: x arithmetic intensity (FLOP/byte), y achieved GOP/s; peaks as horizontal ceilings."""
     points = roofline_points(profile)
     peak = profile.get("peak") or {}
-    ceilings = [(f"{k.split('_')[0]} peak ({'all threads' if k.endswith('all') else '1 thread'})", float(v))
-                for k, v in peak.items() if k.endswith(("_gops_all", "_gops_1t")) and v]
+    # The all-thread peaks only: the one-thread ones sit close below them and their labels would overlap.
+    ceilings = [(f"{k.split('_')[0]} peak (all threads)", float(v))
+                for k, v in peak.items() if k.endswith("_gops_all") and v]
     if not points:
         return "<p>No layer with both FLOPs and a byte count to plot.</p>"
     xs = [p["intensity"] for p in points]
@@ -65,6 +66,12 @@ def roofline(profile: dict[str, Any], width: int = 760, height: int = 380) -> st
              f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">arithmetic intensity (FLOP/byte, log)'
              f'</text><text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
              f'achieved GOP/s (log)</text>']
+    for exp in range(math.floor(x0), math.ceil(x1) + 1):
+        if x0 <= exp <= x1:
+            parts.append(f'<text x="{px(10 ** exp):.1f}" y="{height - m + 14}" text-anchor="middle">{10 ** exp:g}</text>')
+    for exp in range(math.floor(y0), math.ceil(y1) + 1):
+        if y0 <= exp <= y1:
+            parts.append(f'<text x="{m - 4}" y="{py(10 ** exp) + 4:.1f}" text-anchor="end">{10 ** exp:g}</text>')
     for label, value in ceilings:
         y = py(value)
         parts.append(f'<line x1="{m}" x2="{width - m}" y1="{y:.1f}" y2="{y:.1f}" stroke="#c33" stroke-dasharray="4 3"/>'

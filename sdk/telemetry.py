@@ -19,11 +19,11 @@ from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, ValidationErr
 
 from .errors import InputError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: events placement and profile (issue 12)
 SUPPORTED_MAJOR = 1
 # Commands went to 2.0 when they became signed: a 1.x (unsigned) command is refused by every agent that
 # verifies signatures, and an older agent refuses a 2.x one instead of running it unchecked.
-COMMAND_SCHEMA_VERSION = "2.0"
+COMMAND_SCHEMA_VERSION = "2.1"  # 2.1: command profile (issue 12)
 COMMAND_MAJOR = 2
 MAX_PAYLOAD_BYTES = 256 * 1024
 # Deepest JSON nesting a payload may have (a telemetry payload needs 5). The standard library's decoder

@@ -150,3 +150,14 @@ def test_agent_profile_cli(capsys, agent_config_file, make_package, tmp_path, mo
     code, _, err = _run(capsys, "agent", "profile", "nope", "--config", cfg)
     assert code == 3 and err.strip() == ("error: model 'nope' is not installed here (see installed models "
                                          "with: edgeopt agent list)")
+
+
+def test_litert_says_plainly_that_it_has_no_per_op_times():
+    from edgeopt.agent.runtimes import get_runtime
+    from edgeopt.sdk.errors import UnsupportedError
+
+    model_cls = __import__("edgeopt.agent.runtimes.tflite", fromlist=["TFLiteModel"]).TFLiteModel
+    get_runtime("tflite")  # importable here (the tflite extra is installed for the tests)
+    with pytest.raises(UnsupportedError, match=r"^LiteRT \(TFLite\) exposes no per-op timing to Python: .*"
+                                               r"benchmark_model tool \(--enable_op_profiling=true\)"):
+        model_cls.__new__(model_cls).profile_layers({}, 5)

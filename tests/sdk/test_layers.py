@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,46 @@ def test_manifest_carries_the_host_profile_summary(digits_packages, runtime):
     assert hp["compute_precisions"].keys() == {"int8"}
     assert hp["top_layers"] and hp["layers_total"] == len(hp["layers"])
     assert {r["op_type"] for r in hp["layers"]} & {"QLinearConv", "Convolution"}
+
+
+def test_accuracy_aware_float_layers_pass_the_placement_check_and_show_in_the_profile(cli, tmp_path):
+    """A real OpenVINO int8 package whose --accuracy-aware search kept layers in float: the executed graph's
+    fp32 convolutions are exactly the manifest's float_layers, so the agent's check passes; without the list
+    it would flag them. The near-exact budget (1 - 1e-6) forces the search (tests/sdk/test_float_search.py)."""
+    import re
+
+    from edgeopt.agent.loader import placement_check
+    from edgeopt.agent.runtimes import get_runtime
+    from edgeopt.sdk.package import PackageReader
+    from edgeopt.sdk.placement import check
+    from tiny_models import calib_npz, tiny_cnn
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "hardware_profiles" / "cpu.toml").read_text().replace('name = "cpu"', 'name = "search"')
+    profile = tmp_path / "search.toml"
+    profile.write_text(re.sub(r"(?m)^min_cosine = [0-9.]+", "min_cosine = 0.999999", text))
+    out = tmp_path / "aa.eopkg"
+    code, _, err = cli("package", tiny_cnn(tmp_path / "tiny.onnx"), "-p", profile, "--runtime", "openvino",
+                       "--precision", "int8", "--accuracy-aware", "--task", "generic", "--calib",
+                       calib_npz(tmp_path / "calib.npz", n=40), "-o", out, *COMMON)
+    assert code == 0, err
+    with PackageReader(out) as pkg:
+        manifest = pkg.manifest
+        root_dir = pkg.extract_to(tmp_path / "x")
+    floats = manifest.validation.float_layers
+    assert manifest.precision == "int8" and floats
+    loaded = get_runtime("openvino").load(root_dir / manifest.model_file, device="CPU",
+                                          options=dict(manifest.runtime_options))
+    try:
+        report = placement_check(loaded, manifest)
+        observed = loaded.placement()
+    finally:
+        loaded.close()
+    assert report["ok"] and report["checked"], report["message"]
+    float_convs = [o for o in observed if o["op_type"] == "Convolution" and o["precision"] == "fp32"]
+    assert float_convs and all(set(o["source_nodes"]) & set(floats) for o in float_convs)
+    bare = check(observed, device="CPU", precision="int8")
+    assert not bare.ok and set(bare.precision_mismatch) >= {o["node"] for o in float_convs}
+    doc = _layers(cli, out)
+    assert "fp32" in doc["compute_precisions"] and doc["silent_precision"] == []
+    assert doc["model"]["float_layers"] == floats

@@ -81,7 +81,7 @@ def test_commands_travel_signed_with_their_own_schema_major():
         t.parse_payload("cmd", b'{"id": "c2", "command": "reboot"}')
     assert err.value.reason == "bad_schema"
     # the other payloads stay at 1.x
-    assert t.SCHEMA_VERSION == "1.0" and t.COMMAND_SCHEMA_VERSION == "2.0"
+    assert t.SCHEMA_VERSION == "1.1" and t.COMMAND_SCHEMA_VERSION == "2.1"
 
 
 def test_deep_nesting_is_refused_before_the_decoder_recurses():
