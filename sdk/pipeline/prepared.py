@@ -77,7 +77,21 @@ class Prepared:
             return self.graphs[level]
         import onnx
 
-        model, report = simplify(onnx.load(str(self.reference)), level)
+        from . import guard
+
+        original = onnx.load(str(self.reference))
+        model, report = simplify(original, level)
+        if model is not original:
+            error = guard.load_error(model)
+            if error is not None and guard.load_error(original) is None:
+                note = (f"graph simplification ({level}) undone: ONNX Runtime refuses the simplified model "
+                        f"({error}); the graph is kept as it was")
+                if self.progress:
+                    self.progress.warn(note)
+                self.decisions.append(note)
+                before = len(original.graph.node)
+                model, report = original, GraphReport(level, before, before, "simplified graph refused by ONNX "
+                                                                              "Runtime; kept as is")
         path = self.workdir / f"fp32-{level}.onnx"
         onnx.save(model, str(path))
         self.graphs[level] = (path, report)
@@ -129,7 +143,7 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
     metadata = model_metadata(source)
     req = _metadata_defaults(req, metadata, source, decisions, progress)
     with progress.stage("shapes"):
-        reference, specs = _shape(source, req, profile, workdir, progress)
+        reference, specs = _shape(source, req, profile, workdir, progress, decisions)
         for note in enforce_policy(specs, profile):
             progress.note(note)
     threads = benchmark.profile_threads(profile)
@@ -356,15 +370,14 @@ def _usable_runtimes(req, profile, source, reference, decisions, progress) -> li
                            f"{source.format} model", hint="give an ONNX model, or choose another profile")
 
 
-def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress):
+def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress,
+           decisions: list[str]):
     if source.format == "onnx":
         import onnx
 
         model = source.onnx
-        for note in fix_onnx_shapes(model, req.input_shapes, source.path.name):
-            progress.note(note)
         if req.input_shapes:
-            model = onnx.shape_inference.infer_shapes(model)
+            model = _guarded_shapes(model, req, source, progress, decisions)
         path = workdir / "reference.onnx"
         onnx.save(model, str(path))
         return path, onnx_input_specs(model)
@@ -394,6 +407,47 @@ def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, w
     return path, specs
 
 # --------------------------------------------------------------------------- candidates
+
+
+def _guarded_shapes(model, req: PackageRequest, source: SourceModel, progress, decisions: list[str]):
+    """--input-shape applied, unless ONNX Runtime would refuse the result while it loads the original: then
+    the inputs whose fixing it refuses stay dynamic (the output names them and why)."""
+    import onnx
+
+    from . import guard
+
+    def fixed(shapes):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        notes = fix_onnx_shapes(m, shapes, source.path.name)
+        try:
+            return onnx.shape_inference.infer_shapes(m), notes
+        except Exception as exc:  # onnx raises InferenceError and others: the fixed graph without inference
+            log.debug("shape inference failed after --input-shape: %s", exc)
+            return m, notes
+
+    out, notes = fixed(req.input_shapes)
+    error = guard.load_error(out)
+    if error is None or guard.load_error(model) is not None:
+        for note in notes:
+            progress.note(note)
+        return out
+    kept: dict[str, list[int]] = {}
+    for name, dims in req.input_shapes.items():  # keep each fix that still loads, in the order given
+        if guard.load_error(fixed({**kept, name: dims})[0]) is None:
+            kept[name] = dims
+    undone = [n for n in req.input_shapes if n not in kept]
+    flow = guard.control_flow_ops(model)
+    note = (f"--input-shape for {', '.join(undone)} undone: ONNX Runtime refuses the model with "
+            f"{'them' if len(undone) > 1 else 'it'} fixed ({error})"
+            + (f"; its {'/'.join(flow)} sub-graphs keep their dynamic dims" if flow else "")
+            + "; the data's shapes are used at run time")
+    progress.warn(note)
+    decisions.append(note)
+    out, notes = fixed(kept) if kept else (model, [])
+    for n in notes:
+        progress.note(n)
+    return out
 
 
 def candidates_for(prep: Prepared, all_precisions: bool = False) -> list[Candidate]:
