@@ -1,6 +1,18 @@
-"""ONNX Runtime."""
+"""ONNX Runtime.
+
+Its own log lines go through logging, never raw onto the terminal: sessions log at FATAL only (a refusal
+comes back in the exception, which is turned into a one-line error), and with debug logging on (``-v``) the
+lines it writes while a session loads are captured from file descriptor 2 and logged at DEBUG.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +42,33 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=shape)
 
 
+log = logging.getLogger(__name__)
+_CAPTURE = threading.Lock()
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_CAPTURED = 64 * 1024
+
+
+@contextlib.contextmanager
+def _runtime_log_to_logging():
+    """With DEBUG on for this logger: what ONNX Runtime writes to fd 2 meanwhile becomes DEBUG records."""
+    if not log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    with _CAPTURE, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read(_MAX_CAPTURED).decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("onnxruntime: %s", _ANSI.sub("", line).strip())
+
+
 class OnnxRuntimeModel(LoadedModel):
     def __init__(self, session: ort.InferenceSession):
         self.session = session
@@ -42,6 +81,7 @@ class OnnxRuntimeModel(LoadedModel):
         try:
             values = self.session.run(self._names, feeds)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            log.debug("onnxruntime refused a run: %s", exc)
             raise InputError(f"ONNX Runtime refused the inputs: {' '.join(str(exc).split())[:300]}") from None
         return dict(zip(self._names, values))
 
@@ -77,7 +117,8 @@ class OnnxRuntimeRuntime(Runtime):
                                    f"(available: {', '.join(available)})")
         so = ort.SessionOptions()
         so.graph_optimization_level = _LEVELS[options.pop("graph_optimization_level", "all")]
-        so.log_severity_level = 3
+        # FATAL only: errors come back in exceptions; its warnings and infos are logged with -v (see above).
+        so.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
         # Spinning is ONNX Runtime's default; the agent passes False unless the profile asks for it
         # (BENCHMARKS.md: the same batching-on throughput for 43% less agent CPU on 2 cores, 90% on 16).
         if not options.pop("intra_op_spinning", True):
@@ -85,7 +126,8 @@ class OnnxRuntimeRuntime(Runtime):
         if threads:
             so.intra_op_num_threads = int(threads)
         try:
-            session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            with _runtime_log_to_logging():
+                session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises several pybind exception types
             raise UnsupportedError(f"ONNX Runtime cannot load {Path(model_path).name}: "
                                    f"{' '.join(str(exc).split())[:300]}") from None
