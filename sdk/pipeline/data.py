@@ -115,16 +115,18 @@ def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limi
     missing = [n for n in expected if n not in arrays]
     extra = [n for n in arrays if n not in expected]
     if missing or extra:
-        raise InputError(f"{role} file {path.name} has arrays {keyed.few(sorted(arrays))}, but the model's inputs are "
-                         f"{expected}" + (f" (missing {missing})" if missing else "")
-                         + (f" (unexpected {extra})" if extra else ""),
+        raise InputError(f"{role} file {path.name} has arrays {keyed.few(list(arrays))}, but the model's inputs "
+                         f"are {expected}" + (f" (missing {missing})" if missing else "")
+                         + (f" (unexpected {keyed.few(extra)})" if extra else ""),
                          hint="key each array by the model input name (plus optional 'labels')")
     counts = set()
     for spec in specs:
         arr = arrays[spec.name]
         if arr.ndim != len(spec.shape):
             raise InputError(f"{role} array {spec.name!r} has shape {list(arr.shape)}, but the input has rank "
-                             f"{len(spec.shape)} (shape {_fmt(spec.shape)}); samples go along axis 0")
+                             f"{len(spec.shape)} (shape {_fmt(spec.shape)}); samples go along axis 0",
+                             hint="for inputs whose batch is not on axis 0 (or scalars), key one feed per "
+                                  "sample as '<i>/<input>' (or '<seq>/<step>/<input>' for sequences)")
         for i, (want, got) in enumerate(zip(spec.shape, arr.shape)):
             if i > 0 and isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"{role} array {spec.name!r} has shape {list(arr.shape)}, but the input needs "
@@ -305,7 +307,7 @@ def runnable_random(specs: list[InputSpec], n: int, seed: int, run, state_inputs
     state_inputs = state_inputs or {}
     has_dynamic = any(not isinstance(d, int) or d <= 0 for s in specs if s.name not in state_inputs
                       for i, d in enumerate(s.shape) if i > 0)
-    first_error = None
+    error = None
     for size in RANDOM_DIM_SIZES if has_dynamic else RANDOM_DIM_SIZES[:1]:
         try:
             data = random_samples(specs, n, seed, default=size, state_inputs=state_inputs)
@@ -313,13 +315,13 @@ def runnable_random(specs: list[InputSpec], n: int, seed: int, run, state_inputs
             break
         try:
             run(data.samples[0])
-        except Exception as exc:  # the model's own refusal: remembered for the message
-            first_error = first_error or " ".join(str(exc).split())[:240]
+        except Exception as exc:  # the model's own refusal at the largest size tried goes into the message
+            error = " ".join(str(exc).split())[:240]
             continue
         return data, size
     shapes = ", ".join(f"{s.name} {_fmt(s.shape)}" for s in specs)
     tried = f"dynamic dims set to {', '.join(map(str, RANDOM_DIM_SIZES))}" if has_dynamic else "its fixed shapes"
-    raise InputError(f"random {role} inputs do not run in the fp32 model ({shapes}; {tried}): {first_error}",
+    raise InputError(f"random {role} inputs do not run in the fp32 model ({shapes}; {tried}): {error}",
                      hint="give real data with --calib / --heldout, or fix the dims with --input-shape")
 
 
