@@ -180,7 +180,7 @@ class Api:
             request = parse_infer_request(body, header_len, seqs.inputs)
         except ApiError as first:
             try:
-                request = parse_infer_request(body, header_len, entry.loaded.inputs)
+                request = parse_infer_request(body, header_len, entry.loaded.inputs, same_batch=False)
             except ApiError:
                 raise first from None
             if sequence_params(request.parameters) is not None:

@@ -79,8 +79,9 @@ class SequenceBatcher:
 
     def __init__(self, model: LoadedModel, name: str, pairs: list[StatePair], *, max_batch: int = 8,
                  max_delay_ms: float = 2.0, max_queue: int = 256, idle_timeout_s: float = 60.0,
-                 max_sequences: int = 1024, metrics: Any = None):
+                 max_sequences: int = 1024, metrics: Any = None, clock=time.monotonic):
         self.model, self.name, self.pairs, self.metrics = model, name, list(pairs), metrics
+        self._clock = clock  # idle time is measured on it (tests pass their own)
         state_in = {p.input for p in self.pairs}
         state_out = {p.output for p in self.pairs}
         self.inputs = [s for s in model.inputs if s.name not in state_in]  # what a sequence request carries
@@ -119,7 +120,7 @@ class SequenceBatcher:
         n = int(first.shape[0]) if first is not None else 1
         # Scalars (a sample rate) must be equal to share a batch: their value is part of the signature.
         signature = batch_signature(feeds) + tuple((k, v.tobytes()) for k, v in sorted(feeds.items()) if not v.ndim)
-        now = time.monotonic()
+        now = self._clock()
         with self._cond:
             if self._closed:
                 raise ClosedError(f"model {self.name!r} is being replaced or stopped")
@@ -315,7 +316,7 @@ class SequenceBatcher:
     def _finish(self, step: _Step, outputs=None, error=None) -> None:
         with self._cond:
             step.stream.in_flight -= 1
-            step.stream.last_used = time.monotonic()
+            step.stream.last_used = self._clock()
             if step.end and self._streams.get(step.stream.id) is step.stream:
                 del self._streams[step.stream.id]
                 self._gone[step.stream.id] = "has ended (sequence_end was sent)"
