@@ -220,7 +220,7 @@ class Installer:
             stage = "load"
             loaded = load_installed(new, self.config)
             crash_point("after_load")
-            warm_up(loaded)
+            warm_up(loaded, package_dir=path, manifest=manifest)
             stage = "self_test"
             report = self_test(loaded, path, manifest)
             self._emit("self_test", True, model=name, version=version, from_version=from_version,
@@ -332,7 +332,7 @@ class Installer:
         switched = False
         try:
             loaded = load_installed(new, self.config)
-            warm_up(loaded)
+            warm_up(loaded, package_dir=new.path, manifest=manifest)
             report = self_test(loaded, new.path, manifest)
             self._emit("self_test", True, model=model, version=target, from_version=current.version,
                        message=f"{report.get('samples', 0)} golden samples within tolerance", ctx=ctx, details=report)

@@ -391,11 +391,14 @@ def vad_sequences() -> Path:
 
 @pytest.fixture(scope="session")
 def vad_package(tmp_path_factory, vad_model: Path, vad_sequences: Path) -> dict:
-    """Silero VAD packaged for cpu from the sequences (unsigned; agent tests sign their own copies), through
-    the Python API: {"path", "summary"} (the summary ``edgeopt package --json`` prints)."""
+    """Silero VAD packaged for cpu from the sequences and signed with a key of its own, through the Python API:
+    {"path", "summary" (what ``edgeopt package --json`` prints), "manifest", "public_key"}."""
+    from edgeopt.sdk.package import generate_keypair
     from edgeopt.sdk.pipeline import PackageRequest, build_package
 
-    out = tmp_path_factory.mktemp("vad") / "vad-cpu.eopkg"
-    result = build_package(PackageRequest(model=vad_model, profile="cpu", calib=vad_sequences, unsigned=True,
-                                          bench_iterations=20, output=out))
-    return {"path": out, "summary": result.summary(), "manifest": result.manifest}
+    folder = tmp_path_factory.mktemp("vad")
+    private, public = generate_keypair(folder, "vad")
+    out = folder / "vad-cpu.eopkg"
+    result = build_package(PackageRequest(model=vad_model, profile="cpu", calib=vad_sequences, sign_key=private,
+                                          name="vad", bench_iterations=20, output=out))
+    return {"path": out, "summary": result.summary(), "manifest": result.manifest, "public_key": public}
