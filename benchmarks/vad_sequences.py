@@ -133,6 +133,30 @@ def alone(model_path: Path, frames: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def model_ceiling(model_path: Path, rounds: int = 300) -> dict:
+    """The model alone in ONNX Runtime (its default threads, no agent): per-chunk time at batch 1 and batch 16.
+    Sequence batching cannot gain more than this ratio: the agent's per-request work is not batched."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the agent runs it
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    out = {}
+    for b in (1, STREAMS):
+        feed = {"input": np.random.default_rng(0).standard_normal((b, 576)).astype(np.float32) * 0.1,
+                "state": np.zeros((2, b, 128), np.float32), "sr": np.array(16000, np.int64)}
+        for _ in range(20):
+            sess.run(None, feed)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - started)
+        out[b] = statistics.median(times) * 1e3 / b
+    return {"per_chunk_ms_batch1": out[1], f"per_chunk_ms_batch{STREAMS}": out[STREAMS],
+            "ratio": out[1] / out[STREAMS]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="load per round and agent (default 5)")
@@ -156,11 +180,15 @@ def main() -> int:
             agents[label] = (config, port)
         rows = {label: [] for label in agents}
         served_ok = True
+        ceilings = []
         for _ in range(args.rounds):
             for label, (config, port) in agents.items():
                 with Daemon(config, port):
                     lat, errors, served = stream_load(port, streams, args.seconds)
                 lat_ms = np.array(lat) * 1e3
+                if label.startswith("sequence"):  # the model alone, in the same round
+                    model_file = next((Path(config).parent / "state" / "packages" / "vad").rglob("model.onnx"))
+                    ceilings.append(model_ceiling(model_file))
                 rows[label].append({"throughput": len(lat) / args.seconds, "p50_ms": float(np.percentile(lat_ms, 50)),
                                     "p99_ms": float(np.percentile(lat_ms, 99)), "errors": errors})
                 if not rows[label][-1].get("checked"):
@@ -176,6 +204,8 @@ def main() -> int:
         bench = summary["benchmark"]
         doc = {"machine": machine(), "streams": STREAMS, "seconds": args.seconds, "rounds": rows, "median": med,
                "throughput_ratio": on["throughput"] / off["throughput"], "served_equal_alone": served_ok,
+               "model_alone_batch_ratio": statistics.median(c["ratio"] for c in ceilings),
+               "model_alone_rounds": ceilings,
                "package": {"runtime": summary["runtime"], "precision": summary["precision"],
                            "p50_ms": bench["optimized"]["p50_ms"], "fp32_p50_ms": bench["fp32"]["p50_ms"],
                            "speedup_vs_fp32": bench["speedup"], "frame_agreement": agreement}}
@@ -188,6 +218,9 @@ def main() -> int:
         for label, m in med.items():
             print(f"{label:36} {m['throughput']:9.0f} {m['throughput'] / off['throughput']:6.2f} {m['p50_ms']:7.2f} "
                   f"{m['p99_ms']:7.2f}  " + ", ".join(f"{r['throughput']:.0f}" for r in rows[label]))
+        print(f"the model alone in ONNX Runtime, per chunk at batch {STREAMS} vs batch 1 (the ceiling of any "
+              f"batching gain): {doc['model_alone_batch_ratio']:.2f}x (rounds: "
+              + ", ".join(f"{c['ratio']:.2f}" for c in ceilings) + ")")
         print(f"served decisions equal the model alone on every stream: {served_ok}")
         p = doc["package"]
         print(f"package: {p['runtime']} {p['precision']}, p50 {p['p50_ms']:.3f} ms vs ONNX Runtime fp32 on the "
