@@ -312,7 +312,9 @@ def runnable_random(specs: list[InputSpec], n: int, seed: int, run, state_inputs
         try:
             data = random_samples(specs, n, seed, default=size, state_inputs=state_inputs)
         except InputError:
-            break
+            if error is None:
+                raise  # even the smallest random data is too large: that is the message
+            break  # larger sizes would be too: the model's refusal at the last size is the message
         try:
             run(data.samples[0])
         except Exception as exc:  # the model's own refusal at the largest size tried goes into the message

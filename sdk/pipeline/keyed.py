@@ -25,11 +25,11 @@ _INDEX = re.compile(r"^\d{1,9}$")
 
 
 def few(keys: Iterable[str], n: int = 5) -> str:
-    """The first ``n`` keys and the count: "['0/input', '0/sr', ...] (1,440 keys)"."""
+    """The keys, or the first ``n`` and the count: "['0/input', '0/sr', ...] (1,440 keys)"."""
     keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:n])
-    more = ", ..." if len(keys) > n else ""
-    return f"[{shown}{more}] ({len(keys):,} key{'s' if len(keys) != 1 else ''})"
+    if len(keys) <= n:
+        return "[" + ", ".join(repr(k) for k in keys) + "]"
+    return "[" + ", ".join(repr(k) for k in keys[:n]) + f", ...] ({len(keys):,} keys)"
 
 
 def layout_of(keys: list[str], file: str, role: str) -> str:

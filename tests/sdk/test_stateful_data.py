@@ -76,14 +76,14 @@ def test_key_errors_name_the_first_keys_and_the_count(tmp_path):
     with pytest.raises(InputError) as info:
         load_npz(tmp_path / "many.npz", ACC_SPECS, "calibration")
     line = info.value.one_line()
-    assert "(3 keys)" in line and "'audio'" in line and len(line) < 400, line  # sample 0 names its 3 keys
+    assert "sample 0 has inputs ['audio', 'c', 'h']" in line and len(line) < 400, line
     np.savez(tmp_path / "flat.npz", **{f"k{i}": np.zeros(1) for i in range(1440)})
     with pytest.raises(InputError) as info:
         load_npz(tmp_path / "flat.npz", ACC_SPECS, "calibration")
     line = info.value.one_line()
     assert "(1,440 keys)" in line and "'k0'" in line and "'k1000'" not in line and len(line) < 500, line
     np.savez(tmp_path / "mixed.npz", **{"0/x": np.zeros(1), "x": np.zeros(1)})
-    with pytest.raises(InputError, match=r"mixes key layouts: \['0/x', 'x'\] \(2 keys\)"):
+    with pytest.raises(InputError, match=r"mixes key layouts: \['0/x', 'x'\]"):
         load_npz(tmp_path / "mixed.npz", ACC_SPECS, "calibration")
 
 
