@@ -101,6 +101,7 @@ class SequenceBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._last_batch = 1
+        self._wake_at: int | None = None  # queued requests at which submit() wakes the waiting worker
         self._next_sweep = 0.0
         self._thread = threading.Thread(target=self._run, name=f"sequences-{name}", daemon=True)
         self._thread.start()
@@ -146,7 +147,8 @@ class SequenceBatcher:
             stream.last_used = now
             step = _Step(feeds, n, signature, stream, end)
             self._queue.append(step)
-            self._cond.notify()
+            if self._wake_at is not None and len(self._queue) >= self._wake_at:
+                self._cond.notify()
         return step
 
     def _forget(self, seq_id: Any, why: str) -> None:
@@ -213,7 +215,9 @@ class SequenceBatcher:
             while not self._queue:
                 if self._closed:
                     return None
+                self._wake_at = 1
                 self._cond.wait()
+            self._wake_at = None
             first = self._queue.popleft()
             batch, total = [first], first.n
             if self.max_batch > 1:
@@ -227,7 +231,11 @@ class SequenceBatcher:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
+                    # Woken once enough requests to fill the batch are queued (or at the deadline), not by
+                    # each one: every wake-up is a thread switch and a GIL hand-off.
+                    self._wake_at = len(self._queue) + min(self.max_batch, self._last_batch) - total
                     self._cond.wait(remaining)
+                    self._wake_at = None
             self._last_batch = total
             return batch
 
