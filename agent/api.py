@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from ..sdk.errors import EdgeoptError, InputError
 from .batcher import BusyError, ClosedError
+from .sequences import SequenceError, sequence_params
 from .kserve import (HEADER_LENGTH, ApiError, check_requested_outputs, encode_infer_response, error_body,
                      parse_infer_request, tensor_metadata)
 from .registry import ModelEntry, ModelRegistry
@@ -116,10 +117,17 @@ class Api:
             return _json(200, entry.metadata())
         if rest == "/ready":
             return _json(200, {"name": entry.name, "ready": True})
-        return _json(200, {"name": entry.name, "platform": entry.platform,
-                           "max_batch_size": entry.batcher.max_batch if entry.batcher.batchable else 0,
-                           "input": [tensor_metadata(s) for s in entry.loaded.inputs],
-                           "output": [tensor_metadata(s) for s in entry.loaded.outputs]})
+        config = {"name": entry.name, "platform": entry.platform,
+                  "max_batch_size": entry.batcher.max_batch if entry.batcher.batchable else 0,
+                  "input": [tensor_metadata(s) for s in entry.loaded.inputs],
+                  "output": [tensor_metadata(s) for s in entry.loaded.outputs]}
+        seqs = entry.sequences
+        if seqs is not None:  # Triton's sequence batcher with implicit state
+            config["sequence_batching"] = {
+                "max_sequence_idle_microseconds": int(seqs.idle_timeout * 1e6),
+                "max_candidate_sequences": seqs.max_sequences, "max_batch_size": seqs.max_batch,
+                "state": [{"input_name": p.input, "output_name": p.output} for p in seqs.pairs]}
+        return _json(200, config)
 
     def _infer(self, entry: ModelEntry, name: str, version: str | None, headers: Mapping[str, str],
                body: bytes | bytearray) -> "Response | Deferred":
@@ -135,15 +143,25 @@ class Api:
                 raise ApiError(400, f"{HEADER_LENGTH} is not a number: {raw_len!r}") from None
             # A swap may close the batcher between lookup and submit: take the new entry and decode again.
             for _ in range(3):
-                request = parse_infer_request(body, header_len, entry.loaded.inputs)
-                check_requested_outputs(request, entry.loaded.outputs)
+                if entry.sequences is not None:
+                    request, pending = self._submit_stateful(entry, body, header_len)
+                else:
+                    request = parse_infer_request(body, header_len, entry.loaded.inputs)
+                    check_requested_outputs(request, entry.loaded.outputs)
+                    pending = None
                 try:
-                    pending = entry.batcher.submit(request.inputs, request.batch_signature)
+                    if pending is None:
+                        pending = entry.batcher.submit(request.inputs, request.batch_signature)
+                    elif callable(pending):
+                        pending = pending()
                     break
                 except ClosedError:
                     entry = self._entry(name, version)
             else:
                 raise ApiError(503, f"model {name!r} is being replaced; retry", {"Retry-After": "1"})
+        except SequenceError as exc:
+            mm.error()
+            return error_response(400, str(exc))
         except BusyError as exc:
             mm.error(busy=True)
             return error_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
@@ -151,6 +169,34 @@ class Api:
             mm.error()
             return error_response(exc.status, exc.message, exc.headers)
         return Deferred(pending, lambda: self._infer_done(entry, name, request, pending, mm, start))
+
+    @staticmethod
+    def _submit_stateful(entry: ModelEntry, body: bytes | bytearray, header_len: int | None):
+        """A stateful model's request: with ``sequence_id`` it carries the inputs besides the state and goes
+        to the sequence batcher (returned as a callable that submits, so a swap can retry it); without, it
+        carries every input, state included, and runs as a plain request."""
+        seqs = entry.sequences
+        try:
+            request = parse_infer_request(body, header_len, seqs.inputs)
+        except ApiError as first:
+            try:
+                request = parse_infer_request(body, header_len, entry.loaded.inputs, same_batch=False)
+            except ApiError:
+                raise first from None
+            if sequence_params(request.parameters) is not None:
+                raise ApiError(400, f"model {entry.name!r}: a sequence request carries the inputs besides the "
+                                    f"state ({', '.join(s.name for s in seqs.inputs)}); the agent keeps the state "
+                                    f"({', '.join(p.input for p in seqs.pairs)})") from None
+            check_requested_outputs(request, entry.loaded.outputs)
+            return request, None
+        params = sequence_params(request.parameters)
+        if params is None:
+            raise ApiError(400, f"model {entry.name!r} is stateful: send parameters sequence_id (and "
+                                f"sequence_start on a stream's first request), or every input including the "
+                                f"state ({', '.join(p.input for p in seqs.pairs)})")
+        check_requested_outputs(request, seqs.outputs)
+        seq_id, start, end = params
+        return request, lambda: seqs.submit(request.inputs, seq_id, start, end)
 
     def _infer_done(self, entry: ModelEntry, name: str, request: Any, pending: Any, mm: Any,
                     start: float) -> Response:

@@ -134,6 +134,12 @@ class BatchingConfig(_Strict):
                                 description="How long the first request of a batch may wait for others (ms).")
     max_queue: int = Field(256, ge=1, le=1_000_000, title="Max queue",
                            description="Queued requests per model before answering 503 with Retry-After.")
+    sequence_idle_timeout_s: float = Field(
+        60.0, gt=0.0, le=86400.0, title="Sequence idle timeout",
+        description="Stateful models: a sequence without a request for this long is ended (its state freed).")
+    max_sequences: int = Field(
+        1024, ge=1, le=1_000_000, title="Max sequences",
+        description="Stateful models: live sequences per model; a new one evicts the longest-idle sequence.")
 
 
 class DownloadConfig(_Strict):
@@ -343,6 +349,10 @@ enabled = true
 max_batch = 8
 max_delay_ms = 2.0
 max_queue = 256
+# Stateful models (packages with state pairs) keep one state per sequence (sequence_id): a sequence idle
+# this long is ended; beyond max_sequences live ones the longest-idle is evicted.
+sequence_idle_timeout_s = 60
+max_sequences = 1024
 
 [download]
 # Largest package accepted from a deploy command, and the socket timeout.

@@ -130,7 +130,7 @@ class Agent:
         from .loader import load_installed, warm_up
 
         loaded = load_installed(installed, self.config)
-        warm_up(loaded)
+        warm_up(loaded, package_dir=installed.path, manifest=installed.manifest)
         self.registry.swap(installed.name, installed.version, loaded, installed.manifest)
 
     def start(self) -> "Agent":

@@ -224,7 +224,7 @@ class Installer:
             stage = "placement"
             placed = self._check_placement(loaded, manifest, from_version, ctx)
             stage = "load"
-            warm_up(loaded)
+            warm_up(loaded, package_dir=path, manifest=manifest)
             stage = "self_test"
             report = self_test(loaded, path, manifest)
             self._emit("self_test", True, model=name, version=version, from_version=from_version,
@@ -357,7 +357,7 @@ class Installer:
         try:
             loaded = load_installed(new, self.config)
             self._check_placement(loaded, manifest, current.version, ctx)
-            warm_up(loaded)
+            warm_up(loaded, package_dir=new.path, manifest=manifest)
             report = self_test(loaded, new.path, manifest)
             self._emit("self_test", True, model=model, version=target, from_version=current.version,
                        message=f"{report.get('samples', 0)} golden samples within tolerance", ctx=ctx, details=report)

@@ -134,8 +134,9 @@ _MAX_PLANNED_HEADER = 4096
 
 
 def parse_infer_request(body: bytes | bytearray, header_length: int | None,
-                        specs: list[TensorSpec]) -> InferRequest:
-    """Decode a request body and check it against the model's inputs.
+                        specs: list[TensorSpec], same_batch: bool = True) -> InferRequest:
+    """Decode a request body and check it against the model's inputs. ``same_batch`` (default) requires
+    every input's axis 0 to agree (a stateful model's full feed has its state's batch on another axis).
 
     Raises :class:`ApiError` (400) naming the input, what was expected and what was found.
     """
@@ -150,13 +151,13 @@ def parse_infer_request(body: bytes | bytearray, header_length: int | None,
             request = plan.build(binary)
             if request is not None:
                 return request
-        request, layout = _parse_full(header, binary, specs)
+        request, layout = _parse_full(header, binary, specs, same_batch)
         # Only short headers without an id are remembered: an id changes with every request, and a client
         # must not be able to pin large headers in memory.
         if layout is not None and request.id is None and header_length <= _MAX_PLANNED_HEADER:
             _BINARY_PLANS.put((id(specs), header), _BinaryPlan(specs, layout, request))
         return request
-    return _parse_full(body, memoryview(b""), specs)[0]
+    return _parse_full(body, memoryview(b""), specs, same_batch)[0]
 
 
 MAX_JSON_DEPTH = 64
@@ -203,8 +204,8 @@ def loads_bounded(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise _bad(f"request JSON nests deeper than {max_depth} levels") from None
 
 
-def _parse_full(header: bytes, binary: memoryview,
-                specs: list[TensorSpec]) -> tuple[InferRequest, list[tuple] | None]:
+def _parse_full(header: bytes, binary: memoryview, specs: list[TensorSpec],
+                same_batch: bool = True) -> tuple[InferRequest, list[tuple] | None]:
     """The request and, when every input is binary, the layout a :class:`_BinaryPlan` replays."""
     doc = loads_bounded(header)
     if not isinstance(doc, dict):
@@ -278,7 +279,7 @@ def _parse_full(header: bytes, binary: memoryview,
         raise _bad(f"missing input(s) {', '.join(repr(m) for m in missing)}; "
                    f"the model's inputs are {', '.join(sorted(expected))}")
     batches = {a.shape[0] for a in arrays.values() if a.ndim}
-    if len(batches) > 1:
+    if len(batches) > 1 and same_batch:
         raise _bad(f"inputs disagree on the batch dimension: {sorted(batches)}")
 
     binary_default = bool(params.get("binary_data_output", False))

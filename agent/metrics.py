@@ -25,6 +25,7 @@ class ModelMetrics:
         self.version = version
         self.lock = threading.Lock()
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.sequences = None  # the model's SequenceBatcher when it is stateful (live, evicted, expired)
         # Interval figures (reset by each telemetry snapshot) and totals (for Prometheus).
         self.hist = Histogram()
         self.requests = self.errors = self.samples = 0
@@ -74,6 +75,7 @@ class ModelMetrics:
             p50_ms=hist.quantile(0.50), p95_ms=hist.quantile(0.95), p99_ms=hist.quantile(0.99),
             queue_depth=max(0, int(self.queue_depth())),
             batch_sizes={str(k): v for k, v in sorted(sizes.items())},
+            live_sequences=self.sequences.live if self.sequences is not None else None,
         )
 
 
@@ -141,6 +143,14 @@ class Metrics:
         for name, kind, text, value in per_model:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{model="{_esc(m.name)}"}} {value(m)}' for m in models]
+        stateful = [m for m in models if m.sequences is not None]
+        for name, kind, text, attr in (
+                ("edgeopt_sequences_live", "gauge", "Live sequences (streams with state) of a stateful model.", "live"),
+                ("edgeopt_sequences_evicted_total", "counter", "Sequences evicted at max_sequences.", "evicted"),
+                ("edgeopt_sequences_expired_total", "counter", "Sequences ended after the idle timeout.", "expired")):
+            if stateful:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+                lines += [f'{name}{{model="{_esc(m.name)}"}} {getattr(m.sequences, attr)}' for m in stateful]
         lines += ["# HELP edgeopt_batches_total Batches run, by batch size.", "# TYPE edgeopt_batches_total counter"]
         for m in models:
             with m.lock:

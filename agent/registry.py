@@ -27,11 +27,14 @@ class BatchLimits:
     max_batch: int | None = None
     max_delay_ms: float = 2.0
     max_queue: int = 256
+    sequence_idle_timeout_s: float = 60.0
+    max_sequences: int = 1024
 
     @classmethod
     def from_config(cls, batching: Any) -> "BatchLimits":
         return cls(enabled=batching.enabled, max_batch=batching.max_batch, max_delay_ms=batching.max_delay_ms,
-                   max_queue=batching.max_queue)
+                   max_queue=batching.max_queue, sequence_idle_timeout_s=batching.sequence_idle_timeout_s,
+                   max_sequences=batching.max_sequences)
 
 
 class ModelEntry:
@@ -46,6 +49,7 @@ class ModelEntry:
         self.manifest = manifest
         self.platform = getattr(manifest, "runtime", None) or loaded.describe().get("runtime", "unknown")
         self.metrics: Any = None  # this model's ModelMetrics, set by the registry
+        self.sequences: Any = None  # SequenceBatcher of a stateful model (sequence_id requests), else None
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
@@ -54,6 +58,8 @@ class ModelEntry:
 
     def retire(self) -> None:
         """Finish every accepted request on this version, then free the runtime."""
+        if self.sequences is not None and not self.sequences.close(timeout=120):
+            log.warning("model %s %s: sequence requests still running after 120 s", self.name, self.version)
         if not self.batcher.close(timeout=120):
             log.warning("model %s %s: requests still running after 120 s; freeing anyway", self.name, self.version)
         try:
@@ -90,16 +96,43 @@ class ModelRegistry:
                           max_delay_ms=self.limits.max_delay_ms, max_queue=self.limits.max_queue, metrics=mm)
         entry = ModelEntry(name, version, loaded, batcher, manifest)
         entry.metrics = mm
+        entry.sequences = self._sequences_for(name, loaded, manifest, mm)
         with self._lock:
             old = self._entries.get(name)
             self._entries[name] = entry
         mm.version = version
-        mm.queue_depth = lambda: batcher.queue_depth
+        seqs = entry.sequences
+        mm.queue_depth = (lambda: batcher.queue_depth + seqs.queue_depth) if seqs else (lambda: batcher.queue_depth)
+        mm.sequences = seqs
         log.info("serving %s %s (max batch %d%s)", name, version, batcher.max_batch,
                  "" if batcher.batchable else ", no dynamic batch dimension")
         if old is not None and old is not entry:
             threading.Thread(target=old.retire, name=f"retire-{name}-{old.version}", daemon=True).start()
         return entry
+
+    def sequence_max_batch(self) -> int:
+        """Sequences batch across streams up to [batching] max_batch (unset: 32); 1 with batching off."""
+        if not self.limits.enabled:
+            return 1
+        return self.limits.max_batch or 32
+
+    def _sequences_for(self, name: str, loaded: LoadedModel, manifest: Any, mm: Any):
+        """A SequenceBatcher when the model is stateful: the manifest's state pairs, else pairs detected by
+        name and shape (packages from before the manifest recorded them)."""
+        from ..sdk.stateful import detect_pairs
+        from .sequences import SequenceBatcher
+
+        pairs = list(getattr(manifest, "state", None) or []) or detect_pairs(loaded.inputs, loaded.outputs)
+        if not pairs:
+            return None
+        lim = self.limits
+        seqs = SequenceBatcher(loaded, name, pairs, max_batch=self.sequence_max_batch(),
+                               max_delay_ms=lim.max_delay_ms, max_queue=lim.max_queue,
+                               idle_timeout_s=lim.sequence_idle_timeout_s, max_sequences=lim.max_sequences,
+                               metrics=mm)
+        log.info("model %s is stateful (%s): sequences keep their state, batched up to %d", name,
+                 ", ".join(f"{p.input} <- {p.output}" for p in pairs), seqs.max_batch)
+        return seqs
 
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)
@@ -115,6 +148,9 @@ class ModelRegistry:
         for entry in self.entries():
             entry.batcher.reconfigure(max_batch=self.max_batch_for(entry.loaded, entry.manifest),
                                       max_delay_ms=self.limits.max_delay_ms, max_queue=self.limits.max_queue)
+            if entry.sequences is not None:
+                entry.sequences.reconfigure(max_batch=self.sequence_max_batch(),
+                                            max_delay_ms=self.limits.max_delay_ms, max_queue=self.limits.max_queue)
 
     def close(self) -> None:
         with self._lock:

@@ -38,6 +38,8 @@ DEFAULT_MAX_MEMBER_BYTES = 4 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 8 * 1024**3
 
 
+from .stateful import StatePair  # noqa: E402  (pure pydantic, no runtime)
+
 class _Model(BaseModel):
     # Readers ignore fields they do not know (a newer minor version may add some); writers are typed.
     model_config = ConfigDict(extra="ignore")
@@ -200,6 +202,10 @@ class Manifest(_Model):
         None, description="Per-layer profile summary of the packaged model on the build host (edgeopt.sdk.layers."
                           "summary): the reference a device's profile is compared with. None where the runtime "
                           "exposes no per-layer times (LiteRT).")
+    state: list[StatePair] = Field(
+        default_factory=list,
+        description="Stateful models: state inputs fed the state outputs of the previous call (the agent keeps "
+                    "them per sequence).")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @field_validator("format_version")

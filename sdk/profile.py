@@ -212,6 +212,17 @@ class AccuracyBudget(_Strict):
     min_embedding_cosine: float = Field(
         0.98, ge=0.0, le=1.0, description="embed task: least cosine of each optimized embedding to its fp32 one."
     )
+    min_frame_agreement: float = Field(
+        0.99, ge=0.0, le=1.0,
+        description="vad task: least share of frames (sequence steps) whose speech/non-speech decision equals fp32's.",
+    )
+    min_segment_f1: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="vad task: least F1 of the detected speech segments against fp32's (matched at IoU >= 0.5).",
+    )
+    vad_threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="vad task: speech probability at or above which a frame is speech.",
+    )
     max_metric_drop: float = Field(
         1.0, ge=0.0, le=100.0,
         description="Largest drop of a labelled metric in points (accuracy, mAP x 100), or of a --metric callable "

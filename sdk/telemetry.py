@@ -174,6 +174,8 @@ class ModelStats(BaseModel):
     p99_ms: float | None = None
     queue_depth: int = Field(0, ge=0)
     batch_sizes: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    live_sequences: int | None = Field(None, ge=0, description="Stateful models: sequences (streams) with state "
+                                                               "kept on the device at the end of the interval.")
 
 
 class SystemStats(BaseModel):

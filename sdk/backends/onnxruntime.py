@@ -164,6 +164,13 @@ class OnnxRuntimeBackend(Backend):
         )
         notes.append(f"QDQ int8 ({'per-channel' if job.profile.precision.per_channel else 'per-tensor'}), "
                      f"{len(job.calibration)} calibration samples")
+        quantized, sub_graphs = _count_quantizers(out)
+        if quantized == 0:
+            # Said, not hidden: the quantizer does not enter If/Loop/Scan bodies, so a model whose work sits in
+            # them (Silero VAD) is an "int8" package that computes in float.
+            notes.append("no tensor was quantized" + (f" (ONNX Runtime's quantizer leaves the {sub_graphs} "
+                                                        f"control-flow sub-graph(s) in float)" if sub_graphs else "")
+                         + ": this int8 package computes in float")
 
     # ------------------------------------------------------------------ float fallback without re-quantizing
 
@@ -379,6 +386,26 @@ class _Reader:
 
     def get_next(self):
         return next(self._it, None)
+
+
+def _count_quantizers(path: Path) -> tuple[int, int]:
+    """QuantizeLinear nodes in the model (sub-graphs included) and the number of control-flow sub-graphs."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    count, graphs = 0, 0
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            count += node.op_type == "QuantizeLinear"
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                    graphs += 1
+                stack.extend(attr.graphs)
+                graphs += len(attr.graphs)
+    return count, graphs
 
 
 def upgrade_opset(model, minimum: int, notes: list[str]):

@@ -27,7 +27,7 @@ def conflicting(flag_a: str, flag_b: str) -> click.UsageError:
     return click.UsageError(f"{flag_a} and {flag_b} cannot be used together")
 
 
-TASK_CHOICES = ["auto", "classify", "detect", "segment", "embed", "generic"]
+TASK_CHOICES = ["auto", "classify", "detect", "segment", "embed", "vad", "generic"]
 DETECT_FORMATS = ["auto", "yolov8", "yolov8t", "yolov5", "nms", "tuple", "ssd"]
 
 

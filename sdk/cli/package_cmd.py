@@ -41,6 +41,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
                    "folder). Default: the last samples of --calib, never used for calibration.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
               help="Fix an input's dims, e.g. images:1,3,224,224 (repeat per input).")
+@click.option("--state", "states", multiple=True, metavar="INPUT:OUTPUT",
+              help="Stateful model: INPUT is fed OUTPUT of the previous step, e.g. state:stateN (repeat per pair; "
+                   "default: pairs detected by name and shape).")
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), help="Ed25519 private key (PEM).")
 @click.option("--no-sign", is_flag=True, help="Write an unsigned package on purpose (agents refuse it by default).")
 @click.option("--accuracy-aware", is_flag=True,
@@ -76,7 +79,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @accuracy_options
 @json_option
 def package(model: Path, profile: str, output: Path, calib: str | None, heldout: Path | None,
-            input_shapes: tuple[str, ...], sign_key: Path | None, no_sign: bool, accuracy_aware: bool,
+            input_shapes: tuple[str, ...], states: tuple[str, ...], sign_key: Path | None, no_sign: bool, accuracy_aware: bool,
             weight_only: bool, runtime: str | None, precision: str | None, graph_level: str | None,
             name: str | None, version_: str, image_size: str | None, mean: str | None, std: str | None,
             scale: float, layout: str | None, channel_order: str, calib_samples: int | None,
@@ -129,9 +132,17 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
         if n in shapes:
             raise InputError(f"--input-shape given twice for input {n!r}")
         shapes[n] = dims
+    from ..stateful import parse_state
+
+    pairs: dict[str, str] = {}
+    for text in states:
+        n, out = parse_state(text)
+        if n in pairs:
+            raise InputError(f"--state given twice for input {n!r}")
+        pairs[n] = out
     try:
         request = PackageRequest(
-            model=model, profile=profile, output=output,
+            model=model, profile=profile, output=output, states=pairs,
             calib=("random" if calib == "random" else Path(calib)) if calib else None,
             preprocessing=preprocessing, input_shapes=shapes, sign_key=sign_key, unsigned=no_sign,
             accuracy_aware=accuracy_aware, weight_only=weight_only, name=name, version=version_, heldout=heldout,

@@ -49,6 +49,7 @@ _BUDGET_KEYS = {"classify": ("min_top1_agreement", "max_metric_drop"),
                 "detect": ("min_map50", "min_f1", "detect_conf", "detect_nms_iou", "max_metric_drop"),
                 "segment": ("min_mask_iou", "mask_threshold"),
                 "embed": ("min_recall_at_1", "min_embedding_cosine"),
+                "vad": ("min_frame_agreement", "min_segment_f1", "vad_threshold"),
                 "generic": ("min_cosine",), "custom": ("max_metric_drop",)}
 
 

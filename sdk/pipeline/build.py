@@ -183,8 +183,12 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
 
     req, profile = prep.request, prep.profile
     art, v = chosen.artifact, chosen.validation
-    n = min(req.golden_count, len(prep.heldout))
-    golden_bytes, golden_spec = golden.make_golden(prep.heldout.samples[:n], chosen.outputs[:n], v.max_abs_error,
+    # Sequences: only first steps, whose state is the data's own; a later step's feed holds fp32's carried state
+    # while the optimized outputs were computed from the optimized model's own state.
+    picks = (prep.heldout.starts if prep.heldout.starts is not None else range(len(prep.heldout)))
+    picks = list(picks)[:req.golden_count]
+    golden_bytes, golden_spec = golden.make_golden([prep.heldout.samples[i] for i in picks],
+                                                   [chosen.outputs[i] for i in picks], v.max_abs_error,
                                                    profile.accuracy.min_cosine)
     note = ""
     if chosen.host_proxy:
@@ -213,7 +217,7 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
         source=ManifestSource(filename=prep.source.path.name, format=prep.source.format, sha256=prep.source.sha256),
         calibration=prep.calibration_info or CalibrationInfo(source="none", samples=0),
         validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
-        runtime_options=device_options(art.runtime_options, chosen.device) or {},
+        runtime_options=device_options(art.runtime_options, chosen.device) or {}, state=prep.state_pairs,
         host_profile=_host_profile(prep, chosen))
     written = pack.write(output, manifest, art.files, golden_bytes, private_key)
     return BuildResult(manifest=written, output=output, chosen=chosen, tried=results, benchmark=bench,

@@ -1,8 +1,14 @@
 """Calibration and held-out inputs: .npz keyed by input name, a folder of images, or random data.
 
-Arrays hold samples along axis 0: for an input of shape [N?, C, H, W], an array of shape [S, C, H, W]
-gives S samples (one batch of the model's batch size each). Names, ranks, fixed dims and dtypes are
-checked against the model's inputs with messages that name what was expected and what was found.
+Three .npz layouts (:mod:`.keyed` for the last two):
+
+* stacked, ``<input>``: arrays hold samples along axis 0: for an input of shape [N?, C, H, W], an array of
+  shape [S, C, H, W] gives S samples (one batch of the model's batch size each);
+* per sample, ``<i>/<input>``: one feed per sample, any rank, batch axis, scalar or integer input;
+* sequences, ``<seq>/<step>/<input>``: stateful models, each step fed the state the step before returned.
+
+Names, ranks, fixed dims and dtypes are checked against the model's inputs with messages that name what was
+expected and what was found.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from . import keyed
 from .shapes import InputSpec, concrete_shape
 from .types import ImagePreprocessing
 
@@ -37,13 +44,31 @@ class SampleSet:
     notes: list[str] = field(default_factory=list)
     names: list[str] | None = None  # image file name per image (image folders)
     transforms: list[tuple[float, float, float]] | None = None  # (scale, pad_x, pad_y) per image
+    # Sequences (stateful models): index in ``samples`` where each sequence starts; None: independent samples.
+    starts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def sequences(self) -> int:
+        return len(self.starts) if self.starts is not None else len(self.samples)
+
+    def sequence_slice(self, first: int, last: int | None = None) -> "SampleSet":
+        """Sequences ``first``..``last`` (exclusive) as their own set."""
+        assert self.starts is not None
+        ends = self.starts[1:] + [len(self.samples)]
+        last = len(self.starts) if last is None else min(last, len(self.starts))
+        lo = self.starts[first] if first < len(self.starts) else len(self.samples)
+        hi = ends[last - 1] if last > 0 else lo
+        return SampleSet(self.samples[lo:hi], self.source, self.sha256, None, list(self.notes),
+                         starts=[s - lo for s in self.starts[first:last]])
+
     def head(self, n: int) -> "SampleSet":
+        if self.starts is not None:
+            return self.sequence_slice(0, n)
         labels = self.labels[:n] if self.labels is not None else None
-        per = len(next(iter(self.samples[0].values()))) if self.samples and self.samples[0] else 1
+        per = _rows(self.samples[0]) if self.samples and self.samples[0] else 1
         return SampleSet(self.samples[:n], self.source, self.sha256, labels, list(self.notes),
                          self.names[: n * per] if self.names else None,
                          self.transforms[: n * per] if self.transforms else None)
@@ -53,10 +78,32 @@ def _kind(dtype: np.dtype) -> str:
     return "float" if dtype.kind == "f" else "int" if dtype.kind in "iu" else "bool" if dtype.kind == "b" else dtype.kind
 
 
-def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limit: int | None = None) -> SampleSet:
-    """Read an .npz of inputs keyed by name (plus optional 'labels'); check it against ``specs``."""
+def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limit: int | None = None,
+             state_inputs: dict[str, int | None] | None = None) -> SampleSet:
+    """Read an .npz (stacked, per sample or per sequence step, plus optional 'labels'); check it against
+    ``specs``. ``state_inputs`` (state input -> batch axis) is needed for sequences."""
     try:
         with np.load(path, allow_pickle=False) as data:
+            keys = [k for k in data.files if k != LABELS_KEY]
+            layout = keyed.layout_of(keys, path.name, role)
+            if layout != "stacked":
+                labels = np.asarray(data[LABELS_KEY]) if LABELS_KEY in data.files else None
+                if layout == "per-sample":
+                    samples = keyed.load_per_sample(data, keys, specs, role, limit)
+                    starts = None
+                else:
+                    if labels is not None:
+                        raise InputError(f"{role} file {path.name}: 'labels' are not taken with sequences",
+                                         hint="drop 'labels'; sequences are judged against the fp32 model")
+                    samples, starts = keyed.load_sequences(data, keys, specs, role, limit, state_inputs or {})
+                if not samples:
+                    raise InputError(f"{role} file {path.name} holds no samples")
+                if labels is not None:
+                    rows = sum(_rows(f) for f in samples)
+                    if len(labels) < rows:
+                        raise InputError(f"{role} 'labels' has {len(labels)} entries for {rows} samples")
+                    labels = labels[:rows]
+                return SampleSet(samples, "npz", _sha256(path), labels, starts=starts)
             arrays = {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise InputError(f"{role} file {path} not found") from None
@@ -68,16 +115,18 @@ def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limi
     missing = [n for n in expected if n not in arrays]
     extra = [n for n in arrays if n not in expected]
     if missing or extra:
-        raise InputError(f"{role} file {path.name} has arrays {sorted(arrays)}, but the model's inputs are "
-                         f"{expected}" + (f" (missing {missing})" if missing else "")
-                         + (f" (unexpected {extra})" if extra else ""),
+        raise InputError(f"{role} file {path.name} has arrays {keyed.few(list(arrays))}, but the model's inputs "
+                         f"are {expected}" + (f" (missing {missing})" if missing else "")
+                         + (f" (unexpected {keyed.few(extra)})" if extra else ""),
                          hint="key each array by the model input name (plus optional 'labels')")
     counts = set()
     for spec in specs:
         arr = arrays[spec.name]
         if arr.ndim != len(spec.shape):
             raise InputError(f"{role} array {spec.name!r} has shape {list(arr.shape)}, but the input has rank "
-                             f"{len(spec.shape)} (shape {_fmt(spec.shape)}); samples go along axis 0")
+                             f"{len(spec.shape)} (shape {_fmt(spec.shape)}); samples go along axis 0",
+                             hint="for inputs whose batch is not on axis 0 (or scalars), key one feed per "
+                                  "sample as '<i>/<input>' (or '<seq>/<step>/<input>' for sequences)")
         for i, (want, got) in enumerate(zip(spec.shape, arr.shape)):
             if i > 0 and isinstance(want, int) and want > 0 and want != got:
                 raise InputError(f"{role} array {spec.name!r} has shape {list(arr.shape)}, but the input needs "
@@ -105,6 +154,11 @@ def load_npz(path: Path, specs: list[InputSpec], role: str, batch: int = 1, limi
     if labels is not None:
         labels = np.asarray(labels)[: n * per]
     return SampleSet(samples, "npz", _sha256(path), labels)
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    first = next((a for a in feed.values() if a.ndim >= 1), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def _batch_of(specs: list[InputSpec], batch: int) -> int:
@@ -195,18 +249,30 @@ def guess_layout(shape) -> str:
     return "NCHW"
 
 
-def random_samples(specs: list[InputSpec], n: int, seed: int, batch: int = 1) -> SampleSet:
-    """Random inputs (standard normal for floats, small non-negative ints otherwise).
+def random_samples(specs: list[InputSpec], n: int, seed: int, batch: int = 1, default: int = 1,
+                   state_inputs: dict[str, int | None] | None = None) -> SampleSet:
+    """Random inputs (standard normal for floats, small non-negative ints otherwise); dynamic dims other than
+    the batch are set to ``default``. State inputs (``state_inputs``: name -> batch axis) start at zeros,
+    their batch axis sized ``batch``, as a stream starts.
 
     Refuses (InputError) when the ``n`` samples would take more than :data:`MAX_RANDOM_BYTES`: each
     allocation alone may fit, so without this bound the process would grow until the OOM killer ends it."""
+    state_inputs = state_inputs or {}
+
+    def shape_of(s: InputSpec) -> tuple[int, ...]:
+        if s.name in state_inputs:
+            axis = state_inputs[s.name]
+            return tuple(d if isinstance(d, int) and d > 0 else (batch if i == axis else default)
+                         for i, d in enumerate(s.shape))
+        return concrete_shape(s, batch, default)
+
     total = 0
     for s in specs:
-        shape = concrete_shape(s, batch)
+        shape = shape_of(s)
         # float inputs are drawn as float64 before the cast: count the larger of the two
         total += n * math.prod(shape) * max(np.dtype(s.dtype).itemsize, 8 if np.dtype(s.dtype).kind == "f" else 0)
     if total > MAX_RANDOM_BYTES:
-        inputs = ", ".join(f"{s.name} {list(concrete_shape(s, batch))}" for s in specs)
+        inputs = ", ".join(f"{s.name} {list(shape_of(s))}" for s in specs)
         raise InputError(f"random data for {n} samples of {inputs} would take {total / 1024**3:.1f} GiB, over the "
                          f"{MAX_RANDOM_BYTES / 1024**3:.1f} GiB limit",
                          hint="give smaller input shapes, or real data with --calib / --heldout")
@@ -215,9 +281,11 @@ def random_samples(specs: list[InputSpec], n: int, seed: int, batch: int = 1) ->
     for _ in range(n):
         feed = {}
         for s in specs:
-            shape = concrete_shape(s, batch)
+            shape = shape_of(s)
             dt = np.dtype(s.dtype)
-            if dt.kind == "f":
+            if s.name in state_inputs:
+                feed[s.name] = np.zeros(shape, dt)
+            elif dt.kind == "f":
                 feed[s.name] = rng.standard_normal(shape).astype(dt)
             elif dt.kind == "b":
                 feed[s.name] = rng.integers(0, 2, shape).astype(dt)
@@ -227,24 +295,67 @@ def random_samples(specs: list[InputSpec], n: int, seed: int, batch: int = 1) ->
     return SampleSet(samples, "random", None)
 
 
+# Sizes tried for the dynamic dims of random data, smallest first: many models need a minimum length (a
+# reflect pad, a convolution window, an STFT frame), and 1 fails inside them.
+RANDOM_DIM_SIZES = (1, 16, 64, 256, 512, 1024, 4096)
+
+
+def runnable_random(specs: list[InputSpec], n: int, seed: int, run, state_inputs: dict[str, int | None] | None,
+                    role: str) -> tuple[SampleSet, int]:
+    """Random samples at the smallest of :data:`RANDOM_DIM_SIZES` for which ``run(feed)`` (the fp32 model)
+    succeeds; refuses (InputError) with the model's reason when none does. Returns the set and the size."""
+    state_inputs = state_inputs or {}
+    has_dynamic = any(not isinstance(d, int) or d <= 0 for s in specs if s.name not in state_inputs
+                      for i, d in enumerate(s.shape) if i > 0)
+    error = None
+    for size in RANDOM_DIM_SIZES if has_dynamic else RANDOM_DIM_SIZES[:1]:
+        try:
+            data = random_samples(specs, n, seed, default=size, state_inputs=state_inputs)
+        except InputError:
+            if error is None:
+                raise  # even the smallest random data is too large: that is the message
+            break  # larger sizes would be too: the model's refusal at the last size is the message
+        try:
+            run(data.samples[0])
+        except Exception as exc:  # the model's own refusal at the largest size tried goes into the message
+            error = " ".join(str(exc).split())[:240]
+            continue
+        return data, size
+    shapes = ", ".join(f"{s.name} {_fmt(s.shape)}" for s in specs)
+    tried = f"dynamic dims set to {', '.join(map(str, RANDOM_DIM_SIZES))}" if has_dynamic else "its fixed shapes"
+    raise InputError(f"random {role} inputs do not run in the fp32 model ({shapes}; {tried}): {error}",
+                     hint="give real data with --calib / --heldout, or fix the dims with --input-shape")
+
+
 def load_any(source: Path, specs: list[InputSpec], prep: ImagePreprocessing | None, role: str, batch: int,
-             limit: int | None) -> SampleSet:
+             limit: int | None, state_inputs: dict[str, int | None] | None = None) -> SampleSet:
     source = Path(source)
     if source.is_dir():
         return load_images(source, specs, prep, role, batch, limit)
     if not source.exists():
         raise InputError(f"{role} data {source} not found", hint="pass an .npz file or a folder of images")
-    return load_npz(source, specs, role, batch, limit)
+    return load_npz(source, specs, role, batch, limit, state_inputs)
 
 
 def split_heldout(data: SampleSet, n_heldout: int) -> tuple[SampleSet, SampleSet]:
-    """Hold the last samples out of calibration so the accuracy check never sees calibration inputs."""
+    """Hold the last samples (whole sequences, for sequence data) out of calibration so the accuracy check
+    never sees calibration inputs."""
+    if data.starts is not None:
+        n = len(data.starts)
+        if n < 2:
+            raise InputError(f"calibration data has {n} sequence(s): too few to also hold some out for the "
+                             f"accuracy check", hint="give more sequences, or a separate --heldout file")
+        k = max(1, min(n_heldout, n // 5))
+        held = data.sequence_slice(n - k)
+        held.source = "split"
+        held.notes = [f"held out the last {k} of {n} calibration sequences for the accuracy check"]
+        return data.sequence_slice(0, n - k), held
     k = max(1, min(n_heldout, len(data) // 5))
     if len(data) < 2:
         raise InputError(f"calibration data has {len(data)} sample(s): too few to also hold some out for the "
                          f"accuracy check", hint="give more samples, or a separate --heldout file")
     cut = len(data) - k
-    per = len(next(iter(data.samples[0].values())))
+    per = _rows(data.samples[0])
     calib_labels = data.labels[: cut * per] if data.labels is not None else None
     held_labels = data.labels[cut * per:] if data.labels is not None else None
     names, tf = data.names, data.transforms

@@ -5,10 +5,13 @@ import logging
 import math
 import time
 
+import numpy as np
+
 from ..errors import EdgeoptError, UnsupportedError
 from ..package import LayerError
 from ..profile import HardwareProfile
 from . import accuracy, benchmark
+from .data import _rows
 from .prepared import Prepared
 from .progress import Progress
 from .types import Artifact, Candidate, CandidateResult
@@ -71,7 +74,7 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
                               options=device_options(art.runtime_options, run_device))
         try:
-            outs = [loaded.infer(feed) for feed in prep.heldout.samples]
+            outs = prep.run(loaded)
         except BaseException:
             loaded.close()
             raise
@@ -84,6 +87,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         artifact, loaded, outputs, report = build_and_check([])
         for note in artifact.notes:
             progress.note(note)
+            if "no tensor was quantized" in note:
+                result.decisions.append(f"{cand.label}: {note}")
     with progress.stage(f"{cand.label}: accuracy"):
         progress.note(_accuracy_line(report))
         if not report.passed and cand.precision not in ("fp32", "as-exported"):
@@ -126,11 +131,15 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
     try:
         with progress.stage(f"{cand.label}: benchmark"):
             feeds = prep.heldout.samples[0]
+            # A stateful model's state, or a scalar input, has no batch on axis 0: it runs as the data gives it.
+            as_given = bool(prep.state_pairs) or any(np.ndim(a) == 0 for a in feeds.values())
             bench_feeds = benchmark.batch_feeds(feeds, prep.profile.batch_size,
-                                                static_batch=isinstance(prep.specs[0].shape[0], int) if prep.specs and prep.specs[0].shape else True)
+                                                static_batch=as_given or (isinstance(prep.specs[0].shape[0], int)
+                                                                          if prep.specs and prep.specs[0].shape
+                                                                          else True))
             static_opt = all(isinstance(d, int) for t in loaded.inputs for d in t.shape[:1])
             opt_feeds = feeds if static_opt else bench_feeds
-            batch = len(next(iter(bench_feeds.values()))) if bench_feeds else 1
+            batch = _rows(bench_feeds) if bench_feeds else 1
             stats = benchmark.measure({"fp32": prep.baseline, "optimized": loaded},
                                       {"fp32": bench_feeds, "optimized": opt_feeds}, batch,
                                       prep.request.bench_iterations,
@@ -286,7 +295,7 @@ def _subset(prep):
     feeds, refs = prep.heldout.samples[:n], prep.reference_outputs[:n]
     labels = prep.heldout.labels
     if labels is not None:
-        per = len(next(iter(feeds[0].values())))
+        per = sum(_rows(f) for f in feeds[:1])
         labels = labels[: n * per]
     return feeds, refs, labels
 
@@ -338,7 +347,7 @@ def _load_reverted(prep, backend, job, base: Artifact, runtime, run_device, hint
     art = backend.build_reverted(base.model_file, names, folder, base.precision, backend.layer_reference(job))
     loaded = runtime.load(art.model_file, device=run_device, threads=prep.threads, performance_hint=hint,
                           options=device_options(art.runtime_options, run_device))
-    outs = [loaded.infer(feed) for feed in prep.heldout.samples]
+    outs = prep.run(loaded)
     report = accuracy.compare(prep.reference_outputs, outs, prep.profile.accuracy, prep.heldout.labels, prep.evaluator)
     report = report.model_copy(update={"float_layers": art.float_layers,
                                        "sensitive_layers": first_report.sensitive_layers,

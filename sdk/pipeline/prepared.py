@@ -12,6 +12,7 @@ from ..backends import REGISTRY, get_backend
 from ..errors import ConfigError, EdgeoptError, InputError, UnsupportedError
 from ..package import CalibrationInfo
 from ..profile import HardwareProfile, load_profile
+from .. import stateful
 from . import benchmark, data
 from .load import SourceModel, load_source
 from .optimize import GraphReport, simplify
@@ -47,6 +48,11 @@ class Prepared:
     batch: int = 1
     runtimes: list[str] = field(default_factory=list)  # the profile's runtimes that can run this model
     evaluator: object = None  # tasks.TaskEvaluator: judges every candidate by the model's task
+    state_pairs: list = field(default_factory=list)  # stateful.StatePair: state inputs fed by state outputs
+
+    def run(self, loaded, data: "data.SampleSet | None" = None) -> list[dict]:
+        """``loaded``'s outputs on the held-out samples (sequences carry the state ``loaded`` returns)."""
+        return run_samples(loaded, self.heldout if data is None else data, self.state_pairs)
 
     def __enter__(self) -> "Prepared":
         return self
@@ -71,7 +77,21 @@ class Prepared:
             return self.graphs[level]
         import onnx
 
-        model, report = simplify(onnx.load(str(self.reference)), level)
+        from . import guard
+
+        original = onnx.load(str(self.reference))
+        model, report = simplify(original, level)
+        if model is not original:
+            error = guard.load_error(model)
+            if error is not None and guard.load_error(original) is None:
+                note = (f"graph simplification ({level}) undone: ONNX Runtime refuses the simplified model "
+                        f"({error}); the graph is kept as it was")
+                if self.progress:
+                    self.progress.warn(note)
+                self.decisions.append(note)
+                before = len(original.graph.node)
+                model, report = original, GraphReport(level, before, before, "simplified graph refused by ONNX "
+                                                                              "Runtime; kept as is")
         path = self.workdir / f"fp32-{level}.onnx"
         onnx.save(model, str(path))
         self.graphs[level] = (path, report)
@@ -123,7 +143,7 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
     metadata = model_metadata(source)
     req = _metadata_defaults(req, metadata, source, decisions, progress)
     with progress.stage("shapes"):
-        reference, specs = _shape(source, req, profile, workdir, progress)
+        reference, specs = _shape(source, req, profile, workdir, progress, decisions)
         for note in enforce_policy(specs, profile):
             progress.note(note)
     threads = benchmark.profile_threads(profile)
@@ -131,34 +151,6 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
     calib_n = req.calib_samples or profile.precision.calibration_samples
     held_n = req.heldout_samples or profile.accuracy.held_out_samples
     calibration = calib_info = None
-    with progress.stage("calibration and held-out data"):
-        heldout = None
-        if req.heldout is not None:
-            heldout = data.load_any(req.heldout, specs, req.preprocessing, "held-out", 1, held_n)
-        if req.calib == "random":
-            progress.warn("--calib random: calibration uses random inputs, so the accuracy check is meaningless")
-            calibration = data.random_samples(specs, min(32, calib_n), req.seed)
-            calib_info = CalibrationInfo(source="random", samples=len(calibration), meaningful=False)
-            decisions.append("calibration: random inputs (--calib random); the accuracy check is meaningless")
-        elif req.calib is not None and needs_calib:
-            loaded = data.load_any(Path(req.calib), specs, req.preprocessing, "calibration", 1,
-                                   calib_n + (0 if heldout is not None else held_n))
-            if heldout is None:
-                loaded, heldout = data.split_heldout(loaded, held_n)
-                decisions.extend(heldout.notes)
-            calibration = loaded.head(calib_n)
-            calib_info = CalibrationInfo(source=loaded.source, sha256=loaded.sha256, samples=len(calibration))
-        elif req.calib is not None and heldout is None:
-            # No int8 here, but the user's data still makes a better accuracy check than random inputs.
-            heldout = data.load_any(Path(req.calib), specs, req.preprocessing, "held-out", 1, held_n)
-            decisions.append("held-out: samples from the --calib data (no calibration needed at this precision)")
-        if heldout is None:
-            heldout = data.random_samples(specs, min(held_n, 16), req.seed + 1)
-            progress.warn("no held-out data given: the accuracy check compares outputs on random inputs "
-                          "(pass --heldout FILE for a meaningful check)")
-            decisions.append("held-out: random inputs (no --heldout or --calib data given)")
-        progress.note(f"held-out samples: {len(heldout)}" + (f", calibration samples: {len(calibration)}"
-                                                                 if calibration else ""))
     with progress.stage("check ops"):
         runtimes = _usable_runtimes(req, profile, source, reference, decisions, progress)
     with progress.stage("fp32 reference"):
@@ -174,26 +166,110 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
         device = "CPUExecutionProvider" if rt_name == "onnxruntime" else "CPU"
         baseline = rt.load(reference, device=device, threads=threads, performance_hint=profile.performance_hint.value,
                            options={"graph_optimization_level": "all"} if rt_name == "onnxruntime" else None)
-        try:
-            ref_out = [baseline.infer(feed) for feed in heldout.samples]
-        except BaseException:
-            baseline.close()
-            raise
-        progress.note(f"fp32 baseline: {rt_name} on the host CPU" + (" (all graph optimizations)"
-                                                                     if rt_name == "onnxruntime" else ""))
+    try:
+        pairs = stateful.resolve_pairs(req.states, baseline.inputs, baseline.outputs)
+        for p in pairs:
+            note = (f"state: input {p.input} is fed output {p.output} of the previous step"
+                    + (f" (batch on axis {p.batch_axis})" if p.batch_axis is not None else "")
+                    + (" (--state)" if req.states else " (detected by name and shape)"))
+            progress.note(note)
+            decisions.append(note)
+        axes = {p.input: p.batch_axis for p in pairs}
+        with progress.stage("calibration and held-out data"):
+            heldout = None
+            if req.heldout is not None:
+                heldout = data.load_any(req.heldout, specs, req.preprocessing, "held-out", 1, held_n, axes)
+            if req.calib == "random":
+                progress.warn("--calib random: calibration uses random inputs, so the accuracy check is meaningless")
+                calibration = _random(specs, min(32, calib_n), req.seed, baseline, axes, "calibration", decisions,
+                                      progress)
+                calib_info = CalibrationInfo(source="random", samples=len(calibration), meaningful=False)
+                decisions.append("calibration: random inputs (--calib random); the accuracy check is meaningless")
+            elif req.calib is not None and needs_calib:
+                loaded = data.load_any(Path(req.calib), specs, req.preprocessing, "calibration", 1,
+                                       calib_n + (0 if heldout is not None else held_n), axes)
+                if heldout is None:
+                    loaded, heldout = data.split_heldout(loaded, held_n)
+                    decisions.extend(heldout.notes)
+                calibration = loaded.head(calib_n)
+                calib_info = CalibrationInfo(source=loaded.source, sha256=loaded.sha256, samples=len(calibration))
+            elif req.calib is not None and heldout is None:
+                # No int8 here, but the user's data still makes a better accuracy check than random inputs.
+                heldout = data.load_any(Path(req.calib), specs, req.preprocessing, "held-out", 1, held_n, axes)
+                decisions.append("held-out: samples from the --calib data (no calibration needed at this precision)")
+            if heldout is None:
+                heldout = _random(specs, min(held_n, 16), req.seed + 1, baseline, axes, "held-out", decisions,
+                                  progress)
+                progress.warn("no held-out data given: the accuracy check compares outputs on random inputs "
+                              "(pass --heldout FILE for a meaningful check)")
+                decisions.append("held-out: random inputs (no --heldout or --calib data given)")
+            what = "sequences" if heldout.starts is not None else "samples"
+            progress.note(f"held-out {what}: {heldout.sequences}" + (f" ({len(heldout)} steps)" if heldout.starts
+                                                                     is not None else "")
+                          + (f", calibration samples: {len(calibration)}" if calibration else ""))
+        with progress.stage("fp32 reference run"):
+            ref_out = run_samples(baseline, heldout, pairs)
+            carry_states(heldout, ref_out, pairs)
+            if calibration is not None and calibration.starts is not None:
+                # Each calibration step is quantized with the state the fp32 model carries into it.
+                carry_states(calibration, run_samples(baseline, calibration, pairs), pairs)
+            progress.note(f"fp32 baseline: {rt_name} on the host CPU" + (" (all graph optimizations)"
+                                                                         if rt_name == "onnxruntime" else ""))
+    except BaseException:
+        baseline.close()
+        raise
     prep = Prepared(request=req, profile=profile, workdir=workdir, source=source, reference=reference, specs=specs,
                     heldout=heldout, reference_outputs=ref_out, baseline=baseline, baseline_runtime=rt_name,
                     calibration=calibration, calibration_info=calib_info, threads=threads, decisions=decisions,
-                    progress=progress, batch=batch, runtimes=runtimes)
+                    progress=progress, batch=batch, runtimes=runtimes, state_pairs=pairs)
     try:
         with progress.stage("task"):
-            prep.evaluator = _evaluator(req, profile, metadata, heldout, ref_out)
+            prep.evaluator = _evaluator(req, profile, metadata, heldout, ref_out, pairs)
             progress.note(prep.evaluator.describe())
             decisions.append(f"accuracy judged by {prep.evaluator.describe()}")
     except BaseException:
         baseline.close()
         raise
     return prep
+
+
+def run_samples(loaded, samples: data.SampleSet, pairs) -> list[dict]:
+    """``loaded``'s outputs, one dict per sample. For sequences, each step after the first is fed the state
+    outputs ``loaded`` itself returned on the step before (its own state, not fp32's: errors accumulate over a
+    stream as they will on the device)."""
+    if samples.starts is None or not pairs:
+        return [loaded.infer(feed) for feed in samples.samples]
+    starts = set(samples.starts)
+    outs: list[dict] = []
+    for i, feed in enumerate(samples.samples):
+        if i not in starts:
+            feed = dict(feed)
+            for p in pairs:
+                feed[p.input] = outs[-1][p.output]
+        outs.append(loaded.infer(feed))
+    return outs
+
+
+def carry_states(samples: data.SampleSet, outputs: list[dict], pairs) -> None:
+    """Write the state each step was fed (fp32's) into the step's feed: calibration, golden samples and the
+    benchmark use the steps one by one."""
+    if samples.starts is None or not pairs:
+        return
+    starts = set(samples.starts)
+    for i in range(len(samples.samples)):
+        if i not in starts:
+            samples.samples[i] = {**samples.samples[i], **{p.input: outputs[i - 1][p.output] for p in pairs}}
+
+
+def _random(specs, n, seed, baseline, axes, role, decisions, progress) -> data.SampleSet:
+    """Random samples the fp32 model runs (dynamic dims grown past the model's minimum sizes), or refused."""
+    found, size = data.runnable_random(specs, n, seed, baseline.infer, axes, role)
+    if size != data.RANDOM_DIM_SIZES[0]:
+        note = (f"random {role} inputs: dynamic dims set to {size}, the smallest size the fp32 model runs "
+                f"(tried {', '.join(str(s) for s in data.RANDOM_DIM_SIZES if s <= size)})")
+        decisions.append(note)
+        progress.note(note)
+    return found
 
 
 def model_metadata(source: SourceModel) -> dict[str, str]:
@@ -235,7 +311,7 @@ def _metadata_defaults(req: PackageRequest, metadata: dict, source: SourceModel,
     return req.model_copy(update=update) if update else req
 
 
-def _evaluator(req: PackageRequest, profile: HardwareProfile, metadata: dict, heldout, ref_out):
+def _evaluator(req: PackageRequest, profile: HardwareProfile, metadata: dict, heldout, ref_out, pairs=()):
     """Choose the task evaluator once and check it on fp32 against itself (a metric that cannot hold there,
     or a user's metric that cannot run, stops here, before any quantization)."""
     from . import accuracy, tasks
@@ -245,10 +321,10 @@ def _evaluator(req: PackageRequest, profile: HardwareProfile, metadata: dict, he
                          hint="classification labels go in the held-out .npz as 'labels'")
     info = tasks.ModelInfo(input_shapes={k: tuple(v.shape) for k, v in heldout.samples[0].items()},
                            output_names=list(ref_out[0]), metadata=metadata,
-                           class_names=tasks.class_names(metadata))
+                           class_names=tasks.class_names(metadata), state_outputs=[p.output for p in pairs])
     options = tasks.TaskOptions(task=req.task, detect_format=req.detect_format,
                                 labels_file=str(req.labels) if req.labels else None,
-                                sample_names=heldout.names, transforms=heldout.transforms)
+                                sample_names=heldout.names, transforms=heldout.transforms, starts=heldout.starts)
     evaluator = tasks.choose(req.task, profile.accuracy, info, options, ref_out, req.metric, req.max_metric_drop)
     if req.labels is not None and evaluator.task not in ("detect", "custom"):
         raise InputError(f"--labels (COCO JSON) is for detectors; this model is judged as task {evaluator.task}",
@@ -294,15 +370,14 @@ def _usable_runtimes(req, profile, source, reference, decisions, progress) -> li
                            f"{source.format} model", hint="give an ONNX model, or choose another profile")
 
 
-def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress):
+def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, workdir: Path, progress,
+           decisions: list[str]):
     if source.format == "onnx":
         import onnx
 
         model = source.onnx
-        for note in fix_onnx_shapes(model, req.input_shapes, source.path.name):
-            progress.note(note)
         if req.input_shapes:
-            model = onnx.shape_inference.infer_shapes(model)
+            model = _guarded_shapes(model, req, source, progress, decisions)
         path = workdir / "reference.onnx"
         onnx.save(model, str(path))
         return path, onnx_input_specs(model)
@@ -332,6 +407,47 @@ def _shape(source: SourceModel, req: PackageRequest, profile: HardwareProfile, w
     return path, specs
 
 # --------------------------------------------------------------------------- candidates
+
+
+def _guarded_shapes(model, req: PackageRequest, source: SourceModel, progress, decisions: list[str]):
+    """--input-shape applied, unless ONNX Runtime would refuse the result while it loads the original: then
+    the inputs whose fixing it refuses stay dynamic (the output names them and why)."""
+    import onnx
+
+    from . import guard
+
+    def fixed(shapes):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        notes = fix_onnx_shapes(m, shapes, source.path.name)
+        try:
+            return onnx.shape_inference.infer_shapes(m), notes
+        except Exception as exc:  # onnx raises InferenceError and others: the fixed graph without inference
+            log.debug("shape inference failed after --input-shape: %s", exc)
+            return m, notes
+
+    out, notes = fixed(req.input_shapes)
+    error = guard.load_error(out)
+    if error is None or guard.load_error(model) is not None:
+        for note in notes:
+            progress.note(note)
+        return out
+    kept: dict[str, list[int]] = {}
+    for name, dims in req.input_shapes.items():  # keep each fix that still loads, in the order given
+        if guard.load_error(fixed({**kept, name: dims})[0]) is None:
+            kept[name] = dims
+    undone = [n for n in req.input_shapes if n not in kept]
+    flow = guard.control_flow_ops(model)
+    note = (f"--input-shape for {', '.join(undone)} undone: ONNX Runtime refuses the model with "
+            f"{'them' if len(undone) > 1 else 'it'} fixed ({error})"
+            + (f"; its {'/'.join(flow)} sub-graphs keep their dynamic dims" if flow else "")
+            + "; the data's shapes are used at run time")
+    progress.warn(note)
+    decisions.append(note)
+    out, notes = fixed(kept) if kept else (model, [])
+    for n in notes:
+        progress.note(n)
+    return out
 
 
 def candidates_for(prep: Prepared, all_precisions: bool = False) -> list[Candidate]:

@@ -51,6 +51,8 @@ class PackageRequest(BaseModel):
         None, description="Calibration data: .npz keyed by input name, a folder of images, or 'random'.")
     preprocessing: ImagePreprocessing | None = Field(None, description="Image folder preprocessing.")
     input_shapes: dict[str, list[int]] = Field(default_factory=dict, description="Fix input dims, e.g. {'images': [1,3,224,224]}.")
+    states: dict[str, str] = Field(default_factory=dict, description="State input -> state output pairs of a "
+                                   "stateful model, e.g. {'state': 'stateN'}; default: detected by name and shape.")
     sign_key: Path | None = Field(None, description="Ed25519 private key (PEM) that signs the manifest.")
     unsigned: bool = Field(False, description="Write an unsigned package (explicit --no-sign).")
     accuracy_aware: bool = Field(False, description="Keep the most sensitive layers in float until the budget holds.")
@@ -66,7 +68,7 @@ class PackageRequest(BaseModel):
     bench_iterations: int = Field(100, ge=5, description="Timed iterations per model in the host benchmark.")
     golden_count: int = Field(4, ge=1, le=64, description="Golden samples stored for the agent's self-test.")
     seed: int = Field(0, description="Seed for random calibration / random held-out data.")
-    task: str = Field("auto", description="How accuracy is judged: auto, classify, detect, segment, embed, generic.")
+    task: str = Field("auto", description="How accuracy is judged: auto, classify, detect, segment, embed, vad, generic.")
     metric: Any = Field(None, description="The user's metric: 'module:function' or a callable "
                                          "(fp32_outputs, optimized_outputs, labels) -> number, higher is better.")
     max_metric_drop: float | None = Field(None, ge=0.0, description="Budget for --metric: largest drop, its units.")

@@ -26,6 +26,7 @@ __all__ = [
     "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
     "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
     "yolo_model", "people_photos", "face_photos",
+    "vad_model", "vad_hc_model", "vad_sequences", "vad_package",
     "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
 
@@ -361,3 +362,43 @@ def unsupported_op_model(tmp_path) -> Path:
     path = tmp_path / "frobnicate.onnx"
     onnx.save(model, str(path))
     return path
+
+
+# --------------------------------------------------------------------------- voice activity (stateful)
+
+VAD_STREAMS, VAD_SECONDS = 12, 6.0  # 12 synthesized streams of 6 s: 187 steps of 32 ms each
+
+
+@pytest.fixture(scope="session")
+def vad_model() -> Path:
+    """Silero VAD v5 (If over LSTM sub-graphs; state [2, ?, 128], sr scalar), from the silero-vad wheel."""
+    return _fetch("silero_vad")
+
+
+@pytest.fixture(scope="session")
+def vad_hc_model() -> Path:
+    """Silero VAD's 16 kHz sequence export: two fixed-batch states h, c -> hn, cn."""
+    return _fetch("silero_vad_hc")
+
+
+@pytest.fixture(scope="session")
+def vad_sequences() -> Path:
+    """Speech-like streams for Silero VAD as sequences: ``<seq>/<step>/input`` [1, 576], ``<seq>/<step>/sr``."""
+    speech = _module("speech")
+    return _cached_npz(f"vad_sequences_v1_{VAD_STREAMS}x{VAD_SECONDS:g}",
+                       lambda: speech.vad_sequences(VAD_STREAMS, VAD_SECONDS, seed=0))
+
+
+@pytest.fixture(scope="session")
+def vad_package(tmp_path_factory, vad_model: Path, vad_sequences: Path) -> dict:
+    """Silero VAD packaged for cpu from the sequences and signed with a key of its own, through the Python API:
+    {"path", "summary" (what ``edgeopt package --json`` prints), "manifest", "public_key"}."""
+    from edgeopt.sdk.package import generate_keypair
+    from edgeopt.sdk.pipeline import PackageRequest, build_package
+
+    folder = tmp_path_factory.mktemp("vad")
+    private, public = generate_keypair(folder, "vad")
+    out = folder / "vad-cpu.eopkg"
+    result = build_package(PackageRequest(model=vad_model, profile="cpu", calib=vad_sequences, sign_key=private,
+                                          name="vad", bench_iterations=20, output=out))
+    return {"path": out, "summary": result.summary(), "manifest": result.manifest, "public_key": public}

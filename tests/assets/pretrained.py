@@ -69,6 +69,15 @@ MODELS: dict[str, Pretrained] = {
     # used as a test model only, fetched into the cache, never redistributed.
     "yolo_nudenet": Pretrained("nudenet", "3.4.2", "nudenet/320n.onnx",
                                "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f", "AGPL-3.0"),
+    # Silero VAD v5 voice-activity model (MIT): opset 16, inputs input [?, ?] float (576 samples: 64 of context
+    # + a 512-sample chunk at 16 kHz), state [2, ?, 128] float, sr int64 scalar; outputs output [?, 1] (speech
+    # probability), stateN; its body is an If over two sub-graphs with LSTMs.
+    "silero_vad": Pretrained("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx",
+                             "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", "MIT"),
+    # The same package's 16 kHz sequence export (MIT): input [sequence_length, 576], separate LSTM states
+    # h [1, 1, 128] and c [1, 1, 128] (fixed batch of one) -> speech_probs, hn, cn; no If.
+    "silero_vad_hc": Pretrained("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
+                                "9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85", "MIT"),
     # Photos of people (ultralytics' bundled sample images; AGPL-3.0 package, used as test inputs only).
     "photo_bus": Pretrained("ultralytics", "8.4.190", "ultralytics/assets/bus.jpg",
                             "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "AGPL-3.0"),

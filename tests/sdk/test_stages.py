@@ -88,7 +88,8 @@ def test_npz_float64_is_cast_but_ints_are_refused(tmp_path):
      "--input-shape)"),
     ({"input": np.zeros((4, 8, 8), np.float32)},
      "calibration array 'input' has shape [4, 8, 8], but the input has rank 4 (shape [?,1,8,8]); "
-     "samples go along axis 0"),
+     "samples go along axis 0 (for inputs whose batch is not on axis 0 (or scalars), key one feed per sample as "
+     "'<i>/<input>' (or '<seq>/<step>/<input>' for sequences))"),
 ])
 def test_npz_mismatch_messages(tmp_path, arrays, message):
     np.savez(tmp_path / "c.npz", **arrays)

@@ -6,6 +6,7 @@
 | detect | mAP@0.5 of the optimized detections vs fp32's detections (pycocotools) | min_map50, detect_conf, detect_nms_iou, min_f1 |
 | segment | mask IoU per channel (probability maps) or mIoU (class maps) vs fp32 | min_mask_iou, mask_threshold |
 | embed | recall@1 of optimized embeddings in the fp32 space, per-vector cosine | min_recall_at_1, min_embedding_cosine |
+| vad | per-frame speech decision agreement and speech-segment F1 over sequences | min_frame_agreement, min_segment_f1, vad_threshold |
 | generic | each output's own cosine to fp32 (SNR reported) | min_cosine |
 | custom | ``--metric module:fn`` (the task's own figures are then reported) | max_metric_drop |
 
@@ -29,12 +30,13 @@ from .detect import DetectEvaluator
 from .embed import EmbedEvaluator
 from .generic import GenericEvaluator
 from .segment import SegmentEvaluator
+from .vad import VadEvaluator, speech_output
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "classify", "detect", "segment", "embed", "generic")
+TASKS = ("auto", "classify", "detect", "segment", "embed", "vad", "generic")
 _EVALUATORS = {"classify": ClassifyEvaluator, "detect": DetectEvaluator, "segment": SegmentEvaluator,
-               "embed": EmbedEvaluator, "generic": GenericEvaluator}
+               "embed": EmbedEvaluator, "vad": VadEvaluator, "generic": GenericEvaluator}
 _EMBED_HINTS = ("emb", "feat", "descriptor", "vector", "pooler", "sentence")
 _ULTRALYTICS_TASKS = {"detect": "detect", "pose": "detect", "segment": "detect", "classify": "classify",
                       "obb": "generic"}
@@ -104,6 +106,14 @@ def _auto(info: ModelInfo, reference: list[dict]) -> tuple[str, str]:
     meta_task = info.metadata.get("task")
     if meta_task in _ULTRALYTICS_TASKS:
         return _ULTRALYTICS_TASKS[meta_task], f"model metadata says task={meta_task!r} (Ultralytics export)"
+    if info.state_outputs:
+        name = speech_output(reference, info.state_outputs)
+        if name is not None:
+            return "vad", (f"a stateful model with one probability per step ({name!r}): judged as voice activity "
+                           f"(pass --task generic to judge each output's cosine instead)")
+        states = set(info.state_outputs)
+        return "generic", (f"a stateful model (state outputs {sorted(states)}): each output judged by its own "
+                           f"cosine over the sequences")
     first = {n: np.asarray(v) for n, v in reference[0].items()}
     shapes = {n: v.shape for n, v in first.items()}
     lowered = {n: n.lower() for n in first}

@@ -29,6 +29,7 @@ class ModelInfo:
     output_names: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)  # ONNX metadata_props (Ultralytics: task, names, imgsz)
     class_names: list[str] | None = None
+    state_outputs: list[str] = field(default_factory=list)  # outputs that feed the next step (stateful models)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TaskOptions:
     labels_file: str | None = None  # COCO-format JSON for detection labels
     sample_names: list[str] | None = None  # image file name of each held-out image (for COCO labels)
     transforms: list[tuple[float, float, float]] | None = None  # (scale, pad_x, pad_y) per held-out image
+    starts: list[int] | None = None  # held-out sequences: index of each sequence's first step
 
 
 @dataclass

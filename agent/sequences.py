@@ -1,0 +1,333 @@
+"""Sequence batcher: stateful models served per stream, as Triton's sequence batcher does.
+
+A stateful model (a voice-activity or keyword-spotting model, a tracker) takes back on each call the state it
+returned on the previous one. Clients send the Open Inference Protocol's sequence parameters with each
+request (``sequence_id``, ``sequence_start``, ``sequence_end``, as Triton and ``tritonclient`` send them) and
+only the model's other inputs; the agent keeps each sequence's state, starts it at zeros on
+``sequence_start`` and drops it after ``sequence_end``.
+
+Requests of different sequences run in one batch: their inputs are stacked along axis 0 and their states
+gathered along the state's batch axis (``state`` [2, ?, 128] -> axis 1); after the call outputs and new states
+are scattered back. Two requests of one sequence never share a batch, and run in the order they came.
+
+Bounds: a sequence idle for ``idle_timeout_s`` is ended; at ``max_sequences`` live sequences a new one evicts
+the longest-idle sequence (never one with a request in flight). The next request of an ended or evicted
+sequence is answered with an error saying so (400), not with a silently fresh state.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..sdk.stateful import StatePair
+from .batcher import BusyError, ClosedError, Pending, batch_signature
+from .runtimes.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED = 4096  # ended/evicted sequence ids remembered for their next request's error
+
+
+class SequenceError(Exception):
+    """A request that does not fit its sequence (not started, ended, evicted); answered 400."""
+
+
+class _Stream:
+    __slots__ = ("id", "state", "last_used", "in_flight")
+
+    def __init__(self, seq_id: Any, now: float):
+        self.id = seq_id
+        self.state: dict[str, np.ndarray] | None = None  # None: zeros at the first step
+        self.last_used = now
+        self.in_flight = 0
+
+
+class _Step(Pending):
+    __slots__ = ("stream", "end")
+
+    def __init__(self, feeds, n, signature, stream: _Stream, end: bool):
+        super().__init__(feeds, n, signature)
+        self.stream, self.end = stream, end
+
+
+def sequence_params(parameters: dict) -> tuple[Any, bool, bool] | None:
+    """(sequence_id, start, end) from a request's parameters, or None when it has no sequence_id.
+    Raises SequenceError for malformed values."""
+    if "sequence_id" not in parameters:
+        return None
+    seq_id = parameters["sequence_id"]
+    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, str)) or seq_id in (0, ""):
+        raise SequenceError(f"sequence_id must be a non-zero integer or a non-empty string, found {seq_id!r}")
+    if isinstance(seq_id, str) and len(seq_id) > 256:
+        raise SequenceError("sequence_id strings are limited to 256 characters")
+    flags = []
+    for key in ("sequence_start", "sequence_end"):
+        value = parameters.get(key, False)
+        if not isinstance(value, bool):
+            raise SequenceError(f"{key} must be true or false, found {value!r}")
+        flags.append(value)
+    return seq_id, flags[0], flags[1]
+
+
+class SequenceBatcher:
+    """Per-sequence state and cross-sequence batching for one stateful model (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel, name: str, pairs: list[StatePair], *, max_batch: int = 8,
+                 max_delay_ms: float = 2.0, max_queue: int = 256, idle_timeout_s: float = 60.0,
+                 max_sequences: int = 1024, metrics: Any = None, clock=time.monotonic):
+        self.model, self.name, self.pairs, self.metrics = model, name, list(pairs), metrics
+        self._clock = clock  # idle time is measured on it (tests pass their own)
+        state_in = {p.input for p in self.pairs}
+        state_out = {p.output for p in self.pairs}
+        self.inputs = [s for s in model.inputs if s.name not in state_in]  # what a sequence request carries
+        self.outputs = [s for s in model.outputs if s.name not in state_out]  # what it gets back
+        self._specs = {s.name: s for s in model.inputs}
+        # Without a batch axis on every state, sequences run one at a time.
+        self.batchable = all(p.batch_axis is not None for p in self.pairs)
+        self.max_batch = max(1, int(max_batch)) if self.batchable else 1
+        self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
+        self.max_queue = max(1, int(max_queue))
+        self.idle_timeout = float(idle_timeout_s)
+        self.max_sequences = max(1, int(max_sequences))
+        self._streams: dict[Any, _Stream] = {}
+        self._gone: collections.OrderedDict[Any, str] = collections.OrderedDict()
+        self.evicted = self.expired = 0
+        self._queue: collections.deque[_Step] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._last_batch = 1
+        self._wake_at: int | None = None  # queued requests at which submit() wakes the waiting worker
+        self._next_sweep = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"sequences-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+    @property
+    def live(self) -> int:
+        return len(self._streams)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, feeds: dict[str, np.ndarray], seq_id: Any, start: bool, end: bool) -> Pending:
+        """Queue one step of sequence ``seq_id``. Raises SequenceError, BusyError or ClosedError."""
+        first = next((a for a in feeds.values() if a.ndim), None)
+        n = int(first.shape[0]) if first is not None else 1
+        # Scalars (a sample rate) must be equal to share a batch: their value is part of the signature.
+        signature = batch_signature(feeds) + tuple((k, v.tobytes()) for k, v in sorted(feeds.items()) if not v.ndim)
+        now = self._clock()
+        with self._cond:
+            if self._closed:
+                raise ClosedError(f"model {self.name!r} is being replaced or stopped")
+            if len(self._queue) >= self.max_queue:
+                raise BusyError(f"model {self.name!r} is busy: {len(self._queue)} requests queued "
+                                f"(max_queue {self.max_queue}); retry later", 1)
+            if now >= self._next_sweep:
+                self._expire(now)
+            stream = self._streams.get(seq_id)
+            if start:
+                if stream is None and len(self._streams) >= self.max_sequences:
+                    self._evict_for(seq_id)
+                stream = self._streams[seq_id] = _Stream(seq_id, now)  # a restart begins from zeros too
+                self._gone.pop(seq_id, None)
+            elif stream is None:
+                why = self._gone.get(seq_id)
+                if why:
+                    raise SequenceError(f"sequence {seq_id!r} of model {self.name!r} {why}; start it again with "
+                                        f"sequence_start=true")
+                raise SequenceError(f"sequence {seq_id!r} of model {self.name!r} is not active: send "
+                                    f"sequence_start=true with its first request")
+            stream.in_flight += 1
+            stream.last_used = now
+            step = _Step(feeds, n, signature, stream, end)
+            self._queue.append(step)
+            if self._wake_at is not None and len(self._queue) >= self._wake_at:
+                self._cond.notify()
+        return step
+
+    def _forget(self, seq_id: Any, why: str) -> None:
+        self._streams.pop(seq_id, None)
+        self._gone[seq_id] = why
+        while len(self._gone) > MAX_REMEMBERED:
+            self._gone.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        """End sequences idle longer than the timeout (called under the lock, about once a second)."""
+        self._next_sweep = now + min(1.0, self.idle_timeout / 4)
+        for s in [s for s in self._streams.values() if not s.in_flight and now - s.last_used > self.idle_timeout]:
+            self._forget(s.id, f"was ended by the agent after {self.idle_timeout:g} s without a request")
+            self.expired += 1
+
+    def _evict_for(self, newcomer: Any) -> None:
+        idle = [s for s in self._streams.values() if not s.in_flight]
+        if not idle:
+            raise BusyError(f"model {self.name!r} has {len(self._streams)} live sequences (max_sequences "
+                            f"{self.max_sequences}), each with a request in flight; retry later", 1)
+        victim = min(idle, key=lambda s: s.last_used)
+        self._forget(victim.id, f"was evicted to make room for sequence {newcomer!r} (max_sequences "
+                                f"{self.max_sequences}, it was the longest idle)")
+        self.evicted += 1
+        log.info("model %s: sequence %r evicted for %r (max_sequences %d)", self.name, victim.id, newcomer,
+                 self.max_sequences)
+
+    def reconfigure(self, *, max_batch: int | None = None, max_delay_ms: float | None = None,
+                    max_queue: int | None = None) -> None:
+        with self._cond:
+            if max_batch is not None:
+                self.max_batch = max(1, int(max_batch)) if self.batchable else 1
+            if max_delay_ms is not None:
+                self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
+            if max_queue is not None:
+                self.max_queue = max(1, int(max_queue))
+            self._cond.notify_all()
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ worker side
+    def _take(self, first: _Step, batch: list[_Step], total: int) -> int:
+        """Move queued steps that can join ``batch`` (other sequences, same signature) into it, in order."""
+        members = {id(p.stream) for p in batch}
+        keep: list[_Step] = []
+        while self._queue and total < self.max_batch:
+            item = self._queue.popleft()
+            if id(item.stream) in members or item.signature != first.signature or total + item.n > self.max_batch:
+                keep.append(item)  # a later step of a batched sequence waits for the next batch, in order
+                continue
+            batch.append(item)
+            members.add(id(item.stream))
+            total += item.n
+        self._queue.extendleft(reversed(keep))
+        return total
+
+    def _collect(self) -> list[_Step] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._wake_at = 1
+                self._cond.wait()
+            self._wake_at = None
+            first = self._queue.popleft()
+            batch, total = [first], first.n
+            if self.max_batch > 1:
+                deadline = first.enqueued + self.max_delay
+                while True:
+                    total = self._take(first, batch, total)
+                    # Wait only when more sequences are likely (the previous batch was bigger): a lone
+                    # stream is served at once.
+                    if total >= self.max_batch or total >= self._last_batch or self._closed:
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    # Woken once enough requests to fill the batch are queued (or at the deadline), not by
+                    # each one: every wake-up is a thread switch and a GIL hand-off.
+                    self._wake_at = len(self._queue) + min(self.max_batch, self._last_batch) - total
+                    self._cond.wait(remaining)
+                    self._wake_at = None
+            self._last_batch = total
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            except BaseException as exc:  # never let the worker die: that would hang every client
+                log.exception("sequence batcher %s: unexpected failure", self.name)
+                for p in batch:
+                    if not p.done:
+                        self._finish(p, error=exc)
+
+    def _state_of(self, step: _Step) -> dict[str, np.ndarray]:
+        if step.stream.state is not None:
+            return step.stream.state
+        out = {}
+        for p in self.pairs:  # a sequence starts at zeros, its batch axis sized like the request
+            spec = self._specs[p.input]
+            shape = [d if isinstance(d, int) and d >= 0 else (step.n if i == p.batch_axis else 1)
+                     for i, d in enumerate(spec.shape)]
+            out[p.input] = np.zeros(shape, np.dtype(spec.dtype))
+        return out
+
+    def _execute(self, batch: list[_Step]) -> None:
+        start = time.monotonic()
+        total = sum(p.n for p in batch)
+        if len(batch) == 1:
+            self._run_one(batch[0])
+        else:
+            try:
+                feeds = self._gather(batch)
+                outputs = self.model.infer(feeds)
+                parts = self._scatter(batch, outputs)
+            except Exception:
+                for p in batch:  # one request may be the culprit: run them one by one so only it fails
+                    self._run_one(p)
+            else:
+                for p, (public, state) in zip(batch, parts):
+                    p.stream.state = state
+                    self._finish(p, outputs=public)
+        if self.metrics is not None:
+            self.metrics.batch(total)
+        log.debug("sequences %s: batch of %d in %.2f ms", self.name, total, (time.monotonic() - start) * 1e3)
+
+    def _run_one(self, step: _Step) -> None:
+        try:
+            outputs = self.model.infer({**step.feeds, **self._state_of(step)})
+        except Exception as exc:
+            self._finish(step, error=exc)  # the sequence keeps the state it had
+            return
+        step.stream.state = {p.input: outputs[p.output] for p in self.pairs}
+        self._finish(step, outputs={k: v for k, v in outputs.items() if k not in {p.output for p in self.pairs}})
+
+    def _gather(self, batch: list[_Step]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, arr in batch[0].feeds.items():
+            feeds[name] = np.concatenate([p.feeds[name] for p in batch]) if arr.ndim else arr
+        states = [self._state_of(p) for p in batch]
+        for pair in self.pairs:
+            feeds[pair.input] = np.concatenate([s[pair.input] for s in states], axis=pair.batch_axis)
+        return feeds
+
+    def _scatter(self, batch: list[_Step], outputs: dict[str, np.ndarray]):
+        total = sum(p.n for p in batch)
+        state_out = {p.output: p for p in self.pairs}
+        for name, arr in outputs.items():
+            axis = state_out[name].batch_axis if name in state_out else 0
+            if arr.ndim <= axis or arr.shape[axis] != total:
+                raise ValueError(f"output {name!r} has no batch of {total} on axis {axis}")
+        parts, offset = [], 0
+        for p in batch:
+            public = {k: v[offset:offset + p.n] for k, v in outputs.items() if k not in state_out}
+            state = {}
+            for pair in self.pairs:
+                index = [slice(None)] * outputs[pair.output].ndim
+                index[pair.batch_axis] = slice(offset, offset + p.n)
+                state[pair.input] = np.ascontiguousarray(outputs[pair.output][tuple(index)])
+            parts.append((public, state))
+            offset += p.n
+        return parts
+
+    def _finish(self, step: _Step, outputs=None, error=None) -> None:
+        with self._cond:
+            step.stream.in_flight -= 1
+            step.stream.last_used = self._clock()
+            if step.end and self._streams.get(step.stream.id) is step.stream:
+                del self._streams[step.stream.id]
+                self._gone[step.stream.id] = "has ended (sequence_end was sent)"
+                while len(self._gone) > MAX_REMEMBERED:
+                    self._gone.popitem(last=False)
+        step.finish(outputs=outputs, error=error)

@@ -1,0 +1,218 @@
+"""The sequence batcher on its own (a fake stateful model through the runtime interface): per-sequence
+state, batching across sequences with the state gathered on its batch axis, order within a sequence, the idle
+timeout and the cap on live sequences with their errors; and the HTTP API's sequence parameters."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+from edgeopt.agent.batcher import BusyError
+from edgeopt.agent.metrics import ModelMetrics
+from edgeopt.agent.registry import BatchLimits, ModelRegistry
+from edgeopt.agent.runtimes.base import LoadedModel
+from edgeopt.agent.sequences import SequenceBatcher, SequenceError, sequence_params
+from edgeopt.agent.server import InferenceServer
+from edgeopt.sdk.package import TensorSpec
+from edgeopt.sdk.stateful import StatePair
+
+PAIRS = [StatePair(input="state", output="stateN", batch_axis=1)]
+
+
+class Accumulator(LoadedModel):
+    """y = x + state[0] + 10 * state[1]; stateN = [state[0] + x, state[1] + 1] (the step count). State on axis 1.
+    ``gate`` (optional) holds the first call until set, and ``entered`` marks that the call started."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.inputs = [TensorSpec(name="x", dtype="float32", shape=["n", 3]),
+                       TensorSpec(name="state", dtype="float32", shape=[2, "n", 3])]
+        self.outputs = [TensorSpec(name="y", dtype="float32", shape=["n", 3]),
+                        TensorSpec(name="stateN", dtype="float32", shape=[2, "n", 3])]
+        self.gate, self.entered, self.calls = gate, threading.Event(), []
+
+    def infer(self, feeds):
+        self.check_feeds(feeds)
+        self.calls.append(len(feeds["x"]))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+            self.gate = None
+        x, s = feeds["x"], feeds["state"]
+        if not np.isfinite(x).all():
+            raise ValueError("x holds NaN")
+        return {"y": x + s[0] + 10 * s[1], "stateN": np.stack([s[0] + x, s[1] + 1])}
+
+
+def _alone(xs):
+    """What one stream gets from the model run by itself."""
+    s, out = np.zeros((2, 1, 3), np.float32), []
+    for x in xs:
+        out.append(x + s[0] + 10 * s[1])
+        s = np.stack([s[0] + x, s[1] + 1])
+    return out
+
+
+class Metrics:
+    def __init__(self):
+        self.sizes = []
+
+    def batch(self, n):
+        self.sizes.append(n)
+
+
+def _x(v):
+    return np.full((1, 3), v, np.float32)
+
+
+def test_steps_of_different_sequences_share_a_batch_and_keep_their_own_state():
+    gate = threading.Event()
+    model, metrics = Accumulator(gate), Metrics()
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, metrics=metrics)
+    try:
+        first = seqs.submit({"x": _x(1)}, "a", True, False)
+        assert model.entered.wait(30)  # the worker is inside the first call: the rest queue up
+        queued = [("b", 2, True), ("c", 3, True), ("d", 4, True), ("a", 5, False), ("a", 6, False), ("b", 7, False)]
+        pend = [(sid, v, seqs.submit({"x": _x(v)}, sid, start, False)) for sid, v, start in queued]
+        gate.set()
+        got = {"a": [first.result(30)["y"]]}
+        for sid, _, p in pend:
+            out = p.result(30)
+            assert set(out) == {"y"}  # the state stays on the agent
+            got.setdefault(sid, []).append(out["y"])
+        # a's second step joined b, c, d; its third step (and b's second) waited for the next batch
+        assert metrics.sizes == [1, 4, 2] and model.calls == [1, 4, 2]
+        sent = {"a": [1, 5, 6], "b": [2, 7], "c": [3], "d": [4]}
+        for sid, values in sent.items():
+            for want, have in zip(_alone([_x(v) for v in values]), got[sid]):
+                np.testing.assert_array_equal(have, want)
+        assert seqs.live == 4
+    finally:
+        seqs.close()
+
+
+def test_a_failing_step_fails_alone_and_its_sequence_keeps_its_state():
+    gate = threading.Event()
+    model = Accumulator(gate)
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8)
+    try:
+        p0 = seqs.submit({"x": _x(1)}, 1, True, False)
+        assert model.entered.wait(30)
+        bad = seqs.submit({"x": _x(np.nan)}, 2, True, False)
+        good = seqs.submit({"x": _x(2)}, 1, False, False)
+        gate.set()
+        p0.result(30)
+        with pytest.raises(ValueError, match="x holds NaN"):
+            bad.result(30)
+        np.testing.assert_array_equal(good.result(30)["y"], _alone([_x(1), _x(2)])[1])
+        # sequence 2 failed on its first step: it is live, still at zeros
+        np.testing.assert_array_equal(seqs.submit({"x": _x(3)}, 2, False, False).result(30)["y"], _x(3))
+    finally:
+        seqs.close()
+
+
+def test_idle_timeout_cap_end_and_their_errors():
+    now = [100.0]
+    seqs = SequenceBatcher(Accumulator(), "acc", PAIRS, max_batch=4, idle_timeout_s=10, max_sequences=2,
+                           clock=lambda: now[0])
+    try:
+        with pytest.raises(SequenceError, match="sequence 7 of model 'acc' is not active: send sequence_start=true"):
+            seqs.submit({"x": _x(1)}, 7, False, False)
+        seqs.submit({"x": _x(1)}, 1, True, False).result(30)
+        now[0] += 1
+        seqs.submit({"x": _x(1)}, 2, True, False).result(30)
+        now[0] += 1
+        seqs.submit({"x": _x(1)}, 1, False, False).result(30)  # 1 used last: 2 is now the longest idle
+        seqs.submit({"x": _x(1)}, 3, True, False).result(30)  # at the cap: evicts 2
+        assert seqs.live == 2 and seqs.evicted == 1
+        with pytest.raises(SequenceError, match=r"sequence 2 of model 'acc' was evicted to make room for sequence 3 "
+                                                r"\(max_sequences 2, it was the longest idle\); start it again"):
+            seqs.submit({"x": _x(1)}, 2, False, False)
+        seqs.submit({"x": _x(1)}, 3, False, True).result(30)  # sequence_end frees it
+        with pytest.raises(SequenceError, match="sequence 3 of model 'acc' has ended"):
+            seqs.submit({"x": _x(1)}, 3, False, False)
+        now[0] += 11  # past the idle timeout
+        with pytest.raises(SequenceError, match="sequence 1 of model 'acc' was ended by the agent after 10 s"):
+            seqs.submit({"x": _x(1)}, 1, False, False)
+        assert seqs.expired == 1 and seqs.live == 0
+        # a restart of an ended sequence begins at zeros
+        np.testing.assert_array_equal(seqs.submit({"x": _x(4)}, 1, True, False).result(30)["y"], _x(4))
+    finally:
+        seqs.close()
+
+
+def test_cap_with_every_sequence_in_flight_answers_busy():
+    gate = threading.Event()
+    model = Accumulator(gate)
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=1, max_sequences=1)
+    try:
+        p = seqs.submit({"x": _x(1)}, 1, True, False)
+        assert model.entered.wait(30)
+        with pytest.raises(BusyError, match="1 live sequences \\(max_sequences 1\\), each with a request in flight"):
+            seqs.submit({"x": _x(1)}, 2, True, False)
+        gate.set()
+        p.result(30)
+    finally:
+        seqs.close()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"sequence_id": True}, "sequence_id must be a non-zero integer or a non-empty string, found True"),
+    ({"sequence_id": 0}, "found 0"),
+    ({"sequence_id": [1]}, "found [1]"),
+    ({"sequence_id": "x" * 300}, "limited to 256 characters"),
+    ({"sequence_id": 3, "sequence_start": "yes"}, "sequence_start must be true or false, found 'yes'"),
+])
+def test_malformed_sequence_parameters(params, message):
+    with pytest.raises(SequenceError) as info:
+        sequence_params(params)
+    assert message in str(info.value)
+    assert sequence_params({"x": 1}) is None and sequence_params({"sequence_id": "s1"}) == ("s1", False, False)
+
+
+def _post(url, doc):
+    req = urllib.request.Request(url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_sequence_parameters_config_metrics_and_telemetry():
+    registry = ModelRegistry(limits=BatchLimits(max_batch=4, max_sequences=8))
+    registry.swap("acc", "1.0.0", Accumulator())
+    server = InferenceServer(registry, "127.0.0.1", 0).start()
+    url = f"{server.url}/v2/models/acc"
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
+    try:
+        status, doc = _post(url + "/infer", {"inputs": [x]})
+        assert status == 400 and "model 'acc' is stateful: send parameters sequence_id" in doc["error"]
+        for step in range(3):
+            status, doc = _post(url + "/infer", {"inputs": [x], "parameters": {"sequence_id": 42,
+                                                                            "sequence_start": step == 0}})
+            assert status == 200, doc
+        assert [o["name"] for o in doc["outputs"]] == ["y"]
+        assert doc["outputs"][0]["data"] == [3 + 20, 6 + 20, 9 + 20]  # x + 2x + 10 * 2 steps
+        # every input, state included, without sequence_id: a plain stateless call
+        state = {"name": "state", "datatype": "FP32", "shape": [2, 1, 3], "data": [0] * 6}
+        status, doc = _post(url + "/infer", {"inputs": [x, state]})
+        assert status == 200 and doc["outputs"][0]["data"] == [1, 2, 3]
+        status, doc = _post(url + "/infer", {"inputs": [x, state], "parameters": {"sequence_id": 1}})
+        assert status == 400 and "a sequence request carries the inputs besides the state (x)" in doc["error"]
+        status, doc = _post(url + "/infer", {"inputs": [x], "parameters": {"sequence_id": 9}})
+        assert status == 400 and "sequence 9 of model 'acc' is not active" in doc["error"]
+        with urllib.request.urlopen(url + "/config", timeout=30) as resp:
+            config = json.loads(resp.read())
+        assert config["sequence_batching"]["state"] == [{"input_name": "state", "output_name": "stateN"}]
+        assert config["sequence_batching"]["max_candidate_sequences"] == 8
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        assert 'edgeopt_sequences_live{model="acc"} 1' in text
+        stats = registry.metrics.model("acc").snapshot()
+        assert stats.live_sequences == 1 and stats.model_dump()["live_sequences"] == 1
+    finally:
+        server.stop()
+        registry.close()
