@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PackageError, SecurityError
 
-FORMAT_VERSION = "1.1"  # 1.1: validation.ran_on and validation.target (--validate-on)
+FORMAT_VERSION = "1.1"  # 1.1 (all optional): validation.ran_on/target (--validate-on), host_profile, state
 SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
