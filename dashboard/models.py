@@ -1,9 +1,10 @@
 """SQLAlchemy 2.0 typed models of the fleet dashboard.
 
 Every timestamp is UTC-aware (:class:`UTCDateTime`), on SQLite as on PostgreSQL. Latency histograms are
-stored as JSON lists of counts over the contract's fixed ``LATENCY_BUCKETS_MS`` (one more bucket for
-everything above the last bound), so any set of rows can be merged by adding counts and fleet percentiles
-are computed from the merged histogram, never by averaging percentiles.
+stored as JSON lists ``[key, count, key, count, ...]`` of the contract's DDSketch layout (non-empty keys
+ascending; :meth:`edgeopt.sdk.telemetry.Histogram.to_pairs`), so any set of rows can be merged by adding the
+counts of equal keys and fleet percentiles are computed from the merged histogram (within 1%), never by
+averaging percentiles. Migration 0004 converted the 1.0 layout's 29 counts.
 
 Idempotence: telemetry rows are unique on (device, session_id, seq, model), events and command results
 on (device, session_id, seq); the ingest inserts with ``ON CONFLICT DO NOTHING`` so QoS 1 redelivery never

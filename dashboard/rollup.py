@@ -5,8 +5,9 @@ A bucket is always RECOMPUTED from the level below (never incremented), so a rer
 processes running it give the same rows. Which buckets to recompute is found from the raw rows added since
 the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
-Histograms are merged by adding bucket counts, so percentiles of any rollup are exact to the bucket
-bounds. Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
+Histograms (the contract's DDSketch layout, stored as ``[key, count, ...]`` pairs) are merged by adding
+the counts of equal keys, so percentiles of any rollup keep the sketch's 1% relative accuracy.
+Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
 
 No stored row can stop it: a row whose ts is more than :data:`MAX_AHEAD` ahead of now (written before
 the ingest refused such timestamps: 9999-12-31 made every run fail with OverflowError and the watermark
@@ -28,13 +29,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS
+from edgeopt.sdk.telemetry import SKETCH_KEY_MAX, SKETCH_KEY_MIN
 
 from . import models as m
 
 log = logging.getLogger(__name__)
 
-NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 WATERMARK = "rollup_raw_id"
 ADVISORY_LOCK = 0x6564676F  # "edgo": one rollup at a time across ingest processes (PostgreSQL)
 CHUNK = 1000
@@ -94,7 +94,7 @@ class _Agg:
 
     def __init__(self) -> None:
         self.requests = self.errors = self.samples = self.queue = 0
-        self.counts = [0] * NBUCKETS
+        self.counts: dict[int, int] = {}
         self.sum_ms = self.cpu_sum = self.rss_sum = 0.0
         self.cpu_n = self.rss_n = 0
         self.batch: dict[str, int] = defaultdict(int)
@@ -112,10 +112,10 @@ class _Agg:
         self.requests += requests or 0
         self.errors += errors or 0
         self.samples += samples
-        if counts and len(counts) == NBUCKETS:
-            for i, c in enumerate(counts):
-                if c:
-                    self.counts[i] += c
+        bins = self.counts
+        for i in range(0, len(counts), 2):
+            k = counts[i]
+            bins[k] = bins.get(k, 0) + counts[i + 1]
         self.sum_ms += sum_ms or 0.0
         # Averages of averages are weighted by the rows behind them, so 1 h = mean of every raw sample.
         if cpu is not None:
@@ -128,9 +128,16 @@ class _Agg:
         for k, v in (batch or {}).items():
             self.batch[str(k)] += int(v)
 
+    def pairs(self) -> list[int]:
+        out: list[int] = []
+        for k in sorted(self.counts):
+            if self.counts[k]:
+                out += (k, self.counts[k])
+        return out
+
     def row(self, **keys) -> dict[str, Any]:
         return dict(keys, requests=self.requests, errors=self.errors, samples=self.samples,
-                    hist_counts=self.counts, hist_sum_ms=self.sum_ms,
+                    hist_counts=self.pairs(), hist_sum_ms=self.sum_ms,
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
                     queue_depth_max=self.queue, batch_sizes=dict(self.batch))
@@ -139,8 +146,14 @@ class _Agg:
 def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight):
     """A row's values checked and converted before they touch an aggregate (rows are JSON from the database:
     anything written by an older version, or by hand, must not break a whole rollup)."""
-    if counts and len(counts) == NBUCKETS:
-        counts = [int(c) for c in counts]
+    if counts is not None and not isinstance(counts, list):
+        raise TypeError("histogram is not a list of pairs")
+    counts = [int(c) for c in (counts or [])]
+    if len(counts) % 2:
+        raise ValueError("histogram pairs of odd length")
+    for i in range(0, len(counts), 2):
+        if not SKETCH_KEY_MIN <= counts[i] <= SKETCH_KEY_MAX or counts[i + 1] < 0:
+            raise ValueError("histogram pair out of range")
     batch = {str(k): int(v) for k, v in (batch or {}).items()}
     return (int(requests or 0), int(errors or 0), int(samples), counts, float(sum_ms or 0.0),
             None if cpu is None else float(cpu), None if rss is None else float(rss), int(queue or 0), batch,
@@ -260,7 +273,7 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
             devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
-                                          hist_counts=a.counts, hist_sum_ms=a.sum_ms)
+                                          hist_counts=a.pairs(), hist_sum_ms=a.sum_ms)
                                      for mo, a in aggs.items()])
     return len(aggs)
 
