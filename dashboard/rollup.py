@@ -2,7 +2,8 @@
 buckets per model, plus retention.
 
 A bucket is always RECOMPUTED from the level below (never incremented), so a rerun, an overlap, or two
-processes running it give the same rows. Which buckets to recompute is found from the raw rows added since
+processes running it give the same rows (rows are read in key order: float sums then come out identical
+bit for bit, whatever order an update left the rows in on disk). Which buckets to recompute is found from the raw rows added since
 the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
 Histograms (the contract's DDSketch layout, stored as ``[key, count, ...]`` pairs) are merged by adding
@@ -237,7 +238,7 @@ def _recompute_minute(session: Session, minute: datetime, devices: list[int]) ->
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
                    r.rss_bytes, r.queue_depth, r.batch_sizes).where(
-            r.ts >= minute, r.ts < end, r.device_pk.in_(chunk))
+            r.ts >= minute, r.ts < end, r.device_pk.in_(chunk)).order_by(r.id)
         for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
             if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
                 log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
@@ -253,7 +254,8 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
                    r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
-            r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk))
+            r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk)).order_by(
+            r.device_pk, r.model, r.bucket_start)
         for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
             if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
                 log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
@@ -267,7 +269,7 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
     aggs: dict[str, _Agg] = {}
     devices: dict[str, set[int]] = defaultdict(set)
     q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
-        r.bucket_start == bucket, r.model != "")
+        r.bucket_start == bucket, r.model != "").order_by(r.device_pk, r.model)
     for dpk, model, req, err, counts, sum_ms in session.execute(q):
         if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None):
             devices[model].add(dpk)
