@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from edgeopt.sdk.telemetry import Histogram
 
+from . import histograms
+
 from .models import Alert, AlertKind, AlertRule, AlertState, Device, Event, Rollup1m, utcnow
 from .rollup import floor_minute
 
@@ -54,7 +56,7 @@ def _p95(session: Session, rule: AlertRule, now: datetime) -> dict[int, tuple[fl
     merged: dict[int, Histogram] = defaultdict(Histogram)
     for pk, counts, sum_ms in session.execute(q):
         try:
-            merged[pk].merge(Histogram.from_pairs(counts or [], sum_ms or 0.0))
+            merged[pk].merge(histograms.unpack(counts, sum_ms or 0.0))
         except (TypeError, ValueError):
             log.warning("alerts: malformed histogram of device %s skipped", pk)
     names = dict(session.execute(select(Device.id, Device.device_id).where(Device.id.in_(list(merged)))).all()) \

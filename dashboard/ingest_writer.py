@@ -31,7 +31,7 @@ from edgeopt.sdk.telemetry import (MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandRe
                                    EventPayload, PayloadError, StatusPayload, TelemetryPayload, json_too_deep,
                                    parse_payload)
 
-from . import dead_letters
+from . import dead_letters, histograms
 from . import models as m
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,14 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
                 temperature_c=p.system.temperature_c)
     if not p.models:
         return [dict(base, model="", model_version=None, requests=0, errors=0, throughput_ips=0.0,
-                     hist_counts=[], hist_sum_ms=0.0, p50_ms=None,
+                     hist_counts=b"", hist_sum_ms=0.0, p50_ms=None,
                      p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={})]
     rows = []
     for s in p.models:
         h = s.latency.to_histogram()
         p50, p95, p99 = h.quantiles(_QS)
         rows.append(dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
-                         throughput_ips=s.throughput_ips, hist_counts=h.to_pairs(), hist_sum_ms=h.sum_ms,
+                         throughput_ips=s.throughput_ips, hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms,
                          p50_ms=p50, p95_ms=p95, p99_ms=p99, queue_depth=s.queue_depth,
                          batch_sizes=dict(s.batch_sizes)))
     return rows
@@ -451,7 +451,7 @@ class BatchWriter:
 # with thousands of placeholders (psycopg parses such a statement in Python for every batch: 5x slower).
 _TEL_COLS = (("device_pk", "int"), ("model", "text"), ("model_version", "text"), ("ts", "timestamptz"),
              ("session_id", "text"), ("seq", "bigint"), ("interval_s", "float8"), ("requests", "bigint"),
-             ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "json"),
+             ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "bytea"),
              ("hist_sum_ms", "float8"), ("p50_ms", "float8"), ("p95_ms", "float8"), ("p99_ms", "float8"),
              ("queue_depth", "int"), ("batch_sizes", "json"), ("cpu_percent", "float8"), ("rss_bytes", "bigint"),
              ("temperature_c", "float8"))

@@ -1,10 +1,10 @@
 """SQLAlchemy 2.0 typed models of the fleet dashboard.
 
 Every timestamp is UTC-aware (:class:`UTCDateTime`), on SQLite as on PostgreSQL. Latency histograms are
-stored as JSON lists ``[key, count, key, count, ...]`` of the contract's DDSketch layout (non-empty keys
-ascending; :meth:`edgeopt.sdk.telemetry.Histogram.to_pairs`), so any set of rows can be merged by adding the
-counts of equal keys and fleet percentiles are computed from the merged histogram (within 1%), never by
-averaging percentiles. Migration 0004 converted the 1.0 layout's 29 counts.
+stored packed (:mod:`edgeopt.dashboard.histograms`: 10-byte records of key and count of the contract's
+DDSketch layout, non-empty keys ascending), so any set of rows can be merged by adding the counts of equal
+keys, in one numpy call, and fleet percentiles are computed from the merged histogram (within 1%), never by
+averaging percentiles. Migration 0004 converted the 1.0 layout's 29 JSON counts.
 
 Idempotence: telemetry rows are unique on (device, session_id, seq, model), events and command results
 on (device, session_id, seq); the ingest inserts with ``ON CONFLICT DO NOTHING`` so QoS 1 redelivery never
@@ -268,7 +268,7 @@ class TelemetryRaw(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     throughput_ips: Mapped[float] = mapped_column(Float, default=0.0)
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
     p50_ms: Mapped[Optional[float]] = mapped_column(Float)
     p95_ms: Mapped[Optional[float]] = mapped_column(Float)
@@ -290,7 +290,7 @@ class _RollupMixin:
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     samples: Mapped[int] = mapped_column(Integer, default=0, doc="Raw rows merged into this bucket.")
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
     cpu_avg: Mapped[Optional[float]] = mapped_column(Float)
     rss_avg: Mapped[Optional[float]] = mapped_column(Float)
@@ -338,7 +338,7 @@ class FleetRollup(Base):
     devices: Mapped[int] = mapped_column(Integer, default=0)
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
 
     __table_args__ = (Index("ix_fleet_rollup_res_bucket", "resolution", "bucket_start"),)

@@ -6,7 +6,7 @@ processes running it give the same rows (rows are read in key order: float sums 
 bit for bit, whatever order an update left the rows in on disk). Which buckets to recompute is found from the raw rows added since
 the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
-Histograms (the contract's DDSketch layout, stored as ``[key, count, ...]`` pairs) are merged by adding
+Histograms (the contract's DDSketch layout, stored packed: :mod:`.histograms`) are merged by adding
 the counts of equal keys, so percentiles of any rollup keep the sketch's 1% relative accuracy.
 Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
 
@@ -30,8 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from edgeopt.sdk.telemetry import SKETCH_KEY_MAX, SKETCH_KEY_MIN
-
+from . import histograms
 from . import models as m
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class _Agg:
 
     def row(self, **keys) -> dict[str, Any]:
         return dict(keys, requests=self.requests, errors=self.errors, samples=self.samples,
-                    hist_counts=self.pairs(), hist_sum_ms=self.sum_ms,
+                    hist_counts=histograms.pack_pairs(self.pairs()), hist_sum_ms=self.sum_ms,
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
                     queue_depth_max=self.queue, batch_sizes=dict(self.batch))
@@ -147,14 +146,7 @@ class _Agg:
 def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight):
     """A row's values checked and converted before they touch an aggregate (rows are JSON from the database:
     anything written by an older version, or by hand, must not break a whole rollup)."""
-    if counts is not None and not isinstance(counts, list):
-        raise TypeError("histogram is not a list of pairs")
-    counts = [int(c) for c in (counts or [])]
-    if len(counts) % 2:
-        raise ValueError("histogram pairs of odd length")
-    for i in range(0, len(counts), 2):
-        if not SKETCH_KEY_MIN <= counts[i] <= SKETCH_KEY_MAX or counts[i + 1] < 0:
-            raise ValueError("histogram pair out of range")
+    counts = histograms.unpack_pairs(counts)  # ValueError for bytes that are not a valid histogram
     batch = {str(k): int(v) for k, v in (batch or {}).items()}
     return (int(requests or 0), int(errors or 0), int(samples), counts, float(sum_ms or 0.0),
             None if cpu is None else float(cpu), None if rss is None else float(rss), int(queue or 0), batch,
@@ -275,7 +267,8 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
             devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
-                                          hist_counts=a.pairs(), hist_sum_ms=a.sum_ms)
+                                          hist_counts=histograms.pack_pairs(a.pairs()),
+                                          hist_sum_ms=a.sum_ms)
                                      for mo, a in aggs.items()])
     return len(aggs)
 

@@ -44,6 +44,7 @@ A "device row" is ``{"device_id", "fleet", "status", "offline_reason", "last_see
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
@@ -55,7 +56,10 @@ from sqlalchemy.orm import Session, selectinload
 
 from edgeopt.sdk.telemetry import SKETCH_BINS, SKETCH_KEY_MIN, sketch_value
 
+from . import histograms
 from . import models as m
+
+log = logging.getLogger(__name__)
 
 RES_SECONDS = {"raw": 0, "1m": 60, "1h": 3600}
 SORT_KEYS = {"device_id": m.Device.device_id, "status": m.Device.status, "profile": m.Device.profile,
@@ -114,12 +118,12 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     fleetwide = group is None and profile is None
     if fleetwide:
         f = m.FleetRollup
-        q = select(f.bucket_start, cast(f.hist_counts, Text), f.requests, f.errors, f.devices).where(
+        q = select(f.bucket_start, f.hist_counts, f.requests, f.errors, f.devices).where(
             f.resolution == res, f.bucket_start >= start, f.bucket_start < end)
         q = q.where(f.model == model) if model is not None else q.where(f.model != "")
     else:
         r = m.Rollup1m if res == "1m" else m.Rollup1h
-        q = (select(r.bucket_start, cast(r.hist_counts, Text), r.requests, r.errors, r.device_pk)
+        q = (select(r.bucket_start, r.hist_counts, r.requests, r.errors, r.device_pk)
              .where(r.bucket_start >= start, r.bucket_start < end))
         q = q.where(r.model == model) if model is not None else q.where(r.model != "")
         if profile is not None:
@@ -149,25 +153,12 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
             "start": _iso(start), "end": _iso(end), "points": points}
 
 
-def _sum_hists(idx: np.ndarray, texts: list[str | None], n_pts: int) -> np.ndarray:
-    """Histograms (JSON ``[key, count, ...]`` text per row) summed into ``n_pts`` dense rows of
-    :data:`SKETCH_BINS` counts by row index ``idx``. Malformed rows (odd length) and pairs (key out of
-    range, negative count) are left out."""
-    H = np.zeros((n_pts, SKETCH_BINS), dtype=np.int64)
-    hists = _bulk_json(texts, "[]")
-    good = [i for i, h in enumerate(hists) if h and len(h) % 2 == 0]
-    if not good:
-        return H
-    try:
-        flat = np.fromiter((x for i in good for x in hists[i]), dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):  # a non-integer somewhere: take the rows one by one
-        good = [i for i in good if all(isinstance(x, int) and abs(x) < 2**62 for x in hists[i])]
-        flat = np.fromiter((x for i in good for x in hists[i]), dtype=np.int64)
-    pairs = flat.reshape(-1, 2)
-    rows = np.repeat(idx[good], [len(hists[i]) // 2 for i in good])
-    keys = pairs[:, 0] - SKETCH_KEY_MIN
-    ok = (keys >= 0) & (keys < SKETCH_BINS) & (pairs[:, 1] >= 0)
-    np.add.at(H, (rows[ok], keys[ok]), pairs[ok, 1])
+def _sum_hists(idx: np.ndarray, blobs: list[bytes | None], n_pts: int) -> np.ndarray:
+    """Packed histograms summed into ``n_pts`` dense rows of SKETCH_BINS counts by row index ``idx``
+    (:func:`histograms.sum_into`: one numpy call for all rows); malformed rows are left out and logged."""
+    H, bad = histograms.sum_into(idx, blobs, n_pts)
+    if bad:
+        log.warning("stats: %d malformed stored histograms left out of a chart", bad)
     return H
 
 
@@ -399,7 +390,7 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
         t = m.Rollup1m if res == "1m" else m.Rollup1h
         tcol, cols = t.bucket_start, (t.cpu_avg, t.rss_avg, t.queue_depth_max)
     # JSON columns come back as text and are decoded in bulk below.
-    q = (select(tcol, t.model, cast(t.hist_counts, Text), t.hist_sum_ms, t.requests, t.errors, *cols,
+    q = (select(tcol, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, *cols,
                 cast(t.batch_sizes, Text))
          .where(t.device_pk == pk, tcol >= start, tcol < end).order_by(tcol))
     if model is not None:

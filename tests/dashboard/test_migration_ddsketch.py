@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from edgeopt.dashboard.db import alembic_config, make_engine
+from edgeopt.dashboard.histograms import pack_pairs, unpack_pairs
 from edgeopt.sdk.telemetry import LEGACY_BUCKETS_MS, Histogram, sketch_value
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
@@ -74,9 +75,8 @@ def test_upgrade_converts_every_stored_histogram_and_downgrade_restores(engine_a
         raw = c.execute(sa.text("SELECT seq, hist_counts, p95_ms FROM telemetry_raw ORDER BY seq")).all()
         assert len(raw) == n_raw
         for seq, pairs, p95 in raw:
-            pairs = pairs if isinstance(pairs, list) else json.loads(pairs)
             legacy = _legacy(seq)
-            h = Histogram.from_pairs(pairs)
+            h = Histogram.from_pairs(unpack_pairs(pairs))
             assert h.count == sum(legacy)  # nothing lost, nothing invented
             # the converted histogram reads back what the 1.0 reader showed (within the sketch's 1% + one key)
             for q in (0.5, 0.9):
@@ -85,11 +85,10 @@ def test_upgrade_converts_every_stored_histogram_and_downgrade_restores(engine_a
         for table, resolution in (("rollup_1m", None), ("rollup_1h", None), ("fleet_rollup", "1m")):
             where = f" WHERE resolution = '{resolution}'" if resolution else ""
             pairs = c.execute(sa.text(f"SELECT hist_counts FROM {table}{where}")).scalar_one()
-            pairs = pairs if isinstance(pairs, list) else json.loads(pairs)
-            assert Histogram.from_pairs(pairs).count == sum(_legacy(3 if table != "fleet_rollup" else 4))
-        # a row that was not a 1.0 histogram is left alone (not guessed at)
+            assert Histogram.from_pairs(unpack_pairs(pairs)).count == sum(_legacy(3 if table != "fleet_rollup" else 4))
+        # a value that was not a 1.0 histogram becomes an empty one (nothing is guessed from it)
         odd = c.execute(sa.text("SELECT hist_counts FROM fleet_rollup WHERE resolution = '1h'")).scalar_one()
-        assert (odd if isinstance(odd, list) else json.loads(odd)) == [1, 2, 3]
+        assert bytes(odd) == b""
 
     command.downgrade(alembic_config(engine), "0003")
     with engine.connect() as c:
@@ -112,9 +111,10 @@ def test_downgrade_puts_each_key_in_the_bucket_of_its_value():
     h = Histogram()
     for v in (0.004, 0.5, 7.4, 160.0, 99_999.0):
         h.observe(v)
-    legacy = mig._to_legacy(h.to_pairs())
+    legacy = mig._to_legacy(pack_pairs(h.to_pairs()))
     want = [0] * (len(LEGACY_BUCKETS_MS) + 1)
     for k in h.bins:
         want[bisect.bisect_left(LEGACY_BUCKETS_MS, sketch_value(k))] += 1
     assert legacy == want and sum(legacy) == 5
-    assert mig._to_legacy([1, 2, 3]) is None and mig._to_pairs([1] * 5) is None
+    assert mig._to_legacy(b"\x00" * 11) is None and mig._to_packed([1] * 5) is None
+    assert mig._to_packed("not json") is None and mig._to_packed(str([0] * 29)) == b""

@@ -12,6 +12,7 @@ from edgeopt.dashboard import models as m
 from edgeopt.dashboard import stats
 from edgeopt.dashboard.ingest_writer import BatchWriter, Incoming, prepare
 from edgeopt.dashboard.rollup import RetentionSettings, run_rollup
+from edgeopt.dashboard.histograms import pack_pairs, unpack_pairs
 from edgeopt.dashboard.simulate import SimDevice
 from edgeopt.sdk.telemetry import RELATIVE_ACCURACY, SKETCH_KEY_MIN, Histogram
 
@@ -70,7 +71,7 @@ def test_rollup_sums_and_idempotent(engine, session, fleet):
                                                           m.Rollup1h.bucket_start == T0.replace(minute=0))).all()
     assert len(first_hour) == 3
     d0 = next(r for r in first_hour if r.device_pk == min(x.device_pk for x in first_hour))
-    assert d0.hist_counts == _hist(samples[("d0", "a")][:30 * 30]).to_pairs() and d0.samples == 30
+    assert unpack_pairs(d0.hist_counts) == _hist(samples[("d0", "a")][:30 * 30]).to_pairs() and d0.samples == 30
     snap = _snapshot(session)
     again = run_rollup(engine, now=NOW)
     assert again.raw_rows_scanned == st.raw_rows_scanned  # overlap rescans, recomputes the same
@@ -158,17 +159,19 @@ def test_no_stored_row_stops_the_rollup(engine, session, fleet):
     dev = session.scalars(select(m.Device).where(m.Device.device_id == "d0")).one()
     base = dict(device_pk=dev.id, session_id="old", interval_s=60.0, requests=5, errors=0, throughput_ips=0.1,
                 hist_sum_ms=1.0, queue_depth=0, batch_sizes={})
-    good = [SKETCH_KEY_MIN + 300, 5]
+    good = pack_pairs([SKETCH_KEY_MIN + 300, 5])
     session.add_all([
         m.TelemetryRaw(**base, model="a", seq=10_001, ts=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc),
                        hist_counts=good),
         m.TelemetryRaw(**dict(base, batch_sizes={"1": "many"}), model="a", seq=10_002, ts=NOW - timedelta(minutes=2),
                        hist_counts=good),
         m.TelemetryRaw(**base, model="a", seq=10_003, ts=NOW - timedelta(minutes=1), hist_counts=good),
-        # histograms that are not the contract's pairs: odd length, a key out of range, a 1.0 count list
-        m.TelemetryRaw(**base, model="a", seq=10_004, ts=NOW - timedelta(minutes=3), hist_counts=[1, 2, 3]),
-        m.TelemetryRaw(**base, model="a", seq=10_005, ts=NOW - timedelta(minutes=4), hist_counts=[10_000, 1]),
-        m.TelemetryRaw(**base, model="a", seq=10_006, ts=NOW - timedelta(minutes=5), hist_counts=[0] * 29),
+        # stored bytes that are not a histogram: a torn record, a key out of range, a negative count
+        m.TelemetryRaw(**base, model="a", seq=10_004, ts=NOW - timedelta(minutes=3), hist_counts=good + b"\x01"),
+        m.TelemetryRaw(**base, model="a", seq=10_005, ts=NOW - timedelta(minutes=4),
+                       hist_counts=pack_pairs([10_000, 1])),
+        m.TelemetryRaw(**base, model="a", seq=10_006, ts=NOW - timedelta(minutes=5),
+                       hist_counts=pack_pairs([SKETCH_KEY_MIN, -1])),
     ])
     session.commit()
     st = run_rollup(engine, now=NOW, overlap_ids=0)
