@@ -22,7 +22,7 @@ max_points=300) -> dict``
     ``{"device_id", "resolution", "step_s", "models": [str], "points": [{"t", "p50", "p95", "p99",
     "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes", "queue_depth",
     "batch_sizes"}]}``; raises :class:`LookupError` for an unknown device.
-``choose_resolution(start, end, kind="device") -> "raw" | "1m" | "1h"``
+``choose_resolution(start, end, kind="device", now=None) -> "raw" | "1m" | "1h"``
     raw up to 6 h, 1 min up to 7 days (fleet: 2 days), else 1 h.
 ``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
 sort="device_id", order="asc", page=1, per_page=50) -> dict``
@@ -82,11 +82,16 @@ def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def choose_resolution(start: datetime, end: datetime, kind: str = "device") -> str:
-    """The stored resolution to read for a range: raw up to 6 h, 1 min up to 7 days (fleet: raw is
-    never read and 1 min up to 2 days), else 1 h."""
+RAW_WINDOW = timedelta(hours=1)  # raw rows are read only for ranges inside the last hour
+
+
+def choose_resolution(start: datetime, end: datetime, kind: str = "device", now: datetime | None = None) -> str:
+    """The stored resolution to read for a range: raw rows only for a device range that lies within the
+    last hour (the newest minute is not rolled up yet), 1-minute rollups up to 7 days (fleet: 2 days),
+    else 1-hour rollups. Fleet charts never read raw rows."""
     span = (end - start).total_seconds()
-    if kind == "device" and span <= 6 * 3600:
+    now = now or datetime.now(timezone.utc)
+    if kind == "device" and start >= now - RAW_WINDOW - timedelta(seconds=1) and span <= RAW_WINDOW.total_seconds():
         return "raw"
     if span <= (7 if kind == "device" else 2) * 86400:
         return "1m"

@@ -98,7 +98,11 @@ def test_device_detail_and_events(session, fleet):
 
 def test_choose_resolution():
     t = T0
-    assert stats.choose_resolution(t - timedelta(hours=6), t) == "raw"
+    assert stats.choose_resolution(t - timedelta(hours=1), t, now=t) == "raw"
+    assert stats.choose_resolution(t - timedelta(minutes=15), t, now=t) == "raw"
+    # raw rows only within the last hour: a longer range, or an old short one, reads the rollups
+    assert stats.choose_resolution(t - timedelta(hours=6), t, now=t) == "1m"
+    assert stats.choose_resolution(t - timedelta(hours=3), t - timedelta(hours=2, minutes=30), now=t) == "1m"
     assert stats.choose_resolution(t - timedelta(hours=24), t) == "1m"
     assert stats.choose_resolution(t - timedelta(days=30), t) == "1h"
     assert stats.choose_resolution(t - timedelta(hours=24), t, kind="fleet") == "1m"
