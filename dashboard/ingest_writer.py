@@ -334,7 +334,7 @@ class BatchWriter:
             return {(by_pk[pk], s, q) for pk, s, q in _pg_copy_insert(session, batch, pks)}
         table = m.TelemetryRaw.__table__
         stmt = (_insert(self.dialect, table).on_conflict_do_nothing(
-            index_elements=["device_pk", "session_id", "seq", "model"])
+            index_elements=["device_pk", "session_id", "seq", "model", "ts"])
             .returning(table.c.device_pk, table.c.session_id, table.c.seq))
         rows = [dict(r, device_pk=pks[d]) for d, r in batch.telemetry]
         return {(by_pk[pk], s, q) for pk, s, q in session.execute(stmt, rows)}
@@ -459,7 +459,7 @@ _STAGE_SQL = ("CREATE TEMP TABLE IF NOT EXISTS telemetry_stage "
               "(LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COLS = ", ".join(c for c, _ in _TEL_COLS)
 _FROM_STAGE_SQL = (f"INSERT INTO telemetry_raw ({_STAGE_COLS}) SELECT {_STAGE_COLS} FROM telemetry_stage "
-                   "ON CONFLICT (device_pk, session_id, seq, model) DO NOTHING RETURNING device_pk, session_id, seq")
+                   "ON CONFLICT (device_pk, session_id, seq, model, ts) DO NOTHING RETURNING device_pk, session_id, seq")
 
 
 def _pg_copy_insert(session: Session, batch: Prepared, pks: dict[str, int]) -> list:

@@ -253,7 +253,8 @@ class InstalledPackage(Base):
 # ----------------------------------------------------------------------------------------- telemetry
 class TelemetryRaw(Base):
     """One model's statistics from one telemetry message (a message without models gives one row with
-    model ``""`` carrying the system figures)."""
+    model ``""`` carrying the system figures). On PostgreSQL the table is partitioned by day of ``ts``
+    (:mod:`edgeopt.dashboard.partitions`) and its primary key is (id, ts)."""
 
     __tablename__ = "telemetry_raw"
 
@@ -280,7 +281,9 @@ class TelemetryRaw(Base):
     temperature_c: Mapped[Optional[float]] = mapped_column(Float)
 
     __table_args__ = (
-        UniqueConstraint("device_pk", "session_id", "seq", "model", name="uq_telemetry_raw_msg"),
+        # ts is part of the key because PostgreSQL partitions this table by ts (migration 0005) and a
+        # partitioned table's unique keys must hold the partition key; a QoS 1 redelivery repeats ts.
+        UniqueConstraint("device_pk", "session_id", "seq", "model", "ts", name="uq_telemetry_raw_msg"),
         Index("ix_telemetry_raw_device_ts", "device_pk", "ts"),
         Index("ix_telemetry_raw_ts", "ts"),
     )

@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import histograms
+from . import histograms, partitions
 from . import models as m
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class RollupStats:
     fleet_buckets: int = 0
     skipped_rows: int = 0
     deleted: int = 0
+    partitions_created: int = 0
+    partitions_dropped: int = 0
     skipped_locked: bool = False
     seconds: float = 0.0
 
@@ -217,7 +219,12 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
                 session.add(m.RollupState(name=WATERMARK, value=new_mark, updated_at=now))
             else:
                 state.value, state.updated_at = new_mark, now
-        stats.deleted = apply_retention(session, now, retention)
+        if partitions.is_partitioned(session):
+            stats.partitions_created = len(partitions.ensure_partitions(session, now))
+            stats.partitions_dropped, stats.deleted = partitions.drop_expired(session, raw_cutoff)
+            stats.deleted += apply_retention(session, now, retention, raw=False)
+        else:
+            stats.deleted = apply_retention(session, now, retention)
     stats.seconds = round(time.perf_counter() - t0, 3)
     log.debug("rollup: %s", stats)
     return stats
@@ -273,15 +280,17 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
     return len(aggs)
 
 
-def apply_retention(session: Session, now: datetime, retention: RetentionSettings) -> int:
-    """Delete rows older than the retention settings; returns how many."""
+def apply_retention(session: Session, now: datetime, retention: RetentionSettings, raw: bool = True) -> int:
+    """Delete rows older than the retention settings; returns how many. ``raw=False`` leaves raw telemetry
+    to :func:`partitions.drop_expired` (PostgreSQL drops whole days instead)."""
     n = 0
     cut_raw = now - timedelta(hours=retention.raw_hours)
     cut_1m = now - timedelta(days=retention.rollup_1m_days)
     cut_1h = now - timedelta(days=retention.rollup_1h_days)
     cut_ev = now - timedelta(days=retention.events_days)
     cut_dl = now - timedelta(days=retention.dead_letters_days)
-    for stmt in (delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw),
+    raw_stmt = [delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw)] if raw else []
+    for stmt in (*raw_stmt,
                  delete(m.Rollup1m).where(m.Rollup1m.bucket_start < cut_1m),
                  delete(m.Rollup1h).where(m.Rollup1h.bucket_start < cut_1h),
                  delete(m.FleetRollup).where(m.FleetRollup.resolution == "1m", m.FleetRollup.bucket_start < cut_1m),
