@@ -78,16 +78,21 @@ def create_day(session: Session, day: datetime) -> str:
     return name
 
 
-def ensure_partitions(session: Session, now: datetime, days_ahead: int = DAYS_AHEAD) -> list[str]:
-    """Create the partitions of today and the next ``days_ahead`` days that do not exist yet."""
+def ensure_range(session: Session, start: datetime, end: datetime) -> list[str]:
+    """Create the partitions of every day from ``start``'s to ``end``'s that does not exist yet."""
     have = existing(session)
     made = []
-    today = _day(now)
-    for k in range(days_ahead + 1):
-        day = today + timedelta(days=k)
+    day = _day(start)
+    while day <= end:
         if day not in have:
             made.append(create_day(session, day))
+        day += timedelta(days=1)
     return made
+
+
+def ensure_partitions(session: Session, now: datetime, days_ahead: int = DAYS_AHEAD) -> list[str]:
+    """Create the partitions of today and the next ``days_ahead`` days that do not exist yet."""
+    return ensure_range(session, now, _day(now) + timedelta(days=days_ahead))
 
 
 def drop_expired(session: Session, cutoff: datetime) -> tuple[int, int]:
