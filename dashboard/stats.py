@@ -155,7 +155,8 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
                            requests=req_l[i], errors=err_l[i], throughput_ips=tput[i],
                            devices=max(devs[i]) if fleetwide else len(devs[i])))
     return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
-            "start": _iso(start), "end": _iso(end), "points": points}
+            "start": _iso(start), "end": _iso(end), "points": points,
+            "markers": _fleet_markers(session, start, end, model)}
 
 
 def _sum_hists(idx: np.ndarray, blobs: list[bytes | None], n_pts: int) -> np.ndarray:
@@ -436,7 +437,36 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
                            rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {}))))
     models = sorted({r[1] for r, hm in zip(rows, has_model) if hm})
     return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
-            "models": models, "start": _iso(start), "end": _iso(end), "points": points}
+            "models": models, "start": _iso(start), "end": _iso(end), "points": points,
+            "markers": _device_markers(session, pk, start, end, model)}
+
+
+MARKER_KINDS = ("switch", "rollback")
+MAX_MARKERS = 200
+
+
+def _device_markers(session: Session, pk: int, start: datetime, end: datetime, model: str | None) -> list[dict]:
+    """Version changes of a device in [start, end) for the charts: successful switches and rollbacks."""
+    e = m.Event
+    q = (select(e.ts, e.kind, e.model, e.version, e.from_version)
+         .where(e.device_pk == pk, e.kind.in_(MARKER_KINDS), e.ok.is_(True), e.ts >= start, e.ts < end)
+         .order_by(e.ts).limit(MAX_MARKERS))
+    if model is not None:
+        q = q.where(e.model == model)
+    return [{"t": _iso(ts), "kind": kind, "model": mo, "version": v, "from_version": fv,
+             "label": f"{mo or ''} {fv + ' -> ' if fv else ''}{v or ''}".strip()}
+            for ts, kind, mo, v, fv in session.execute(q)]
+
+
+def _fleet_markers(session: Session, start: datetime, end: datetime, model: str | None) -> list[dict]:
+    """Deployments created in [start, end) for the fleet chart: package and version."""
+    d, p = m.Deployment, m.Package
+    q = (select(d.created_at, d.id, p.name, p.version).join(p, p.id == d.package_id)
+         .where(d.created_at >= start, d.created_at < end).order_by(d.created_at).limit(MAX_MARKERS))
+    if model is not None:
+        q = q.where(p.name == model)
+    return [{"t": _iso(ts), "kind": "deployment", "deployment_id": did, "model": name, "version": version,
+             "label": f"deploy {name} {version}"} for ts, did, name, version in session.execute(q)]
 
 
 def ingest_counters(session: Session) -> dict[str, int]:
