@@ -10,8 +10,8 @@ from flask import current_app
 from . import bp, ok
 
 QUERY = {
-    "api.fleet_series": ["range", "model", "group", "profile"],
-    "api.device_series": ["range", "model"],
+    "api.fleet_series": ["range", "model", "group", "profile", "format"],
+    "api.device_series": ["range", "model", "format"],
     "api.devices": ["q", "status", "profile", "group", "package", "sort", "order", "page", "per_page"],
     "api.device_events": ["limit", "before_id"],
     "api.alerts": ["state"],
@@ -22,6 +22,7 @@ QUERY_DOC = {
     "status": "online or offline", "package": "name or name@version",
     "sort": "device_id, status, profile, last_seen, p95 or agent_version", "order": "asc or desc",
     "state": "open (default), resolved or all",
+    "format": "json (default) or csv (the chart's points, one row each)",
 }
 BODIES = {
     "api.create_deployment": {"type": "object", "required": ["package_id", "target"], "properties": {

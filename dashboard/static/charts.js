@@ -8,6 +8,7 @@
  *     legend under each chart reads out every series at the cursor;
  *   - ``bands``: the p50..p95 and p95..p99 ranges filled (latency charts); ``log``: logarithmic y axis,
  *     ``logToggle``: a "log scale" checkbox that redraws the chart with it;
+ *   - ``csv``: a link to the chart's data as CSV (the API answers ``format=csv``);
  *   - ``markers``: dashed vertical lines where a version changed (deployments, switches, rollbacks);
  *   - for screen readers: a text summary (aria-label and a visually hidden paragraph) and the data as a
  *     table in a <details> element, which sighted users can open too.
@@ -129,6 +130,7 @@
     el.setAttribute("aria-label", (opts.title ? opts.title + ": " : "") + text);
     var bar = el_("div", {"class": "chart-tools"}, el);
     var reset = el_("button", {type: "button", "class": "reset-zoom", title: "Show the whole range again"}, bar, "Reset zoom");
+    if (opts.csv) el_("a", {href: opts.csv, "class": "csv-export", download: ""}, bar, "CSV");
     if (opts.logToggle) {
       var lab = el_("label", {"class": "log-toggle"}, bar);
       var box = el_("input", {type: "checkbox"}, lab);

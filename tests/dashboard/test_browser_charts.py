@@ -67,6 +67,14 @@ def test_24h_chart_hover_zoom_log_markers_and_table(app, server, browser, db_bac
     rows = chart.locator("details.chart-data tbody tr").count()
     assert rows * 3 == int(chart.get_attribute("data-points"))
 
+    # The chart's data as CSV, from the link on the chart.
+    href = chart.locator("a.csv-export").get_attribute("href")
+    assert "format=csv" in href and "range=24h" in href
+    resp = page.request.get(server + href)
+    assert resp.ok and resp.headers["content-type"].startswith("text/csv")
+    assert resp.text().splitlines()[0].startswith("t,p50,p95,p99,requests")
+    assert len(resp.text().splitlines()) == rows + 1
+
     # The version switch 6 h ago is marked on the latency chart.
     assert chart.get_attribute("data-markers") == "1"
 
