@@ -6,7 +6,7 @@ DDSketch layout, non-empty keys ascending), so any set of rows can be merged by 
 keys, in one numpy call, and fleet percentiles are computed from the merged histogram (within 1%), never by
 averaging percentiles. Migration 0004 converted the 1.0 layout's 29 JSON counts.
 
-Idempotence: telemetry rows are unique on (device, session_id, seq, model), events and command results
+Idempotence: telemetry rows are unique on (device, session_id, seq, model, ts), events and command results
 on (device, session_id, seq); the ingest inserts with ``ON CONFLICT DO NOTHING`` so QoS 1 redelivery never
 double-counts. Rollups are unique on (device, model, bucket_start) and are recomputed, not incremented,
 so re-running a rollup gives the same rows.
