@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from . import histograms
 from . import models as m
-from .stats import _iso, _plain, _sig, quantiles
+from .stats import _iso, _plain, _sig, fetch_all, quantiles
 
 WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "6h": timedelta(hours=6),
            "24h": timedelta(hours=24)}
@@ -64,7 +64,7 @@ def deployment_latency(session: Session, dep: m.Deployment, window: timedelta = 
         hi = max(ts for ts, _ in switched.values()) + window
         q = select(r.device_pk, r.bucket_start, r.hist_counts, r.requests).where(
             r.device_pk.in_(list(switched)), r.model == model, r.bucket_start >= lo, r.bucket_start < hi)
-        for pk, bucket, blob, req in session.execute(q):
+        for pk, bucket, blob, req in fetch_all(session, q):
             ts = switched[pk][0]
             if ts - window <= bucket and bucket + timedelta(minutes=1) <= ts:
                 side = 0

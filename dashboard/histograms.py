@@ -84,7 +84,12 @@ def sum_into(idx: np.ndarray, blobs: Iterable[bytes | memoryview | None], n_pts:
         bad += len(bad_rows)
         keep = ~np.isin(row_of, bad_rows)
         rows, keys, counts = rows[keep], keys[keep], counts[keep]
-    # bincount over (point, key) is several times faster than np.add.at; float64 weights are exact below 2**53
-    flat = np.bincount(rows * SKETCH_BINS + keys, weights=counts, minlength=n_pts * SKETCH_BINS)
-    H += flat.astype(np.int64).reshape(n_pts, SKETCH_BINS)
+    if not len(keys):
+        return H, bad
+    # bincount over (point, key) is several times faster than np.add.at (float64 weights are exact below
+    # 2**53); over the keys present only, which a device's histograms keep to a narrow band
+    lo, hi = int(keys.min()), int(keys.max())
+    width = hi - lo + 1
+    flat = np.bincount(rows * width + (keys - lo), weights=counts, minlength=n_pts * width)
+    H[:, lo:hi + 1] = flat.astype(np.int64).reshape(n_pts, width)
     return H, bad

@@ -22,6 +22,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 TABLE = "telemetry_raw"
 DEFAULT = f"{TABLE}_default"
 DAYS_AHEAD = 2
+# Creating or dropping a partition needs an exclusive lock on telemetry_raw; while it waits, every insert
+# of the ingest queues behind it. So it waits at most this long and is retried at the next rollup run.
+LOCK_TIMEOUT = "1s"
 _NAME = re.compile(rf"^{TABLE}_p(\d{{8}})$")
 
 
@@ -107,3 +111,23 @@ def drop_expired(session: Session, cutoff: datetime) -> tuple[int, int]:
     if dropped:
         log.info("partitions: %d raw telemetry partitions dropped (before %s)", dropped, cutoff)
     return dropped, deleted
+
+
+def maintain(session: Session, now: datetime, cutoff: datetime) -> tuple[int, int, int]:
+    """:func:`ensure_partitions` then :func:`drop_expired`, in a savepoint with a short lock timeout: when
+    a long transaction elsewhere holds telemetry_raw, this run leaves the partitions as they are (logged)
+    instead of stalling the ingest. Returns (created, dropped, rows deleted from the default partition)."""
+    try:
+        with session.begin_nested():
+            session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            made = ensure_partitions(session, now)
+            dropped, deleted = drop_expired(session, cutoff)
+            session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+        return len(made), dropped, deleted
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+        log.warning("partitions: telemetry_raw is locked by another transaction; partition upkeep waits for "
+                    "the next rollup run")
+        return 0, 0, 0

@@ -220,9 +220,9 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
             else:
                 state.value, state.updated_at = new_mark, now
         if partitions.is_partitioned(session):
-            stats.partitions_created = len(partitions.ensure_partitions(session, now))
-            stats.partitions_dropped, stats.deleted = partitions.drop_expired(session, raw_cutoff)
-            stats.deleted += apply_retention(session, now, retention, raw=False)
+            made, dropped, deleted = partitions.maintain(session, now, raw_cutoff)
+            stats.partitions_created, stats.partitions_dropped = made, dropped
+            stats.deleted = deleted + apply_retention(session, now, retention, raw=False)
         else:
             stats.deleted = apply_retention(session, now, retention)
     stats.seconds = round(time.perf_counter() - t0, 3)

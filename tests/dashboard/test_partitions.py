@@ -81,3 +81,20 @@ def test_rows_in_the_default_partition_are_deleted_by_retention(pg_only_url):
         assert s.scalar(select(func.count()).select_from(m.TelemetryRaw)) == 0
     assert st.deleted == 1
     engine.dispose()
+
+
+def test_a_reader_holding_the_table_does_not_stall_the_rollup(pg_only_url):
+    """Partition upkeep waits at most the lock timeout for a transaction that holds telemetry_raw, then
+    leaves it to the next run; the rollup itself completes."""
+    engine = make_engine(pg_only_url)
+    now = datetime.now(timezone.utc)
+    dev = SimDevice("part-3", models=("a",))
+    _write(engine, dev, now - timedelta(minutes=3), 1, now)
+    with Session(engine) as reader:
+        reader.execute(text("SELECT count(*) FROM telemetry_raw")).scalar()  # holds its lock until rollback
+        st = run_rollup(engine, now=now + timedelta(days=10))  # wants to create and drop days
+        assert (st.partitions_created, st.partitions_dropped) == (0, 0) and st.raw_rows_scanned == 1
+        reader.rollback()
+    st = run_rollup(engine, now=now + timedelta(days=10))
+    assert st.partitions_created == 3 and st.partitions_dropped >= 3
+    engine.dispose()
