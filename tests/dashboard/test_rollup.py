@@ -187,5 +187,8 @@ def test_no_stored_row_stops_the_rollup(engine, session, fleet):
     for minutes in (2, 3, 4, 5):
         assert session.scalar(select(func.count()).select_from(m.Rollup1m).where(
             m.Rollup1m.bucket_start == NOW - timedelta(minutes=minutes))) == 0, minutes
-    # Retention runs in the same transaction: it works again too.
-    assert run_rollup(engine, now=NOW + timedelta(days=3)).deleted > 0
+    # Retention runs in the same transaction: it works again too (the reads above end first: on PostgreSQL
+    # dropping a partition waits for readers of telemetry_raw, at most 1 s, then leaves it to the next run).
+    session.rollback()
+    st = run_rollup(engine, now=NOW + timedelta(days=3))
+    assert st.deleted + st.partitions_dropped > 0  # rows deleted (SQLite) or their day dropped (PostgreSQL)
