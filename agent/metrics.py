@@ -1,20 +1,25 @@
 """Serving metrics: per-model counters and latency histograms, read two ways.
 
 * :meth:`Metrics.telemetry` returns the interval figures for the MQTT telemetry payload (and resets the
-  interval), using the contract's fixed-bucket :class:`~edgeopt.sdk.telemetry.Histogram` so the dashboard
-  can merge devices and compute true fleet percentiles.
-* :meth:`Metrics.prometheus` renders cumulative figures as Prometheus text for ``GET /metrics``.
+  interval), using the contract's :class:`~edgeopt.sdk.telemetry.Histogram` (DDSketch layout, 1% relative
+  accuracy) so the dashboard can merge devices and compute fleet percentiles within that accuracy.
+* :meth:`Metrics.prometheus` renders cumulative figures as Prometheus text for ``GET /metrics``. Its latency
+  histogram keeps the fixed ``le`` bounds it always had (:data:`PROMETHEUS_BUCKETS_MS`), so existing scrape
+  queries keep their series; a Prometheus classic histogram is only as precise as those bounds.
 
 Recording is a few integer additions under one lock per model, cheap next to an inference.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
 from typing import Callable
 
-from ..sdk.telemetry import LATENCY_BUCKETS_MS, Histogram, ModelStats, SystemStats
+from ..sdk.telemetry import LEGACY_BUCKETS_MS, Histogram, ModelStats, SystemStats
+
+PROMETHEUS_BUCKETS_MS = LEGACY_BUCKETS_MS
 
 
 class ModelMetrics:
@@ -30,7 +35,8 @@ class ModelMetrics:
         self.hist = Histogram()
         self.requests = self.errors = self.samples = 0
         self.batch_sizes: dict[int, int] = {}
-        self.total_hist = Histogram()
+        self.total_prom = [0] * (len(PROMETHEUS_BUCKETS_MS) + 1)  # cumulative, for /metrics
+        self.total_sum_ms = 0.0
         self.total_requests = self.total_errors = self.total_busy = self.total_samples = 0
         self.total_batches: dict[int, int] = {}
         self.interval_start = time.monotonic()
@@ -39,7 +45,8 @@ class ModelMetrics:
         """One request answered successfully."""
         with self.lock:
             self.hist.observe(latency_ms)
-            self.total_hist.observe(latency_ms)
+            self.total_prom[bisect.bisect_left(PROMETHEUS_BUCKETS_MS, latency_ms)] += 1
+            self.total_sum_ms += latency_ms
             self.requests += 1
             self.total_requests += 1
             self.samples += samples
@@ -72,7 +79,7 @@ class ModelMetrics:
         return ModelStats(
             model=self.name, version=self.version, requests=requests, errors=errors,
             throughput_ips=samples / elapsed, latency=hist.to_model(),
-            p50_ms=hist.quantile(0.50), p95_ms=hist.quantile(0.95), p99_ms=hist.quantile(0.99),
+            **dict(zip(("p50_ms", "p95_ms", "p99_ms"), hist.quantiles((0.50, 0.95, 0.99)))),
             queue_depth=max(0, int(self.queue_depth())),
             batch_sizes={str(k): v for k, v in sorted(sizes.items())},
             live_sequences=self.sequences.live if self.sequences is not None else None,
@@ -161,10 +168,11 @@ class Metrics:
                   "# TYPE edgeopt_request_latency_ms histogram"]
         for m in models:
             with m.lock:
-                counts, total, count = list(m.total_hist.counts), m.total_hist.sum_ms, m.total_hist.count
+                counts, total = list(m.total_prom), m.total_sum_ms
+            count = sum(counts)
             label = _esc(m.name)
             running = 0
-            for bound, c in zip(LATENCY_BUCKETS_MS, counts):
+            for bound, c in zip(PROMETHEUS_BUCKETS_MS, counts):
                 running += c
                 lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="{bound:g}"}} {running}')
             lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="+Inf"}} {count}')

@@ -1,6 +1,6 @@
 """Periodic telemetry: every interval, one ``telemetry`` payload into the outbox.
 
-The payload holds each model's interval figures (fixed-bucket latency histogram, p50/p95/p99, requests,
+The payload holds each model's interval figures (latency histogram in the DDSketch layout, p50/p95/p99, requests,
 errors, throughput, queue depth, batch sizes), the process CPU % and RSS, and how many outbox messages
 were dropped since the agent started.
 """

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,22 @@ def pg_admin(url: str):
 def seed(url: str, devices: int, raw_rows: int, chart_devices: int) -> float:
     """Fill the database server-side; returns seconds taken."""
     t0 = time.perf_counter()
-    hist = json.dumps(HIST)
+    from sqlalchemy.orm import Session
+
+    from edgeopt.dashboard import histograms, partitions
+    from edgeopt.dashboard.db import make_engine
+    from edgeopt.sdk.telemetry import Histogram, legacy_to_bins
+
+    # The same shape as before schema 1.1, spread over the DDSketch keys and stored packed.
+    bins = legacy_to_bins(HIST)
+    hist = "\\x" + histograms.pack(Histogram(bins)).hex()
+    fleet_hist = "\\x" + histograms.pack(Histogram({k: c * 10000 for k, c in bins.items()})).hex()
+    engine = make_engine(url)
+    with Session(engine) as s, s.begin():
+        if partitions.is_partitioned(s):  # PostgreSQL: days of the seeded range, as the rollup job makes them
+            now = datetime.now(timezone.utc)
+            partitions.ensure_range(s, now - timedelta(seconds=10 * max(1, raw_rows // devices) + 86400), now)
+    engine.dispose()
     per_device = max(1, raw_rows // devices)
     with pg_admin(url) as c:
         c.execute("""
@@ -70,7 +86,7 @@ def seed(url: str, devices: int, raw_rows: int, chart_devices: int) -> float:
                                            errors, throughput_ips, hist_counts, hist_sum_ms, p50_ms, p95_ms, p99_ms,
                                            queue_depth, batch_sizes, cpu_percent, rss_bytes)
                 SELECT d.id, 'digits', '1.0.0', now() - (k * 10) * interval '1 second', 's1', k, 10, 100, 0, 10,
-                       '{hist}'::json, 500, 4.2, 9.5, 14.0, 0, '{{"1": 100}}'::json, 30, 200000000
+                       '{hist}'::bytea, 500, 4.2, 9.5, 14.0, 0, '{{"1": 100}}'::json, 30, 200000000
                 FROM devices d CROSS JOIN generate_series(1, %s) AS k
                 WHERE d.id BETWEEN %s AND %s""", (per_device, lo, lo + step - 1))
             print(f"  raw rows: devices {lo}..{min(devices, lo + step - 1)}", file=sys.stderr, flush=True)
@@ -79,14 +95,14 @@ def seed(url: str, devices: int, raw_rows: int, chart_devices: int) -> float:
                 INSERT INTO {table} (device_pk, model, bucket_start, requests, errors, samples, hist_counts,
                                      hist_sum_ms, cpu_avg, rss_avg, queue_depth_max, batch_sizes)
                 SELECT d.id, 'digits', date_trunc('{unit}', now()) - k * interval '1 {unit}', 600, 0, 6,
-                       '{hist}'::json, 3000, 30, 200000000, 1, '{{"1": 600}}'::json
+                       '{hist}'::bytea, 3000, 30, 200000000, 1, '{{"1": 600}}'::json
                 FROM devices d CROSS JOIN generate_series(0, %s) AS k WHERE d.id <= %s""", (n - 1, chart_devices))
         for res, n, unit in (("1m", 2880, "minute"), ("1h", 720, "hour")):
             c.execute(f"""
                 INSERT INTO fleet_rollup (resolution, model, bucket_start, devices, requests, errors, hist_counts,
                                           hist_sum_ms)
                 SELECT '{res}', 'digits', date_trunc('{unit}', now()) - k * interval '1 {unit}', %s, 6000000, 0,
-                       '{json.dumps([v * 10000 for v in HIST])}'::json, 30000000
+                       '{fleet_hist}'::bytea, 30000000
                 FROM generate_series(0, %s) AS k""", (devices, n - 1))
         c.execute("ANALYZE")
         count = c.execute("SELECT count(*) FROM telemetry_raw").fetchone()[0]

@@ -18,7 +18,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS, Histogram
+from edgeopt.sdk.telemetry import Histogram
+
+from . import histograms
 
 from .models import Alert, AlertKind, AlertRule, AlertState, Device, Event, Rollup1m, utcnow
 from .rollup import floor_minute
@@ -29,7 +31,6 @@ EVALUATE_EVERY_S = 30.0
 P95_WINDOW = timedelta(minutes=5)
 INSTALL_WINDOW = timedelta(hours=24)
 INSTALL_KINDS = ("download", "install", "self_test", "switch", "refused")
-NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 
 
 def _offline(session: Session, rule: AlertRule, now: datetime) -> dict[int, tuple[float, str]]:
@@ -54,8 +55,10 @@ def _p95(session: Session, rule: AlertRule, now: datetime) -> dict[int, tuple[fl
     q = q.where(r.model == rule.model) if rule.model else q.where(r.model != "")
     merged: dict[int, Histogram] = defaultdict(Histogram)
     for pk, counts, sum_ms in session.execute(q):
-        if counts and len(counts) == NBUCKETS:
-            merged[pk].merge(Histogram(counts, sum_ms or 0.0))
+        try:
+            merged[pk].merge(histograms.unpack(counts, sum_ms or 0.0))
+        except (TypeError, ValueError):
+            log.warning("alerts: malformed histogram of device %s skipped", pk)
     names = dict(session.execute(select(Device.id, Device.device_id).where(Device.id.in_(list(merged)))).all()) \
         if merged else {}
     out = {}

@@ -27,11 +27,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from edgeopt.sdk import topics
-from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload,
+from edgeopt.sdk.telemetry import (MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload,
                                    EventPayload, PayloadError, StatusPayload, TelemetryPayload, json_too_deep,
                                    parse_payload)
 
-from . import dead_letters
+from . import dead_letters, histograms
 from . import models as m
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,28 @@ class Prepared:
 
 
 def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
+    """One row per model. The histogram is stored in the 1.1 layout whatever the payload's version (a 1.0
+    histogram is converted here), and p50/p95/p99 are recomputed from it: every percentile the dashboard
+    shows comes from the same sketch, not from figures a device computed its own way."""
     base = dict(ts=p.ts, session_id=p.session_id, seq=p.seq, interval_s=p.interval_s,
                 cpu_percent=p.system.cpu_percent, rss_bytes=p.system.rss_bytes,
                 temperature_c=p.system.temperature_c)
     if not p.models:
         return [dict(base, model="", model_version=None, requests=0, errors=0, throughput_ips=0.0,
-                     hist_counts=[0] * (len(LATENCY_BUCKETS_MS) + 1), hist_sum_ms=0.0, p50_ms=None,
+                     hist_counts=b"", hist_sum_ms=0.0, p50_ms=None,
                      p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={})]
-    return [dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
-                 throughput_ips=s.throughput_ips, hist_counts=list(s.latency.counts),
-                 hist_sum_ms=s.latency.sum_ms, p50_ms=s.p50_ms, p95_ms=s.p95_ms, p99_ms=s.p99_ms,
-                 queue_depth=s.queue_depth, batch_sizes=dict(s.batch_sizes)) for s in p.models]
+    rows = []
+    for s in p.models:
+        h = s.latency.to_histogram()
+        p50, p95, p99 = h.quantiles(_QS)
+        rows.append(dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
+                         throughput_ips=s.throughput_ips, hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms,
+                         p50_ms=p50, p95_ms=p95, p99_ms=p99, queue_depth=s.queue_depth,
+                         batch_sizes=dict(s.batch_sizes)))
+    return rows
+
+
+_QS = (0.5, 0.95, 0.99)
 
 
 def _parse(kind: str, data: bytes, max_bytes: int):
@@ -175,7 +186,7 @@ def _prepare_one(out: Prepared, item: Incoming, limits: Limits) -> None:
             out.counters["duplicate"] += 1
             return
         rows = _telemetry_rows(p)
-        p95 = [s.p95_ms for s in p.models if s.p95_ms is not None]
+        p95 = [r["p95_ms"] for r in rows if r["p95_ms"] is not None]
         facts = dict(ts=p.ts, session=p.session_id, interval=p.interval_s, received=item.received,
                      p95=max(p95) if p95 else None, cpu=p.system.cpu_percent, rss=p.system.rss_bytes)
         out.fleets.setdefault(t.device_id, t.fleet)
@@ -323,7 +334,7 @@ class BatchWriter:
             return {(by_pk[pk], s, q) for pk, s, q in _pg_copy_insert(session, batch, pks)}
         table = m.TelemetryRaw.__table__
         stmt = (_insert(self.dialect, table).on_conflict_do_nothing(
-            index_elements=["device_pk", "session_id", "seq", "model"])
+            index_elements=["device_pk", "session_id", "seq", "model", "ts"])
             .returning(table.c.device_pk, table.c.session_id, table.c.seq))
         rows = [dict(r, device_pk=pks[d]) for d, r in batch.telemetry]
         return {(by_pk[pk], s, q) for pk, s, q in session.execute(stmt, rows)}
@@ -440,7 +451,7 @@ class BatchWriter:
 # with thousands of placeholders (psycopg parses such a statement in Python for every batch: 5x slower).
 _TEL_COLS = (("device_pk", "int"), ("model", "text"), ("model_version", "text"), ("ts", "timestamptz"),
              ("session_id", "text"), ("seq", "bigint"), ("interval_s", "float8"), ("requests", "bigint"),
-             ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "json"),
+             ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "bytea"),
              ("hist_sum_ms", "float8"), ("p50_ms", "float8"), ("p95_ms", "float8"), ("p99_ms", "float8"),
              ("queue_depth", "int"), ("batch_sizes", "json"), ("cpu_percent", "float8"), ("rss_bytes", "bigint"),
              ("temperature_c", "float8"))
@@ -448,7 +459,7 @@ _STAGE_SQL = ("CREATE TEMP TABLE IF NOT EXISTS telemetry_stage "
               "(LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COLS = ", ".join(c for c, _ in _TEL_COLS)
 _FROM_STAGE_SQL = (f"INSERT INTO telemetry_raw ({_STAGE_COLS}) SELECT {_STAGE_COLS} FROM telemetry_stage "
-                   "ON CONFLICT (device_pk, session_id, seq, model) DO NOTHING RETURNING device_pk, session_id, seq")
+                   "ON CONFLICT (device_pk, session_id, seq, model, ts) DO NOTHING RETURNING device_pk, session_id, seq")
 
 
 def _pg_copy_insert(session: Session, batch: Prepared, pks: dict[str, int]) -> list:

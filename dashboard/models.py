@@ -1,11 +1,12 @@
 """SQLAlchemy 2.0 typed models of the fleet dashboard.
 
 Every timestamp is UTC-aware (:class:`UTCDateTime`), on SQLite as on PostgreSQL. Latency histograms are
-stored as JSON lists of counts over the contract's fixed ``LATENCY_BUCKETS_MS`` (one more bucket for
-everything above the last bound), so any set of rows can be merged by adding counts and fleet percentiles
-are computed from the merged histogram, never by averaging percentiles.
+stored packed (:mod:`edgeopt.dashboard.histograms`: 10-byte records of key and count of the contract's
+DDSketch layout, non-empty keys ascending), so any set of rows can be merged by adding the counts of equal
+keys, in one numpy call, and fleet percentiles are computed from the merged histogram (within 1%), never by
+averaging percentiles. Migration 0004 converted the 1.0 layout's 29 JSON counts.
 
-Idempotence: telemetry rows are unique on (device, session_id, seq, model), events and command results
+Idempotence: telemetry rows are unique on (device, session_id, seq, model, ts), events and command results
 on (device, session_id, seq); the ingest inserts with ``ON CONFLICT DO NOTHING`` so QoS 1 redelivery never
 double-counts. Rollups are unique on (device, model, bucket_start) and are recomputed, not incremented,
 so re-running a rollup gives the same rows.
@@ -253,7 +254,8 @@ class InstalledPackage(Base):
 # ----------------------------------------------------------------------------------------- telemetry
 class TelemetryRaw(Base):
     """One model's statistics from one telemetry message (a message without models gives one row with
-    model ``""`` carrying the system figures)."""
+    model ``""`` carrying the system figures). On PostgreSQL the table is partitioned by day of ``ts``
+    (:mod:`edgeopt.dashboard.partitions`) and its primary key is (id, ts)."""
 
     __tablename__ = "telemetry_raw"
 
@@ -268,7 +270,7 @@ class TelemetryRaw(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     throughput_ips: Mapped[float] = mapped_column(Float, default=0.0)
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
     p50_ms: Mapped[Optional[float]] = mapped_column(Float)
     p95_ms: Mapped[Optional[float]] = mapped_column(Float)
@@ -280,7 +282,9 @@ class TelemetryRaw(Base):
     temperature_c: Mapped[Optional[float]] = mapped_column(Float)
 
     __table_args__ = (
-        UniqueConstraint("device_pk", "session_id", "seq", "model", name="uq_telemetry_raw_msg"),
+        # ts is part of the key because PostgreSQL partitions this table by ts (migration 0005) and a
+        # partitioned table's unique keys must hold the partition key; a QoS 1 redelivery repeats ts.
+        UniqueConstraint("device_pk", "session_id", "seq", "model", "ts", name="uq_telemetry_raw_msg"),
         Index("ix_telemetry_raw_device_ts", "device_pk", "ts"),
         Index("ix_telemetry_raw_ts", "ts"),
     )
@@ -290,7 +294,7 @@ class _RollupMixin:
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     samples: Mapped[int] = mapped_column(Integer, default=0, doc="Raw rows merged into this bucket.")
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
     cpu_avg: Mapped[Optional[float]] = mapped_column(Float)
     rss_avg: Mapped[Optional[float]] = mapped_column(Float)
@@ -338,7 +342,7 @@ class FleetRollup(Base):
     devices: Mapped[int] = mapped_column(Integer, default=0)
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
-    hist_counts: Mapped[list[int]] = mapped_column()
+    hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
 
     __table_args__ = (Index("ix_fleet_rollup_res_bucket", "resolution", "bucket_start"),)

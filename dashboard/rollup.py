@@ -2,11 +2,13 @@
 buckets per model, plus retention.
 
 A bucket is always RECOMPUTED from the level below (never incremented), so a rerun, an overlap, or two
-processes running it give the same rows. Which buckets to recompute is found from the raw rows added since
+processes running it give the same rows (rows are read in key order: float sums then come out identical
+bit for bit, whatever order an update left the rows in on disk). Which buckets to recompute is found from the raw rows added since
 the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
-Histograms are merged by adding bucket counts, so percentiles of any rollup are exact to the bucket
-bounds. Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
+Histograms (the contract's DDSketch layout, stored packed: :mod:`.histograms`) are merged by adding
+the counts of equal keys, so percentiles of any rollup keep the sketch's 1% relative accuracy.
+Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
 
 No stored row can stop it: a row whose ts is more than :data:`MAX_AHEAD` ahead of now (written before
 the ingest refused such timestamps: 9999-12-31 made every run fail with OverflowError and the watermark
@@ -28,13 +30,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS
-
+from . import histograms, partitions
 from . import models as m
 
 log = logging.getLogger(__name__)
 
-NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 WATERMARK = "rollup_raw_id"
 ADVISORY_LOCK = 0x6564676F  # "edgo": one rollup at a time across ingest processes (PostgreSQL)
 CHUNK = 1000
@@ -61,6 +61,8 @@ class RollupStats:
     fleet_buckets: int = 0
     skipped_rows: int = 0
     deleted: int = 0
+    partitions_created: int = 0
+    partitions_dropped: int = 0
     skipped_locked: bool = False
     seconds: float = 0.0
 
@@ -94,7 +96,7 @@ class _Agg:
 
     def __init__(self) -> None:
         self.requests = self.errors = self.samples = self.queue = 0
-        self.counts = [0] * NBUCKETS
+        self.counts: dict[int, int] = {}
         self.sum_ms = self.cpu_sum = self.rss_sum = 0.0
         self.cpu_n = self.rss_n = 0
         self.batch: dict[str, int] = defaultdict(int)
@@ -112,10 +114,10 @@ class _Agg:
         self.requests += requests or 0
         self.errors += errors or 0
         self.samples += samples
-        if counts and len(counts) == NBUCKETS:
-            for i, c in enumerate(counts):
-                if c:
-                    self.counts[i] += c
+        bins = self.counts
+        for i in range(0, len(counts), 2):
+            k = counts[i]
+            bins[k] = bins.get(k, 0) + counts[i + 1]
         self.sum_ms += sum_ms or 0.0
         # Averages of averages are weighted by the rows behind them, so 1 h = mean of every raw sample.
         if cpu is not None:
@@ -128,9 +130,16 @@ class _Agg:
         for k, v in (batch or {}).items():
             self.batch[str(k)] += int(v)
 
+    def pairs(self) -> list[int]:
+        out: list[int] = []
+        for k in sorted(self.counts):
+            if self.counts[k]:
+                out += (k, self.counts[k])
+        return out
+
     def row(self, **keys) -> dict[str, Any]:
         return dict(keys, requests=self.requests, errors=self.errors, samples=self.samples,
-                    hist_counts=self.counts, hist_sum_ms=self.sum_ms,
+                    hist_counts=histograms.pack_pairs(self.pairs()), hist_sum_ms=self.sum_ms,
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
                     queue_depth_max=self.queue, batch_sizes=dict(self.batch))
@@ -139,8 +148,7 @@ class _Agg:
 def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight):
     """A row's values checked and converted before they touch an aggregate (rows are JSON from the database:
     anything written by an older version, or by hand, must not break a whole rollup)."""
-    if counts and len(counts) == NBUCKETS:
-        counts = [int(c) for c in counts]
+    counts = histograms.unpack_pairs(counts)  # ValueError for bytes that are not a valid histogram
     batch = {str(k): int(v) for k, v in (batch or {}).items()}
     return (int(requests or 0), int(errors or 0), int(samples), counts, float(sum_ms or 0.0),
             None if cpu is None else float(cpu), None if rss is None else float(rss), int(queue or 0), batch,
@@ -211,7 +219,12 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
                 session.add(m.RollupState(name=WATERMARK, value=new_mark, updated_at=now))
             else:
                 state.value, state.updated_at = new_mark, now
-        stats.deleted = apply_retention(session, now, retention)
+        if partitions.is_partitioned(session):
+            made, dropped, deleted = partitions.maintain(session, now, raw_cutoff)
+            stats.partitions_created, stats.partitions_dropped = made, dropped
+            stats.deleted = deleted + apply_retention(session, now, retention, raw=False)
+        else:
+            stats.deleted = apply_retention(session, now, retention)
     stats.seconds = round(time.perf_counter() - t0, 3)
     log.debug("rollup: %s", stats)
     return stats
@@ -224,7 +237,7 @@ def _recompute_minute(session: Session, minute: datetime, devices: list[int]) ->
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
                    r.rss_bytes, r.queue_depth, r.batch_sizes).where(
-            r.ts >= minute, r.ts < end, r.device_pk.in_(chunk))
+            r.ts >= minute, r.ts < end, r.device_pk.in_(chunk)).order_by(r.id)
         for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
             if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
                 log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
@@ -240,7 +253,8 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
                    r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
-            r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk))
+            r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk)).order_by(
+            r.device_pk, r.model, r.bucket_start)
         for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
             if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
                 log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
@@ -254,26 +268,29 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
     aggs: dict[str, _Agg] = {}
     devices: dict[str, set[int]] = defaultdict(set)
     q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
-        r.bucket_start == bucket, r.model != "")
+        r.bucket_start == bucket, r.model != "").order_by(r.device_pk, r.model)
     for dpk, model, req, err, counts, sum_ms in session.execute(q):
         if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None):
             devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
-                                          hist_counts=a.counts, hist_sum_ms=a.sum_ms)
+                                          hist_counts=histograms.pack_pairs(a.pairs()),
+                                          hist_sum_ms=a.sum_ms)
                                      for mo, a in aggs.items()])
     return len(aggs)
 
 
-def apply_retention(session: Session, now: datetime, retention: RetentionSettings) -> int:
-    """Delete rows older than the retention settings; returns how many."""
+def apply_retention(session: Session, now: datetime, retention: RetentionSettings, raw: bool = True) -> int:
+    """Delete rows older than the retention settings; returns how many. ``raw=False`` leaves raw telemetry
+    to :func:`partitions.drop_expired` (PostgreSQL drops whole days instead)."""
     n = 0
     cut_raw = now - timedelta(hours=retention.raw_hours)
     cut_1m = now - timedelta(days=retention.rollup_1m_days)
     cut_1h = now - timedelta(days=retention.rollup_1h_days)
     cut_ev = now - timedelta(days=retention.events_days)
     cut_dl = now - timedelta(days=retention.dead_letters_days)
-    for stmt in (delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw),
+    raw_stmt = [delete(m.TelemetryRaw).where(m.TelemetryRaw.ts < cut_raw)] if raw else []
+    for stmt in (*raw_stmt,
                  delete(m.Rollup1m).where(m.Rollup1m.bucket_start < cut_1m),
                  delete(m.Rollup1h).where(m.Rollup1h.bucket_start < cut_1h),
                  delete(m.FleetRollup).where(m.FleetRollup.resolution == "1m", m.FleetRollup.bucket_start < cut_1m),

@@ -59,7 +59,7 @@ class SimDevice:
             h = Histogram()
             for v in lat:
                 h.observe(float(v))
-            p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99)) if requests else (None,) * 3
+            p50, p95, p99 = h.quantiles((0.5, 0.95, 0.99))
             stats.append(ModelStats(model=mo, version="1.0.0", requests=requests, errors=int(requests // 50),
                                     throughput_ips=requests / interval_s, latency=h.to_model(), p50_ms=p50,
                                     p95_ms=p95, p99_ms=p99, queue_depth=int(self.rng.integers(0, 4)),

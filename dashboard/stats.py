@@ -1,8 +1,9 @@
 """Queries behind the dashboard's pages and JSON API. Every function takes an ORM ``Session`` and returns
 plain JSON-ready dicts/lists (datetimes as ISO 8601 UTC strings, latencies in ms).
 
-Latency percentiles are always computed from MERGED histograms (bucket counts summed over devices and
-time, :class:`edgeopt.sdk.telemetry.Histogram`), never by averaging percentiles.
+Latency percentiles are always computed from MERGED histograms (counts of the contract's DDSketch layout
+summed over devices and time, :class:`edgeopt.sdk.telemetry.Histogram`), never by averaging percentiles;
+they are within 1% (relative) of the exact percentiles of the latencies the devices measured.
 
 API (all keyword arguments optional unless shown):
 
@@ -21,7 +22,7 @@ max_points=300) -> dict``
     ``{"device_id", "resolution", "step_s", "models": [str], "points": [{"t", "p50", "p95", "p99",
     "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes", "queue_depth",
     "batch_sizes"}]}``; raises :class:`LookupError` for an unknown device.
-``choose_resolution(start, end, kind="device") -> "raw" | "1m" | "1h"``
+``choose_resolution(start, end, kind="device", now=None) -> "raw" | "1m" | "1h"``
     raw up to 6 h, 1 min up to 7 days (fleet: 2 days), else 1 h.
 ``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
 sort="device_id", order="asc", page=1, per_page=50) -> dict``
@@ -34,7 +35,7 @@ sort="device_id", order="asc", page=1, per_page=50) -> dict``
 ``ingest_counters(session) -> dict[str, int]``
 ``models_seen(session) -> list[str]``
 ``quantiles(counts, qs=(0.5, 0.95, 0.99)) -> numpy array``
-    vectorized ``Histogram.quantile`` over a (points, buckets) array of counts (NaN for empty rows).
+    vectorized ``Histogram.quantiles`` over a (points, SKETCH_BINS) array of counts (NaN for empty rows).
 
 A "device row" is ``{"device_id", "fleet", "status", "offline_reason", "last_seen", "profile",
 "agent_version", "p95_ms", "cpu_percent", "rss_bytes", "groups", "tags", "packages": [{"name",
@@ -43,6 +44,7 @@ A "device row" is ``{"device_id", "fleet", "status", "offline_reason", "last_see
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
@@ -52,11 +54,13 @@ import numpy as np
 from sqlalchemy import Text, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from edgeopt.sdk.telemetry import LATENCY_BUCKETS_MS
+from edgeopt.sdk.telemetry import SKETCH_BINS, SKETCH_KEY_MIN, sketch_value
 
+from . import histograms
 from . import models as m
 
-NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
+log = logging.getLogger(__name__)
+
 RES_SECONDS = {"raw": 0, "1m": 60, "1h": 3600}
 SORT_KEYS = {"device_id": m.Device.device_id, "status": m.Device.status, "profile": m.Device.profile,
              "last_seen": m.Device.last_seen, "p95": m.Device.last_p95_ms,
@@ -78,11 +82,16 @@ def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def choose_resolution(start: datetime, end: datetime, kind: str = "device") -> str:
-    """The stored resolution to read for a range: raw up to 6 h, 1 min up to 7 days (fleet: raw is
-    never read and 1 min up to 2 days), else 1 h."""
+RAW_WINDOW = timedelta(hours=1)  # raw rows are read only for ranges inside the last hour
+
+
+def choose_resolution(start: datetime, end: datetime, kind: str = "device", now: datetime | None = None) -> str:
+    """The stored resolution to read for a range: raw rows only for a device range that lies within the
+    last hour (the newest minute is not rolled up yet), 1-minute rollups up to 7 days (fleet: 2 days),
+    else 1-hour rollups. Fleet charts never read raw rows."""
     span = (end - start).total_seconds()
-    if kind == "device" and span <= 6 * 3600:
+    now = now or datetime.now(timezone.utc)
+    if kind == "device" and start >= now - RAW_WINDOW - timedelta(seconds=1) and span <= RAW_WINDOW.total_seconds():
         return "raw"
     if span <= (7 if kind == "device" else 2) * 86400:
         return "1m"
@@ -114,12 +123,12 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     fleetwide = group is None and profile is None
     if fleetwide:
         f = m.FleetRollup
-        q = select(f.bucket_start, cast(f.hist_counts, Text), f.requests, f.errors, f.devices).where(
+        q = select(f.bucket_start, f.hist_counts, f.requests, f.errors, f.devices).where(
             f.resolution == res, f.bucket_start >= start, f.bucket_start < end)
         q = q.where(f.model == model) if model is not None else q.where(f.model != "")
     else:
         r = m.Rollup1m if res == "1m" else m.Rollup1h
-        q = (select(r.bucket_start, cast(r.hist_counts, Text), r.requests, r.errors, r.device_pk)
+        q = (select(r.bucket_start, r.hist_counts, r.requests, r.errors, r.device_pk)
              .where(r.bucket_start >= start, r.bucket_start < end))
         q = q.where(r.model == model) if model is not None else q.where(r.model != "")
         if profile is not None:
@@ -128,7 +137,7 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
             q = (q.join(m.DeviceGroupMember, m.DeviceGroupMember.device_pk == r.device_pk)
                  .join(m.DeviceGroup, m.DeviceGroup.id == m.DeviceGroupMember.group_id)
                  .where(m.DeviceGroup.name == group))
-    rows = session.connection().execute(q).all()
+    rows = fetch_all(session, q)
     n_pts = max(1, int(math.ceil((end - start).total_seconds() / step)))
     idx = np.array([_bucket(row[0], start, step) for row in rows], dtype=np.int64)
     H = _sum_hists(idx, [row[1] for row in rows], n_pts)
@@ -137,7 +146,7 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     devs: dict[int, set[int]] = defaultdict(set)
     for i, row in zip(idx.tolist(), rows):
         devs[i].add(row[4])  # fleet-wide rows carry a device count, the others a device key
-    qv = _plain(quantiles(H))
+    qv = _plain(_sig(quantiles(H)), 12)
     req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
     points = []
     for i in sorted(devs):
@@ -146,16 +155,27 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
                            requests=req_l[i], errors=err_l[i], throughput_ips=tput[i],
                            devices=max(devs[i]) if fleetwide else len(devs[i])))
     return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
-            "start": _iso(start), "end": _iso(end), "points": points}
+            "start": _iso(start), "end": _iso(end), "points": points,
+            "markers": _fleet_markers(session, start, end, model)}
 
 
-def _sum_hists(idx: np.ndarray, texts: list[str | None], n_pts: int) -> np.ndarray:
-    """Histogram counts (JSON text per row) summed into ``n_pts`` output points by row index ``idx``."""
-    H = np.zeros((n_pts, NBUCKETS), dtype=np.int64)
-    hists = _bulk_json(texts, "[]")
-    good = [i for i, h in enumerate(hists) if len(h) == NBUCKETS]
-    if good:
-        np.add.at(H, idx[good], np.array([hists[i] for i in good], dtype=np.int64))
+def fetch_all(session: Session, q) -> list:
+    """All rows of a chart query. On PostgreSQL through a binary-format psycopg cursor: histogram bytes
+    arrive as they are stored instead of hex text to decode (3x faster to fetch 1,440 rollup rows)."""
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        return conn.execute(q).all()
+    compiled = q.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    with conn.connection.driver_connection.cursor(binary=True) as cur:
+        return cur.execute(str(compiled), compiled.params).fetchall()
+
+
+def _sum_hists(idx: np.ndarray, blobs: list[bytes | None], n_pts: int) -> np.ndarray:
+    """Packed histograms summed into ``n_pts`` dense rows of SKETCH_BINS counts by row index ``idx``
+    (:func:`histograms.sum_into`: one numpy call for all rows); malformed rows are left out and logged."""
+    H, bad = histograms.sum_into(idx, blobs, n_pts)
+    if bad:
+        log.warning("stats: %d malformed stored histograms left out of a chart", bad)
     return H
 
 
@@ -166,7 +186,7 @@ def _device_row(d: m.Device, rel: dict[str, list] | None = None) -> dict[str, An
         rel = {"packages": [(p.name, p.version) for p in d.packages], "groups": d.groups, "tags": d.tags}
     return {"device_id": d.device_id, "fleet": d.fleet, "status": d.status,
             "offline_reason": d.offline_reason, "last_seen": _iso(d.last_seen), "profile": d.profile,
-            "agent_version": d.agent_version, "p95_ms": _round(d.last_p95_ms),
+            "agent_version": d.agent_version, "p95_ms": _sig_round(d.last_p95_ms),
             "cpu_percent": _round(d.last_cpu_percent, 1), "rss_bytes": d.last_rss_bytes,
             "groups": sorted(rel["groups"]), "tags": sorted(rel["tags"]),
             "packages": [{"name": n, "version": v} for n, v in sorted(rel["packages"])]}
@@ -318,30 +338,43 @@ def device_events(session: Session, device_id: str, limit: int = 100,
              "session_id": e.session_id, "seq": e.seq} for e in session.scalars(q)]
 
 
-_BOUNDS = np.array(LATENCY_BUCKETS_MS, dtype=np.float64)
-_LO = np.concatenate([[0.0], _BOUNDS])  # lower edge of every bucket
-_HI = np.concatenate([_BOUNDS, [LATENCY_BUCKETS_MS[-1] * 2]])  # upper edge; the overflow bucket gets 2x
+_VALUES = np.array([sketch_value(SKETCH_KEY_MIN + i) for i in range(SKETCH_BINS)], dtype=np.float64)
 
 
 def quantiles(counts: np.ndarray, qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> np.ndarray:
-    """Vectorized :meth:`Histogram.quantile` for a (points, buckets) array of counts: the same linear
-    interpolation inside the bucket, NaN for empty rows. Returns (points, len(qs))."""
-    counts = np.asarray(counts, dtype=np.float64)
+    """Vectorized :meth:`Histogram.quantiles` for a (points, SKETCH_BINS) array of dense counts: the value
+    of the lowest key whose running count exceeds q * (count - 1), NaN for empty rows. Returns
+    (points, len(qs))."""
+    counts = np.asarray(counts)
+    out = np.full((counts.shape[0], len(qs)), np.nan)
+    used = np.flatnonzero(counts.any(axis=0))
+    if not len(used):
+        return out
+    lo = int(used[0])
+    counts = counts[:, lo:int(used[-1]) + 1].astype(np.float64)  # only the keys present: a narrow band
     total = counts.sum(axis=1)
     cum = np.cumsum(counts, axis=1)
-    out = np.full((counts.shape[0], len(qs)), np.nan)
-    rows = np.arange(counts.shape[0])
     for j, q in enumerate(qs):
-        rank = q * total
-        hit = (cum >= rank[:, None]) & (counts > 0)
-        idx = hit.argmax(axis=1)
-        c = counts[rows, idx]
-        seen = cum[rows, idx] - c
-        frac = np.clip(np.divide(rank - seen, c, out=np.zeros_like(c), where=c > 0), 0.0, 1.0)
-        val = _LO[idx] + (_HI[idx] - _LO[idx]) * frac
-        val = np.where(hit.any(axis=1), val, LATENCY_BUCKETS_MS[-1] * 2)
-        out[:, j] = np.where(total > 0, val, np.nan)
+        rank = q * (total - 1)
+        idx = (cum > rank[:, None]).argmax(axis=1)
+        out[:, j] = np.where(total > 0, _VALUES[lo + idx], np.nan)
     return out
+
+
+LATENCY_DIGITS = 5  # significant digits of a latency in answers: 0.002% rounding, far inside the sketch's 1%
+
+
+def _sig(a: np.ndarray, digits: int = LATENCY_DIGITS) -> np.ndarray:
+    """Rounded to ``digits`` significant digits (a fixed number of decimals would cost a 25 us p50 2%)."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(a) & (a != 0), np.floor(np.log10(np.abs(a))), 0.0)
+        scale = 10.0 ** (digits - 1 - mag)
+        return np.where(np.isfinite(a), np.round(a * scale) / scale, a)
+
+
+def _sig_round(x: float | None) -> float | None:
+    return None if x is None else float(_sig(np.array([x]))[0])
 
 
 def _plain(a: np.ndarray, nd: int = 3) -> list:
@@ -379,12 +412,12 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
         t = m.Rollup1m if res == "1m" else m.Rollup1h
         tcol, cols = t.bucket_start, (t.cpu_avg, t.rss_avg, t.queue_depth_max)
     # JSON columns come back as text and are decoded in bulk below.
-    q = (select(tcol, t.model, cast(t.hist_counts, Text), t.hist_sum_ms, t.requests, t.errors, *cols,
+    q = (select(tcol, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, *cols,
                 cast(t.batch_sizes, Text))
          .where(t.device_pk == pk, tcol >= start, tcol < end).order_by(tcol))
     if model is not None:
         q = q.where(t.model == model)
-    rows = session.connection().execute(q).all()
+    rows = fetch_all(session, q)
     n_pts = max(1, int(math.ceil((end - start).total_seconds() / step)))
     idx = np.array([_bucket(r[0], start, step) for r in rows], dtype=np.int64)
     has_model = np.array([bool(r[1]) for r in rows], dtype=bool)
@@ -406,7 +439,7 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
             for k, v in b.items():
                 batch[i][k] += int(v)
     # Whole columns to plain Python once: per-point numpy scalar access cost more than the maths.
-    qv = _plain(quantiles(H))
+    qv = _plain(_sig(quantiles(H)), 12)
     req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
     with np.errstate(invalid="ignore", divide="ignore"):
         cpu_l = _plain(cpu_s / cpu_n, 1)
@@ -420,7 +453,36 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
                            rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {}))))
     models = sorted({r[1] for r, hm in zip(rows, has_model) if hm})
     return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
-            "models": models, "start": _iso(start), "end": _iso(end), "points": points}
+            "models": models, "start": _iso(start), "end": _iso(end), "points": points,
+            "markers": _device_markers(session, pk, start, end, model)}
+
+
+MARKER_KINDS = ("switch", "rollback")
+MAX_MARKERS = 200
+
+
+def _device_markers(session: Session, pk: int, start: datetime, end: datetime, model: str | None) -> list[dict]:
+    """Version changes of a device in [start, end) for the charts: successful switches and rollbacks."""
+    e = m.Event
+    q = (select(e.ts, e.kind, e.model, e.version, e.from_version)
+         .where(e.device_pk == pk, e.kind.in_(MARKER_KINDS), e.ok.is_(True), e.ts >= start, e.ts < end)
+         .order_by(e.ts).limit(MAX_MARKERS))
+    if model is not None:
+        q = q.where(e.model == model)
+    return [{"t": _iso(ts), "kind": kind, "model": mo, "version": v, "from_version": fv,
+             "label": f"{mo or ''} {fv + ' -> ' if fv else ''}{v or ''}".strip()}
+            for ts, kind, mo, v, fv in session.execute(q)]
+
+
+def _fleet_markers(session: Session, start: datetime, end: datetime, model: str | None) -> list[dict]:
+    """Deployments created in [start, end) for the fleet chart: package and version."""
+    d, p = m.Deployment, m.Package
+    q = (select(d.created_at, d.id, p.name, p.version).join(p, p.id == d.package_id)
+         .where(d.created_at >= start, d.created_at < end).order_by(d.created_at).limit(MAX_MARKERS))
+    if model is not None:
+        q = q.where(p.name == model)
+    return [{"t": _iso(ts), "kind": "deployment", "deployment_id": did, "model": name, "version": version,
+             "label": f"deploy {name} {version}"} for ts, did, name, version in session.execute(q)]
 
 
 def ingest_counters(session: Session) -> dict[str, int]:

@@ -3,23 +3,29 @@
 Every payload is a JSON object with ``schema_version``, ``device_id``, UTC ``ts``, ``session_id`` and a
 per-session ``seq`` (Sparkplug B style), so a reader drops QoS 1 duplicates by (device, session, seq) and
 can order a late last will after a restart. Unknown fields are ignored; an unknown major version is
-rejected. Latency is carried as a histogram over fixed bucket bounds, so readers can merge devices and
-compute true fleet percentiles instead of averaging percentiles.
+rejected. Latency is carried as a sparse logarithmic histogram in DDSketch's layout (relative accuracy 1%
+from 10 us to 100 s), so readers merge devices by adding counts and compute fleet percentiles within that
+accuracy instead of averaging percentiles.
+
+Schema 1.1 introduced that layout (:class:`LatencySketch`); a 1.0 payload's fixed 29-bucket histogram
+(:class:`HistogramModel`) is still read and converted by :meth:`HistogramModel.to_histogram`.
 """
 from __future__ import annotations
 
-import bisect
 import json
+import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Literal, Union
 
-from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, ValidationError,
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       field_validator, model_validator)
 
 from .errors import InputError
 
-SCHEMA_VERSION = "1.1"  # 1.1: events placement and profile (issue 12)
+# 1.1: latency travels as a LatencySketch (DDSketch layout; 1.0's fixed buckets are converted on read); events
+# placement and profile (issue 12); ModelStats.live_sequences (issue 16).
+SCHEMA_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 # Commands went to 2.0 when they became signed: a 1.x (unsigned) command is refused by every agent that
 # verifies signatures, and an older agent refuses a 2.x one instead of running it unchecked.
@@ -30,11 +36,57 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 # recurses once per level and a few KB of brackets end in RecursionError, so depth is checked first.
 MAX_JSON_DEPTH = 32
 
-# Upper bounds (ms) of the latency buckets; one more bucket counts everything above the last bound.
-LATENCY_BUCKETS_MS: tuple[float, ...] = (
+# Schema 1.0's fixed latency buckets (upper bounds, ms; one more bucket counts everything above the last).
+# Neighbours are up to 2.5x apart, so percentiles read from them were off by up to ~20%; they are kept only
+# to read 1.0 payloads (HistogramModel) and to convert what was stored from them.
+LEGACY_BUCKETS_MS: tuple[float, ...] = (
     0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0,
     100.0, 150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0, 10000.0,
 )
+LATENCY_BUCKETS_MS = LEGACY_BUCKETS_MS  # the 1.0 name
+
+# The latency layout of schema 1.1: DDSketch's LogarithmicMapping (ddsketch.mapping, offset 0) with relative
+# accuracy 1%. Key k holds the values v with gamma**(k-1) < v <= gamma**k and reads back as
+# 2 * gamma**k / (1 + gamma), within 1% of every value it holds. Keys are clamped to [SKETCH_MIN_MS,
+# SKETCH_MAX_MS] so a histogram has at most SKETCH_BINS keys: below 10 us reads as 10 us, above 100 s as 100 s.
+RELATIVE_ACCURACY = 0.01
+SKETCH_LAYOUT = "ddsketch-log-0.01"
+SKETCH_MIN_MS = 0.01
+SKETCH_MAX_MS = 100_000.0
+_GAMMA_MANTISSA = 2 * RELATIVE_ACCURACY / (1 - RELATIVE_ACCURACY)
+GAMMA = 1 + _GAMMA_MANTISSA
+# The same float operations as ddsketch's LogarithmicMapping, so keys agree with it bit for bit.
+_MULTIPLIER = (1 / math.log1p(_GAMMA_MANTISSA)) * math.log(2)
+_VALUE_FACTOR = 2.0 / (1 + GAMMA)
+
+
+def _raw_key(ms: float) -> int:
+    return int(math.ceil(math.log(ms, 2) * _MULTIPLIER) + 0.0)
+
+
+SKETCH_KEY_MIN = _raw_key(SKETCH_MIN_MS)
+SKETCH_KEY_MAX = _raw_key(SKETCH_MAX_MS)
+SKETCH_BINS = SKETCH_KEY_MAX - SKETCH_KEY_MIN + 1
+MAX_BIN_COUNT = 2**48  # per bin of one payload: far above any interval's requests, far below int64
+
+
+def sketch_key(ms: float) -> int:
+    """The key of a latency in ms (clamped to the layout's range; NaN and values <= 10 us go to the lowest)."""
+    if not ms > SKETCH_MIN_MS:
+        return SKETCH_KEY_MIN
+    if ms >= SKETCH_MAX_MS:
+        return SKETCH_KEY_MAX
+    return _raw_key(ms)
+
+
+def sketch_value(key: int) -> float:
+    """The value (ms) a key reads back as: within :data:`RELATIVE_ACCURACY` of every value it holds."""
+    return math.pow(2.0, key / _MULTIPLIER) * _VALUE_FACTOR
+
+
+def sketch_upper_bound(key: int) -> float:
+    """The largest value (ms) key ``key`` holds (gamma**key)."""
+    return math.pow(2.0, key / _MULTIPLIER)
 
 
 class PayloadError(InputError):
@@ -46,45 +98,133 @@ class PayloadError(InputError):
 
 
 class Histogram:
-    """Latency histogram over :data:`LATENCY_BUCKETS_MS`. Mergeable by adding counts."""
+    """Latency histogram in the contract's DDSketch layout: ``bins`` maps a key (:func:`sketch_key`) to its
+    count. Merged by adding counts; quantiles are within :data:`RELATIVE_ACCURACY` of the exact ones."""
 
-    __slots__ = ("counts", "sum_ms", "count")
+    __slots__ = ("bins", "sum_ms", "count")
 
-    def __init__(self, counts: list[int] | None = None, sum_ms: float = 0.0):
-        self.counts = list(counts) if counts is not None else [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        if len(self.counts) != len(LATENCY_BUCKETS_MS) + 1:
-            raise ValueError(f"histogram needs {len(LATENCY_BUCKETS_MS) + 1} counts, got {len(self.counts)}")
+    def __init__(self, bins: dict[int, int] | None = None, sum_ms: float = 0.0):
+        self.bins: dict[int, int] = {}
+        for k, c in (bins or {}).items():
+            if not SKETCH_KEY_MIN <= k <= SKETCH_KEY_MAX:
+                raise ValueError(f"histogram key {k} outside [{SKETCH_KEY_MIN}, {SKETCH_KEY_MAX}]")
+            if c < 0:
+                raise ValueError(f"histogram count {c} of key {k} is negative")
+            if c:
+                self.bins[int(k)] = int(c)
         self.sum_ms = sum_ms
-        self.count = sum(self.counts)
+        self.count = sum(self.bins.values())
 
     def observe(self, ms: float, n: int = 1) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += n
+        k = sketch_key(ms)
+        self.bins[k] = self.bins.get(k, 0) + n
         self.sum_ms += ms * n
         self.count += n
 
     def merge(self, other: "Histogram") -> "Histogram":
-        for i, c in enumerate(other.counts):
-            self.counts[i] += c
+        bins = self.bins
+        for k, c in other.bins.items():
+            bins[k] = bins.get(k, 0) + c
         self.sum_ms += other.sum_ms
         self.count += other.count
         return self
 
-    def quantile(self, q: float) -> float | None:
-        """Estimated q-quantile (0..1), interpolating linearly inside the bucket; None when empty."""
+    def quantiles(self, qs: Iterable[float]) -> list[float | None]:
+        """DDSketch's quantiles: the value of the lowest key whose running count exceeds q * (count - 1);
+        None when empty. Within 1% of the exact lower q-quantile of the values observed (in range)."""
+        qs = list(qs)
         if self.count == 0:
-            return None
-        rank = q * self.count
-        seen = 0
-        for i, c in enumerate(self.counts):
-            if c and seen + c >= rank:
-                lo = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
-                hi = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else LATENCY_BUCKETS_MS[-1] * 2
-                return lo + (hi - lo) * max(0.0, min(1.0, (rank - seen) / c))
-            seen += c
-        return LATENCY_BUCKETS_MS[-1] * 2
+            return [None] * len(qs)
+        keys = sorted(self.bins)
+        out = []
+        for q in qs:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"quantile {q} outside [0, 1]")
+            rank = q * (self.count - 1)
+            running = 0
+            key = keys[-1]
+            for k in keys:
+                running += self.bins[k]
+                if running > rank:
+                    key = k
+                    break
+            out.append(sketch_value(key))
+        return out
 
-    def to_model(self) -> "HistogramModel":
-        return HistogramModel(counts=list(self.counts), sum_ms=self.sum_ms)
+    def quantile(self, q: float) -> float | None:
+        """One q-quantile (0..1), see :meth:`quantiles`."""
+        return self.quantiles((q,))[0]
+
+    def to_pairs(self) -> list[int]:
+        """``[key0, count0, key1, count1, ...]`` by key: the dashboard's stored form."""
+        out: list[int] = []
+        for k in sorted(self.bins):
+            out += (k, self.bins[k])
+        return out
+
+    @classmethod
+    def from_pairs(cls, pairs: list[int], sum_ms: float = 0.0) -> "Histogram":
+        """The inverse of :meth:`to_pairs`; ValueError for an odd length, a key out of range or a negative count."""
+        if len(pairs) % 2:
+            raise ValueError(f"histogram pairs need an even length, got {len(pairs)}")
+        h = cls(None, sum_ms)
+        for i in range(0, len(pairs), 2):
+            k, c = int(pairs[i]), int(pairs[i + 1])
+            if not SKETCH_KEY_MIN <= k <= SKETCH_KEY_MAX or c < 0:
+                raise ValueError(f"histogram pair ({k}, {c}) is out of range")
+            if c:
+                h.bins[k] = h.bins.get(k, 0) + c
+                h.count += c
+        return h
+
+    def to_model(self) -> "LatencySketch":
+        keys = sorted(self.bins)
+        return LatencySketch(keys=keys, counts=[self.bins[k] for k in keys], sum_ms=self.sum_ms)
+
+
+def _legacy_weights() -> list[list[tuple[int, float]]]:
+    """For every 1.0 bucket, the sketch keys its range overlaps and the share of the bucket's width each one
+    takes (the 1.0 reader interpolated linearly inside a bucket, so a uniform spread reads back the same)."""
+    out = []
+    for i in range(len(LEGACY_BUCKETS_MS) + 1):
+        lo = LEGACY_BUCKETS_MS[i - 1] if i else 0.0
+        hi = LEGACY_BUCKETS_MS[i] if i < len(LEGACY_BUCKETS_MS) else LEGACY_BUCKETS_MS[-1] * 2
+        shares = []
+        for k in range(sketch_key(lo), sketch_key(hi) + 1):
+            k_lo = 0.0 if k == SKETCH_KEY_MIN else sketch_upper_bound(k - 1)
+            k_hi = sketch_upper_bound(k)
+            overlap = min(hi, k_hi) - max(lo, k_lo)
+            if overlap > 0:
+                shares.append((k, overlap / (hi - lo)))
+        out.append(shares)
+    return out
+
+
+_LEGACY_WEIGHTS = _legacy_weights()
+
+
+def legacy_to_bins(counts: list[int]) -> dict[int, int]:
+    """A 1.0 histogram's 29 counts as sketch bins: each count spread over the keys its bucket covers in
+    proportion to width (largest remainders, so the total is exact). The result is no more accurate than
+    the 1.0 buckets were; it reads back what the 1.0 reader showed, and merges with 1.1 data."""
+    if len(counts) != len(_LEGACY_WEIGHTS):
+        raise ValueError(f"a 1.0 histogram has {len(_LEGACY_WEIGHTS)} counts, got {len(counts)}")
+    bins: dict[int, int] = {}
+    for c, shares in zip(counts, _LEGACY_WEIGHTS):
+        c = int(c)
+        if c <= 0:
+            continue
+        exact = [(k, c * w) for k, w in shares]
+        given = [(k, int(x)) for k, x in exact]
+        left = c - sum(n for _, n in given)
+        # Largest remainders first; ties to the lower key so the result is deterministic.
+        order = sorted(range(len(exact)), key=lambda j: (-(exact[j][1] - given[j][1]), j))
+        for j in order[:left]:
+            given[j] = (given[j][0], given[j][1] + 1)
+        for k, n in given:
+            if n:
+                bins[k] = bins.get(k, 0) + n
+    return bins
 
 
 def _check_major(v: str, supported: int) -> str:
@@ -144,21 +284,66 @@ class StatusPayload(_Payload):
 
 
 class HistogramModel(BaseModel):
+    """Schema 1.0's latency histogram: counts over :data:`LEGACY_BUCKETS_MS`. Read, never written."""
+
     model_config = ConfigDict(extra="ignore")
-    bounds_ms: list[float] = Field(default_factory=lambda: list(LATENCY_BUCKETS_MS))
-    counts: list[Annotated[int, Field(ge=0)]]
+    bounds_ms: list[float] = Field(default_factory=lambda: list(LEGACY_BUCKETS_MS))
+    counts: list[Annotated[int, Field(ge=0, le=MAX_BIN_COUNT)]]
     sum_ms: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _shape(self) -> "HistogramModel":
-        if tuple(self.bounds_ms) != LATENCY_BUCKETS_MS:
+        if tuple(self.bounds_ms) != LEGACY_BUCKETS_MS:
             raise ValueError("histogram bounds differ from the contract's fixed LATENCY_BUCKETS_MS")
-        if len(self.counts) != len(LATENCY_BUCKETS_MS) + 1:
-            raise ValueError(f"histogram needs {len(LATENCY_BUCKETS_MS) + 1} counts")
+        if len(self.counts) != len(LEGACY_BUCKETS_MS) + 1:
+            raise ValueError(f"histogram needs {len(LEGACY_BUCKETS_MS) + 1} counts")
         return self
 
     def to_histogram(self) -> Histogram:
-        return Histogram(self.counts, self.sum_ms)
+        """Converted to the 1.1 layout (:func:`legacy_to_bins`)."""
+        h = Histogram(None, self.sum_ms)
+        h.bins = legacy_to_bins(self.counts)
+        h.count = sum(self.counts)
+        return h
+
+
+class LatencySketch(BaseModel):
+    """Schema 1.1's latency histogram, sparse: the non-empty keys of the DDSketch layout, ascending, and
+    their counts. Merging two is adding the counts of equal keys."""
+
+    model_config = ConfigDict(extra="ignore")
+    layout: Literal["ddsketch-log-0.01"] = Field(SKETCH_LAYOUT, description="Key mapping: DDSketch's "
+                                                 "LogarithmicMapping, relative accuracy 0.01, keys clamped "
+                                                 "to 10 us .. 100 s.")
+    keys: list[Annotated[int, Field(ge=SKETCH_KEY_MIN, le=SKETCH_KEY_MAX)]] = Field(
+        default_factory=list, max_length=SKETCH_BINS, description="Non-empty keys, strictly ascending.")
+    counts: list[Annotated[int, Field(ge=0, le=MAX_BIN_COUNT)]] = Field(
+        default_factory=list, max_length=SKETCH_BINS, description="Count of each key.")
+    sum_ms: float = Field(0.0, ge=0, description="Sum of the latencies observed (ms).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "LatencySketch":
+        if len(self.keys) != len(self.counts):
+            raise ValueError(f"{len(self.keys)} keys but {len(self.counts)} counts")
+        if any(b <= a for a, b in zip(self.keys, self.keys[1:])):
+            raise ValueError("keys must be strictly ascending")
+        return self
+
+    def to_histogram(self) -> Histogram:
+        h = Histogram(None, self.sum_ms)
+        h.bins = {k: c for k, c in zip(self.keys, self.counts) if c}
+        h.count = sum(self.counts)
+        return h
+
+
+def _latency_layout(v: Any) -> str:
+    if isinstance(v, dict):
+        return "sketch" if "layout" in v else "fixed"
+    return "fixed" if isinstance(v, HistogramModel) else "sketch"
+
+
+LatencyModel = Annotated[Union[Annotated[LatencySketch, Tag("sketch")], Annotated[HistogramModel, Tag("fixed")]],
+                         Discriminator(_latency_layout)]
 
 
 class ModelStats(BaseModel):
@@ -168,7 +353,7 @@ class ModelStats(BaseModel):
     requests: int = Field(ge=0, description="Requests completed in this interval.")
     errors: int = Field(0, ge=0)
     throughput_ips: float = Field(0.0, ge=0, description="Inferences per second over the interval.")
-    latency: HistogramModel
+    latency: LatencyModel = Field(description="1.1: a LatencySketch; 1.0: a HistogramModel (converted on read).")
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None

@@ -13,7 +13,7 @@ from ..security import requires_role
 from ..views import get_db
 from ..views.deployments import do_rollback, load, refresh, start
 from . import bp, ok
-from .serialize import deployment_json
+from .serialize import csv_response, deployment_json, parse_format
 
 
 @bp.get("/deployments")
@@ -55,6 +55,23 @@ def deployment(deployment_id: str):
     dep = load(deployment_id)
     refresh(dep)
     return ok(deployment_json(dep))
+
+
+@bp.get("/deployments/<deployment_id>/latency")
+def deployment_latency(deployment_id: str):
+    """Latency before and after each target switched to the deployment's version, per device group
+    (``window`` 15m, 1h (default), 6h or 24h on each side; ``format=csv``)."""
+    from .. import compare
+
+    dep = load(deployment_id)
+    window = request.args.get("window") or "1h"
+    if window not in compare.WINDOWS:
+        raise InputError(f"unknown window {window!r}; expected one of {', '.join(compare.WINDOWS)}")
+    out = compare.deployment_latency(get_db(), dep, compare.WINDOWS[window])
+    out["window"] = window
+    if parse_format(request.args.get("format")) == "csv":
+        return csv_response(compare.csv_rows(out), compare.CSV_COLUMNS, f"deployment-{dep.id}-latency-{window}.csv")
+    return ok(out)
 
 
 @bp.post("/deployments/<deployment_id>/abort")

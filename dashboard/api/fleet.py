@@ -9,7 +9,11 @@ from .. import stats
 from ..views import get_db, int_arg
 from ..views.devices import list_args
 from . import bp, ok
-from .serialize import parse_range
+from .serialize import csv_response, parse_format, parse_range
+
+FLEET_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "devices")
+DEVICE_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes",
+              "queue_depth")
 
 
 @bp.get("/fleet")
@@ -20,12 +24,16 @@ def fleet():
 
 @bp.get("/fleet/series")
 def fleet_series():
-    """Fleet p50/p95/p99 (merged histograms), requests, errors and throughput over a range."""
+    """Fleet p50/p95/p99 (merged histograms), requests, errors and throughput over a range
+    (``format=csv``: the points as CSV)."""
     name, start, end = parse_range(request.args.get("range"))
+    fmt = parse_format(request.args.get("format"))
     out = stats.fleet_latency_series(get_db(), start, end, model=request.args.get("model") or None,
                                      group=request.args.get("group") or None,
                                      profile=request.args.get("profile") or None)
     out["range"] = name
+    if fmt == "csv":
+        return csv_response(out["points"], FLEET_CSV, f"fleet-{out['model'] or 'all'}-{name}.csv")
     return ok(out)
 
 
@@ -48,8 +56,10 @@ def device(device_id: str):
 
 @bp.get("/devices/<device_id>/series")
 def device_series(device_id: str):
-    """A device's latency percentiles, throughput, errors, CPU, memory and batch sizes over a range."""
+    """A device's latency percentiles, throughput, errors, CPU, memory and batch sizes over a range
+    (``format=csv``: the points as CSV)."""
     name, start, end = parse_range(request.args.get("range"))
+    fmt = parse_format(request.args.get("format"))
     try:
         out = stats.device_series(get_db(), device_id, start, end, model=request.args.get("model") or None)
     except LookupError:
@@ -60,6 +70,8 @@ def device_series(device_id: str):
             totals[k] = totals.get(k, 0) + int(v)
     out["range"] = name
     out["batch_sizes"] = totals
+    if fmt == "csv":
+        return csv_response(out["points"], DEVICE_CSV, f"{device_id}-{name}.csv")
     return ok(out)
 
 

@@ -10,18 +10,21 @@ from flask import current_app
 from . import bp, ok
 
 QUERY = {
-    "api.fleet_series": ["range", "model", "group", "profile"],
-    "api.device_series": ["range", "model"],
+    "api.fleet_series": ["range", "model", "group", "profile", "format"],
+    "api.device_series": ["range", "model", "format"],
     "api.devices": ["q", "status", "profile", "group", "package", "sort", "order", "page", "per_page"],
     "api.device_events": ["limit", "before_id"],
     "api.alerts": ["state"],
     "api.fleet": ["slowest"],
+    "api.deployment_latency": ["window", "format"],
 }
 QUERY_DOC = {
     "range": "1h, 6h, 24h (default), 7d or 30d", "q": "device id contains (case-insensitive)",
     "status": "online or offline", "package": "name or name@version",
     "sort": "device_id, status, profile, last_seen, p95 or agent_version", "order": "asc or desc",
     "state": "open (default), resolved or all",
+    "window": "15m, 1h (default), 6h or 24h before and after each device's switch",
+    "format": "json (default) or csv (the chart's points, one row each)",
 }
 BODIES = {
     "api.create_deployment": {"type": "object", "required": ["package_id", "target"], "properties": {

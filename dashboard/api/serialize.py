@@ -1,8 +1,13 @@
 """JSON shapes shared by the pages and the API (one definition, so a page and its twin agree)."""
 from __future__ import annotations
 
+import csv
+import io
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
+
+from flask import Response
 
 from edgeopt.sdk.errors import InputError
 
@@ -73,3 +78,26 @@ def alert_json(a: Alert) -> dict[str, Any]:
     return {"id": a.id, "rule": a.rule.name, "kind": a.rule.kind, "state": a.state,
             "device_id": a.device.device_id if a.device else None, "model": a.model, "value": a.value,
             "message": a.message, "opened_at": iso(a.opened_at), "resolved_at": iso(a.resolved_at)}
+
+
+FORMATS = ("json", "csv")
+
+
+def parse_format(value: str | None) -> str:
+    """``format`` query argument of a chart's data: ``json`` (default) or ``csv``."""
+    name = value or "json"
+    if name not in FORMATS:
+        raise InputError(f"unknown format {name!r}; expected one of {', '.join(FORMATS)}")
+    return name
+
+
+def csv_response(rows: list[dict[str, Any]], columns: tuple[str, ...], filename: str) -> Response:
+    """A chart's points as CSV (one row per point, ``columns`` in order; a missing value is empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else r[c] for c in columns])
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", filename)[:120]
+    return Response(buf.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{safe}"'})

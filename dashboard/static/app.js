@@ -51,7 +51,13 @@
             points: (body.points || []).map(function (p) { return [Date.parse(p.t), p[key] === undefined ? null : p[key]]; })
           };
         });
-        var opts = {series: series, unit: unit};
+        var card = el.closest(".card"), h = card && card.querySelector("h2");
+        var opts = {series: series, unit: unit, bands: el.hasAttribute("data-bands"),
+                    logToggle: el.hasAttribute("data-log-toggle"), title: h ? h.textContent : "",
+                    csv: withParam(src, "format", "csv"),
+                    markers: el.hasAttribute("data-markers-src") ? (body.markers || []).map(function (mk) {
+                      return {t: Date.parse(mk.t), label: mk.label};
+                    }) : []};
         if (body.start && body.end) { opts.xMin = Date.parse(body.start); opts.xMax = Date.parse(body.end); }
         EdgeCharts.line(el, opts);
       }

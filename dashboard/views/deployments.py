@@ -138,7 +138,10 @@ def detail(deployment_id: str):
     refresh(dep)
     from ..api.serialize import deployment_json
 
-    return render_template("deployment.html", dep=dep, d=deployment_json(dep), form=ActionForm())
+    from .. import compare
+
+    latency = compare.deployment_latency(get_db(), dep)
+    return render_template("deployment.html", dep=dep, d=deployment_json(dep), form=ActionForm(), latency=latency)
 
 
 @bp.post("/deployments/<deployment_id>/abort")

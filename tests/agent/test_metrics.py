@@ -20,7 +20,9 @@ def test_snapshot_reports_interval_and_resets():
     assert (stats.model, stats.version, stats.requests, stats.errors, stats.queue_depth) == ("digits", "1.0.0", 5, 1, 3)
     assert stats.batch_sizes == {"1": 1, "4": 2}
     assert sum(stats.latency.counts) == 5
-    assert 0.5 <= stats.p50_ms <= 0.75 and stats.p99_ms > 30
+    # DDSketch quantiles: within 1% of the exact lower quantile (rank q * (n - 1)) of the five latencies
+    assert stats.latency.layout == "ddsketch-log-0.01"
+    assert abs(stats.p50_ms - 0.6) <= 0.006 and abs(stats.p95_ms - 2.5) <= 0.025 and abs(stats.p99_ms - 2.5) <= 0.025
     assert stats.throughput_ips > 0
     # The payload model accepts the snapshot (it is what goes on the wire).
     payload = TelemetryPayload(device_id="d", session_id="s", seq=0, interval_s=1.0, models=[stats],

@@ -77,7 +77,28 @@ def test_device_detail_series_and_events(app, client, viewer):
     assert [(e["kind"], e["ok"]) for e in ev["events"]] == [("online", True)]  # the birth, logged by the ingest
 
 
+def test_chart_data_as_csv(app, client, viewer):
+    """Every chart's data is downloadable: the series endpoints answer format=csv, same points as JSON."""
+    import csv
+    import io
+
+    seed_fleet(app, n=2, minutes=10)
+    for url in ("/api/v1/devices/edge-001/series?range=1h", "/api/v1/fleet/series?range=1h"):
+        js = client.get(url, headers=viewer).get_json()
+        resp = client.get(url + "&format=csv", headers=viewer)
+        assert resp.status_code == 200 and resp.mimetype == "text/csv"
+        assert resp.headers["Content-Disposition"].startswith("attachment; filename=")
+        rows = list(csv.DictReader(io.StringIO(resp.get_data(as_text=True))))
+        assert len(rows) == len(js["points"]) > 0
+        for row, p in zip(rows, js["points"]):
+            # (t moves by the milliseconds between the two requests: a range ends at "now")
+            assert row["t"].endswith("Z") and float(row["p95"]) == p["p95"] and int(row["requests"]) == p["requests"]
+    assert "cpu_percent" in rows[0] or "devices" in rows[0]
+
+
 @pytest.mark.parametrize("url, status, error, message", [
+    ("/api/v1/devices/edge-000/series?format=xlsx", 400, "invalid_input",
+     "unknown format 'xlsx'; expected one of json, csv"),
     ("/api/v1/devices/nope", 404, "not_found", "no device 'nope'"),
     ("/api/v1/devices/nope/series", 404, "not_found", "no device 'nope'"),
     ("/api/v1/devices/edge-000/series?range=2y", 400, "invalid_input",

@@ -9,9 +9,10 @@ from sqlalchemy import func, select
 
 from edgeopt.dashboard import models as m
 from edgeopt.dashboard.ingest_writer import BatchWriter, Incoming, mark_heartbeat_offline, prepare
+from edgeopt.dashboard.histograms import unpack_pairs
 from edgeopt.dashboard.simulate import SimDevice
 from edgeopt.dashboard.stats import ingest_counters
-from edgeopt.sdk.telemetry import EventPayload, CommandResultPayload
+from edgeopt.sdk.telemetry import CommandResultPayload, EventPayload, Histogram
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -41,9 +42,30 @@ def test_telemetry_creates_device_and_rows(engine, session):
     assert dev.last_p95_ms == max(s.p95_ms for s in p.models)
     rows = session.scalars(select(m.TelemetryRaw).order_by(m.TelemetryRaw.model)).all()
     assert [r.model for r in rows] == ["a", "b"]
-    assert rows[0].hist_counts == p.models[0].latency.counts and rows[0].requests == 50
+    assert unpack_pairs(rows[0].hist_counts) == p.models[0].latency.to_histogram().to_pairs()
+    assert rows[0].requests == 50
     assert rows[0].batch_sizes == {"1": 25, "4": 25} and rows[0].cpu_percent == p.system.cpu_percent
     assert ingest_counters(session) == {"telemetry": 1}
+
+
+def test_schema_1_0_telemetry_is_converted_and_its_percentiles_recomputed(engine, session):
+    """A device still on schema 1.0 (29 fixed buckets) keeps working: its histogram is stored in the 1.1
+    layout and p50/p95/p99 come from that histogram, not from the figures the device computed."""
+    d = SimDevice("old-1", models=("a",))
+    p, _ = d.telemetry(ts=T0)
+    doc = json.loads(p.to_json())
+    counts = [0] * 29
+    counts[10], counts[20] = 90, 10  # 3..5 ms and 150..200 ms
+    doc["schema_version"] = "1.0"
+    doc["models"][0].update(latency={"counts": counts, "sum_ms": 2000.0}, requests=100, p95_ms=1.0, p99_ms=1.0)
+    st = write(engine, [msg(d.topic("telemetry"), json.dumps(doc).encode())])
+    assert st.telemetry_rows == 1
+    row = session.scalars(select(m.TelemetryRaw)).one()
+    h = Histogram.from_pairs(unpack_pairs(row.hist_counts))
+    assert h.count == 100 and row.hist_sum_ms == 2000.0
+    assert 3.0 <= row.p50_ms <= 5.0 and 150.0 <= row.p95_ms <= 200.0  # not the device's 1.0
+    assert row.p95_ms == h.quantile(0.95) and row.p99_ms == h.quantile(0.99)
+    assert session.scalars(select(m.Device)).one().last_p95_ms == row.p95_ms
 
 
 def test_qos1_redelivery_is_counted_once(engine, session):

@@ -89,6 +89,7 @@ MATRIX: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/packages/<int:package_id>/file"): "viewer",
     ("GET", "/api/v1/deployments"): "viewer",
     ("GET", "/api/v1/deployments/<deployment_id>"): "viewer",
+    ("GET", "/api/v1/deployments/<deployment_id>/latency"): "viewer",
     ("GET", "/api/v1/alerts"): "viewer",
     ("GET", "/api/v1/alert-rules"): "viewer",
     ("GET", "/api/v1/ingest/counters"): "viewer",

@@ -98,7 +98,11 @@ def test_device_detail_and_events(session, fleet):
 
 def test_choose_resolution():
     t = T0
-    assert stats.choose_resolution(t - timedelta(hours=6), t) == "raw"
+    assert stats.choose_resolution(t - timedelta(hours=1), t, now=t) == "raw"
+    assert stats.choose_resolution(t - timedelta(minutes=15), t, now=t) == "raw"
+    # raw rows only within the last hour: a longer range, or an old short one, reads the rollups
+    assert stats.choose_resolution(t - timedelta(hours=6), t, now=t) == "1m"
+    assert stats.choose_resolution(t - timedelta(hours=3), t - timedelta(hours=2, minutes=30), now=t) == "1m"
     assert stats.choose_resolution(t - timedelta(hours=24), t) == "1m"
     assert stats.choose_resolution(t - timedelta(days=30), t) == "1h"
     assert stats.choose_resolution(t - timedelta(hours=24), t, kind="fleet") == "1m"
@@ -111,20 +115,22 @@ def test_naive_range_is_refused(session):
 
 
 def test_vectorized_quantiles_match_the_contract():
-    """The charts' numpy quantiles are exactly sdk.telemetry.Histogram.quantile, row by row."""
+    """The charts' numpy quantiles are exactly sdk.telemetry.Histogram.quantiles, row by row."""
     import numpy as np
 
-    from edgeopt.sdk.telemetry import Histogram
+    from edgeopt.sdk.telemetry import SKETCH_BINS, SKETCH_KEY_MIN, Histogram
 
     rng = np.random.default_rng(0)
-    counts = rng.integers(0, 5, size=(500, 29)) * (rng.random((500, 29)) < 0.3)
+    counts = rng.integers(0, 5, size=(300, SKETCH_BINS)) * (rng.random((300, SKETCH_BINS)) < 0.05)
     counts[0] = 0
     counts[1] = 0
-    counts[1][28] = 3  # only the overflow bucket
-    qs = (0.01, 0.5, 0.95, 0.99, 1.0)
+    counts[1][-1] = 3  # only the top key (>= 100 s)
+    counts[2] = 0
+    counts[2][0] = 1  # only the lowest key (<= 10 us), a single count
+    qs = (0.0, 0.01, 0.5, 0.95, 0.99, 1.0)
     got = stats.quantiles(counts, qs)
     for i, row in enumerate(counts):
-        h = Histogram(row.tolist())
+        h = Histogram({SKETCH_KEY_MIN + k: int(c) for k, c in enumerate(row.tolist()) if c})
         for j, q in enumerate(qs):
             want = h.quantile(q)
             assert (want is None and np.isnan(got[i, j])) or got[i, j] == pytest.approx(want, abs=1e-9)

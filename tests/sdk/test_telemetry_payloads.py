@@ -40,14 +40,62 @@ def test_rejections_have_counter_reasons(payload, reason):
     assert err.value.reason == reason
 
 
-def test_histogram_bounds_are_part_of_the_contract():
-    data = json.loads(_telemetry())
-    data["models"][0]["latency"]["bounds_ms"] = [1, 2, 3]
+def _legacy_doc(counts=None, **latency):
+    """A schema 1.0 telemetry document: latency as 29 counts over the fixed bounds."""
+    doc = json.loads(_telemetry(schema_version="1.0"))
+    counts = counts if counts is not None else [0] * 8 + [4] + [0] * 20
+    doc["models"][0]["latency"] = dict({"counts": counts, "sum_ms": 10.0}, **latency)
+    return doc
+
+
+def test_legacy_histogram_bounds_are_part_of_the_1_0_contract():
+    data = _legacy_doc(bounds_ms=[1, 2, 3])
     with pytest.raises(t.PayloadError, match="bounds differ"):
+        t.parse_payload("telemetry", json.dumps(data).encode())
+    data = _legacy_doc(counts=[1, 2, 3])
+    with pytest.raises(t.PayloadError, match="needs 29 counts"):
         t.parse_payload("telemetry", json.dumps(data).encode())
 
 
-def test_merged_histogram_quantiles_track_numpy():
+def test_1_0_payload_is_read_and_converted_to_the_sketch_layout():
+    p = t.parse_payload("telemetry", json.dumps(_legacy_doc()).encode())
+    assert isinstance(p.models[0].latency, t.HistogramModel)
+    h = p.models[0].latency.to_histogram()
+    # 4 counts in the 1.0 bucket (1.5, 2] ms, spread over the sketch keys of that range
+    assert h.count == 4 and h.sum_ms == 10.0
+    assert all(1.5 < t.sketch_value(k) * (1 + t.RELATIVE_ACCURACY) and t.sketch_value(k) < 2.0 * 1.01 for k in h.bins)
+    assert 1.5 <= h.quantile(0.5) <= 2.0
+
+
+def test_agent_writes_1_1_with_a_sparse_sketch():
+    doc = json.loads(_telemetry())
+    assert doc["schema_version"] == "1.1"
+    lat = doc["models"][0]["latency"]
+    assert lat["layout"] == "ddsketch-log-0.01" and len(lat["keys"]) == len(lat["counts"]) == 4
+    assert set(lat) == {"layout", "keys", "counts", "sum_ms"}  # no bounds, no empty buckets on the wire
+
+
+@pytest.mark.parametrize("latency,message", [
+    ({"layout": "ddsketch-log-0.02", "keys": [], "counts": []}, "latency.sketch.layout"),
+    ({"layout": "ddsketch-log-0.01", "keys": [1, 2], "counts": [1]}, "2 keys but 1 counts"),
+    ({"layout": "ddsketch-log-0.01", "keys": [5, 5], "counts": [1, 1]}, "strictly ascending"),
+    ({"layout": "ddsketch-log-0.01", "keys": [3, 2], "counts": [1, 1]}, "strictly ascending"),
+    ({"layout": "ddsketch-log-0.01", "keys": [t.SKETCH_KEY_MAX + 1], "counts": [1]}, "latency.sketch.keys.0"),
+    ({"layout": "ddsketch-log-0.01", "keys": [t.SKETCH_KEY_MIN - 1], "counts": [1]}, "latency.sketch.keys.0"),
+    ({"layout": "ddsketch-log-0.01", "keys": [1], "counts": [-1]}, "latency.sketch.counts.0"),
+    ({"layout": "ddsketch-log-0.01", "keys": [1], "counts": [2**60]}, "latency.sketch.counts.0"),
+    ({"layout": "ddsketch-log-0.01", "keys": list(range(t.SKETCH_BINS + 1)), "counts": [1] * (t.SKETCH_BINS + 1)},
+     "latency.sketch.keys"),
+])
+def test_bad_sketches_are_refused_with_where_and_why(latency, message):
+    doc = json.loads(_telemetry())
+    doc["models"][0]["latency"] = latency
+    with pytest.raises(t.PayloadError) as err:
+        t.parse_payload("telemetry", json.dumps(doc).encode())
+    assert err.value.reason == "bad_schema" and message in str(err.value)
+
+
+def test_merged_histogram_quantiles_within_one_percent_of_numpy():
     rng = np.random.default_rng(0)
     a, b = rng.lognormal(0.5, 0.6, 5000), rng.lognormal(2.0, 0.4, 5000)
     ha, hb = t.Histogram(), t.Histogram()
@@ -58,12 +106,8 @@ def test_merged_histogram_quantiles_track_numpy():
     merged = t.Histogram().merge(ha).merge(hb)
     both = np.concatenate([a, b])
     for q in (0.5, 0.95, 0.99):
-        exact = float(np.quantile(both, q))
-        # bucket interpolation: within the width of the bucket holding the exact value
-        i = int(np.searchsorted(t.LATENCY_BUCKETS_MS, exact))
-        lo = t.LATENCY_BUCKETS_MS[i - 1] if i else 0.0
-        hi = t.LATENCY_BUCKETS_MS[i]
-        assert lo - 1e-9 <= merged.quantile(q) <= hi + 1e-9
+        exact = float(np.quantile(both, q, method="lower"))
+        assert abs(merged.quantile(q) - exact) <= t.RELATIVE_ACCURACY * exact
     # averaging the two devices' p99 is wrong, and merging is not that
     assert abs(merged.quantile(0.99) - (ha.quantile(0.99) + hb.quantile(0.99)) / 2) > 1.0
     assert t.Histogram().quantile(0.5) is None
