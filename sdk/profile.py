@@ -137,6 +137,15 @@ class ThreadsSpec(_Strict):
         return self
 
 
+class PruningSpec(_Strict):
+    """How structured pruning (``edgeopt prune``, ``package --prune``) shapes channel counts for this target."""
+
+    round_to: int | None = Field(
+        None, ge=1, le=256,
+        description="Round pruned channel counts to multiples of this (int8 / NPU kernels run full blocks of "
+                    "8, 16 or 32 channels); none keeps exact counts.")
+
+
 class AccuracyBudget(_Strict):
     """How far the optimized model may move from fp32, judged by the model's task (see edgeopt.sdk.pipeline.tasks)."""
 
@@ -200,6 +209,7 @@ class HardwareProfile(_Strict):
     threads: ThreadsSpec = Field(default_factory=ThreadsSpec, description="Inference thread policy.")
     accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget, description="Accuracy budget vs fp32.")
     fallback: str | None = Field(None, description="Profile to use when this one cannot run the model.")
+    pruning: PruningSpec = Field(default_factory=PruningSpec, description="Channel rounding for pruning.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "HardwareProfile":

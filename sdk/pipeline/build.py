@@ -167,7 +167,7 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
         preprocessing=preprocessing,
         source=ManifestSource(filename=prep.source.path.name, format=prep.source.format, sha256=prep.source.sha256),
         calibration=prep.calibration_info or CalibrationInfo(source="none", samples=0),
-        validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
+        pruning=req.pruning, validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
         runtime_options=device_options(art.runtime_options, chosen.device) or {})
     written = pack.write(output, manifest, art.files, golden_bytes, private_key)
     return BuildResult(manifest=written, output=output, chosen=chosen, tried=results, benchmark=bench,

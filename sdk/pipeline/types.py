@@ -73,6 +73,10 @@ class PackageRequest(BaseModel):
     labels: Path | None = Field(None, description="COCO-format JSON labels of the held-out images (detect).")
     detect_format: str = Field("auto", description="Detection head format: auto, yolov8, yolov8t, yolov5, nms, "
                                                     "tuple, ssd.")
+    reference_model: Path | None = Field(
+        None, description="ONNX model the accuracy gate and the fp32 baseline use instead of ``model`` itself: the "
+                          "unpruned model when ``model`` was pruned (same inputs and outputs).")
+    pruning: Any = Field(None, description="PruningInfo recorded in the manifest when ``model`` was pruned.")
 
     @model_validator(mode="after")
     def _checks(self) -> "PackageRequest":
