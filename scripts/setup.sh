@@ -44,3 +44,9 @@ if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch
   echo "setup: installing torch==2.13.0 (CPU build) for the tests"
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
+# Pruning (edgeopt prune, package --prune) needs the [prune] extra; with torch already there it adds only
+# torch-pruning (pip keeps the CPU build of torch installed above).
+if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch_pruning" >/dev/null 2>&1; then
+  echo "setup: installing the [prune] extra (torch-pruning)"
+  .venv/bin/python -m pip install -q -e '.[prune]'
+fi

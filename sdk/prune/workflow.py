@@ -39,7 +39,9 @@ class PruneJob:
     device: str | None = None
     # The pipeline holds the last samples of --calib out for its accuracy check when no --heldout is given:
     # recovery then trains only on the calibration part, never on what the gate judges.
-    holdout: tuple[int, int] | None = None  # (calibration samples, held-out samples) of that split
+    # ("tail", calibration n, held-out n): int8, the held-out samples are the last of the first n + n;
+    # ("head", 0, held-out n): no calibration, the held-out samples are the first n.
+    holdout: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -57,10 +59,18 @@ def calibration_inputs(job: PruneJob) -> list[tuple]:
     from .source import input_specs
 
     specs = input_specs(job.inputs)
-    if job.holdout is not None:
-        calib_n, held_n = job.holdout
+    if job.holdout is not None and job.holdout[0] == "tail":
+        _, calib_n, held_n = job.holdout
         loaded = data.load_any(Path(job.calib), specs, job.preprocessing, "calibration", 1, calib_n + held_n)
         loaded, _ = data.split_heldout(loaded, held_n)
+    elif job.holdout is not None:
+        # the pipeline judges on the first held_n samples of --calib (no int8 calibration): skip them
+        _, _, held_n = job.holdout
+        loaded = data.load_any(Path(job.calib), specs, job.preprocessing, "calibration", 1, RECOVER_SAMPLES + held_n)
+        loaded.samples = loaded.samples[held_n:]
+        if not loaded.samples:
+            raise InputError(f"--calib has no samples left for recovery after the {held_n} the accuracy check "
+                             f"holds out", hint="give more samples, or a separate --heldout file")
     else:
         loaded = data.load_any(Path(job.calib), specs, job.preprocessing, "calibration", 1, RECOVER_SAMPLES)
     return [tuple(sample[i.name] for i in job.inputs) for sample in loaded.samples]
