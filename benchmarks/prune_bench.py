@@ -49,6 +49,7 @@ def main() -> None:
     from edgeopt.agent.runtimes import get_runtime
     from edgeopt.sdk.pipeline import PackageRequest, candidates_for, evaluate, prepare
     from edgeopt.sdk.pipeline.benchmark import measure
+    from edgeopt.sdk.pipeline.evaluation import device_options
     from edgeopt.sdk.profile import load_profile
     from edgeopt.sdk.prune import prune_model
     from edgeopt.sdk.prune.source import TorchInput, export_onnx
@@ -84,8 +85,10 @@ def main() -> None:
             if not result.ok:
                 raise SystemExit(f"{label}: int8 build failed: {result.error}")
             sizes[label] = result.artifact.size_bytes
-            loaded[label] = get_runtime(args.runtime).load(result.artifact.model_file, device="CPU",
-                                                           options=result.artifact.runtime_options or None)
+            loaded[label] = get_runtime(args.runtime).load(result.artifact.model_file, device=result.run_device or result.device,
+                                                           threads=prep.threads,
+                                                           options=device_options(result.artifact.runtime_options,
+                                                                                  result.run_device))
             return result
 
         fp32_acc = _accuracy(get_runtime("onnxruntime").load(unpruned, device="CPUExecutionProvider"), x_te, y_te)

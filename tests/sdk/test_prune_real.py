@@ -53,27 +53,34 @@ def test_distillation_recovers_accuracy_without_labels(digits_resnet):
 
 
 def test_package_prune_is_gated_against_the_unpruned_fp32_model(cli, digits_resnet, keypair, tmp_path):
+    """A short recovery (10 steps) leaves the pruned model clearly worse than the original, so the gate's fp32
+    figure tells which model it judged against: it must be the unpruned model's accuracy, not the pruned one's.
+    The budget is widened in a copy of the cpu profile so the package is written and its manifest can be read
+    (the 1-point target after full recovery is benchmarks/prune_bench.py's)."""
     from edgeopt.sdk.package import PackageReader
+    from pathlib import Path
 
+    profile = tmp_path / "cpu-wide.toml"
+    text = (Path(__file__).resolve().parents[2] / "hardware_profiles" / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-wide"')
+    profile.write_text(text.replace("max_metric_drop = 1.0", "max_metric_drop = 100.0"))
     out = tmp_path / "digits-pruned.eopkg"
     code, stdout, stderr = cli(
-        "package", digits_resnet["factory"], "--weights", digits_resnet["weights"],
-        "--input-shape", digits_resnet["input_shape_arg"], "--prune", "0.5", "--recover", str(STEPS), "--lr", "2e-3",
-        "--calib", digits_resnet["calib"], "--heldout", digits_resnet["heldout"], "--runtime", "onnxruntime",
-        "--precision", "int8", "--sign-key", keypair[0],
-        "-o", out, "--iterations", "10", "--json")
-    doc = json.loads(stdout) if code == 0 else None
-    assert code in (0, 6), stderr
-    if code == 6:  # missing the 1-point budget after 60 steps is allowed here; nothing may be written then
-        assert not out.exists() and "accuracy" in stderr
-        pytest.fail(f"pruned 50% + int8 missed the budget after {STEPS} steps: {stderr.strip()}")
+        "package", digits_resnet["factory"], "--weights", digits_resnet["weights"], "--profile", profile,
+        "--input-shape", digits_resnet["input_shape_arg"], "--prune", "0.5", "--recover", "10",
+        "--calib", digits_resnet["calib"], "--heldout", digits_resnet["heldout"], "--heldout-samples", "450",
+        "--runtime", "onnxruntime", "--precision", "int8", "--sign-key", keypair[0], "-o", out,
+        "--iterations", "10", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     pruning = doc["pruning"]
     assert pruning["ratio"] == 0.5 and pruning["importance"] == "l2" and pruning["recovery"] == "distill"
-    assert pruning["recovery_steps"] == STEPS and pruning["round_to"] == 8
+    assert pruning["recovery_steps"] == 10 and pruning["round_to"] == 8 and pruning["recovery_samples"] == 1347
     assert pruning["params_after"] < pruning["params_before"] and pruning["flops_after"] < pruning["flops_before"]
     check = next(c for c in doc["validation"]["checks"] if c["name"] == "accuracy")
-    # the fp32 side of the gate is the UNPRUNED model: its accuracy is the trained model's, to the sample
-    assert check["fp32"] == pytest.approx(100 * digits_resnet["accuracy"], abs=1e-6)
+    # the fp32 side of the gate is the UNPRUNED model (its accuracy on the 450 held-out images, one image
+    # = 0.22 points of ONNX Runtime vs torch leeway), and the pruned model is clearly below it
+    assert check["fp32"] == pytest.approx(100 * digits_resnet["accuracy"], abs=0.23)
+    assert check["fp32"] - check["optimized"] > 1.0, check
     assert any("unpruned" in d for d in doc["decisions"])
     with PackageReader(out) as pkg:
         manifest = pkg.manifest
