@@ -109,7 +109,7 @@ def prune_job(model, weights, inputs, ratio, importance, global_pruning, layer_r
 @click.command("prune")
 @click.argument("model")
 @torch_model_options
-@click.option("--ratio", type=float, required=True, help="Fraction of channels to remove, in (0, 1).")
+@click.option("--ratio", type=float, help="Fraction of channels to remove, in (0, 1) (required unless --scan).")
 @prune_options
 @profile_option
 @click.option("--calib", type=click.Path(path_type=Path),
@@ -119,12 +119,17 @@ def prune_job(model, weights, inputs, ratio, importance, global_pruning, layer_r
 @click.option("--image-size", help="Images: resize to H,W (and the input shape 1,3,H,W without --input-shape).")
 @click.option("--mean", help="Images: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", help="Images: per-channel std, e.g. 0.229,0.224,0.225.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="The pruned model to write: .onnx (written atomically; nothing is left there on failure).")
+@click.option("--scan", is_flag=True, help="Sensitivity scan instead: each layer group pruned alone at "
+                                           "--scan-ratios, judged against the unpruned model and timed.")
+@click.option("--scan-ratios", default="0.25,0.5,0.75", show_default=True, help="Ratios of the scan.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--scan: also write the table and a plot as one self-contained HTML file.")
 @json_option
 def prune(model: str, weights, ratio, importance, global_pruning, layer_ratios, ignore, round_to, steps,
           no_recover, train_fn, lr, batch_size, device, profile, calib, input_shapes, image_size, mean, std,
-          output: Path, as_json: bool) -> None:
+          output: Path | None, scan: bool, scan_ratios: str, html_path: Path | None, as_json: bool) -> None:
     """Remove whole channels from a PyTorch MODEL (MODULE:FACTORY or file.py:FACTORY), recover its accuracy by
     distillation from the unpruned model on unlabelled --calib images, and export it to ONNX.
 
@@ -137,6 +142,13 @@ def prune(model: str, weights, ratio, importance, global_pruning, layer_ratios, 
     from ..prune.source import is_factory
     from .package_cmd import _floats, _size
 
+    if scan:
+        return _scan(model, weights, input_shapes, image_size, mean, std, calib, round_to, profile, scan_ratios,
+                     html_path, as_json)
+    if html_path is not None:
+        raise click.UsageError("--html is for --scan")
+    if ratio is None or output is None:
+        raise click.UsageError("--ratio and -o/--output are required (or pass --scan)")
     if output.suffix.lower() != ".onnx":
         raise InputError(f"output {output.name} must end in .onnx", hint="e.g. -o model-pruned.onnx")
     if not is_factory(model):
@@ -167,6 +179,55 @@ def prune(model: str, weights, ratio, importance, global_pruning, layer_ratios, 
                    "losses": outcome.result.losses})
         return
     print_pruning(info, output)
+
+
+def _scan(model, weights, input_shapes, image_size, mean, std, calib, round_to, profile, scan_ratios, html_path,
+          as_json) -> None:
+    from ..pipeline import RichProgress
+    from ..profile import load_profile
+    from ..prune.core import require_torch
+    from ..prune.scan import render_html, scan
+    from ..prune.source import build_module, example_inputs, is_factory
+    from ..prune.workflow import PruneJob, calibration_inputs
+    from .package_cmd import _floats, _size
+
+    if not is_factory(model):
+        raise UnsupportedError(f"{model}: the scan needs a PyTorch model given as MODULE:FACTORY")
+    torch, _ = require_torch()
+    ratios = _floats(scan_ratios, "--scan-ratios")
+    size = _size(image_size)
+    inputs = torch_inputs(input_shapes, size)
+    if round_to is None:
+        round_to = load_profile(profile).pruning.round_to
+    progress = RichProgress()
+    module = build_module(model, weights)
+    job = PruneJob(factory=model, weights=weights, inputs=inputs, ratio=0.5, calib=calib,
+                   preprocessing=_preprocessing(size, _floats(mean, "--mean"), _floats(std, "--std")))
+    data = calibration_inputs(job)
+    rows = scan(module, example_inputs(torch, inputs), data, ratios, input_names=[i.name for i in inputs],
+                round_to=None if round_to == 1 else round_to, progress=progress)
+    if html_path is not None:
+        tmp = html_path.with_name(f".{html_path.name}.tmp")
+        tmp.write_text(render_html(rows, f"pruning sensitivity: {model}"), encoding="utf-8")
+        import os as _os
+
+        _os.replace(tmp, html_path)
+    if as_json:
+        emit_json({"rows": rows, "html": str(html_path) if html_path else None})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sensitivity: each layer group pruned alone, no recovery ({rows[0]['metric_name']} vs "
+                        f"the unpruned model; latency ONNX Runtime fp32 batch 1, same run)" if rows else "no groups")
+    for col in ("group", "layers", "channels", "ratio", "kept", "metric", "FLOPs x", "latency x"):
+        table.add_column(col, justify="left" if col == "layers" else "right")
+    for r in rows:
+        table.add_row(str(r["group"]), ", ".join(r["layers"]), str(r["channels"]), f"{r['ratio']:.2f}", str(r["kept"]),
+                      f"{r['metric']:.4f}", f"{r['flops_ratio']:.3f}", f"{r['latency_ratio']:.3f}")
+    Console().print(table)
+    if html_path is not None:
+        Console().print(f"wrote {html_path}")
 
 
 def _preprocessing(size, mean, std):

@@ -246,3 +246,33 @@ def test_cli_without_torch_pruning_names_the_extra(cli, factory, tmp_path, monke
 def test_package_prune_needs_a_torch_model(cli, tiny_model, tmp_path):
     code, _, stderr = cli("package", tiny_model, "--prune", "0.5", "--no-sign", "-o", tmp_path / "p.eopkg")
     assert code == 4 and "--prune needs a PyTorch model given as MODULE:FACTORY" in stderr
+
+
+def test_cli_scan_table_json_and_html(cli, factory, tmp_path):
+    import json
+
+    page = tmp_path / "scan.html"
+    code, stdout, stderr = cli("prune", f"{factory['file']}:build", "--weights", factory["weights"], "--input-shape",
+                               "images:1,3,16,16", "--scan", "--scan-ratios", "0.25,0.5", "--calib", factory["calib"],
+                               "--html", page, "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)["rows"]
+    # four prunable groups in the tiny residual net (fc is an output layer), two ratios each
+    assert len(rows) == 8 and {r["ratio"] for r in rows} == {0.25, 0.5}
+    by_group = {r["group"]: r for r in rows if r["ratio"] == 0.5}
+    # the group tied by the first residual add spans the stem and both convolutions of the block
+    assert any({"stem", "a2"} <= set(r["layers"]) for r in by_group.values())
+    assert all(0 < r["flops_ratio"] < 1 and r["kept"] % 8 == 0 and r["latency_ratio"] > 0 for r in rows)
+    assert all(r["metric_name"] == "top-1 agreement" and 0 <= r["metric"] <= 1 for r in rows)
+    text = page.read_text()
+    assert "<svg" in text and "<table>" in text and "latency vs unpruned" in text
+    code, stdout, _ = cli("prune", f"{factory['file']}:build", "--input-shape", "images:1,3,16,16", "--scan",
+                          "--scan-ratios", "0.5", "--calib", factory["calib"])
+    assert code == 0 and "sensitivity" in stdout
+
+
+def test_cli_scan_without_calibration_data(cli, factory, tmp_path):
+    page = tmp_path / "scan.html"
+    code, _, stderr = cli("prune", f"{factory['file']}:build", "--input-shape", "images:1,3,16,16", "--scan",
+                          "--html", page)
+    assert code == 3 and "judges each pruned variant on calibration inputs" in stderr and not page.exists()
