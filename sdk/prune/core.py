@@ -212,6 +212,10 @@ def prune_graph(model, example_inputs: tuple, *, ratio: float, per_layer: dict |
         raise UnsupportedError(f"pruning changed the model's output shapes from {shapes_before} to {shapes_after}",
                                hint="name the layers that produce the outputs with --ignore")
     after = channel_counts(torch, model)
+    if after == before:
+        raise UnsupportedError(f"torch-pruning found no channels it can remove in {type(model).__name__}",
+                               hint="every group is kept (--ignore, output layers) or the forward pass leaves "
+                                    "torch (numpy, Python numbers), which the dependency graph cannot follow")
     macs1, params1 = measure(tp, model, example_inputs)
     return PruningInfo(
         ratio=ratio, global_pruning=global_pruning, per_layer_ratios={str(k): float(v) for k, v in per_layer.items()},
