@@ -146,7 +146,7 @@ def _print(rows, args) -> None:
                       f"{100 * r['accuracy']:.2f}%", f"{r['drop_vs_fp32_points']:+.2f}",
                       f"{r['params']:,}" if r.get("params") else "-", f"{r['flops']:,}" if r.get("flops") else "-",
                       f"{r['size_bytes'] / 1024:.0f} KiB")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":
