@@ -219,10 +219,13 @@ def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequ
 
 
 def _export_only(job, workdir: Path, progress) -> Path:
-    from ..prune.core import require_torch
+    from ..errors import missing_extra
     from ..prune.source import build_module, example_inputs, export_onnx
 
-    torch, _ = require_torch()
+    try:
+        import torch
+    except ImportError:
+        raise missing_extra("torch", "torch") from None
     with progress.stage("load and export the PyTorch model"):
         module = build_module(job.factory, job.weights)
         return export_onnx(module, example_inputs(torch, job.inputs), job.inputs, workdir / "model.onnx")

@@ -127,15 +127,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _bar(progress, steps: int):
-    """A per-step callback: the progress object's ``steps`` bar when it has one, else every 10% to the log."""
+    """A per-step callback: the progress object's ``steps`` bar when it has one, else a bar that only logs."""
     maker = getattr(progress, "steps", None)
     if maker is not None:
         return maker("recovery (distillation)", steps)
-    state = {"i": 0}
+    from ..pipeline.progress import StepBar
 
-    def tick(loss: float) -> None:
-        state["i"] += 1
-        if state["i"] % max(1, steps // 10) == 0 or state["i"] == steps:
-            log.info("recovery step %d/%d, loss %.4f", state["i"], steps, loss)
-
-    return tick
+    return StepBar("recovery (distillation)", steps, None)

@@ -10,8 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, UnsupportedError
-from .core import require_torch
+from ..errors import InputError, UnsupportedError, missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,10 @@ def is_factory(text: str) -> bool:
 
 def build_module(spec: str, weights: Path | None):
     """Call the factory and load the weights (``state_dict``, read with ``weights_only=True``: no pickle code)."""
-    torch, _ = require_torch()
+    try:
+        import torch
+    except ImportError:
+        raise missing_extra("torch", "torch") from None
     match = _FACTORY.match(spec)
     if not match:
         raise InputError(f"{spec!r} is not MODULE:FACTORY", hint="e.g. mypkg.models:build or models.py:build")
