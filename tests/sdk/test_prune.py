@@ -282,3 +282,36 @@ def test_cli_scan_without_calibration_data(cli, factory, tmp_path):
     code, _, stderr = cli("prune", f"{factory['file']}:build", "--input-shape", "images:1,3,16,16", "--scan",
                           "--html", page)
     assert code == 3 and "judges each pruned variant on calibration inputs" in stderr and not page.exists()
+
+
+@pytest.mark.parametrize("holdout, first, count", [
+    (None, 0, 24),                 # --heldout given: every calibration sample may train
+    # int8: the pipeline reads the first 10 + 4 and holds out the last min(4, 14 // 5) = 2 (split_heldout)
+    (("tail", 10, 4), 0, 12),
+    (("head", 0, 5), 5, 19),       # no calibration: the pipeline judges on the first 5
+])
+def test_recovery_never_trains_on_the_samples_the_gate_judges(factory, holdout, first, count):
+    from edgeopt.sdk.prune.source import TorchInput
+    from edgeopt.sdk.prune.workflow import PruneJob, calibration_inputs
+
+    job = PruneJob(factory="x:y", weights=None, inputs=[TorchInput("images", (1, 3, 16, 16))], ratio=0.5,
+                   calib=factory["calib"], holdout=holdout)
+    got = calibration_inputs(job)
+    every = np.load(factory["calib"])["images"]
+    assert len(got) == count
+    assert np.array_equal(np.concatenate([g[0] for g in got]), every[first:first + count])
+
+
+def test_cli_user_train_fn(cli, factory, tmp_path):
+    import json
+
+    (tmp_path / "mytrain.py").write_text(
+        "def train(model, *, teacher, data, steps):\n"
+        "    assert teacher.stem.out_channels == 24 and model.stem.out_channels < 24 and len(data) == 24\n"
+        "    return [float(steps), 1.0]\n")
+    out = tmp_path / "o.onnx"
+    code, stdout, stderr = cli(*_args(factory, out, "--ratio", "0.5", "--calib", factory["calib"], "--recover", "3",
+                                      "--train-fn", f"{tmp_path / 'mytrain.py'}:train", "--json"))
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["pruning"]["recovery"] == "user" and doc["losses"] == [3.0, 1.0] and out.exists()
