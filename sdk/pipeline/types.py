@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..package import BenchmarkReport, LatencyStats, Manifest, ValidationReport
+from ..package import BenchmarkReport, LatencyStats, Manifest, PruningInfo, ValidationReport
 from ..profile import HardwareProfile
 
 GraphLevel = Literal["none", "basic", "all"]
@@ -76,7 +76,7 @@ class PackageRequest(BaseModel):
     reference_model: Path | None = Field(
         None, description="ONNX model the accuracy gate and the fp32 baseline use instead of ``model`` itself: the "
                           "unpruned model when ``model`` was pruned (same inputs and outputs).")
-    pruning: Any = Field(None, description="PruningInfo recorded in the manifest when ``model`` was pruned.")
+    pruning: PruningInfo | None = Field(None, description="PruningInfo recorded in the manifest when ``model`` was pruned.")
 
     @model_validator(mode="after")
     def _checks(self) -> "PackageRequest":
