@@ -87,3 +87,5 @@ def test_package_prune_is_gated_against_the_unpruned_fp32_model(cli, digits_resn
     assert manifest.format_version == "1.1"
     assert manifest.pruning is not None and manifest.pruning.channels_after < manifest.pruning.channels_before
     assert manifest.pruning.recovery_loss_last is not None
+    code, stdout, _ = cli("inspect", out)
+    assert code == 0 and "pruning: 50% (l2), channels 682 -> 346" in stdout and "recovery distill, 10 steps" in stdout
