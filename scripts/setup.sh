@@ -50,3 +50,9 @@ fi
 if [[ "${EDGEOPT_SETUP_ARM:-0}" == 1 ]]; then
   scripts/arm-sysroot.sh
 fi
+# Pruning (edgeopt prune, package --prune) needs the [prune] extra; with torch already there it adds only
+# torch-pruning (pip keeps the CPU build of torch installed above).
+if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch_pruning" >/dev/null 2>&1; then
+  echo "setup: installing the [prune] extra (torch-pruning)"
+  .venv/bin/python -m pip install -q -e '.[prune]'
+fi

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PackageError, SecurityError
 
-FORMAT_VERSION = "1.1"  # 1.1 (all optional): validation.ran_on/target (--validate-on), host_profile, state
+FORMAT_VERSION = "1.1"  # 1.1 (all optional): validation.ran_on/target (--validate-on), host_profile, state, pruning
 SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -171,6 +171,31 @@ class GoldenSpec(_Model):
     min_cosine: float
 
 
+class PruningInfo(_Model):
+    """Structured pruning applied before the pipeline (``edgeopt package --prune``, ``edgeopt prune``)."""
+
+    ratio: float = Field(description="Fraction of channels removed per group (or overall, with global pruning).")
+    global_pruning: bool = Field(False, description="Ratio applied across all layers by ranking, not per layer.")
+    per_layer_ratios: dict[str, float] = Field(default_factory=dict, description="Layer name -> its own ratio.")
+    importance: str = Field(description="Criterion that ranked channels: l2, l1, taylor or hessian.")
+    round_to: int | None = Field(None, description="Channel counts rounded to multiples of this.")
+    ignored_layers: list[str] = Field(default_factory=list, description="Layers kept whole (output layers included).")
+    channels_before: int = Field(description="Output channels of all conv/linear layers, unpruned.")
+    channels_after: int = Field(description="The same after pruning.")
+    layer_channels: dict[str, list[int]] = Field(default_factory=dict, description="Layer -> [before, after].")
+    params_before: int
+    params_after: int
+    flops_before: int = Field(description="FLOPs of one sample (2 x MACs of conv/linear layers), unpruned.")
+    flops_after: int
+    recovery: str = Field("none", description="distill (from the unpruned model, no labels), user, or none.")
+    recovery_steps: int = 0
+    recovery_samples: int = Field(0, description="Calibration samples the recovery trained on.")
+    recovery_loss_first: float | None = Field(None, description="Mean loss over the first steps of recovery.")
+    recovery_loss_last: float | None = Field(None, description="Mean loss over the last steps of recovery.")
+    recovery_device: str | None = None
+    torch_pruning_version: str = ""
+
+
 class Manifest(_Model):
     """Everything the agent and the dashboard need to know about a package."""
 
@@ -189,6 +214,7 @@ class Manifest(_Model):
     source_model: SourceModel
     files: dict[str, FileEntry] = Field(default_factory=dict)
     calibration: CalibrationInfo | None = None
+    pruning: PruningInfo | None = Field(None, description="Structured pruning before export (format 1.1).")
     validation: ValidationReport | None = None
     benchmark: BenchmarkReport | None = None
     golden: GoldenSpec | None = None

@@ -177,6 +177,15 @@ class ThreadsSpec(_Strict):
         return self
 
 
+class PruningSpec(_Strict):
+    """How structured pruning (``edgeopt prune``, ``package --prune``) shapes channel counts for this target."""
+
+    round_to: int | None = Field(
+        None, ge=1, le=256,
+        description="Round pruned channel counts to multiples of this (int8 / NPU kernels run full blocks of "
+                    "8, 16 or 32 channels); none keeps exact counts.")
+
+
 class AccuracyBudget(_Strict):
     """How far the optimized model may move from fp32, judged by the model's task (see edgeopt.sdk.pipeline.tasks)."""
 
@@ -255,6 +264,7 @@ class HardwareProfile(_Strict):
         "warn", description="What the agent does when the runtime did not run the package as its manifest says "
                             "(nodes off the device, compute layers in another precision): 'warn' raises an event "
                             "and a dashboard alert and switches; 'strict' also refuses to switch.")
+    pruning: PruningSpec = Field(default_factory=PruningSpec, description="Channel rounding for pruning.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "HardwareProfile":

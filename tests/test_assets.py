@@ -196,3 +196,21 @@ def test_vad_model_hears_the_synthesized_speech(vad_model, vad_sequences):
     said = np.array(probs) >= 0.5
     truth_frames = speech.chunks(truth).mean(axis=1) > 0.5
     assert 0.3 < truth_frames.mean() < 0.8 and (said == truth_frames).mean() >= 0.9
+
+
+def test_digits_resnet_is_trained_and_its_splits_are_disjoint(digits_resnet):
+    import torch
+
+    module = digits_resnet["module"]
+    model = module.build()
+    model.load_state_dict(torch.load(digits_resnet["weights"], weights_only=True))
+    model.eval()
+    held = np.load(digits_resnet["heldout"])
+    calib = np.load(digits_resnet["calib"])
+    assert held["images"].shape == (450, 1, 24, 24) and calib["images"].shape == (1347, 1, 24, 24)
+    assert "labels" not in calib.files  # recovery is label-free
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(held["images"])).argmax(1).numpy() == held["labels"]).mean())
+    assert acc == pytest.approx(digits_resnet["accuracy"], abs=1e-6) and acc > 0.95
+    flat = {row.tobytes() for row in calib["images"].reshape(len(calib["images"]), -1)}
+    assert not any(row.tobytes() in flat for row in held["images"].reshape(450, -1))

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "verify": "edgeopt.sdk.cli.inspect_cmd:verify",
     "bench": "edgeopt.sdk.cli.bench_cmd:bench",
     "compare": "edgeopt.sdk.cli.compare_cmd:compare",
+    "prune": "edgeopt.sdk.cli.prune_cmd:prune",
     "profiles": "edgeopt.sdk.cli.profiles_cmd:profiles",
     "profile": "edgeopt.sdk.cli.profiles_cmd:profile",
     "agent": "edgeopt.agent.cli:agent",

@@ -41,6 +41,13 @@ def inspect_(package: str, as_json: bool) -> None:
         con.print(f"benchmark (batch {b.batch_size}): p50 {b.optimized.p50_ms:.3f} ms, p99 {b.optimized.p99_ms:.3f} ms, "
                   f"{b.optimized.throughput_ips:.1f}/s, {b.speedup:.2f}x vs fp32"
                   + (f"  [yellow]measured on the host CPU as a proxy for {b.target_device}[/]" if b.host_proxy else ""))
+    if m.pruning:
+        p = m.pruning
+        con.print(f"pruning: {p.ratio:.0%} ({p.importance}{', global' if p.global_pruning else ''}), channels "
+                  f"{p.channels_before:,} -> {p.channels_after:,}, parameters {p.params_before:,} -> "
+                  f"{p.params_after:,}, FLOPs {p.flops_before:,} -> {p.flops_after:,}; recovery {p.recovery}"
+                  + (f", {p.recovery_steps} steps, loss {p.recovery_loss_first:.4f} -> {p.recovery_loss_last:.4f}"
+                     if p.recovery_loss_first is not None else ""), highlight=False)
     files = Table(title="files")
     files.add_column("file")
     files.add_column("bytes", justify="right")

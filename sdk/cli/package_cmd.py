@@ -7,6 +7,7 @@ import click
 
 from ..errors import InputError
 from .options import accuracy_options, accuracy_request, conflicting, emit_json, json_option, profile_option
+from .prune_cmd import prune_options, torch_model_options
 
 PRECISION_CHOICES = ["fp32", "fp16", "int8", "int8-weight-only"]
 
@@ -30,7 +31,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 @click.command("package")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model")
 @profile_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .eopkg file to write (atomically: nothing is left there on failure).")
@@ -76,6 +77,11 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--arm-cpu", metavar="MODEL",
               help="The CPU QEMU emulates for --validate-on aarch64 [default: $EDGEOPT_ARM_CPU or max: SVE, "
                    "i8mm, dot product]: cortex-a72 (Raspberry Pi 4), cortex-a53, cortex-a76, neoverse-n1, a64fx.")
+@torch_model_options
+@click.option("--prune", "prune_ratio", type=float, metavar="RATIO",
+              help="PyTorch MODEL (MODULE:FACTORY): remove this fraction of channels first and recover by "
+                   "distillation on --calib; the gate still compares with the unpruned fp32 model.")
+@prune_options
 @accuracy_options
 @json_option
 def package(model: Path, profile: str, output: Path, calib: str | None, heldout: Path | None,
@@ -86,12 +92,17 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             heldout_samples: int | None, iterations: int, validate_on: str, arm_sysroot: Path | None,
             arm_cpu: str | None, task: str, metric: str | None,
             max_metric_drop: float | None, labels: Path | None, detect_format: str, preprocess: str | None,
-            as_json: bool) -> None:
+            as_json: bool, weights: Path | None = None, prune_ratio: float | None = None, importance: str = "l2",
+            global_pruning: bool = False, layer_ratios=(), ignore=(), round_to: int | None = None, steps: int = 300,
+            no_recover: bool = False, train_fn: str | None = None, lr: float = 1e-3, batch_size: int = 32,
+            device: str | None = None) -> None:
     """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
 
     \b
     edgeopt package model.onnx --profile npu --calib calib.npz \\
         --input-shape images:1,3,224,224 --sign-key keys/edgeopt.key -o model-npu.eopkg
+    edgeopt package mypkg.models:build --weights w.pt --input-shape images:1,3,224,224 \\
+        --prune 0.4 --calib images/ --sign-key keys/edgeopt.key -o model-cpu.eopkg
     """
     from pydantic import ValidationError
 
@@ -140,6 +151,19 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
         if n in pairs:
             raise InputError(f"--state given twice for input {n!r}")
         pairs[n] = out
+    from ..prune.source import is_factory
+
+    torch_model = is_factory(model)
+    if prune_ratio is not None and not torch_model:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"--prune needs a PyTorch model given as MODULE:FACTORY, found {model}",
+                               hint="e.g. edgeopt package mypkg.models:build --weights w.pt --prune 0.4 ...")
+    if weights is not None and not torch_model:
+        raise click.UsageError("--weights is for a PyTorch MODEL given as MODULE:FACTORY")
+    if torch_model:
+        return _package_torch(locals(), shapes, preprocessing, build_package, PackageRequest, RichProgress)
+    model = Path(model)
     try:
         request = PackageRequest(
             model=model, profile=profile, output=output, states=pairs,
@@ -158,6 +182,83 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
         emit_json(result.summary())
         return
     print_summary(result)
+
+
+def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequest, RichProgress) -> None:
+    """MODULE:FACTORY: export (pruned and recovered with --prune) to ONNX, then the normal pipeline, judged
+    against the unpruned model's fp32 outputs."""
+    import shutil
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from ..profile import load_profile
+    from ..prune.workflow import PruneJob, run_job
+    from .prune_cmd import prune_job, torch_inputs
+
+    a = args
+    profile = load_profile(a["profile"])
+    inputs = torch_inputs(a["input_shapes"], preprocessing.size if preprocessing else None)
+    calib = Path(a["calib"]) if a["calib"] and a["calib"] != "random" else None
+    if a["prune_ratio"] is not None:
+        job = prune_job(a["model"], a["weights"], inputs, a["prune_ratio"], a["importance"], a["global_pruning"],
+                        a["layer_ratios"], a["ignore"], a["round_to"], a["steps"], a["no_recover"], a["train_fn"],
+                        a["lr"], a["batch_size"], a["device"], calib, preprocessing, profile)
+        if a["heldout"] is None:
+            held_n = a["heldout_samples"] or profile.accuracy.held_out_samples
+            int8 = (a["precision"] or ("int8-weight-only" if a["weight_only"] else profile.precision.mode.value)) == "int8"
+            job.holdout = (("tail", a["calib_samples"] or profile.precision.calibration_samples, held_n) if int8
+                           else ("head", 0, held_n))
+    else:
+        job = PruneJob(factory=a["model"], weights=a["weights"], inputs=inputs, ratio=0.0)
+    progress = RichProgress()
+    workdir = Path(tempfile.mkdtemp(prefix="edgeopt-torch-"))
+    try:
+        if a["prune_ratio"] is not None:
+            outcome = run_job(job, workdir, progress, export_reference=True)
+            onnx_model, reference, pruning = outcome.pruned_onnx, outcome.unpruned_onnx, outcome.result.info
+        else:
+            onnx_model, reference, pruning = _export_only(job, workdir, progress), None, None
+        name = a["name"] or a["model"].rsplit(":", 1)[1]
+        try:
+            request = PackageRequest(
+                model=onnx_model, reference_model=reference, pruning=pruning, profile=profile, output=a["output"],
+                calib=("random" if a["calib"] == "random" else calib) if a["calib"] else None,
+                preprocessing=preprocessing, input_shapes=shapes or {i.name: list(i.shape) for i in inputs},
+                sign_key=a["sign_key"], unsigned=a["no_sign"], accuracy_aware=a["accuracy_aware"],
+                weight_only=a["weight_only"], name=name, version=a["version_"], heldout=a["heldout"],
+                runtime=a["runtime"], precision=a["precision"], graph_level=a["graph_level"],
+                calib_samples=a["calib_samples"], heldout_samples=a["heldout_samples"],
+                bench_iterations=a["iterations"],
+                **accuracy_request(a["task"], a["metric"], a["max_metric_drop"], a["labels"], a["detect_format"]))
+        except ValidationError as exc:
+            raise click.UsageError(exc.errors()[0]["msg"]) from None
+        result = build_package(request, progress)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if a["as_json"]:
+        summary = result.summary()
+        summary["pruning"] = pruning.model_dump(mode="json") if pruning else None
+        emit_json(summary)
+        return
+    print_summary(result)
+    if pruning is not None:
+        from .prune_cmd import print_pruning
+
+        print_pruning(pruning)
+
+
+def _export_only(job, workdir: Path, progress) -> Path:
+    from ..errors import missing_extra
+    from ..prune.source import build_module, example_inputs, export_onnx
+
+    try:
+        import torch
+    except ImportError:
+        raise missing_extra("torch", "torch") from None
+    with progress.stage("load and export the PyTorch model"):
+        module = build_module(job.factory, job.weights)
+        return export_onnx(module, example_inputs(torch, job.inputs), job.inputs, workdir / "model.onnx")
 
 
 def print_summary(result) -> None:

@@ -216,7 +216,7 @@ def _pack(prep: Prepared, chosen: CandidateResult, results, decisions, output: P
         preprocessing=preprocessing,
         source=ManifestSource(filename=prep.source.path.name, format=prep.source.format, sha256=prep.source.sha256),
         calibration=prep.calibration_info or CalibrationInfo(source="none", samples=0),
-        validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
+        pruning=req.pruning, validation=v, benchmark=bench, golden=golden_spec, decisions=decisions,
         runtime_options=device_options(art.runtime_options, chosen.device) or {}, state=prep.state_pairs,
         host_profile=_host_profile(prep, chosen))
     written = pack.write(output, manifest, art.files, golden_bytes, private_key)

@@ -36,13 +36,13 @@ def build_manifest(*, name: str, version_: str, profile: dict, runtime: str, run
                    preprocessing: dict, source: ManifestSource, calibration: CalibrationInfo | None,
                    validation: ValidationReport, benchmark: BenchmarkReport, golden, decisions: list[str],
                    runtime_options: dict | None = None, host_profile: dict | None = None,
-                   state: list | None = None) -> Manifest:
+                   state: list | None = None, pruning=None) -> Manifest:
     return Manifest(name=name, version=version_, profile=profile, runtime=runtime, runtime_version=runtime_version,
                     device=device, precision=precision, model_file=model_file, inputs=inputs, outputs=outputs,
                     preprocessing=preprocessing, source_model=source, calibration=calibration,
                     validation=validation, benchmark=benchmark, golden=golden, toolchain=toolchain(),
                     decisions=decisions, runtime_options=dict(runtime_options or {}), host_profile=host_profile,
-                    state=list(state or []))
+                    state=list(state or []), pruning=pruning)
 
 
 def write(output: Path, manifest: Manifest, files: dict[str, Path], golden_bytes: bytes, private_key) -> Manifest:

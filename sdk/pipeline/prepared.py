@@ -164,7 +164,14 @@ def _prepare(req, profile, source, needs_calib, workdir, progress, get_runtime) 
                 decisions.append(f"fp32 reference and baseline: {rt_name} ({exc.one_line()})")
         rt = get_runtime(rt_name)
         device = "CPUExecutionProvider" if rt_name == "onnxruntime" else "CPU"
-        baseline = rt.load(reference, device=device, threads=threads, performance_hint=profile.performance_hint.value,
+        accuracy_reference = reference
+        if req.reference_model is not None:
+            # A pruned model is judged against the unpruned fp32 model, and its speed-up measured against it.
+            accuracy_reference = _unpruned_reference(req, source, specs, workdir)
+            decisions.append(f"accuracy reference and fp32 baseline: the unpruned model "
+                             f"{req.reference_model.name}, not the pruned one")
+            progress.note("accuracy reference and fp32 baseline: the unpruned model")
+        baseline = rt.load(accuracy_reference, device=device, threads=threads, performance_hint=profile.performance_hint.value,
                            options={"graph_optimization_level": "all"} if rt_name == "onnxruntime" else None)
     try:
         pairs = stateful.resolve_pairs(req.states, baseline.inputs, baseline.outputs)
@@ -270,6 +277,30 @@ def _random(specs, n, seed, baseline, axes, role, decisions, progress) -> data.S
         decisions.append(note)
         progress.note(note)
     return found
+
+
+def _unpruned_reference(req: PackageRequest, source: SourceModel, specs, workdir: Path) -> Path:
+    """The unpruned ONNX model, shaped like the pruned one; its inputs and outputs must match."""
+    import onnx
+
+    ref = load_source(req.reference_model, _profile(req))
+    if ref.format != "onnx" or source.format != "onnx":
+        raise InputError("an unpruned reference model is supported for ONNX models only",
+                         hint="export both models to ONNX")
+    model = ref.onnx
+    fix_onnx_shapes(model, req.input_shapes, ref.path.name)
+    if req.input_shapes:
+        model = onnx.shape_inference.infer_shapes(model)
+    theirs = [(s.name, s.shape) for s in onnx_input_specs(model)]
+    ours = [(s.name, s.shape) for s in specs]
+    outs = [o.name for o in model.graph.output]
+    if theirs != ours or outs != [o.name for o in source.onnx.graph.output]:
+        raise InputError(f"the unpruned reference {ref.path.name} has inputs {theirs} and outputs {outs}; the "
+                         f"model has inputs {ours} and outputs {[o.name for o in source.onnx.graph.output]}",
+                         hint="export both with the same input and output names and shapes")
+    path = workdir / "reference-unpruned.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
 def model_metadata(source: SourceModel) -> dict[str, str]:

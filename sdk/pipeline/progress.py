@@ -42,6 +42,10 @@ class NullProgress:
         self.warnings.append(message)
         log.warning("%s", message)
 
+    def steps(self, name: str, total: int) -> "StepBar":
+        """A per-step callback ``bar(loss)`` for training loops (logged every 10%); ``bar.close()`` ends it."""
+        return StepBar(name, total, None)
+
 
 class RichProgress:
     """Stages with a spinner, a tick and their duration, on stderr (stdout stays free for --json)."""
@@ -82,3 +86,35 @@ class RichProgress:
 
         self.warnings.append(message)
         self.console.print(f"  [yellow]warning:[/] {escape(message)}", highlight=False)
+
+    def steps(self, name: str, total: int) -> "StepBar":
+        """A progress bar with the running loss for training loops: ``bar(loss)`` per step, ``bar.close()``."""
+        return StepBar(name, total, None if self.quiet else self.console)
+
+
+class StepBar:
+    """One bar of ``total`` steps showing the latest loss; logs every 10% as well."""
+
+    def __init__(self, name: str, total: int, console) -> None:
+        self.name, self.total, self.done = name, max(1, int(total)), 0
+        self._progress = self._task = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self._progress = Bar(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+                                 transient=False)
+            self._task = self._progress.add_task(name, total=self.total, loss="-")
+            self._progress.start()
+
+    def __call__(self, loss: float) -> None:
+        self.done += 1
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss=f"{loss:.4f}")
+        if self.done % max(1, self.total // 10) == 0 or self.done == self.total:
+            log.info("%s: step %d/%d, loss %.4f", self.name, self.done, self.total, loss)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..package import BenchmarkReport, LatencyStats, Manifest, ValidationReport
+from ..package import BenchmarkReport, LatencyStats, Manifest, PruningInfo, ValidationReport
 from ..profile import HardwareProfile
 
 GraphLevel = Literal["none", "basic", "all"]
@@ -82,6 +82,10 @@ class PackageRequest(BaseModel):
                                                   "cortex-a72 for a Raspberry Pi 4).")
     detect_format: str = Field("auto", description="Detection head format: auto, yolov8, yolov8t, yolov5, nms, "
                                                     "tuple, ssd.")
+    reference_model: Path | None = Field(
+        None, description="ONNX model the accuracy gate and the fp32 baseline use instead of ``model`` itself: the "
+                          "unpruned model when ``model`` was pruned (same inputs and outputs).")
+    pruning: PruningInfo | None = Field(None, description="PruningInfo recorded in the manifest when ``model`` was pruned.")
 
     @model_validator(mode="after")
     def _checks(self) -> "PackageRequest":

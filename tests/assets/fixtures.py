@@ -27,6 +27,7 @@ __all__ = [
     "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
     "yolo_model", "people_photos", "face_photos",
     "vad_model", "vad_hc_model", "vad_sequences", "vad_package",
+    "digits_resnet",
     "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
 
@@ -292,6 +293,40 @@ def face_photos() -> dict:
 
 
 # --- broken and hostile models (small, written to tmp_path) ------------------------------------
+
+@pytest.fixture(scope="session")
+def digits_resnet() -> dict:
+    """The digits ResNet (tests/assets/digits_resnet): trained here once (1-2 min on 2 cores), weights cached.
+
+    Returns {"factory": "path/digits_resnet.py:build", "weights": Path (state_dict), "calib": npz (training
+    split, key ``images`` [1347,1,24,24], no labels), "heldout": npz (``images`` [450,...] + ``labels``),
+    "input_shape_arg": "images:1,1,24,24", "accuracy": fp32 held-out accuracy (torch), "module": the module}.
+    """
+    module = _module_at(HERE / "digits_resnet" / "digits_resnet.py", "digits_resnet")
+    folder = CACHE / "assets" / "digits_resnet_v1"
+    weights = folder / "weights.pt"
+    metrics = folder / "metrics.json"
+    if not weights.exists() or not metrics.exists():
+        figures = module.train(weights)
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text(json.dumps(figures))
+        tmp.replace(metrics)
+    data = module.inputs(folder) if not (folder / "heldout.npz").exists() else {
+        "calib": folder / "calib.npz", "heldout": folder / "heldout.npz"}
+    return {"factory": f"{HERE / 'digits_resnet' / 'digits_resnet.py'}:build", "weights": weights,
+            "calib": data["calib"], "heldout": data["heldout"], "input_shape_arg": "images:1,1,24,24",
+            "accuracy": json.loads(metrics.read_text())["fp32_heldout_accuracy"], "module": module}
+
+
+def _module_at(path: Path, name: str):
+    full = f"edgeopt_test_assets_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return sys.modules[full]
+
 
 @pytest.fixture
 def not_a_model(tmp_path) -> Path:
