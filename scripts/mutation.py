@@ -146,7 +146,7 @@ def _equivalents() -> list[dict]:
 def _mutated_line(path: str, line: str, index: int) -> str:
     from mutmut import Context, RelativeMutationID, mutate
 
-    source = (WORK / path).read_text() if (WORK / path).exists() else (ROOT / path).read_text()
+    source = (ROOT / path).read_text()  # the scratch copy may still hold a mutant if a run was interrupted
     lines = source.splitlines()
     number = next((i for i, l in enumerate(lines) if l == line), None)
     if number is None:
@@ -242,6 +242,9 @@ def main() -> int:
         ap.error(f"unknown module {', '.join(unknown)}; expected some of {', '.join(MODULES)}")
     label = args.label or ("before" if args.tests_from else "after")
     OUT.mkdir(parents=True, exist_ok=True)
+    global WORK
+    if args.modules:  # a scratch copy per set of modules, so runs of different modules can go side by side
+        WORK = OUT / f"work-{'+'.join(keys)}"
     rc = 0
     if not args.report_only:
         prepare(args.tests_from)
