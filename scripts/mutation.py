@@ -50,7 +50,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "store": (["agent/store.py"], ["tests/agent/test_store_unit.py", "tests/agent/test_install_store.py"]),
     "installer": (["agent/installer.py"], ["tests/agent/test_installer_unit.py", "tests/agent/test_install.py",
                                            "tests/agent/test_install_hostile.py"]),
-    "commands": (["agent/commands.py", "agent/control.py"], ["tests/agent/test_mqtt_commands.py"]),
+    "commands": (["agent/commands.py", "agent/control.py"], ["tests/agent/test_commands_unit.py",
+                                                             "tests/agent/test_mqtt_commands.py"]),
     "ingest-writer": (["dashboard/ingest_writer.py"], ["tests/dashboard/test_ingest_writer.py",
                                                        "tests/dashboard/test_ingest_unit.py"]),
 }
