@@ -5,6 +5,7 @@ case of recovery (docs/mutation.md). The crash tests of the real installer are i
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -116,6 +117,26 @@ def test_no_space_error_text(tmp_path):
     assert tail.endswith(" bytes free)") and abs(int(tail.split()[0]) - free) < 1 << 30
     assert err.hint == "free space on that filesystem and retry; the previous version keeps serving"
     assert str(S.no_space_error(tmp_path / "gone", "x")).endswith("while x (free space unknown)")
+
+
+def test_installed_model_is_immutable_and_previous_defaults_to_none(store):
+    _put(store, "m", "1.0.0")
+    model = InstalledModel(name="m", version="1.0.0", path=store.package_dir("m", "1.0.0"),
+                           manifest=store.read_manifest("m", "1.0.0"))
+    assert model.previous_version is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.version = "2.0.0"
+
+
+def test_write_json_atomic_keeps_the_error_when_the_temp_file_was_never_made(tmp_path, monkeypatch):
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S, "open", full, raising=False)
+    with pytest.raises(OSError) as err:
+        S._write_json_atomic(tmp_path / "p.json", {"a": 1})
+    assert err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_json_atomic_format_and_failure(tmp_path):
@@ -483,7 +504,7 @@ def test_recover_empties_staging_and_temp_files(store):
 def test_recover_drops_downloads_older_than_a_day(store):
     day = 24 * 3600
     now = time.time()
-    for name, age in (("young.part", day - 60), ("old.part", day + 60)):
+    for name, age in (("young.part", day - 10), ("old.part", day + 10)):
         (store.downloads_dir / name).write_bytes(b"x")
         os.utime(store.downloads_dir / name, (now - age, now - age))
     assert store.recover() == ["removed stale download old.part"]
