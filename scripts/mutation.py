@@ -52,7 +52,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                                            "tests/agent/test_install_hostile.py"]),
     "commands": (["agent/commands.py", "agent/control.py"], ["tests/agent/test_commands_unit.py",
                                                              "tests/agent/test_mqtt_commands.py"]),
-    "ingest-writer": (["dashboard/ingest_writer.py"], ["tests/dashboard/test_ingest_writer.py",
+    "ingest-writer": (["dashboard/ingest_writer.py"], ["tests/dashboard/test_ingest_writer_unit.py",
+                                                       "tests/dashboard/test_ingest_writer.py",
                                                        "tests/dashboard/test_ingest_unit.py"]),
 }
 
