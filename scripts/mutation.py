@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -127,7 +128,10 @@ def run_module(key: str, timeout_base: float) -> int:
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
-    runner = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --timeout 300 {' '.join(tests)}"
+    pytest = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --timeout 300 {' '.join(tests)}"
+    # mutmut 2 counts only exit status 1 as "tests failed": a mutant that breaks the import (pytest's status 2,
+    # collection errors) or leaves no test to run (5) would "survive". Any failure of the run is a kill.
+    runner = f"bash -c {shlex.quote(pytest + ' || exit 1')}"
     print(f"mutation: {key}: {', '.join(files)} with {', '.join(tests)}", flush=True)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", ",".join(files),
