@@ -116,6 +116,46 @@ def test_field_defaults_readers_rely_on():
     assert m.created_at.utcoffset().total_seconds() == 0
 
 
+REQUIRED = {
+    P.TensorSpec: {"name", "dtype", "shape"},
+    P.FileEntry: {"sha256", "size"},
+    P.SourceModel: {"filename", "format", "sha256"},
+    P.CalibrationInfo: {"source"},
+    P.LayerError: {"layer", "error"},
+    P.MetricResult: {"name", "fp32", "optimized", "drop"},
+    P.OutputFigures: {"name", "min_cosine", "mean_cosine", "min_snr_db", "max_abs_error"},
+    P.ValidationReport: {"samples", "max_abs_error", "min_cosine", "mean_cosine", "passed"},
+    P.LatencyStats: {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "iterations"},
+    P.BenchmarkReport: {"batch_size", "fp32", "optimized", "speedup", "host_proxy", "target_device"},
+    P.GoldenSpec: {"count", "atol", "rtol", "min_cosine"},
+    P.Manifest: {"name", "version", "profile", "runtime", "runtime_version", "device", "precision", "model_file",
+                 "inputs", "outputs", "source_model"},
+}
+
+
+@pytest.mark.parametrize("model", list(REQUIRED), ids=lambda c: c.__name__)
+def test_required_fields_of_the_manifest_contract(model):
+    with pytest.raises(ValueError) as err:
+        model.model_validate({})
+    missing = {e["loc"][0] for e in err.value.errors() if e["type"] == "missing"}
+    assert missing == REQUIRED[model]
+
+
+def test_list_and_dict_fields_default_to_empty():
+    report = P.ValidationReport(samples=1, max_abs_error=0.0, min_cosine=1.0, mean_cosine=1.0, passed=True)
+    assert (report.checks, report.figures, report.outputs, report.budget, report.failures, report.notes,
+            report.sensitive_layers, report.float_layers) == ([], {}, [], {}, [], [], [], [])
+    m = _manifest()
+    assert (m.files, m.preprocessing, m.toolchain, m.decisions, m.runtime_options) == ({}, {}, {}, [], {})
+    stats = P.LatencyStats(p50_ms=1, p90_ms=1, p99_ms=1, mean_ms=1, throughput_ips=1, iterations=1)
+    assert stats.runtime is None
+    bench = P.BenchmarkReport(batch_size=1, fp32=stats, optimized=stats, speedup=1.0, host_proxy=False,
+                              target_device="CPU")
+    assert (bench.machine, bench.threads, bench.note) == ({}, None, "")
+    # TensorSpec shapes hold numbers and names of dynamic dimensions
+    assert TensorSpec(name="x", dtype="float32", shape=[1, "batch"]).shape == [1, "batch"]
+
+
 def test_manifest_name_pattern():
     _manifest(name="a" * 128)
     _manifest(name="Model_1.v2-x")
