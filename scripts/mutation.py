@@ -117,7 +117,7 @@ def check_import() -> None:
         raise SystemExit(f"mutation: edgeopt imports from {out}, not from the scratch copy {WORK}")
 
 
-def run_module(key: str, timeout_base: float) -> int:
+def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     files, tests = MODULES[key]
     tests = [t for t in tests if (WORK / t).exists()]
     if not tests:
@@ -128,15 +128,32 @@ def run_module(key: str, timeout_base: float) -> int:
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
-    pytest = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --timeout 300 {' '.join(tests)}"
-    # mutmut 2 counts only exit status 1 as "tests failed": a mutant that breaks the import (pytest's status 2,
-    # collection errors) or leaves no test to run (5) would "survive". Any failure of the run is a kill.
-    runner = f"bash -c {shlex.quote(pytest + ' || exit 1')}"
+    pytest_args = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "300", *tests]
+    server = None
+    if fork_server:
+        sock = f"/tmp/edgeopt-mutation-{key}-{os.getpid()}.sock"
+        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "mutation_forkserver.py"), sock, str(WORK),
+                                   "--", *pytest_args], cwd=WORK, env={**_env(), "PYTHONDONTWRITEBYTECODE": "1"})
+        deadline = time.monotonic() + 120
+        while not os.path.exists(sock):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"mutation: {key}: the fork server did not start")
+            time.sleep(0.1)
+        runner = f"{sys.executable} -S {ROOT / 'scripts' / 'mutation_forkserver.py'} --client {sock}"
+    else:
+        # mutmut 2 counts only exit status 1 as "tests failed": a mutant that breaks the import (pytest's
+        # status 2, collection errors) or leaves no test to run (5) would "survive". Any failure is a kill.
+        runner = f"bash -c {shlex.quote(' '.join([sys.executable, '-m', 'pytest', *pytest_args]) + ' || exit 1')}"
     print(f"mutation: {key}: {', '.join(files)} with {', '.join(tests)}", flush=True)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", ",".join(files),
-                           "--runner", runner, "--tests-dir", "tests", "--simple-output", "--no-progress",
-                           "--test-time-base", str(timeout_base)], cwd=WORK, env=_env())
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", ",".join(files),
+                               "--runner", runner, "--tests-dir", "tests", "--simple-output", "--no-progress",
+                               "--test-time-base", str(timeout_base)], cwd=WORK, env=_env())
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
     shutil.copy2(WORK / ".mutmut-cache", cache)
     print(f"mutation: {key}: mutmut exit {proc.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     # mutmut's exit code is a bit set (2 survived, 4 timeout, 8 suspicious); 1 is a failure of its own
@@ -238,6 +255,8 @@ def main() -> int:
     ap.add_argument("--tests-from", metavar="REV", help="run with the tests of this git revision (a 'before' score)")
     ap.add_argument("--label", help="summary label (default: 'before' with --tests-from, else 'after')")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    ap.add_argument("--no-fork-server", action="store_true", help="start Python and pytest afresh for every mutant "
+                                                                   "(slower; see scripts/mutation_forkserver.py)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite REPORT.md from the kept results")
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
@@ -258,7 +277,7 @@ def main() -> int:
         for key in keys:
             if args.fresh:
                 (OUT / f"{key}.mutmut-cache").unlink(missing_ok=True)
-            rc |= run_module(key, args.timeout_base)
+            rc |= run_module(key, args.timeout_base, not args.no_fork_server)
     report(label, keys)
     return rc
 
