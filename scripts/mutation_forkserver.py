@@ -34,14 +34,19 @@ def _run_child(workdir: str, args: list[str]) -> None:
     """In the fork: run pytest quietly and leave with its status."""
     try:
         os.chdir(workdir)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        # EDGEOPT_MUTATION_LOG names a file for the forks' output (to see why a baseline run fails)
+        out = os.open(os.environ.get("EDGEOPT_MUTATION_LOG", os.devnull), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd in (1, 2):
+            os.dup2(out, fd)
         os.setsid()  # its own process group, so a kill reaches what the tests start too
         import pytest
 
         rc = int(pytest.main(args))
     except BaseException:  # noqa: BLE001 - any failure of the run is a failed run
+        import traceback
+
+        traceback.print_exc()
         rc = 3
     os._exit(rc)
 
@@ -53,7 +58,7 @@ def serve(path: str, workdir: str, args: list[str]) -> None:
     import _pytest.assertion.rewrite  # noqa: F401
     for name in ("pydantic", "cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography.x509", "numpy",
                  "sqlalchemy", "sqlalchemy.orm", "packaging.version", "click", "rich.console", "paho.mqtt.client",
-                 "pytest_timeout", "flask", "werkzeug"):
+                 "flask", "werkzeug"):  # not pytest plugins: pytest must import those itself (rewrite)
         try:
             __import__(name)
         except ImportError:
