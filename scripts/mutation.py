@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import shutil
 import sqlite3
 import subprocess
@@ -263,6 +264,7 @@ def main() -> int:
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # so a stopped run still stops its fork server
     keys = args.modules or list(MODULES)
     unknown = [k for k in keys if k not in MODULES]
     if unknown:

@@ -71,9 +71,17 @@ def serve(path: str, workdir: str, args: list[str]) -> None:
     srv.bind(path)
     srv.listen(4)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    parent = os.getppid()
+    srv.settimeout(5.0)
     try:
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                if os.getppid() != parent:  # scripts/mutation.py is gone: so is the need for a server
+                    return
+                continue
+            conn.settimeout(None)
             with conn:
                 if not conn.recv(16):
                     continue
