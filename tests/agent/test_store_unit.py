@@ -194,6 +194,33 @@ def test_lock_held_by_another_thread(tmp_path):
         pass
 
 
+def test_lock_without_timeout_waits_for_other_threads(tmp_path):
+    """timeout=None blocks on the thread lock (acquire's -1); a number is passed on as the wait."""
+    store = Store(tmp_path / "s")
+    seen = []
+    real = store._lock.rlock
+
+    class Recording:
+        def acquire(self, timeout):
+            seen.append(timeout)
+            return real.acquire(timeout=timeout)
+
+        def release(self):
+            real.release()
+
+    store._lock.rlock = Recording()
+    try:
+        with store.locked(timeout=None):
+            pass
+        with store.locked(timeout=2.5):
+            pass
+        with store.locked():
+            pass
+    finally:
+        store._lock.rlock = real
+    assert seen == [-1, 2.5, 600.0]
+
+
 def test_lock_held_by_another_process_times_out(tmp_path):
     store = Store(tmp_path / "s")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
