@@ -34,6 +34,10 @@ def _manifest(name: str, version: str, files: dict[str, bytes]) -> Manifest:
                     files={n: FileEntry(sha256=hashlib.sha256(d).hexdigest(), size=len(d)) for n, d in files.items()})
 
 
+# A store that never gives up its lock (a mutant of the wait loop) fails here in a minute, not pytest's five.
+pytestmark = pytest.mark.timeout(60)
+
+
 def _put(store: Store, name: str, version: str, files: dict[str, bytes] | None = None):
     """A complete version folder as an install leaves it."""
     files = {"model.onnx": b"model-" + version.encode()} if files is None else files
