@@ -284,6 +284,16 @@ def test_pending_record_while_running(make, tmp_path):
     sink.results(2)
 
 
+def test_pending_dir_is_made_with_its_parents(tmp_path):
+    h = CommandHandler(Envelope("dev-1", "s"), Sink(), verifier=Verifier(), pending_dir=tmp_path / "a" / "b")
+    try:
+        assert (tmp_path / "a" / "b").is_dir()
+        # the install worker must never keep the agent's process from exiting
+        assert h._worker.daemon and h._worker.is_alive()
+    finally:
+        h.stop()
+
+
 def test_without_a_pending_dir_nothing_is_recorded(make, tmp_path):
     h, sink = make(Installer(), pending=False)
     h.handle(raw("rollback", "r1", {"model": "digits"}))
@@ -298,9 +308,9 @@ def test_fail_interrupted(make, tmp_path):
                                                 "args": {"name": "digits"}}))
     (pending / "b.json").write_text(json.dumps({"command": "rollback", "args": {"model": "other"}}))
     (pending / "c.json").write_text(json.dumps({"id": "i3", "command": "rollback", "args": None}))
-    (pending / "d.json").write_text("{broken")
+    (pending / "0.json").write_text("{broken")  # first in order: the others are still answered
     (pending / "keep.txt").write_text("not a record")
-    serving = {"digits": "1.0.0"}
+    serving = {"digits": "1.0.0", "other": "3.0.0"}
     assert h.fail_interrupted(serving.get) == 3
     r1, r2, r3 = sink.results()
     tail = "; send the command again"
@@ -308,7 +318,7 @@ def test_fail_interrupted(make, tmp_path):
     assert (r1.command_id, r1.command, r1.status, r1.deployment_id, r1.details) == ("i1", "deploy", "failed", "dep",
                                                                                     {"interrupted": True})
     assert r1.message == head + " and digits 1.0.0 is serving" + tail
-    assert (r2.command_id, r2.command, r2.message) == ("unknown", "rollback", head + tail)
+    assert (r2.command_id, r2.command, r2.message) == ("unknown", "rollback", head + " and other 3.0.0 is serving" + tail)
     assert (r3.command_id, r3.message) == ("i3", head + tail)
     assert sorted(p.name for p in pending.iterdir()) == ["keep.txt"]
 
