@@ -63,46 +63,6 @@ def _child(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- helpers
 
 
-def test_crash_point_kills_only_at_its_name(tmp_path):
-    code = """
-        from edgeopt.agent.store import crash_point
-        crash_point("other")
-        print("passed other", flush=True)
-        crash_point("here")
-        print("passed here", flush=True)
-    """
-    alive = _child(code)
-    assert alive.returncode == 0 and alive.stdout.split("\n")[:2] == ["passed other", "passed here"]
-    killed = _child(code, {"EDGEOPT_AGENT_CRASH_AT": "here"})
-    assert killed.returncode == -9 and killed.stdout == "passed other\n"
-
-
-def test_a_crash_before_the_pointer_replace_leaves_a_temp_file_recover_removes(tmp_path):
-    state = tmp_path / "state"
-    code = f"""
-        from edgeopt.agent.store import Store
-        s = Store({str(state)!r})
-        s.set_current("m", "1.0.0", None)
-    """
-    store = Store(state)
-    _put(store, "m", "1.0.0")
-    killed = _child(code, {"EDGEOPT_AGENT_CRASH_AT": "before_replace_current"})
-    assert killed.returncode == -9
-    left = list(store.pointer_path("m").parent.iterdir())
-    assert len(left) == 1 and left[0].name.startswith(".current.json.") and left[0].name.endswith(".tmp")
-    assert store.read_pointer("m") is None
-    store.recover()
-    assert list(store.pointer_path("m").parent.iterdir()) == []
-    journal = _child(f"""
-        from edgeopt.agent.store import Store
-        Store({str(state)!r}).write_journal({{"op": "install"}})
-    """, {"EDGEOPT_AGENT_CRASH_AT": "before_replace_journal"})
-    assert journal.returncode == -9 and store.read_journal() is None
-    assert [p.name.startswith(".journal.json.") for p in state.glob(".*.tmp")] == [True]
-    store.recover()
-    assert list(state.glob(".*.tmp")) == []
-
-
 def test_no_space():
     assert S.no_space(OSError(errno.ENOSPC, "full"))
     assert S.no_space(OSError(errno.EDQUOT, "quota"))
@@ -223,29 +183,6 @@ def test_lock_without_timeout_waits_for_other_threads(tmp_path):
     finally:
         store._lock.rlock = real
     assert seen == [-1, 2.5, 600.0]
-
-
-def test_lock_held_by_another_process_times_out(tmp_path):
-    store = Store(tmp_path / "s")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, sys
-        fd = open({str(store.root / 'lock')!r}, 'a+')
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print('held', flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UnavailableError) as err:
-            with store.locked(timeout=0):
-                pass
-        assert str(err.value) == (f"{(store.root / 'lock').resolve()}: another edgeopt process is installing into "
-                                  "this state directory")
-        assert err.value.hint == "wait for it to finish and retry"
-        assert store._lock.depth == 0 and store._lock.fd is None
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- reading
@@ -578,3 +515,69 @@ def test_recover_checks_every_pointer_and_skips_what_is_not_a_model(store):
     assert store.recover() == [f"b: b 1.0.0: model.onnx is missing or truncated in {d}; no complete version left, "
                                "model removed"]
     assert store.pointers() == {"a": "1.0.0"}
+
+
+# --------------------------------------------------------------------------- in child processes (last: slowest)
+
+
+def test_crash_point_kills_only_at_its_name(tmp_path):
+    code = """
+        from edgeopt.agent.store import crash_point
+        crash_point("other")
+        print("passed other", flush=True)
+        crash_point("here")
+        print("passed here", flush=True)
+    """
+    alive = _child(code)
+    assert alive.returncode == 0 and alive.stdout.split("\n")[:2] == ["passed other", "passed here"]
+    killed = _child(code, {"EDGEOPT_AGENT_CRASH_AT": "here"})
+    assert killed.returncode == -9 and killed.stdout == "passed other\n"
+
+
+def test_a_crash_before_the_pointer_replace_leaves_a_temp_file_recover_removes(tmp_path):
+    state = tmp_path / "state"
+    code = f"""
+        from edgeopt.agent.store import Store
+        s = Store({str(state)!r})
+        s.set_current("m", "1.0.0", None)
+    """
+    store = Store(state)
+    _put(store, "m", "1.0.0")
+    killed = _child(code, {"EDGEOPT_AGENT_CRASH_AT": "before_replace_current"})
+    assert killed.returncode == -9
+    left = list(store.pointer_path("m").parent.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".current.json.") and left[0].name.endswith(".tmp")
+    assert store.read_pointer("m") is None
+    store.recover()
+    assert list(store.pointer_path("m").parent.iterdir()) == []
+    journal = _child(f"""
+        from edgeopt.agent.store import Store
+        Store({str(state)!r}).write_journal({{"op": "install"}})
+    """, {"EDGEOPT_AGENT_CRASH_AT": "before_replace_journal"})
+    assert journal.returncode == -9 and store.read_journal() is None
+    assert [p.name.startswith(".journal.json.") for p in state.glob(".*.tmp")] == [True]
+    store.recover()
+    assert list(state.glob(".*.tmp")) == []
+
+
+def test_lock_held_by_another_process_times_out(tmp_path):
+    store = Store(tmp_path / "s")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, sys
+        fd = open({str(store.root / 'lock')!r}, 'a+')
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print('held', flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UnavailableError) as err:
+            with store.locked(timeout=0):
+                pass
+        assert str(err.value) == (f"{(store.root / 'lock').resolve()}: another edgeopt process is installing into "
+                                  "this state directory")
+        assert err.value.hint == "wait for it to finish and retry"
+        assert store._lock.depth == 0 and store._lock.fd is None
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
