@@ -157,7 +157,7 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
         if server is not None:
             server.terminate()
             server.wait(30)
-    shutil.copy2(WORK / ".mutmut-cache", cache)
+        shutil.copy2(WORK / ".mutmut-cache", cache)  # kept when stopped too: the next run goes on from it
     print(f"mutation: {key}: mutmut exit {proc.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     # mutmut's exit code is a bit set (2 survived, 4 timeout, 8 suspicious); 1 is a failure of its own
     return 1 if proc.returncode & 1 else 0
