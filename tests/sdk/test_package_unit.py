@@ -26,6 +26,8 @@ from edgeopt.sdk.package import (FileEntry, GoldenSpec, Manifest, PackageReader,
                                  verify_signature, write_package)
 
 GIB = 1024**3
+# A read loop that never ends (a mutant of it) fails here in a minute, not pytest's five.
+pytestmark = pytest.mark.timeout(60)
 
 
 def _manifest(**update) -> Manifest:
