@@ -581,3 +581,4 @@ def test_lock_held_by_another_process_times_out(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+        holder.stdout.close()
