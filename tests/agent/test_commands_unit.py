@@ -403,7 +403,7 @@ def _cmd(command_id="c1", nonce=None, ttl_s=60):
 
 
 def test_replay_guard_refuses_a_second_delivery(tmp_path):
-    guard = ReplayGuard(tmp_path / "sub" / "control.db")
+    guard = ReplayGuard(tmp_path / "a" / "b" / "control.db")  # its folder is made, parents too
     assert guard.max_remembered == C.MAX_REMEMBERED == 200_000
     guard.record(_cmd("c1", "n1"), 100.0, 0.0)
     for again in (_cmd("c1", "n2"), _cmd("c2", "n1")):  # the same id, or the same nonce
@@ -412,6 +412,24 @@ def test_replay_guard_refuses_a_second_delivery(tmp_path):
         assert err.value.reason == "replayed" and err.value.claimed_id == again.id
         assert str(err.value) == f"command {again.id} was already received: replay refused"
     assert len(guard) == 1
+    guard.close()
+
+
+def test_replay_guard_is_used_from_another_thread(tmp_path):
+    """The MQTT thread records what the agent's main thread opened."""
+    guard = ReplayGuard(tmp_path / "control.db")
+    errors = []
+
+    def record():
+        try:
+            guard.record(_cmd("c1", "n1"), 100.0, 0.0)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=record)
+    t.start()
+    t.join(30)
+    assert errors == [] and len(guard) == 1
     guard.close()
 
 
