@@ -106,6 +106,15 @@ def test_extract_limit_is_the_installers(agent_config, events, make_package):
     assert events.last("refused")["message"].endswith("over the 100-byte limit")
 
 
+def test_crash_points_list_every_fault_injection_point_in_order():
+    """CRASH_POINTS is what the kill tests and the docs name: it must be exactly the installer's points."""
+    import inspect
+    import re
+
+    used = re.findall(r'crash_point\("([a-z_]+)"\)', inspect.getsource(I))
+    assert list(I.CRASH_POINTS) == used
+
+
 # --------------------------------------------------------------------------- install_url
 
 

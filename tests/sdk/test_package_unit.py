@@ -216,7 +216,8 @@ def test_load_private_key_errors(tmp_path):
     assert str(err.value) == f"signing key {tmp_path / 'none.key'} not found"
     assert err.value.hint == "create one with: edgeopt keygen --out keys/"
     (tmp_path / "junk.key").write_text("not a key")
-    with pytest.raises(PackageError, match=r"junk.key is not an unencrypted PEM private key: "):
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(tmp_path / 'junk.key'))} is not an unencrypted PEM "
+                                           r"private key: "):
         load_private_key(tmp_path / "junk.key")
     ec_key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "ec.key").write_bytes(ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
