@@ -142,6 +142,7 @@ def test_install_url_downloads_installs_and_removes_the_file(installer, events, 
     assert ev["message"] == f"downloaded {pkg.stat().st_size} bytes"
     assert set(ev["details"]) == {"url", "bytes", "seconds"} and ev["details"]["url"] == "https://store/p.eopkg"
     assert ev["details"]["bytes"] == pkg.stat().st_size and 0 <= ev["details"]["seconds"] < 600
+    assert ev["details"]["seconds"] == round(ev["details"]["seconds"], 3)  # milliseconds, no more
     assert events.kinds()[1:] == [("self_test", True), ("switch", True), ("install", True)]
     assert all(e["command_id"] == "c1" for e in events)
 
@@ -350,6 +351,25 @@ def test_extraction_failure(installer, events, make_package, monkeypatch, exc, m
     assert ev["details"] == {"stage": "extract", "error": type(err.value).__name__}
     assert list(installer.store.staging_dir.iterdir()) == []
     assert installer.store.versions("digits") == []
+
+
+def test_extraction_that_failed_before_making_the_folder(installer, events, make_package, monkeypatch):
+    def fail(self, dest):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(I.PackageReader, "extract_to", fail)
+    with pytest.raises(PackageError, match=r"^extraction failed: \[Errno 13\] Permission denied$"):
+        installer.install_file(make_package("1.0.0"))
+
+
+def test_unreadable_pointer_refuses_with_no_from_version(installer, events, make_package):
+    pointer = installer.store.pointer_path("digits")
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text("{")
+    with pytest.raises(PackageError, match="unreadable model pointer"):
+        installer.install_file(make_package("1.0.0"))
+    ev = events.last("refused")
+    assert (ev["model"], ev["version"], ev["from_version"]) == ("digits", "1.0.0", None)
 
 
 @pytest.mark.parametrize("step,stage,event", [
