@@ -255,6 +255,16 @@ def test_signed_package_without_trusted_keys_when_unsigned_is_allowed(agent_conf
     assert inst.install_file(make_package("1.0.0", key="other")).version == "1.0.0"
 
 
+def test_signed_package_without_any_key_is_refused(agent_config, events, make_package):
+    """A config that trusts no key and refuses unsigned packages cannot pass validation; the installer still
+    refuses rather than skip the check if it is handed one."""
+    cfg = agent_config().model_copy(update={"trusted_keys": [], "allow_unsigned": False})
+    inst = Installer(Store(cfg.state_dir), cfg, on_event=events)
+    with pytest.raises(SecurityError) as err:
+        inst.install_file(make_package("1.0.0"))
+    assert str(err.value) == "no trusted key configured; cannot verify the package signature"
+
+
 def test_signed_package_checked_even_when_unsigned_is_allowed(agent_config, events, make_package):
     inst = _installer(agent_config, events, allow_unsigned=True)
     with pytest.raises(SecurityError, match="signature does not match any trusted key"):

@@ -540,6 +540,28 @@ def test_reader_reads_signature_and_names(tmp_path, keys):
     assert read_manifest(unsigned).name == "toy"
 
 
+def test_reader_misuse_and_corrupt_member(tmp_path):
+    path = tmp_path / "u.eopkg"
+    write_package(path, _manifest(), {"model.onnx": b"m"})
+    pkg = PackageReader(path)
+    with pytest.raises(AssertionError, match="^package is not open$"):
+        pkg.read("model.onnx")
+    with pytest.raises(AssertionError, match="^package is not open$"):
+        list(pkg._stream("model.onnx"))
+
+    class Corrupt:
+        def read(self, *size):
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    with PackageReader(path) as pkg:
+        pkg._tar.extractfile = lambda member: Corrupt()
+        for read in (lambda: pkg.read("model.onnx"), lambda: list(pkg._stream("model.onnx"))):
+            with pytest.raises(PackageError) as err:
+                read()
+            assert str(err.value) == (f"{path}: cannot read 'model.onnx': truncated or corrupt (Compressed file ended "
+                                      "before the end-of-stream marker was reached)")
+
+
 def test_reader_close_is_idempotent(tmp_path):
     path = tmp_path / "u.eopkg"
     write_package(path, _manifest(), {"model.onnx": b"m"})
