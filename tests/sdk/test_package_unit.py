@@ -594,6 +594,15 @@ def test_verify_hashes_unlisted_missing_and_changed(tmp_path):
         assert type(err.value) is exc and str(err.value) == f"{path}: {message}"
 
 
+def test_verify_hashes_of_a_member_larger_than_one_read(tmp_path):
+    big = bytes(range(256)) * (6 * 1024 + 7)  # a little over 1.5 MiB: two reads of the 1 MiB stream
+    path = tmp_path / "big.eopkg"
+    write_package(path, _manifest(), {"model.onnx": big})
+    with PackageReader(path) as pkg:
+        pkg.verify(None, allow_unsigned=True)
+        assert b"".join(pkg._stream("model.onnx")) == big
+
+
 def test_verify_checks_signature_hashes_and_references(tmp_path, keys):
     out = tmp_path / "s.eopkg"
     write_package(out, _manifest(), {"model.onnx": b"m"}, private_key=keys["priv"])
