@@ -623,12 +623,17 @@ def test_verify_checks_signature_hashes_and_references(tmp_path, keys):
 
 def test_extract_to(tmp_path, keys):
     out = tmp_path / "s.eopkg"
-    write_package(out, _manifest(), {"model.onnx": b"m" * 3, "golden/g.npz": b"g"}, private_key=keys["priv"])
+    write_package(out, _manifest(), {"model.onnx": b"m" * 3, "golden/g.npz": b"g", "x/y/z.bin": b"z"},
+                  private_key=keys["priv"])
     with PackageReader(out) as pkg:
         dest = pkg.extract_to(tmp_path / "a" / "b")
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(FileExistsError):  # even an empty folder: the target must be new
+            pkg.extract_to(tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
     assert dest == tmp_path / "a" / "b"
     found = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert found == ["golden/g.npz", "manifest.json", "manifest.sig", "model.onnx"]
+    assert found == ["golden/g.npz", "manifest.json", "manifest.sig", "model.onnx", "x/y/z.bin"]
     assert (dest / "model.onnx").read_bytes() == b"mmm"
     assert stat.S_IMODE((dest / "model.onnx").stat().st_mode) == 0o644 & ~P._umask()
     unsigned = tmp_path / "u.eopkg"
