@@ -676,4 +676,9 @@ def test_parse_manifest_errors():
     with pytest.raises(PackageError) as err:
         parse_manifest(json.dumps(doc).encode())
     assert str(err.value).startswith("manifest: invalid manifest at runtime: Field required")
+    doc = _manifest().model_dump(mode="json")
+    del doc["inputs"][0]["dtype"]
+    with pytest.raises(PackageError) as err:
+        parse_manifest(json.dumps(doc).encode(), "p")
+    assert str(err.value) == "p: invalid manifest at inputs.0.dtype: Field required"
     assert err.value.exit_code == ExitCode.INPUT
