@@ -131,6 +131,7 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
+    _keep_equivalents(files)
     pytest_args = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "300", *tests]
     server = None
     if fork_server:
@@ -161,6 +162,24 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     print(f"mutation: {key}: mutmut exit {proc.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     # mutmut's exit code is a bit set (2 survived, 4 timeout, 8 suspicious); 1 is a failure of its own
     return 1 if proc.returncode & 1 else 0
+
+
+def _keep_equivalents(files: list[str]) -> None:
+    """Mark the listed equivalent survivors as tested against the current tests, so mutmut does not run them
+    again when the tests change: they are out of the score either way, and each would run every mapped test."""
+    from mutmut.cache import hash_of_tests
+
+    if not (WORK / ".mutmut-cache").exists():
+        return
+    current = hash_of_tests([str(WORK / "tests")])  # what mutmut computes for --tests-dir tests (file contents)
+    wanted = {(e["file"], e["line"].strip(), e["index"]) for e in _equivalents() if e["file"] in files}
+    con = sqlite3.connect(WORK / ".mutmut-cache")
+    rows = con.execute("SELECT m.id, s.filename, l.line, m.\"index\" FROM Mutant m JOIN Line l ON m.line = l.id "
+                       "JOIN SourceFile s ON l.sourcefile = s.id WHERE m.status = 'bad_survived'").fetchall()
+    ids = [(current, mid) for mid, f, line, index in rows if (f, line.strip(), index) in wanted]
+    con.executemany("UPDATE Mutant SET tested_against_hash = ? WHERE id = ?", ids)
+    con.commit()
+    con.close()
 
 
 def _equivalents() -> list[dict]:
