@@ -530,8 +530,9 @@ def test_reader_reads_signature_and_names(tmp_path, keys):
         with pytest.raises(PackageError) as err:
             pkg.read("other")
         assert str(err.value) == f"{out}: member 'other' not found"
-        with pytest.raises(PackageError, match=r"member 'other' not found"):
+        with pytest.raises(PackageError) as err:
             list(pkg._stream("other"))
+        assert str(err.value) == f"{out}: member 'other' not found"
         assert b"".join(pkg._stream("model.onnx", chunk=1)) == b"m"
     unsigned = tmp_path / "u.eopkg"
     write_package(unsigned, _manifest(), {"model.onnx": b"m"})
