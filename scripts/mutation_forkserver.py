@@ -72,6 +72,7 @@ def serve(path: str, workdir: str, args: list[str]) -> None:
     srv.listen(4)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     parent = os.getppid()
+    running: list[int] = []
     srv.settimeout(5.0)
     try:
         while True:
@@ -90,12 +91,20 @@ def serve(path: str, workdir: str, args: list[str]) -> None:
                     srv.close()
                     conn.close()
                     _run_child(workdir, args)
+                running.append(pid)
                 rc = _wait(pid, conn)
+                running.remove(pid)
                 try:
                     conn.sendall(str(rc).encode())
                 except OSError:
                     pass
     finally:
+        for pid in running:  # a stopped server takes its fork (and what the tests started) with it
+            for target in (-pid, pid):
+                try:
+                    os.kill(target, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         srv.close()
         if os.path.exists(path):
             os.unlink(path)
