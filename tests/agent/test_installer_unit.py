@@ -404,6 +404,7 @@ def test_failure_at_each_stage_keeps_the_old_version(installer, events, make_pac
     monkeypatch.setattr(I, "load_installed", load)
     monkeypatch.setattr(I, step, boom)
     events.clear()
+    pointer = installer.store.pointer_path("digits").stat().st_ino
     with pytest.raises(EdgeoptError) as err:
         installer.install_file(make_package("2.0.0"))
     assert str(err.value) == f"{stage} failed: RuntimeError: boom" and type(err.value) is EdgeoptError
@@ -416,6 +417,7 @@ def test_failure_at_each_stage_keeps_the_old_version(installer, events, make_pac
     assert installer.store.versions("digits") == ["1.0.0"]
     assert installer.store.read_journal() is None
     assert closed == ([] if step == "load_installed" else ["2.0.0"])
+    assert installer.store.pointer_path("digits").stat().st_ino == pointer  # never rewritten: it never switched
 
 
 def test_first_install_failure_says_nothing_serves(installer, events, make_package, monkeypatch):
