@@ -618,6 +618,17 @@ def test_rollback_checks_the_signature_on_disk(installer, make_package):
         installer.rollback("digits")
 
 
+def test_rollback_refuses_a_file_changed_on_disk(installer, make_package):
+    installer.install_file(make_package("1.0.0"))
+    installer.install_file(make_package("2.0.0"))
+    golden = installer.store.package_dir("digits", "1.0.0") / "golden.npz"
+    data = golden.read_bytes()
+    golden.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
+    with pytest.raises(SecurityError) as err:
+        installer.rollback("digits")
+    assert str(err.value) == "digits 1.0.0: golden.npz changed on disk since it was installed"
+
+
 def test_rollback_without_trusted_keys_when_unsigned_is_allowed(agent_config, events, make_package):
     inst = _installer(agent_config, events, trusted_keys=[], allow_unsigned=True)
     inst.install_file(make_package("1.0.0"))
@@ -650,8 +661,21 @@ def test_rollback_self_test_failure_message(installer, events, make_package, mon
     def fail(*a, **kw):
         raise UnsupportedError("device lost")
 
+    closed = []
+    real_load = I.load_installed
+
+    def load(model, config):
+        loaded = real_load(model, config)
+        real_close = loaded.close
+        loaded.close = lambda: (closed.append(model.version), real_close())
+        return loaded
+
+    monkeypatch.setattr(I, "load_installed", load)
     monkeypatch.setattr(I, "self_test", fail)
+    pointer = installer.store.pointer_path("digits").stat().st_ino
     with pytest.raises(UnsupportedError):
         installer.rollback("digits")
     assert events.last("rollback")["message"] == "device lost; 2.0.0 still serving"
     assert installer.store.read_pointer("digits")["version"] == "2.0.0"
+    assert closed == ["1.0.0"]  # the model loaded for the self-test is closed again
+    assert installer.store.pointer_path("digits").stat().st_ino == pointer  # never rewritten
