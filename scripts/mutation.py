@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import shutil
 import sqlite3
 import subprocess
@@ -44,13 +46,18 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search.py"]),
     "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),
     "security": (["dashboard/security.py"], ["tests/dashboard/test_security_unit.py", "tests/dashboard/test_role_matrix.py"]),
-    "package": (["sdk/package.py"], ["tests/sdk/test_package_format.py", "tests/sdk/test_package_errors.py",
+    # test_package_errors.py (the CLI on real models) is left out: seconds a run, and the unit tests cover its
+    # uses of this module
+    "package": (["sdk/package.py"], ["tests/sdk/test_package_unit.py", "tests/sdk/test_package_format.py",
                                      "tests/agent/test_install_hostile.py"]),
-    "store": (["agent/store.py"], ["tests/agent/test_install_store.py", "tests/agent/test_kill.py"]),
-    "installer": (["agent/installer.py"], ["tests/agent/test_install.py", "tests/agent/test_install_hostile.py",
-                                           "tests/agent/test_kill.py"]),
-    "commands": (["agent/commands.py", "agent/control.py"], ["tests/agent/test_mqtt_commands.py"]),
-    "ingest-writer": (["dashboard/ingest_writer.py"], ["tests/dashboard/test_ingest_writer.py",
+    # test_kill.py (the SIGKILL at every write) takes minutes a run: too slow to run once per mutant
+    "store": (["agent/store.py"], ["tests/agent/test_store_unit.py", "tests/agent/test_install_store.py"]),
+    "installer": (["agent/installer.py"], ["tests/agent/test_installer_unit.py", "tests/agent/test_install.py",
+                                           "tests/agent/test_install_hostile.py"]),
+    "commands": (["agent/commands.py", "agent/control.py"], ["tests/agent/test_commands_unit.py",
+                                                             "tests/agent/test_mqtt_commands.py"]),
+    "ingest-writer": (["dashboard/ingest_writer.py"], ["tests/dashboard/test_ingest_writer_unit.py",
+                                                       "tests/dashboard/test_ingest_writer.py",
                                                        "tests/dashboard/test_ingest_unit.py"]),
 }
 
@@ -113,7 +120,7 @@ def check_import() -> None:
         raise SystemExit(f"mutation: edgeopt imports from {out}, not from the scratch copy {WORK}")
 
 
-def run_module(key: str, timeout_base: float) -> int:
+def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     files, tests = MODULES[key]
     tests = [t for t in tests if (WORK / t).exists()]
     if not tests:
@@ -124,16 +131,55 @@ def run_module(key: str, timeout_base: float) -> int:
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
-    runner = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --timeout 300 {' '.join(tests)}"
+    _keep_equivalents(files)
+    pytest_args = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "300", *tests]
+    server = None
+    if fork_server:
+        sock = f"/tmp/edgeopt-mutation-{key}-{os.getpid()}.sock"
+        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "mutation_forkserver.py"), sock, str(WORK),
+                                   "--", *pytest_args], cwd=WORK, env={**_env(), "PYTHONDONTWRITEBYTECODE": "1"})
+        deadline = time.monotonic() + 120
+        while not os.path.exists(sock):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"mutation: {key}: the fork server did not start")
+            time.sleep(0.1)
+        runner = f"{sys.executable} -S {ROOT / 'scripts' / 'mutation_forkserver.py'} --client {sock}"
+    else:
+        # mutmut 2 counts only exit status 1 as "tests failed": a mutant that breaks the import (pytest's
+        # status 2, collection errors) or leaves no test to run (5) would "survive". Any failure is a kill.
+        runner = f"bash -c {shlex.quote(' '.join([sys.executable, '-m', 'pytest', *pytest_args]) + ' || exit 1')}"
     print(f"mutation: {key}: {', '.join(files)} with {', '.join(tests)}", flush=True)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", ",".join(files),
-                           "--runner", runner, "--tests-dir", "tests", "--simple-output", "--no-progress",
-                           "--test-time-base", str(timeout_base)], cwd=WORK, env=_env())
-    shutil.copy2(WORK / ".mutmut-cache", cache)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", ",".join(files),
+                               "--runner", runner, "--tests-dir", "tests", "--simple-output", "--no-progress",
+                               "--test-time-base", str(timeout_base)], cwd=WORK, env=_env())
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        shutil.copy2(WORK / ".mutmut-cache", cache)  # kept when stopped too: the next run goes on from it
     print(f"mutation: {key}: mutmut exit {proc.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     # mutmut's exit code is a bit set (2 survived, 4 timeout, 8 suspicious); 1 is a failure of its own
     return 1 if proc.returncode & 1 else 0
+
+
+def _keep_equivalents(files: list[str]) -> None:
+    """Mark the listed equivalent survivors as tested against the current tests, so mutmut does not run them
+    again when the tests change: they are out of the score either way, and each would run every mapped test."""
+    from mutmut.cache import hash_of_tests
+
+    if not (WORK / ".mutmut-cache").exists():
+        return
+    current = hash_of_tests([str(WORK / "tests")])  # what mutmut computes for --tests-dir tests (file contents)
+    wanted = {(e["file"], e["line"].strip(), e["index"]) for e in _equivalents() if e["file"] in files}
+    con = sqlite3.connect(WORK / ".mutmut-cache")
+    rows = con.execute("SELECT m.id, s.filename, l.line, m.\"index\" FROM Mutant m JOIN Line l ON m.line = l.id "
+                       "JOIN SourceFile s ON l.sourcefile = s.id WHERE m.status = 'bad_survived'").fetchall()
+    ids = [(current, mid) for mid, f, line, index in rows if (f, line.strip(), index) in wanted]
+    con.executemany("UPDATE Mutant SET tested_against_hash = ? WHERE id = ?", ids)
+    con.commit()
+    con.close()
 
 
 def _equivalents() -> list[dict]:
@@ -145,7 +191,7 @@ def _equivalents() -> list[dict]:
 def _mutated_line(path: str, line: str, index: int) -> str:
     from mutmut import Context, RelativeMutationID, mutate
 
-    source = (WORK / path).read_text() if (WORK / path).exists() else (ROOT / path).read_text()
+    source = (ROOT / path).read_text()  # the scratch copy may still hold a mutant if a run was interrupted
     lines = source.splitlines()
     number = next((i for i, l in enumerate(lines) if l == line), None)
     if number is None:
@@ -231,16 +277,22 @@ def main() -> int:
     ap.add_argument("--tests-from", metavar="REV", help="run with the tests of this git revision (a 'before' score)")
     ap.add_argument("--label", help="summary label (default: 'before' with --tests-from, else 'after')")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    ap.add_argument("--no-fork-server", action="store_true", help="start Python and pytest afresh for every mutant "
+                                                                   "(slower; see scripts/mutation_forkserver.py)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite REPORT.md from the kept results")
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # so a stopped run still stops its fork server
     keys = args.modules or list(MODULES)
     unknown = [k for k in keys if k not in MODULES]
     if unknown:
         ap.error(f"unknown module {', '.join(unknown)}; expected some of {', '.join(MODULES)}")
     label = args.label or ("before" if args.tests_from else "after")
     OUT.mkdir(parents=True, exist_ok=True)
+    global WORK
+    if args.modules:  # a scratch copy per set of modules, so runs of different modules can go side by side
+        WORK = OUT / f"work-{'+'.join(keys)}"
     rc = 0
     if not args.report_only:
         prepare(args.tests_from)
@@ -248,7 +300,7 @@ def main() -> int:
         for key in keys:
             if args.fresh:
                 (OUT / f"{key}.mutmut-cache").unlink(missing_ok=True)
-            rc |= run_module(key, args.timeout_base)
+            rc |= run_module(key, args.timeout_base, not args.no_fork_server)
     report(label, keys)
     return rc
 
