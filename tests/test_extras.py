@@ -34,6 +34,8 @@ PART_EXTRAS = {
 OPTIONAL = {
     "uvloop": "agent/server.py: [api] event_loop = \"uvloop\" asks for it by name",
     "tflite_runtime": "agent/runtimes/tflite.py: the older LiteRT package, tried after ai_edge_litert",
+    "onnx": "agent/runtimes/onnxruntime.py: source node names in a layer profile where ONNX tooling is there; "
+            "without it the profile shows ONNX Runtime's own names",
 }
 RUNTIMES = {"openvino", "onnxruntime", "ai-edge-litert"}
 

@@ -65,8 +65,11 @@ def test_install_events_fields_and_texts(installer, events, make_package):
     assert first["switch"]["message"] == "serving digits 1.0.0" and first["switch"]["details"] == {}
     assert first["switch"]["from_version"] is None
     assert first["install"]["message"] == "installed digits 1.0.0"
-    assert first["install"]["details"] == {"profile": "cpu", "runtime": "onnxruntime",
-                                           "device": "CPUExecutionProvider", "precision": "fp32"}
+    details = dict(first["install"]["details"])
+    placement = details.pop("placement")
+    assert details == {"profile": "cpu", "runtime": "onnxruntime", "device": "CPUExecutionProvider",
+                       "precision": "fp32"}
+    assert placement["ok"] is True and set(placement["devices"]) == {"CPUExecutionProvider"}
     events.clear()
     installer.install_file(make_package("2.0.0"), command_id="c9", deployment_id="d9")
     assert events.kinds() == [("self_test", True), ("switch", True), ("install", True)]

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
+from edgeopt.dashboard import histograms
 from edgeopt.dashboard import ingest_writer as W
 from edgeopt.dashboard import models as m
 from edgeopt.dashboard.ingest_writer import BatchWriter, Incoming, Limits, mark_heartbeat_offline, prepare, status_applies
@@ -133,11 +134,15 @@ def test_telemetry_rows_and_in_batch_duplicates():
     assert [(dev, r["model"]) for dev, r in out.telemetry] == [("dev-1", "a"), ("dev-1", "b")]
     row = out.telemetry[0][1]
     s = p.models[0]
+    h = s.latency.to_histogram()
+    p50, p95, p99 = h.quantiles((0.5, 0.95, 0.99))
     assert row == dict(ts=T0, session_id=p.session_id, seq=p.seq, interval_s=10.0, cpu_percent=p.system.cpu_percent,
                        rss_bytes=p.system.rss_bytes, temperature_c=None, model="a", model_version="1.0.0",
                        requests=s.requests, errors=s.errors, throughput_ips=s.throughput_ips,
-                       hist_counts=list(s.latency.counts), hist_sum_ms=s.latency.sum_ms, p50_ms=s.p50_ms,
-                       p95_ms=s.p95_ms, p99_ms=s.p99_ms, queue_depth=s.queue_depth, batch_sizes=s.batch_sizes)
+                       hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms, p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                       queue_depth=s.queue_depth, batch_sizes=s.batch_sizes)
+    # stored in the 1.1 layout, and every percentile recomputed from it (not the device's own figures)
+    assert histograms.unpack(row["hist_counts"], row["hist_sum_ms"]).bins == h.bins and h.count > 0
     assert out.fleets == {"dev-1": "f1"}
     assert out.touch["dev-1"] == dict(ts=T0, session=p.session_id, interval=10.0, received=T0,
                                       p95=max(s.p95_ms for s in p.models), cpu=p.system.cpu_percent,
@@ -153,7 +158,7 @@ def test_telemetry_without_models_is_one_empty_row():
                                 "p50_ms", "p95_ms", "p99_ms", "queue_depth", "batch_sizes")} == dict(
         model="", model_version=None, requests=0, errors=0, throughput_ips=0.0, hist_sum_ms=0.0, p50_ms=None,
         p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={})
-    assert row["hist_counts"] == [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    assert row["hist_counts"] == b""
     assert out.touch["dev-1"]["p95"] is None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from importlib.metadata import requires, version
 
 import paho.mqtt.client as mqtt
@@ -35,6 +36,10 @@ def test_dashboard_extra_pins_paho_to_the_checked_releases():
 
 def test_without_the_private_api_the_public_reader_is_used(monkeypatch, caplog):
     monkeypatch.delattr(mqtt.Client, "_loop_rc_handle")
+    # a library imported by an earlier test of the same process may have run logging.config with
+    # disable_existing_loggers; the warning is this test's subject, so the logger is switched back on
+    monkeypatch.setattr(mqtt_buffered.log, "disabled", False)
+    caplog.set_level(logging.WARNING, logger=mqtt_buffered.log.name)
     assert not mqtt_buffered.private_api_present()
     client = mqtt_buffered.make_client(mqtt.CallbackAPIVersion.VERSION2)
     assert type(client) is mqtt_buffered.PlainClient and client.buffered() == 0

@@ -70,8 +70,9 @@ def keys(tmp_path_factory):
 
 def test_manifest_defaults_and_format_version():
     m = _manifest()
-    assert m.format_version == "1.0" == P.FORMAT_VERSION
-    assert parse_manifest(m.to_json_bytes()).format_version == "1.0"
+    assert m.format_version == "1.1" == P.FORMAT_VERSION
+    assert parse_manifest(m.to_json_bytes()).format_version == "1.1"
+    assert Manifest.model_validate({**m.model_dump(), "format_version": "1.0"}).format_version == "1.0"
     assert Manifest.model_validate({**m.model_dump(), "format_version": "1.7"}).format_version == "1.7"
     assert m.profile_name == "cpu"
     assert _manifest(profile={}).profile_name == "?"
