@@ -22,6 +22,18 @@ from edgeopt.sdk.errors import EdgeoptError, InputError, PackageError, SecurityE
 EVENT_KEYS = {"event", "ok", "model", "version", "from_version", "message", "command_id", "deployment_id", "details"}
 
 
+def _recording_closes(closed: list[str]):
+    """``load_installed`` whose models append their version to ``closed`` when the installer closes them."""
+    real_load = I.load_installed
+
+    def load(model, config):
+        loaded = real_load(model, config)
+        real_close = loaded.close
+        loaded.close = lambda: (closed.append(model.version), real_close())
+        return loaded
+    return load
+
+
 def _installer(agent_config, events, **config):
     cfg = agent_config(**config)
     return Installer(Store(cfg.state_dir), cfg, on_event=events)
@@ -392,14 +404,8 @@ def test_unreadable_pointer_refuses_with_no_from_version(installer, events, make
 ])
 def test_failure_at_each_stage_keeps_the_old_version(installer, events, make_package, monkeypatch, step, stage, event):
     installer.install_file(make_package("1.0.0"))
-    closed = []
-    real_load = I.load_installed
-
-    def load(model, config):
-        loaded = real_load(model, config)
-        real_close = loaded.close
-        loaded.close = lambda: (closed.append(model.version), real_close())
-        return loaded
+    closed: list[str] = []
+    load = _recording_closes(closed)
 
     def boom(*a, **kw):
         raise RuntimeError("boom")
@@ -664,14 +670,8 @@ def test_rollback_self_test_failure_message(installer, events, make_package, mon
     def fail(*a, **kw):
         raise UnsupportedError("device lost")
 
-    closed = []
-    real_load = I.load_installed
-
-    def load(model, config):
-        loaded = real_load(model, config)
-        real_close = loaded.close
-        loaded.close = lambda: (closed.append(model.version), real_close())
-        return loaded
+    closed: list[str] = []
+    load = _recording_closes(closed)
 
     monkeypatch.setattr(I, "load_installed", load)
     monkeypatch.setattr(I, "self_test", fail)
