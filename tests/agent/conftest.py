@@ -7,9 +7,13 @@ runtime, and the shipped ``cpu`` profile's content. Packages are cached per para
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -268,3 +272,25 @@ def installer(agent_config, events):
     inst = Installer(store, config, on_event=events, on_switch=lambda m, loaded: switched.append((m, loaded)))
     inst.switched = switched  # type: ignore[attr-defined]
     return inst
+
+
+@pytest.fixture
+def lock_held_elsewhere():
+    """``with lock_held_elsewhere(store):`` another process holds ``store``'s install lock for the block."""
+    @contextlib.contextmanager
+    def hold(store):
+        holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, sys
+            fd = open({str(store.root / 'lock')!r}, 'a+')
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print('held', flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            yield holder
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
+            holder.stdout.close()
+    return hold

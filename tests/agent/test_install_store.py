@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,12 @@ from edgeopt.sdk.errors import UnavailableError
 EDGEOPT = str(Path(sys.executable).with_name("edgeopt"))
 
 
-def test_lock_excludes_other_processes(tmp_path):
+def test_lock_excludes_other_processes(tmp_path, lock_held_elsewhere):
     store = Store(tmp_path / "state")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, sys, time
-        fd = open({str(store.root / 'lock')!r}, 'a+')
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print('held', flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(store):
         with pytest.raises(UnavailableError, match="another edgeopt process is installing into this state directory"):
             with store.locked(timeout=0.2):
                 pass
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
     with store.locked(timeout=5):  # free again once the holder is gone
         with store.locked(timeout=0):  # re-entrant in this process
             pass

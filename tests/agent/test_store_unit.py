@@ -560,17 +560,9 @@ def test_a_crash_before_the_pointer_replace_leaves_a_temp_file_recover_removes(t
     assert list(state.glob(".*.tmp")) == []
 
 
-def test_lock_held_by_another_process_times_out(tmp_path):
+def test_lock_held_by_another_process_times_out(tmp_path, lock_held_elsewhere):
     store = Store(tmp_path / "s")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, sys
-        fd = open({str(store.root / 'lock')!r}, 'a+')
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print('held', flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(store):
         with pytest.raises(UnavailableError) as err:
             with store.locked(timeout=0):
                 pass
@@ -578,7 +570,3 @@ def test_lock_held_by_another_process_times_out(tmp_path):
                                   "this state directory")
         assert err.value.hint == "wait for it to finish and retry"
         assert store._lock.depth == 0 and store._lock.fd is None
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-        holder.stdout.close()
