@@ -110,6 +110,23 @@ def has_batch_dim(model: LoadedModel) -> bool:
     return bool(specs) and all(s.shape and not (isinstance(s.shape[0], int) and s.shape[0] >= 0) for s in specs)
 
 
+def run_worker(collect, execute, fail, label: str) -> None:
+    """A batching worker's loop: ``collect`` a batch (None: closed and drained), ``execute`` it; a failure
+    ``execute`` did not answer itself is given to every request of the batch still open (``fail(p, exc)``)
+    and the loop goes on: a dead worker would hang every client."""
+    while True:
+        batch = collect()
+        if batch is None:
+            return
+        try:
+            execute(batch)
+        except BaseException as exc:
+            log.exception("%s: unexpected failure", label)
+            for p in batch:
+                if not p.done:
+                    fail(p, exc)
+
+
 class Batcher:
     """Per-model request queue and worker. ``max_batch`` 1 (or a model without a batch dim) runs requests
     one at a time through the same queue, which keeps the busy answer and the metrics identical."""
@@ -223,17 +240,7 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            try:
-                self._execute(batch)
-            except BaseException as exc:  # never let the worker die: that would hang every client
-                log.exception("batcher %s: unexpected failure", self.name)
-                for p in batch:
-                    if not p.done:
-                        p.finish(error=exc)
+        run_worker(self._collect, self._execute, lambda p, exc: p.finish(error=exc), f"batcher {self.name}")
 
     def _execute(self, batch: list[Pending]) -> None:
         total = sum(p.n for p in batch)

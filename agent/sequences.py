@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..sdk.stateful import StatePair
-from .batcher import BusyError, ClosedError, Pending, batch_signature
+from .batcher import BusyError, ClosedError, Pending, batch_signature, run_worker
 from .runtimes.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -240,17 +240,8 @@ class SequenceBatcher:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            try:
-                self._execute(batch)
-            except BaseException as exc:  # never let the worker die: that would hang every client
-                log.exception("sequence batcher %s: unexpected failure", self.name)
-                for p in batch:
-                    if not p.done:
-                        self._finish(p, error=exc)
+        run_worker(self._collect, self._execute, lambda p, exc: self._finish(p, error=exc),
+                   f"sequence batcher {self.name}")
 
     def _state_of(self, step: _Step) -> dict[str, np.ndarray]:
         if step.stream.state is not None:

@@ -225,3 +225,21 @@ def test_reconfigure_wakes_a_worker_filling_a_batch():
     assert waiting.result(10)["y"].shape == (1, 3) and second.result(10)["y"].shape == (1, 3)
     assert model.calls == [1, 4, 2]
     batcher.close()
+
+
+def test_the_worker_survives_a_failure_outside_the_model():
+    """A bug in the batch path (not the model's own error) fails that batch's requests; the next request is served."""
+    class Broken(Batcher):
+        failures = 1
+
+        def _execute(self, batch):
+            if Broken.failures:
+                Broken.failures -= 1
+                raise RuntimeError("bug in the batch path")
+            super()._execute(batch)
+
+    batcher = Broken(FakeModel(), "fake", max_batch=4, max_delay_ms=0, max_queue=64)
+    with pytest.raises(RuntimeError, match="bug in the batch path"):
+        batcher.submit({"x": np.ones((1, 3), np.float32)}).result(5)
+    assert batcher.submit({"x": np.ones((1, 3), np.float32)}).result(5)["y"].shape == (1, 3)
+    assert batcher.close()
