@@ -158,6 +158,9 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
         for key in ("batch_sizes", "cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search"):
             if key in block:
                 kwargs["options"][key] = block[key]
+    if manifest.runtime == "torch-aoti":
+        # The batch sizes are the package's own (aoti-io.json); whether to replay CUDA graphs is the profile's.
+        kwargs["options"] = {"cuda_graph": block.get("cuda_graph", True) is True}
     return kwargs
 
 

@@ -134,8 +134,34 @@ class TFLiteRuntime(_Strict):
     use_xnnpack: bool = Field(True, description="Use the XNNPACK delegate (the default CPU kernels).")
 
 
+class TorchAotiRuntime(_Strict):
+    """PyTorch AOTInductor block: the PyTorch model compiled ahead of time into native code for one device,
+    one ``.pt2`` per batch size (for devices that have PyTorch; the package needs the PyTorch release line and, on
+    CUDA, the GPU architecture that built it)."""
+
+    runtime: Literal["torch-aoti"] = Field(description="Runtime key.")
+    device: Literal["cuda", "cpu"] = Field(description="Where the compiled code runs; it is compiled on this device.")
+    batch_sizes: tuple[int, ...] = Field(
+        (1,), min_length=1,
+        description="One compiled model per batch size (fixed shapes, kernels autotuned at that size). The agent "
+        "pads a batch up to the nearest size, splits one above the largest, and batches requests up to the largest.")
+    max_autotune: bool = Field(
+        True, description="TorchInductor's kernel autotuning (torch.compile's max-autotune): slower to build, faster "
+        "to run.")
+    cuda_graph: bool = Field(True, description="cuda: capture one CUDA graph per batch size at load and replay it.")
+    fp16_inputs: bool = Field(
+        False, description="fp16 packages: inputs in float16 (half the bytes copied to the device); outputs float32.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 or b > 4096 for b in v):
+            raise ValueError("batch sizes must be between 1 and 4096")
+        return tuple(sorted(set(v)))
+
+
 RuntimeSpec = Annotated[
-    Union[OpenVINORuntime, OnnxRuntimeRuntime, TFLiteRuntime], Field(discriminator="runtime")
+    Union[OpenVINORuntime, OnnxRuntimeRuntime, TFLiteRuntime, TorchAotiRuntime], Field(discriminator="runtime")
 ]
 
 
@@ -277,6 +303,12 @@ class HardwareProfile(_Strict):
                         f"OpenVINO device {rt.device!r} does not match target device "
                         f"{self.target.device.value!r}"
                     )
+            if isinstance(rt, TorchAotiRuntime):
+                wanted_kinds = ((DeviceKind.NVIDIA_GPU,) if rt.device == "cuda"
+                                else (DeviceKind.CPU, DeviceKind.ARM_CPU))
+                if self.target.device not in wanted_kinds:
+                    raise ValueError(f"torch-aoti device {rt.device!r} does not match target device "
+                                     f"{self.target.device.value!r}")
         if self.fallback == self.name:
             raise ValueError("a profile cannot fall back to itself")
         return self

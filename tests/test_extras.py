@@ -27,7 +27,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The extras that may serve each part's imports (besides the core dependencies).
 PART_EXTRAS = {
     "sdk": ["sdk", "tflite", "torch", "prune"],
-    "agent": ["agent", "agent-openvino", "agent-onnxruntime", "agent-tflite"],
+    "agent": ["agent", "agent-openvino", "agent-onnxruntime", "agent-tflite", "agent-torch"],
     "dashboard": ["dashboard"],
 }
 # Imports that are optional on purpose, each guarded by an ImportError that names what to install.
@@ -129,7 +129,8 @@ def test_the_agent_extra_has_no_runtime_and_each_agent_runtime_extra_exactly_one
 
 def test_all_installs_every_extra():
     every = set().union(*(_extra_dists(e) for e in PYPROJECT["optional-dependencies"] if e not in ("all", "test",
-                                                                                                   "torch", "prune")))
+                                                                                                   "torch", "prune",
+                                                                                                   "agent-torch")))
     assert every <= _extra_dists("all"), sorted(every - _extra_dists("all"))
 
 

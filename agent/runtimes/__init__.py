@@ -16,6 +16,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "openvino": ("edgeopt.agent.runtimes.openvino:OpenVINORuntime", "agent-openvino"),
     "onnxruntime": ("edgeopt.agent.runtimes.onnxruntime:OnnxRuntimeRuntime", "agent-onnxruntime"),
     "tflite": ("edgeopt.agent.runtimes.tflite:TFLiteRuntime", "agent-tflite"),
+    # PyTorch AOTInductor packages, for devices that have PyTorch (the device brings its own build of it).
+    "torch-aoti": ("edgeopt.agent.runtimes.torch_aoti:TorchAotiRuntime", "agent-torch"),
 }
 
 

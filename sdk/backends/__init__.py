@@ -9,6 +9,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "openvino": ("edgeopt.sdk.backends.openvino:OpenVINOBackend", "sdk"),
     "onnxruntime": ("edgeopt.sdk.backends.onnxruntime:OnnxRuntimeBackend", "sdk"),
     "tflite": ("edgeopt.sdk.backends.tflite:TFLiteBackend", "tflite"),
+    "torch-aoti": ("edgeopt.sdk.backends.torch_aoti:TorchAotiBackend", "torch"),
 }
 
 

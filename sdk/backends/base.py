@@ -27,6 +27,7 @@ class BuildJob:
     runtime_options: Any  # the profile's runtime block (OpenVINORuntime, OnnxRuntimeRuntime, TFLiteRuntime)
     calibration: list[dict] | None = None  # model feeds, for int8
     float_layers: list[str] = field(default_factory=list)  # layers to keep in float (accuracy-aware)
+    torch_source: Any = None  # pipeline.types.TorchSource: the PyTorch model, for backends that compile it
 
 
 @dataclass
@@ -50,6 +51,10 @@ class Backend(abc.ABC):
     @classmethod
     def check_importable(cls) -> None:
         """Raise ImportError when the backend's libraries are missing (the registry turns it into the fix)."""
+
+    def check_request(self, request, runtime_options) -> None:
+        """Raise UnsupportedError when this backend cannot build what ``request`` gives on this host (most
+        backends build from the model file alone and accept every request)."""
 
     @abc.abstractmethod
     def check_ops(self, source: Path, source_format: str, display: str | None = None) -> None:

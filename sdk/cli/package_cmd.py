@@ -192,6 +192,7 @@ def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequ
 
     from pydantic import ValidationError
 
+    from ..pipeline.types import TorchSource
     from ..profile import load_profile
     from ..prune.workflow import PruneJob, run_job
     from .prune_cmd import prune_job, torch_inputs
@@ -219,10 +220,14 @@ def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequ
             onnx_model, reference, pruning = outcome.pruned_onnx, outcome.unpruned_onnx, outcome.result.info
         else:
             onnx_model, reference, pruning = _export_only(job, workdir, progress), None, None
+        # Runtimes that compile PyTorch itself (torch-aoti) take the module; a pruned module lives only in memory
+        # and reaches them through its ONNX export alone.
+        torch_source = TorchSource(factory=a["model"], weights=a["weights"]) if pruning is None else None
         name = a["name"] or a["model"].rsplit(":", 1)[1]
         try:
             request = PackageRequest(
-                model=onnx_model, reference_model=reference, pruning=pruning, profile=profile, output=a["output"],
+                model=onnx_model, reference_model=reference, pruning=pruning, torch_source=torch_source,
+                profile=profile, output=a["output"],
                 calib=("random" if a["calib"] == "random" else calib) if a["calib"] else None,
                 preprocessing=preprocessing, input_shapes=shapes or {i.name: list(i.shape) for i in inputs},
                 sign_key=a["sign_key"], unsigned=a["no_sign"], accuracy_aware=a["accuracy_aware"],

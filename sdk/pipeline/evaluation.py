@@ -54,7 +54,8 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
         result.decisions.append(graph.line())
     job = BuildJob(source=source, source_format=prep.source.format, precision=cand.precision,
                    graph_level=cand.graph_level, workdir=workdir, profile=prep.profile, runtime_options=rt_opts,
-                   calibration=prep.calibration.samples if prep.calibration and cand.precision == "int8" else None)
+                   calibration=prep.calibration.samples if prep.calibration and cand.precision == "int8" else None,
+                   torch_source=prep.request.torch_source)
     target, run_device, proxy = backend.run_device(rt_opts)
     if not _host_arch_matches(prep.profile):
         proxy = True  # e.g. the arm profile built on an x86 host: this CPU stands in for the ARM one

@@ -387,7 +387,9 @@ def _usable_runtimes(req, profile, source, reference, decisions, progress) -> li
             progress.note(note)
             continue
         try:
-            get_backend(name).check_ops(reference, source.format, source.path.name)
+            backend = get_backend(name)
+            backend.check_request(req, next(rt for rt in profile.runtimes if rt.runtime == name))
+            backend.check_ops(reference, source.format, source.path.name)
             usable.append(name)
         except EdgeoptError as exc:
             errors.append(exc)

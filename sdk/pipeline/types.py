@@ -39,6 +39,15 @@ class ImagePreprocessing(BaseModel):
         return self
 
 
+class TorchSource(BaseModel):
+    """A PyTorch model as ``MODULE:FACTORY`` with an optional ``state_dict`` file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factory: str = Field(description="MODULE:FACTORY (or file.py:FACTORY) returning a torch.nn.Module.")
+    weights: Path | None = Field(None, description="state_dict file loaded into the module.")
+
+
 class PackageRequest(BaseModel):
     """Everything `edgeopt package` (and `edgeopt compare`) needs to know. Paths may be str or Path."""
 
@@ -86,6 +95,9 @@ class PackageRequest(BaseModel):
         None, description="ONNX model the accuracy gate and the fp32 baseline use instead of ``model`` itself: the "
                           "unpruned model when ``model`` was pruned (same inputs and outputs).")
     pruning: PruningInfo | None = Field(None, description="PruningInfo recorded in the manifest when ``model`` was pruned.")
+    torch_source: TorchSource | None = Field(
+        None, description="The PyTorch model ``model`` was exported from, for runtimes that compile PyTorch itself "
+                          "(torch-aoti); ``model`` stays the fp32 reference and names the tensors.")
 
     @model_validator(mode="after")
     def _checks(self) -> "PackageRequest":

@@ -147,7 +147,7 @@ def test_unknown_and_missing_backends(monkeypatch):
 
     with pytest.raises(UnsupportedError) as err:
         get_backend("tensorrt")
-    assert err.value.one_line() == "unknown runtime 'tensorrt'; known: openvino, onnxruntime, tflite"
+    assert err.value.one_line() == "unknown runtime 'tensorrt'; known: openvino, onnxruntime, tflite, torch-aoti"
     monkeypatch.setitem(backends.REGISTRY, "openvino", ("edgeopt_no_such_module:Backend", "sdk"))
     with pytest.raises(MissingDependencyError) as err:
         get_backend("openvino")
