@@ -210,8 +210,13 @@ class TorchAotiRuntime(Runtime):
 
     @classmethod
     def devices(cls) -> list[str]:
-        # PyTorch is imported to ask CUDA only where an NVIDIA driver is there to answer.
-        if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()):
+        # PyTorch is imported to ask CUDA only where an NVIDIA driver is there to answer (or already imported).
+        import shutil
+        import sys
+
+        driver = (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+                  or shutil.which("nvidia-smi") is not None)
+        if not driver and "torch" not in sys.modules:
             return ["cpu"]
         torch = _torch()
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -223,9 +228,9 @@ class TorchAotiRuntime(Runtime):
         torch = _torch()
         options = dict(options or {})
         io = read_io(model_path)
-        if device not in cls.devices():
-            raise UnsupportedError(f"torch-aoti: device {device} is not available here (available: "
-                                   f"{', '.join(cls.devices())})")
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise UnsupportedError(f"torch-aoti: device {device} is not available here (PyTorch "
+                                   f"{torch.__version__}: {'CUDA available' if torch.cuda.is_available() else 'no CUDA'})")
         if io["device"] != device:
             raise UnsupportedError(f"torch-aoti: the package was compiled for {io['device']}, asked to run on {device}")
         if release_line(io["torch"]) != release_line(torch.__version__):

@@ -28,7 +28,7 @@ def test_profiles_list(capsys):
     code, out, _ = _run(capsys, "profiles", "list", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and {"cpu", "igpu", "npu", "gpu", "arm"} <= set(rows)
-    assert rows["npu"]["shapes"] == "static-required" and rows["gpu"]["runtimes"] == ["onnxruntime"]
+    assert rows["npu"]["shapes"] == "static-required" and rows["gpu"]["runtimes"] == ["onnxruntime", "torch-aoti:cuda"]
     code, out, _ = _run(capsys, "profiles", "list")
     assert code == 0 and "intel-npu" in out and "static-required" in out
 

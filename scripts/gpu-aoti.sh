@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a lent NVIDIA machine (the `device` tool's nvidia-h200): the gpu profile's torch-aoti package built there
+# (AOTInductor compiles for the GPU it runs on), then benchmarks/gpu_aoti.py against torch.compile and the ONNX
+# Runtime package. onnxruntime-gpu comes from the chunks ../shared/tools/gpu-wheel-chunks made (assembled in
+# /tmp/gw); edgeopt's own dependencies, a signing key and the ONNX Runtime package from .whl/.
+#   scripts/gpu-aoti.sh package     # build /tmp/r18/resnet18-aoti.eopkg (the summary JSON goes to $OUT)
+#   scripts/gpu-aoti.sh bench       # measure; figures to $OUT
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/r18
+if [[ ! -d /tmp/site/edgeopt ]]; then
+  cat /tmp/gw/part* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    /tmp/onnxruntime_gpu-*.whl .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+N=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+LD_LIBRARY_PATH=$(ls -d $N/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH
+edgeopt() { python3 -m edgeopt.sdk.cli "$@"; }
+case "${1:-}" in
+  package)
+    [[ -f /tmp/r18/resnet18.onnx ]] || python3 tests/assets/make_resnet18.py /tmp/r18/resnet18.onnx --inputs /tmp/r18/in
+    [[ -f /tmp/r18/resnet18.pt ]] || python3 benchmarks/resnet18_torch.py weights /tmp/r18/resnet18.onnx /tmp/r18/resnet18.pt
+    edgeopt package benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt --profile gpu \
+      --runtime torch-aoti --input-shape images:1,3,224,224 --heldout /tmp/r18/in/resnet18_v1_heldout.npz \
+      --sign-key .whl/keys/edgeopt.key --name resnet18 --iterations 50 -o /tmp/r18/resnet18-aoti.eopkg --json \
+      > "$OUT/package-aoti.json" 2> >(tee "$OUT/package-aoti.log" >&2)
+    python3 -c "import json; d=json.load(open('$OUT/package-aoti.json')); print(d['runtime'], d['precision'], d['validation']['passed'], d.get('benchmark', {}).get('optimized'))"
+    ;;
+  bench)
+    python3 benchmarks/gpu_aoti.py --aoti-package /tmp/r18/resnet18-aoti.eopkg --ort-package .whl/resnet18-gpu.eopkg \
+      --public-key .whl/keys/edgeopt.pub --factory benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt \
+      --batches "${BATCHES:-1,8,32}" --rounds "${ROUNDS:-5}" --json "$OUT/gpu_aoti.json" 2>&1 | tee "$OUT/gpu_aoti.log"
+    ;;
+  *) echo "usage: $0 package|bench" >&2; exit 2 ;;
+esac
