@@ -56,6 +56,7 @@ def load_like_the_agent(package: str, public_key: str, work: Path):
     from edgeopt.agent.runtimes import get_runtime
     from edgeopt.sdk.package import Manifest
 
+    work.mkdir(parents=True, exist_ok=True)
     pkg_dir, manifest_doc, install_s = install_package(package, public_key, work)
     manifest = Manifest.model_validate(manifest_doc)
     kwargs = load_options(manifest, work / "cache")
@@ -75,19 +76,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--json")
+    ap.add_argument("--package-via-cli", action="store_true",
+                    help="time the torch-aoti package with `edgeopt bench` in its own process (host path only) "
+                         "instead of loading it here")
     args = ap.parse_args()
+    if args.package_via_cli:
+        return via_cli(args, [int(b) for b in args.batches.split(",")])
     batches = [int(b) for b in args.batches.split(",")]
 
-    import torch
-
-    from edgeopt.sdk.prune.source import build_module
-
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30).stdout.strip(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="edgeopt-aoti-"))
-    figures: dict = {"batches": batches, "torch": torch.__version__, "load": {}}
+    figures: dict = {"batches": batches, "load": {}}
+    # The packages are loaded first, exactly as the agent does (PyTorch imported by the runtime at load): with
+    # PyTorch imported and CUDA initialised by this script before it, loading the .pt2 crashed (H200, torch 2.11).
     aoti, aoti_manifest, inst_s, load_s = load_like_the_agent(args.aoti_package, args.public_key, work / "aoti")
     figures["load"]["torch-aoti"] = {"install_s": inst_s, "load_s": load_s, "describe": aoti.describe()}
     print(f"torch-aoti package: install {inst_s:.1f} s, load {load_s:.1f} s, {aoti.describe()}", flush=True)
@@ -97,6 +100,12 @@ def main() -> int:
         figures["load"]["onnxruntime"] = {"install_s": inst_s, "load_s": load_s}
         print(f"onnxruntime package: install {inst_s:.1f} s, load {load_s:.1f} s", flush=True)
 
+    import torch
+
+    from edgeopt.sdk.prune.source import build_module
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+    figures["torch"] = torch.__version__
     net32 = build_module(args.factory, Path(args.weights)).cuda()
     net = build_module(args.factory, Path(args.weights)).cuda().half().to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
@@ -168,6 +177,57 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     report(out, batches)
+    return 0
+
+
+def via_cli(args, batches: list[int]) -> int:
+    """`edgeopt bench PKG --batch-size N` (the package's own load path, numpy in and out) for each batch, in its
+    own process, then torch.compile of the same module here, host path with pinned staging and device-resident."""
+    figures: dict = {"batches": batches, "package_host_ms": {}, "compile": {}}
+    for b in batches:
+        run = subprocess.run([sys.executable, "-m", "edgeopt.sdk.cli", "bench", args.aoti_package, "--batch-size",
+                              str(b), "--iterations", "300", "--warmup", "20", "--public-key", args.public_key,
+                              "--json"], capture_output=True, text=True, timeout=300)
+        if run.returncode:
+            print(f"edgeopt bench b{b}: exit {run.returncode}: {run.stderr.strip()[-500:]}", flush=True)
+            continue
+        figures["package_host_ms"][b] = json.loads(run.stdout)["latency"]["p50_ms"]
+        print(f"edgeopt bench torch-aoti b{b}: p50 {figures['package_host_ms'][b]:.3f} ms", flush=True)
+    import torch
+
+    from edgeopt.sdk.prune.source import build_module
+
+    figures["torch"] = torch.__version__
+    net = build_module(args.factory, Path(args.weights)).cuda().half().to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():
+        for b in batches:
+            x32 = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
+            torch._dynamo.reset()
+            compiled = torch.compile(net, mode="max-autotune", dynamic=False)
+            pinned = torch.from_numpy(x32).pin_memory()
+            x_dev = pinned.cuda().half().contiguous(memory_format=torch.channels_last)
+
+            def dev():
+                compiled(x_dev)
+                torch.cuda.synchronize()
+
+            def host():
+                pinned.numpy()[:] = x32
+                y = compiled(pinned.cuda(non_blocking=True).half().contiguous(memory_format=torch.channels_last))
+                return y.float().cpu().numpy()
+
+            figures["compile"][b] = {"device_ms": float(np.median([_median_ms(dev, 100) for _ in range(3)])),
+                                     "host_ms": float(np.median([_median_ms(host, 100) for _ in range(3)]))}
+    print(f"\n{'batch':>5} {'torch-aoti package host ms':>27} {'torch.compile host ms':>22} {'ratio':>6} "
+          f"{'torch.compile device ms':>24}")
+    for b in batches:
+        c = figures["compile"][b]
+        p = figures["package_host_ms"].get(b)
+        ratio = f"{p / c['host_ms']:.2f}x" if p else "-"
+        print(f"{b:>5} {p if p else float('nan'):>27.3f} {c['host_ms']:>22.3f} {ratio:>6} {c['device_ms']:>24.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     return 0
 
 

@@ -9,9 +9,11 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/r18
 if [[ ! -d /tmp/site/edgeopt ]]; then
-  cat /tmp/gw/part* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  # onnxruntime-gpu only where its chunks were carried (the ONNX Runtime package's figures); packaging for
+  # torch-aoti needs only the machine's own CPU onnxruntime (the fp32 reference).
+  [[ -d /tmp/gw ]] && cat /tmp/gw/part* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    /tmp/onnxruntime_gpu-*.whl .whl/*.whl
+    $(ls /tmp/onnxruntime_gpu-*.whl 2>/dev/null) .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -30,9 +32,11 @@ case "${1:-}" in
     python3 -c "import json; d=json.load(open('$OUT/package-aoti.json')); print(d['runtime'], d['precision'], d['validation']['passed'], d.get('benchmark', {}).get('optimized'))"
     ;;
   bench)
-    python3 benchmarks/gpu_aoti.py --aoti-package /tmp/r18/resnet18-aoti.eopkg --ort-package .whl/resnet18-gpu.eopkg \
+    ort=()
+    [[ -f /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl ]] && ort=(--ort-package .whl/resnet18-gpu.eopkg)
+    python3 benchmarks/gpu_aoti.py --aoti-package /tmp/r18/resnet18-aoti.eopkg "${ort[@]}" \
       --public-key .whl/keys/edgeopt.pub --factory benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt \
-      --batches "${BATCHES:-1,8,32}" --rounds "${ROUNDS:-5}" --json "$OUT/gpu_aoti.json" 2>&1 | tee "$OUT/gpu_aoti.log"
+      --batches "${BATCHES:-1,8,32}" ${BENCH_ARGS:-} --rounds "${ROUNDS:-5}" --json "$OUT/gpu_aoti.json" 2>&1 | tee "$OUT/gpu_aoti.log"
     ;;
   *) echo "usage: $0 package|bench" >&2; exit 2 ;;
 esac

@@ -83,10 +83,17 @@ class TorchAotiModel(LoadedModel):
                             slot["out"] = self._call(b, slot["in"])
                     self._stream.synchronize()
                     if self.graphs:
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, stream=self._stream):
+                        try:
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph, stream=self._stream):
+                                slot["out"] = self._call(b, slot["in"])
+                            slot["graph"] = graph
+                        except RuntimeError as exc:  # served without graphs, and said so (describe())
+                            log.warning("torch-aoti: CUDA graph capture failed at batch %d, running without graphs: "
+                                        "%s", b, " ".join(str(exc).split())[:200])
+                            self.graphs = False
+                            torch.cuda.synchronize()
                             slot["out"] = self._call(b, slot["in"])
-                        slot["graph"] = graph
                     slot["host_out"] = [torch.empty_like(t, device="cpu").pin_memory() for t in slot["out"]]
                 else:
                     slot["out"] = self._call(b, slot["in"])
@@ -131,7 +138,8 @@ class TorchAotiModel(LoadedModel):
         b = next(size for size in self.batch_sizes if size >= n)
         torch = self._torch
         slot = self._slots[b]
-        with self._lock:
+        # The buffers are inference tensors (made at load under inference_mode): every write to them too.
+        with self._lock, torch.inference_mode():
             if self.device == "cuda":
                 with torch.cuda.stream(self._stream):
                     for spec, dev, host in zip(self.inputs, slot["in"], slot["host_in"]):
