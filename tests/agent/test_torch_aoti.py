@@ -206,3 +206,24 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cpu-aoti.toml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.slow
+def test_both_runtimes_are_measured_and_the_faster_within_budget_is_kept(tmp_path, digits_resnet):
+    """A profile with ONNX Runtime and torch-aoti: `edgeopt package MODULE:FACTORY` builds, judges and benchmarks
+    both against the same fp32 reference and keeps the faster that passes (what `edgeopt compare` picks from)."""
+    text = PROFILE.replace("[[runtimes]]", '[[runtimes]]\nruntime = "onnxruntime"\n\n[[runtimes]]', 1)
+    profile = _write(tmp_path, text)
+    out = tmp_path / "both.eopkg"
+    built = subprocess.run(
+        [EDGEOPT, "package", digits_resnet["factory"], "--weights", str(digits_resnet["weights"]), "--profile",
+         str(profile), "--input-shape", digits_resnet["input_shape_arg"], "--heldout", str(digits_resnet["heldout"]),
+         "--heldout-samples", "100", "--no-sign", "--iterations", "20", "-o", str(out), "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr
+    doc = json.loads(built.stdout)
+    rows = {c["runtime"]: c for c in doc["candidates"]}
+    assert set(rows) == {"onnxruntime", "torch-aoti"}
+    assert all(r["ok"] and r["passed"] and r["fp32_p50_ms"] for r in rows.values())
+    fastest = min(rows.values(), key=lambda r: r["p50_ms"])
+    assert doc["runtime"] == fastest["runtime"]
