@@ -13,7 +13,8 @@ adds one two-process run under cProfile in every thread (benchmarks/profiled_ing
 functions with the most CPU of their own.
 
     .venv/bin/python benchmarks/ingest_bench.py --messages 60000 --repeats 3 --profile 25
-    (needs PostgreSQL: --pg-url, default $EDGEOPT_TEST_POSTGRES_URL or postgresql+psycopg://postgres@127.0.0.1:5432/test)
+    (needs PostgreSQL: --pg-url, default $EDGEOPT_TEST_POSTGRES_URL or
+     postgresql+psycopg://postgres@127.0.0.1:5432/test)
 
 Prints a table of medians; target: two processes, zero loss, zero duplicates, ingest CPU <= 100 us/msg.
 """
