@@ -454,3 +454,36 @@ def make_runoff(prepared) -> Runoff:
                 model.close()
 
     return runoff
+
+
+def merge_pruned(profile: HardwareProfile, groups: Sequence[tuple[float, ProfileComparison]], *,
+                 noise: float = DEFAULT_NOISE, runoff: Runoff | None = None) -> ProfileComparison:
+    """One comparison for ``profile`` out of one per pruning ratio (``compare --prune-ratios``).
+
+    Each group was measured on its own prepared model (pruned by that ratio, judged against the unpruned fp32
+    model); its rows are renamed ``prune<ratio>/...`` (ratio 0 keeps its plain names) and the pick is made over
+    all of them with the usual rule, after one run-off across ratios, so a pruned int8 model competes with the
+    unpruned int8 one on the same speed/accuracy frontier.
+    """
+    import dataclasses
+
+    def tag(candidate: Candidate, ratio: float) -> Candidate:
+        return dataclasses.replace(candidate, prune_ratio=ratio or None)
+
+    pc = ProfileComparison(profile=profile)
+    for ratio, group in groups:
+        for r in group.results:
+            pc.results.append(dataclasses.replace(r, candidate=tag(r.candidate, ratio)))
+        pc.skipped.extend(Planned(tag(p.candidate, ratio), p.skip) for p in group.skipped)
+        pc.proxy_note = pc.proxy_note or group.proxy_note
+        pc.notes.extend(n for n in group.notes if n not in pc.notes and not n.startswith("no candidate holds"))
+    good = eligible(pc.results)
+    if runoff is not None and len(good) > 1:
+        try:
+            pc.runoff_ms = dict(runoff(good))
+        except EdgeoptError as exc:
+            pc.notes.append(f"run-off skipped ({exc.one_line()}); picked on each candidate's own benchmark")
+    pc.pick = select(pc.results, noise, pc.latency)
+    if pc.pick is None:
+        pc.notes.append("no candidate holds the accuracy budget: nothing would be packaged for this profile")
+    return pc

@@ -11,6 +11,7 @@ import click
 
 from ..errors import InputError
 from .options import accuracy_options, accuracy_request, emit_json, json_option
+from .prune_cmd import prune_options, torch_model_options
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,13 @@ class _StageProgress:
 
 
 @click.command("compare")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model")
+@torch_model_options
+@click.option("--prune-ratios", "prune_ratios_text", metavar="R1,R2,...",
+              help="PyTorch MODULE:FACTORY only: also try the model pruned by each ratio (0 = unpruned), each "
+                   "pruned and recovered once, then every runtime/precision candidate; all are judged against the "
+                   "unpruned fp32 model. Needs --calib (recovery) and --heldout (never trained on).")
+@prune_options
 @click.option("--profiles", "profiles_text", default="cpu", show_default=True,
               help="Comma-separated profiles (shipped names or profile files), e.g. cpu,npu,igpu,arm.")
 @click.option("--calib", help="Calibration data for int8: .npz keyed by input name, an image folder, or 'random'.")
@@ -110,12 +117,15 @@ class _StageProgress:
               help="Write a self-contained HTML report (table + latency/accuracy chart per profile).")
 @accuracy_options
 @json_option
-def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
+def compare(model: str, profiles_text: str, calib: str | None, heldout: Path | None, input_shapes: tuple[str, ...],
             image_size: str | None, mean: str | None, std: str | None, scale: float | None, layout: str | None,
             channel_order: str, precisions_text: str | None, iterations: int | None, noise: float | None,
             measure_peak: bool, html_path: Path | None, task: str, metric: str | None,
             max_metric_drop: float | None, labels: Path | None, detect_format: str, preprocess: str | None,
-            as_json: bool) -> None:
+            as_json: bool, weights: Path | None = None, prune_ratios_text: str | None = None, importance: str = "l2",
+            global_pruning: bool = False, layer_ratios: tuple = (), ignore: tuple = (), round_to: int | None = None,
+            steps: int = 300, no_recover: bool = False, train_fn: str | None = None, lr: float = 1e-3,
+            batch_size: int = 32, device: str | None = None) -> None:
     """Try each profile's candidate configurations on MODEL and show which one each profile would pick.
 
     For every profile: runtimes the profile lists x precisions (fp32, fp16 where the device computes in fp16,
@@ -123,7 +133,8 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     built, checked against the profile's accuracy budget on held-out data, and benchmarked against ONNX Runtime
     fp32 in the same run. The pick is the fastest configuration within budget (ties within noise: the smaller).
     """
-    from ..compare import ALL_PRECISIONS, DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations, make_runoff
+    from ..compare import (ALL_PRECISIONS, DEFAULT_NOISE, CompareReport, compare_profile, fit_iterations,
+                           make_runoff, merge_pruned)
     from ..profile import load_profile
 
     # Everything the user typed is checked before the first (slow) measurement.
@@ -138,8 +149,20 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     unknown = sorted(set(precisions or ()) - set(ALL_PRECISIONS))
     if unknown:
         raise InputError(f"unknown precision(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ALL_PRECISIONS)}")
-    if not model.exists():
-        raise InputError(f"{model}: model file not found")
+    from ..prune.source import is_factory
+
+    torch_model = is_factory(model)
+    ratios = _ratios(prune_ratios_text, torch_model, model, calib, heldout, steps, no_recover, train_fn)
+    if weights is not None and not torch_model:
+        raise click.UsageError("--weights is for a PyTorch MODEL given as MODULE:FACTORY")
+    if torch_model:
+        from .prune_cmd import torch_inputs
+
+        inputs = torch_inputs(input_shapes, preprocessing.size if preprocessing else None)
+    else:
+        model = Path(model)
+        if not model.exists():
+            raise InputError(f"{model}: model file not found")
     if html_path is not None and not html_path.parent.exists():
         raise InputError(f"--html {html_path}: folder {html_path.parent} does not exist", hint="create it first")
     noise = DEFAULT_NOISE if noise is None else noise
@@ -160,34 +183,55 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
                      TimeElapsedColumn(), console=err, transient=True) as bar:
         # Prepare every profile first: a profile that cannot take the model (dynamic dims for a static-shape
         # profile, say) fails in seconds, before minutes of measuring the others.
+        sources = [(0.0, model, None)]
+        if torch_model:
+            sources = _torch_sources(stack, bar, model, weights, ratios, inputs, preprocessing, calib, profiles[0],
+                                     dict(importance=importance, global_pruning=global_pruning,
+                                          layer_ratios=layer_ratios, ignore=ignore, round_to=round_to, steps=steps,
+                                          no_recover=no_recover, train_fn=train_fn, lr=lr, batch_size=batch_size,
+                                          device=device))
+            shapes = shapes or {i.name: list(i.shape) for i in inputs}
         prepared_all = []
         for profile in profiles:
             task = bar.add_task(f"{profile.name}: preparing", total=None)
             stage = _StageProgress(bar, task, profile.name)
-            # precision only steers what prepare() reads: with --calib it loads calibration data for every
-            # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
-            request = PackageRequest(model=model, profile=profile, calib=_calib(calib), heldout=heldout,
-                                     preprocessing=preprocessing, input_shapes=shapes,
-                                     bench_iterations=iterations or 50, precision="int8" if calib else "fp32",
-                                     **accuracy_fields)
-            prepared = stack.enter_context(prepare(request, stage))
-            fit_iterations(prepared, iterations)
-            prepared_all.append((profile, task, stage, prepared))
-        for profile, task, stage, prepared in prepared_all:
-            def hook(_profile: str, label: str, index: int, total: int, task=task) -> None:
-                bar.update(task, total=total, completed=index, description=f"{_profile}: {label}")
+            per_source = []
+            for ratio, onnx_model, reference in sources:
+                # precision only steers what prepare() reads: with --calib it loads calibration data for every
+                # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
+                # A pruned model is judged against (and timed beside) the unpruned fp32 one: reference_model.
+                request = PackageRequest(model=onnx_model, reference_model=reference, profile=profile,
+                                         calib=_calib(calib), heldout=heldout, preprocessing=preprocessing,
+                                         input_shapes=shapes, bench_iterations=iterations or 50,
+                                         precision="int8" if calib else "fp32", **accuracy_fields)
+                prepared = stack.enter_context(prepare(request, stage))
+                fit_iterations(prepared, iterations)
+                per_source.append((ratio, prepared))
+            prepared_all.append((profile, task, stage, per_source))
+        for profile, task, stage, per_source in prepared_all:
+            groups = []
+            for ratio, prepared in per_source:
+                def hook(_profile: str, label: str, index: int, total: int, task=task, ratio=ratio) -> None:
+                    where = f" pruned {ratio:g}" if ratio else ""
+                    bar.update(task, total=total, completed=index, description=f"{_profile}{where}: {label}")
 
-            def run_one(candidate, prepared=prepared, stage=stage):
-                return evaluate(prepared, candidate, stage)
+                def run_one(candidate, prepared=prepared, stage=stage):
+                    return evaluate(prepared, candidate, stage)
 
-            pc = compare_profile(profile, run_one, model_format=prepared.source.format, precisions=precisions,
-                                 calibration=prepared.calibration is not None, noise=noise, progress=hook,
-                                 runoff=make_runoff(prepared))
+                groups.append((ratio, compare_profile(
+                    profile, run_one, model_format=prepared.source.format, precisions=precisions,
+                    calibration=prepared.calibration is not None, noise=noise, progress=hook,
+                    runoff=make_runoff(prepared) if len(per_source) == 1 else None)))
+            if len(groups) == 1:
+                pc = groups[0][1]
+            else:
+                # one run-off across ratios: every ratio's prepared model has the same inputs and threads
+                pc = merge_pruned(profile, groups, noise=noise, runoff=make_runoff(per_source[0][1]))
             report.profiles.append(pc)
             bar.remove_task(task)
             # Warnings that change how to read the figures (e.g. random calibration) go into the report.
             pc.notes.extend(w for w in dict.fromkeys(stage.warnings) if "random" in w)
-        report.flops = _count_flops(model, shapes)
+        report.flops = _count_flops(model, shapes) if not torch_model else None
         if measure_peak:
             from ..peak import measure_peak as _peak
 
@@ -208,6 +252,69 @@ def compare(model: Path, profiles_text: str, calib: str | None, heldout: Path | 
     _print_table(doc, out)
     if html_path is not None:
         out.print(f"HTML report: {html_path}")
+
+
+def _ratios(text: str | None, torch_model: bool, model: str, calib: str | None, heldout: Path | None, steps: int,
+            no_recover: bool, train_fn: str | None) -> list[float]:
+    """--prune-ratios as a list (0 = the unpruned model), checked before anything is measured."""
+    if text is None:
+        return [0.0]
+    from ..errors import UnsupportedError
+    from ..prune.core import check_ratio
+
+    if not torch_model:
+        raise UnsupportedError(f"--prune-ratios needs a PyTorch model given as MODULE:FACTORY, found {model}",
+                               hint="e.g. edgeopt compare mypkg.models:build --weights w.pt --prune-ratios 0,0.3,0.5")
+    values = []
+    for part in _split(text):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"--prune-ratios {text!r}: {part!r} is not a number") from None
+        values.append(0.0 if value == 0 else check_ratio(value, "--prune-ratios value"))
+    if not values or len(set(values)) != len(values):
+        raise InputError(f"--prune-ratios {text!r}: expected distinct ratios", hint="for example 0,0.3,0.5")
+    recovering = any(values) and not no_recover and steps > 0 and train_fn is None
+    if recovering and (calib is None or calib == "random"):
+        raise InputError("recovery by distillation needs calibration images and none were given",
+                         hint="pass --calib IMAGE_FOLDER or .npz, or --no-recover")
+    if any(values) and heldout is None:
+        # Recovery trains on --calib; the gate must judge samples the pruned model never saw.
+        raise InputError("--prune-ratios needs --heldout: recovery trains on --calib, and the accuracy check "
+                         "must judge other samples", hint="pass a separate --heldout .npz or image folder")
+    return values
+
+
+def _torch_sources(stack, bar, factory: str, weights, ratios, inputs, preprocessing, calib, profile, opts):
+    """Export MODULE:FACTORY (ratio 0) and prune+recover it once per ratio: [(ratio, onnx, unpruned onnx)]."""
+    import shutil
+    import tempfile
+
+    from ..prune.workflow import PruneJob, run_job
+    from .prune_cmd import prune_job
+
+    workdir = Path(tempfile.mkdtemp(prefix="edgeopt-compare-"))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    out, unpruned = [], None
+    for ratio in sorted(ratios):
+        task = bar.add_task(f"prune {ratio:g}", total=None)
+        stage = _StageProgress(bar, task, f"prune {ratio:g}")
+        folder = workdir / f"r{ratio:g}"
+        folder.mkdir()
+        if ratio == 0:
+            from .package_cmd import _export_only
+
+            unpruned = _export_only(PruneJob(factory=factory, weights=weights, inputs=inputs, ratio=0.0), folder, stage)
+            out.append((0.0, unpruned, None))
+        else:
+            job = prune_job(factory, weights, inputs, ratio, opts["importance"], opts["global_pruning"],
+                            opts["layer_ratios"], opts["ignore"], opts["round_to"], opts["steps"], opts["no_recover"],
+                            opts["train_fn"], opts["lr"], opts["batch_size"], opts["device"],
+                            _calib(calib) if calib != "random" else None, preprocessing, profile)
+            outcome = run_job(job, folder, stage, export_reference=True)
+            out.append((ratio, outcome.pruned_onnx, unpruned or outcome.unpruned_onnx))
+        bar.remove_task(task)
+    return out
 
 
 def _calib(value: str | None):

@@ -116,11 +116,15 @@ class Candidate:
     precision: str
     graph_level: GraphLevel = "all"
     accuracy_aware: bool = False
+    # `edgeopt compare --prune-ratios`: the model this candidate was built from was pruned by this ratio first
+    # (None: the model as given). It only names the row; the pruned ONNX is the prepared model itself.
+    prune_ratio: float | None = None
 
     @property
     def label(self) -> str:
         extra = "+aa" if self.accuracy_aware else ""
-        return f"{self.runtime}/{self.precision}/{self.graph_level}{extra}"
+        pruned = f"prune{self.prune_ratio:g}/" if self.prune_ratio else ""
+        return f"{pruned}{self.runtime}/{self.precision}/{self.graph_level}{extra}"
 
 
 @dataclass
@@ -172,8 +176,8 @@ class CandidateResult:
         return {
             "candidate": self.candidate.label, "runtime": self.candidate.runtime,
             "precision": self.candidate.precision, "graph_level": self.candidate.graph_level,
-            "accuracy_aware": self.candidate.accuracy_aware, "ok": self.ok, "passed": self.passed,
-            "size_bytes": self.size_bytes, "source_size_bytes": self.source_size_bytes,
+            "accuracy_aware": self.candidate.accuracy_aware, "prune_ratio": self.candidate.prune_ratio,
+            "ok": self.ok, "passed": self.passed, "size_bytes": self.size_bytes, "source_size_bytes": self.source_size_bytes,
             "p50_ms": self.optimized.p50_ms if self.optimized else None,
             "fp32_p50_ms": self.fp32.p50_ms if self.fp32 else None,
             "runoff_p50_ms": self.runoff_p50_ms,

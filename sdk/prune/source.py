@@ -111,11 +111,31 @@ def export_onnx(model, example: tuple, inputs: list[TorchInput], path: Path, out
     """ONNX export with a dynamic batch axis; a model torch cannot export fails with one line."""
     from ..pipeline.load import export_torch
 
+    if output_names is None:
+        output_names = _output_names(model, example)
     try:
         return export_torch(model, example, path, input_names=[i.name for i in inputs], output_names=output_names)
     except Exception as exc:
         raise UnsupportedError(f"torch cannot export {type(model).__name__} to ONNX ({_one_line(exc)})",
                                hint="the model must be traceable by torch.onnx.export") from None
+
+
+def _output_names(model, example: tuple) -> list[str] | None:
+    """``output0``, ``output1``, ... for a module returning several tensors, else None (torch's own name).
+
+    torch names outputs after graph node numbers ('54', '57'), which differ between a model and its pruned copy;
+    the accuracy check pairs a pruned model's outputs with the unpruned model's by name.
+    """
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    except Exception:  # noqa: BLE001 - the export below reports what is wrong with the model in one line
+        return None
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return [f"output{i}" for i in range(len(out))]
+    return None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ CACHE = ROOT / ".cache"
 DIGITS = HERE / "digits"
 
 __all__ = [
-    "digits_model", "digits_calib", "digits_heldout", "digits_metrics",
+    "digits_model", "digits_calib", "digits_heldout", "digits_metrics", "mtcnn_onet",
     "digits_calib_wrong_name", "digits_calib_wrong_shape",
     "resnet18_onnx", "resnet18_inputs",
     "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
@@ -316,6 +317,34 @@ def digits_resnet() -> dict:
     return {"factory": f"{HERE / 'digits_resnet' / 'digits_resnet.py'}:build", "weights": weights,
             "calib": data["calib"], "heldout": data["heldout"], "input_shape_arg": "images:1,1,24,24",
             "accuracy": json.loads(metrics.read_text())["fp32_heldout_accuracy"], "module": module}
+
+
+@pytest.fixture(scope="session")
+def mtcnn_onet() -> dict:
+    """MTCNN's pretrained ONet (weights from the facenet-pytorch wheel) and real-photo crops, cached.
+
+    {"factory": "path/mtcnn_onet.py:build", "weights": onet.pt, "calib": npz ``images`` [1024,3,48,48] (faces
+    of camera and grace_hopper, non-faces of china/coffee/rocket; no labels), "heldout": npz [256,...] (faces of
+    zidane and astronaut, non-faces of flower/chelsea: no photo shared with calib), "input_shape_arg"}.
+    """
+    import numpy as np
+
+    photos, pretrained = _module("people_photos"), _module("pretrained")
+    module = _module_at(HERE / "mtcnn_onet" / "mtcnn_onet.py", "mtcnn_onet")
+    weights = pretrained.fetch("mtcnn_onet")
+    folder = CACHE / "assets" / "mtcnn_onet_v1"
+    sets = {"calib": (photos.CALIB_FACES, photos.CALIB_BACKGROUNDS, 1024, 5),
+            "heldout": (photos.HELDOUT_FACES, photos.HELDOUT_BACKGROUNDS, 256, 6)}
+    for name, (faces, backgrounds, n, seed) in sets.items():
+        path = folder / f"{name}.npz"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.{os.getpid()}.npz"
+            np.savez(tmp, images=module.crops(photos, faces, backgrounds, n, seed, pretrained.fetch))
+            tmp.replace(path)
+    return {"factory": f"{HERE / 'mtcnn_onet' / 'mtcnn_onet.py'}:build", "weights": weights,
+            "calib": folder / "calib.npz", "heldout": folder / "heldout.npz", "input_shape_arg": "images:1,3,48,48",
+            "module": module}
 
 
 def _module_at(path: Path, name: str):

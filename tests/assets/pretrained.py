@@ -78,6 +78,11 @@ MODELS: dict[str, Pretrained] = {
     # h [1, 1, 128] and c [1, 1, 128] (fixed batch of one) -> speech_probs, hn, cn; no If.
     "silero_vad_hc": Pretrained("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx",
                                 "9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85", "MIT"),
+    # MTCNN's ONet (the face detector's last stage; MIT, facenet-pytorch): a PyTorch state_dict for the architecture
+    # in tests/assets/mtcnn_onet (facenet_pytorch itself is not installed: it imports torchvision). Input a 48x48
+    # RGB crop, (pixel - 127.5) / 128; outputs box offsets [N,4], landmarks [N,10], face probability [N,2].
+    "mtcnn_onet": Pretrained("facenet-pytorch", "2.6.0", "facenet_pytorch/data/onet.pt",
+                             "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", "MIT"),
     # Photos of people (ultralytics' bundled sample images; AGPL-3.0 package, used as test inputs only).
     "photo_bus": Pretrained("ultralytics", "8.4.190", "ultralytics/assets/bus.jpg",
                             "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "AGPL-3.0"),

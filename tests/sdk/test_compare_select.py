@@ -232,3 +232,30 @@ def test_a_failed_runoff_falls_back_to_each_candidates_own_benchmark():
     pc = compare_profile(prof, evaluate, precisions=["int8"], devices={}, runoff=runoff)
     assert pc.pick is table["onnxruntime/int8/all"]
     assert pc.notes == ["run-off skipped (device vanished); picked on each candidate's own benchmark"]
+
+
+def test_merge_pruned_names_rows_by_ratio_and_picks_across_ratios():
+    from edgeopt.sdk.compare import Planned, ProfileComparison, merge_pruned
+
+    profile = load_profile("cpu")
+    unpruned = ProfileComparison(profile, results=[fake(precision="int8", p50=1.0, size=1000)],
+                                 skipped=[Planned(Candidate("openvino", "fp16"), skip="not here")],
+                                 notes=["no candidate holds the accuracy budget: nothing would be packaged"])
+    half = ProfileComparison(profile, results=[fake(precision="int8", p50=0.6, size=500),
+                                               fake(precision="fp32", p50=0.3, passed=False, cosine=0.5)])
+    seen: list[list[str]] = []
+
+    def runoff(results):
+        seen.append([r.candidate.label for r in results])
+        return {label: 1.0 for label in seen[-1]} | {"prune0.5/openvino/int8/all": 0.5}
+
+    pc = merge_pruned(profile, [(0.0, unpruned), (0.5, half)], runoff=runoff)
+    assert [r.candidate.label for r in pc.results] == [
+        "openvino/int8/all", "prune0.5/openvino/int8/all", "prune0.5/openvino/fp32/all"]
+    assert [p.candidate.label for p in pc.skipped] == ["openvino/fp16/all"]
+    # one run-off over the in-budget rows of both ratios; the pick is made across ratios, on the run-off figures
+    assert seen == [["openvino/int8/all", "prune0.5/openvino/int8/all"]]
+    assert pc.pick.candidate.label == "prune0.5/openvino/int8/all" and pc.pick.candidate.prune_ratio == 0.5
+    # a ratio with nothing in budget does not say so for the whole profile
+    assert pc.notes == []
+    assert unpruned.results[0].candidate.prune_ratio is None  # the groups themselves are left as they were

@@ -315,3 +315,28 @@ def test_cli_user_train_fn(cli, factory, tmp_path):
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["pruning"]["recovery"] == "user" and doc["losses"] == [3.0, 1.0] and out.exists()
+
+
+def test_several_outputs_are_exported_with_stable_names(tmp_path):
+    """A pruned model's outputs are paired with the unpruned model's by name: torch's own names ('54', '57')
+    are node numbers that differ between the two graphs, so several outputs get output0, output1, ..."""
+    import onnx
+    import torch
+
+    from edgeopt.sdk.prune.source import TorchInput, export_onnx
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.body, self.a, self.b = torch.nn.Linear(4, width), torch.nn.Linear(width, 2), torch.nn.Linear(width, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.a(h), self.b(h)
+
+    names = []
+    for width in (8, 5):
+        path = export_onnx(TwoHeads(width).eval(), (torch.zeros(1, 4),), [TorchInput("x", (1, 4))],
+                           tmp_path / f"w{width}.onnx")
+        names.append([o.name for o in onnx.load(str(path)).graph.output])
+    assert names == [["output0", "output1"], ["output0", "output1"]]
