@@ -59,6 +59,21 @@ def backend_accepts(runtime: str) -> tuple[str, ...] | None:
         return None
 
 
+def backend_precisions(runtime: str) -> tuple[str, ...] | None:
+    """Precisions the SDK backend of ``runtime`` builds (None when unknown: every precision is planned)."""
+    import importlib
+
+    from .backends import REGISTRY
+
+    if runtime not in REGISTRY:
+        return None
+    module, cls = REGISTRY[runtime][0].split(":")
+    try:
+        return tuple(getattr(importlib.import_module(module), cls).precisions)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _wants_fp16(profile: HardwareProfile, runtime: str) -> bool:
     # fp16 is the native precision of GPUs; on a CPU without fp16 arithmetic it only adds conversions.
     if profile.precision.mode is Precision.FP16:
@@ -68,7 +83,8 @@ def _wants_fp16(profile: HardwareProfile, runtime: str) -> bool:
 
 def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx",
                          precisions: Iterable[str] | None = None, calibration: bool = True,
-                         accepts: Callable[[str], tuple[str, ...] | None] = backend_accepts) -> list[Planned]:
+                         accepts: Callable[[str], tuple[str, ...] | None] = backend_accepts,
+                         precisions_of: Callable[[str], tuple[str, ...] | None] = backend_precisions) -> list[Planned]:
     """The configurations `compare` tries for ``profile``, in the order they are measured.
 
     Per runtime the profile lists: fp32 (for ONNX Runtime at graph levels ``all`` and ``basic``), fp16 where the
@@ -101,16 +117,21 @@ def enumerate_candidates(profile: HardwareProfile, *, model_format: str = "onnx"
                 out.append(Planned(Candidate("tflite", "as-exported")))
             continue
         levels = ("all", "basic") if isinstance(spec, OnnxRuntimeRuntime) else ("all",)
-        if "fp32" in wanted:
+        builds = precisions_of(name)
+        if builds is not None:  # e.g. torch-aoti builds fp32 and fp16 only: no int8 rows to fail
+            here = {p for p in wanted if (p[:-3] if p == "int8-aa" else p) in builds}
+        else:
+            here = wanted
+        if "fp32" in here:
             out.extend(Planned(Candidate(name, "fp32", lvl)) for lvl in levels)
-        if "fp16" in wanted and _wants_fp16(profile, name):
+        if "fp16" in here and _wants_fp16(profile, name):
             out.append(Planned(Candidate(name, "fp16")))
         no_calib = None if calibration else "int8 static needs calibration data: pass --calib"
-        if "int8" in wanted:
+        if "int8" in here:
             out.append(Planned(Candidate(name, "int8"), skip=no_calib))
-        if "int8-aa" in wanted:
+        if "int8-aa" in here:
             out.append(Planned(Candidate(name, "int8", accuracy_aware=True), skip=no_calib))
-        if "int8-weight-only" in wanted:
+        if "int8-weight-only" in here:
             out.append(Planned(Candidate(name, "int8-weight-only")))
     return out
 

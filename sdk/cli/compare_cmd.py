@@ -171,6 +171,7 @@ def compare(model: str, profiles_text: str, calib: str | None, heldout: Path | N
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from ..pipeline import PackageRequest, evaluate, prepare
+    from ..pipeline.types import TorchSource
 
     err = Console(stderr=True)
     report = CompareReport(model=model, profiles=[], noise=noise)
@@ -200,7 +201,10 @@ def compare(model: str, profiles_text: str, calib: str | None, heldout: Path | N
                 # precision only steers what prepare() reads: with --calib it loads calibration data for every
                 # profile (int8 candidates are tried even where the profile's default is fp16); without, nothing.
                 # A pruned model is judged against (and timed beside) the unpruned fp32 one: reference_model.
+                # The unpruned PyTorch module also goes to runtimes that compile PyTorch itself (torch-aoti).
+                torch_source = TorchSource(factory=model, weights=weights) if torch_model and not ratio else None
                 request = PackageRequest(model=onnx_model, reference_model=reference, profile=profile,
+                                         torch_source=torch_source,
                                          calib=_calib(calib), heldout=heldout, preprocessing=preprocessing,
                                          input_shapes=shapes, bench_iterations=iterations or 50,
                                          precision="int8" if calib else "fp32", **accuracy_fields)

@@ -227,3 +227,13 @@ def test_both_runtimes_are_measured_and_the_faster_within_budget_is_kept(tmp_pat
     assert all(r["ok"] and r["passed"] and r["fp32_p50_ms"] for r in rows.values())
     fastest = min(rows.values(), key=lambda r: r["p50_ms"])
     assert doc["runtime"] == fastest["runtime"]
+
+
+def test_compare_plans_only_the_precisions_torch_aoti_builds():
+    from edgeopt.sdk.compare import enumerate_candidates
+
+    planned = enumerate_candidates(load_profile("gpu"), calibration=True)
+    aoti = [p.candidate.precision for p in planned if p.candidate.runtime == "torch-aoti"]
+    ort = [p.candidate.precision for p in planned if p.candidate.runtime == "onnxruntime"]
+    assert aoti == ["fp32", "fp16"]
+    assert "int8" in ort and "int8-weight-only" in ort
