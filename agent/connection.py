@@ -126,6 +126,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.server.released()
 
     # A client that sends requests but does not read the answers must not grow our write buffer without
     # bound: stop reading from it until it has drained.

@@ -40,9 +40,18 @@ __all__ = ["InferenceServer", "HttpLimits", "ModelRegistry", "ModelEntry", "Batc
 log = logging.getLogger(__name__)
 
 # Descriptors kept for the agent itself when the connection cap is derived from the open-file limit: model
-# and runtime files, the broker connection, the outbox, downloads, plus up to 100 sockets asyncio accepts in
-# one loop iteration (its listen backlog) before the ones evicted for them are closed.
+# and runtime files, the broker connection, the outbox, downloads (17 in all with one model on ONNX Runtime),
+# plus the accepted sockets allowed above the cap while their evicted victims close (ACCEPT_SLACK).
 RESERVED_FDS = 160
+# Sockets accepted per readiness event of the listening socket, and how many accepted sockets may be open
+# above the connection cap (a new one is admitted at once, but the idle one it evicts is closed on the
+# event loop's next turn). asyncio's own accept loop takes 100 a turn and keeps accepting on every turn
+# before the evictions land: under a flood of connects it went ~200 descriptors past the cap (peak 214 with
+# a cap of 96 measured here; past 256 on the CI machine, where accept() then failed with EMFILE). Here the
+# accepted-but-not-closed count is bounded: at cap + ACCEPT_SLACK the listening socket is not read until
+# connections close.
+ACCEPT_BATCH = 16
+ACCEPT_SLACK = 32
 # paho-mqtt waits on its socket with select(), which cannot watch a descriptor numbered 1024 or more: if API
 # sockets took every low number, the broker connection (opened again at each reconnect) would fail. So the
 # API's sockets stay below this whatever LimitNOFILE allows.
@@ -93,8 +102,13 @@ class InferenceServer:
         # Parsed request heads by their bytes (per server: a head's checks depend on this server's limits).
         self.heads = BoundedCache(1024)
         self._sock = socket.create_server((host, port), backlog=1024)
+        self._sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._accepting = False  # the listening socket is watched by the loop
+        self._stopping = False
+        self.sockets_open = 0  # accepted sockets not yet closed (admitted, refused or evicted but not closed)
+        self.sockets_peak = 0  # the most accepted sockets open at once
+        self.accept_paused = 0  # times accepting paused at cap + ACCEPT_SLACK or on an accept() error
         self._thread: threading.Thread | None = None
         self.connections: set[HttpConnection] = set()
         self.evicted = 0  # connections closed to make room for a new one
@@ -106,6 +120,9 @@ class InferenceServer:
         gauges["edgeopt_api_connections_evicted"] = lambda: self.evicted
         gauges["edgeopt_api_connections_refused"] = lambda: self.refused
         gauges["edgeopt_api_inflating"] = lambda: self.inflating
+        gauges["edgeopt_api_sockets_open"] = lambda: self.sockets_open
+        gauges["edgeopt_api_sockets_peak"] = lambda: self.sockets_peak
+        gauges["edgeopt_api_accept_paused"] = lambda: self.accept_paused
         # One worker: compressed bodies inflate one at a time, so memory stays within one body limit.
         self._inflater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="api-inflate")
         self._started = threading.Event()
@@ -136,7 +153,7 @@ class InferenceServer:
     def _run(self) -> None:
         loop = self._loop = self._new_loop()
         asyncio.set_event_loop(loop)
-        self._server = loop.run_until_complete(loop.create_server(lambda: HttpConnection(self), sock=self._sock))
+        self._watch_listener()
         lim = self.limits
         self._tick = max(0.05, min(1.0, lim.header_timeout_s / 4, lim.body_timeout_s / 4, lim.idle_timeout_s / 4))
         loop.call_later(self._tick, self._sweep)
@@ -146,6 +163,54 @@ class InferenceServer:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    # ------------------------------------------------------------------ accepting (event loop thread)
+    def _watch_listener(self) -> None:
+        if not self._accepting and not self._stopping and self._loop is not None:
+            self._accepting = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _unwatch_listener(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+            self.accept_paused += 1
+
+    def _accept(self) -> None:
+        """The listening socket is readable: accept up to :data:`ACCEPT_BATCH` sockets while the open ones stay
+        within the cap plus :data:`ACCEPT_SLACK`; past that, stop watching it until connections close."""
+        assert self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            if self.sockets_open >= self.max_connections + ACCEPT_SLACK:
+                self._unwatch_listener()  # :meth:`released` watches it again
+                return
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for descriptors to come back
+                log.warning("[api] accepting a connection failed (%s); pausing new connections for 1 s", exc)
+                self._unwatch_listener()
+                self._loop.call_later(1.0, self._watch_listener)
+                return
+            sock.setblocking(False)
+            self.sockets_open += 1
+            self.sockets_peak = max(self.sockets_peak, self.sockets_open)
+            self._loop.create_task(self._connect(sock))
+
+    async def _connect(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(lambda: HttpConnection(self), sock=sock)
+        except Exception:  # the client went away before the transport existed
+            sock.close()
+            self.released()
+
+    def released(self) -> None:
+        """An accepted socket was closed (:meth:`HttpConnection.connection_lost`)."""
+        self.sockets_open -= 1
+        if not self._accepting and self.sockets_open < self.max_connections + ACCEPT_SLACK:
+            self._watch_listener()
 
     # ------------------------------------------------------------------ connections (event loop thread)
     def admit(self, conn: HttpConnection) -> bool:
@@ -222,8 +287,9 @@ class InferenceServer:
             return
 
         async def shutdown() -> None:
-            assert self._server is not None
-            self._server.close()
+            self._stopping = True
+            self._unwatch_listener()
+            self._sock.close()
             deadline = loop.time() + grace_s
             while any(c.busy for c in self.connections) and loop.time() < deadline:
                 await asyncio.sleep(0.02)

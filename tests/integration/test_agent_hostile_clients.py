@@ -18,6 +18,7 @@ import pytest
 
 from agent_support import Broker, Subscriber, agent_test_fixtures, free_port, infer, wait_for
 from edgeopt.agent.config import render_config
+from edgeopt.agent.server import ACCEPT_SLACK
 
 _fx = agent_test_fixtures()
 make_package = _fx.make_package
@@ -120,6 +121,10 @@ def test_more_idle_connections_than_open_files_stop_nothing(agent, digits_heldou
         wait_for(lambda: agent.gauge("edgeopt_api_connections_evicted") >= 300 - 96, 30,
                  what="idle connections evicted at the cap")
         assert agent.gauge("edgeopt_api_connections_max") == NOFILE - 160  # lowered to fit the limit
+        # accepted sockets never ran far past the cap (asyncio's own accept loop went ~200 past it, and past
+        # the open-file limit on a slower machine)
+        assert agent.gauge("edgeopt_api_sockets_peak") <= NOFILE - 160 + ACCEPT_SLACK
+        assert agent.gauge("edgeopt_api_accept_paused") >= 1
         assert agent.get("/v2/health/ready")[0] == 200
         code, body = infer(agent.address, x)
         assert code == 200 and body["model_version"] == "1.0.0"
