@@ -13,9 +13,7 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 
 from ...sdk.errors import InputError, UnsupportedError
 from ...sdk.layers import LayerRun, RawProfile, precision_word
+from ...sdk.native_log import native_stderr_to_log
 from ...sdk.package import TensorSpec
 from ...sdk.placement import RECORD_ASSIGNMENT, placement
 from .base import LoadedModel, Runtime
@@ -86,30 +85,15 @@ def _macs(op: str, ins: list[tuple[str, list[int]]], outs: list[tuple[str, list[
     return None
 
 
-_CAPTURE = threading.Lock()
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_MAX_CAPTURED = 64 * 1024
-
-
 @contextlib.contextmanager
 def _runtime_log_to_logging():
-    """With DEBUG on for this logger: what ONNX Runtime writes to fd 2 meanwhile becomes DEBUG records."""
+    """With DEBUG on for this logger (ONNX Runtime's log severity is 2 then, else 4: nothing is printed): what
+    ONNX Runtime writes to fd 2 meanwhile becomes log records (:mod:`edgeopt.sdk.native_log`)."""
     if not log.isEnabledFor(logging.DEBUG):
         yield
         return
-    with _CAPTURE, tempfile.TemporaryFile() as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read(_MAX_CAPTURED).decode(errors="replace").splitlines():
-                if line.strip():
-                    log.debug("onnxruntime: %s", _ANSI.sub("", line).strip())
+    with native_stderr_to_log(log, "onnxruntime"):
+        yield
 
 
 class OnnxRuntimeModel(LoadedModel):

@@ -1,6 +1,7 @@
 """TFLite / LiteRT runtime: ai-edge-litert (numpy 2) or, where it is the one installed, tflite-runtime."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import numpy as np
 
 from ...sdk.errors import InputError, UnsupportedError
 from ...sdk.layers import precision_word
+from ...sdk.native_log import native_stderr_to_log
 from ...sdk.package import TensorSpec
 from .base import LoadedModel, Runtime
 
@@ -20,6 +22,9 @@ except ImportError:  # tflite-runtime 2.14 has the same Interpreter API
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
     _PACKAGE = "tflite-runtime"
+
+
+log = logging.getLogger(__name__)
 
 
 def _spec(d: dict) -> TensorSpec:
@@ -49,7 +54,8 @@ class TFLiteModel(LoadedModel):
                 self._shapes[d["name"]] = tuple(arr.shape)
                 resized = True
         if resized:
-            self.interp.allocate_tensors()
+            with native_stderr_to_log(log, "litert"):
+                self.interp.allocate_tensors()
         try:
             for d in self._in:
                 self.interp.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]]))
@@ -106,8 +112,10 @@ class TFLiteRuntime(Runtime):
              options: dict[str, Any] | None = None) -> TFLiteModel:
         if device != "CPU":
             raise UnsupportedError(f"TFLite runs on CPU here; device {device!r} is not supported")
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to fd 2 at load: a DEBUG record
         try:
-            interp = Interpreter(model_path=str(model_path), num_threads=threads or os.cpu_count() or 1)
+            with native_stderr_to_log(log, "litert"):
+                interp = Interpreter(model_path=str(model_path), num_threads=threads or os.cpu_count() or 1)
+                return TFLiteModel(interp)
         except (ValueError, RuntimeError) as exc:
             raise UnsupportedError(f"TFLite cannot load {Path(model_path).name}: {' '.join(str(exc).split())[:300]}") from None
-        return TFLiteModel(interp)
