@@ -108,7 +108,7 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
     if not p.models:
         return [dict(base, model="", model_version=None, requests=0, errors=0, throughput_ips=0.0,
                      hist_counts=b"", hist_sum_ms=0.0, p50_ms=None,
-                     p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={})]
+                     p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={}, live_sequences=None)]
     rows = []
     for s in p.models:
         h = s.latency.to_histogram()
@@ -116,7 +116,7 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
         rows.append(dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
                          throughput_ips=s.throughput_ips, hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms,
                          p50_ms=p50, p95_ms=p95, p99_ms=p99, queue_depth=s.queue_depth,
-                         batch_sizes=dict(s.batch_sizes)))
+                         batch_sizes=dict(s.batch_sizes), live_sequences=s.live_sequences))
     return rows
 
 
@@ -454,7 +454,7 @@ _TEL_COLS = (("device_pk", "int"), ("model", "text"), ("model_version", "text"),
              ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "bytea"),
              ("hist_sum_ms", "float8"), ("p50_ms", "float8"), ("p95_ms", "float8"), ("p99_ms", "float8"),
              ("queue_depth", "int"), ("batch_sizes", "json"), ("cpu_percent", "float8"), ("rss_bytes", "bigint"),
-             ("temperature_c", "float8"))
+             ("temperature_c", "float8"), ("live_sequences", "int"))
 _STAGE_SQL = ("CREATE TEMP TABLE IF NOT EXISTS telemetry_stage "
               "(LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COLS = ", ".join(c for c, _ in _TEL_COLS)

@@ -277,6 +277,8 @@ class TelemetryRaw(Base):
     p99_ms: Mapped[Optional[float]] = mapped_column(Float)
     queue_depth: Mapped[int] = mapped_column(Integer, default=0)
     batch_sizes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Stateful models: sequences (streams) with state on the device at the end of the interval (schema 1.1).
+    live_sequences: Mapped[Optional[int]] = mapped_column(Integer)
     cpu_percent: Mapped[Optional[float]] = mapped_column(Float)
     rss_bytes: Mapped[Optional[int]] = mapped_column(BigInteger)
     temperature_c: Mapped[Optional[float]] = mapped_column(Float)
@@ -300,6 +302,7 @@ class _RollupMixin:
     rss_avg: Mapped[Optional[float]] = mapped_column(Float)
     queue_depth_max: Mapped[int] = mapped_column(Integer, default=0)
     batch_sizes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    live_sequences_max: Mapped[Optional[int]] = mapped_column(Integer, doc="Most live sequences reported.")
 
 
 class Rollup1m(_RollupMixin, Base):

@@ -92,25 +92,27 @@ def _upsert(session: Session, model, rows: list[dict[str, Any]]) -> None:
 
 class _Agg:
     __slots__ = ("requests", "errors", "samples", "counts", "sum_ms", "cpu_sum", "cpu_n", "rss_sum", "rss_n",
-                 "queue", "batch")
+                 "queue", "batch", "live")
 
     def __init__(self) -> None:
         self.requests = self.errors = self.samples = self.queue = 0
+        self.live: int | None = None  # most live sequences reported (stateful models); None when none was
         self.counts: dict[int, int] = {}
         self.sum_ms = self.cpu_sum = self.rss_sum = 0.0
         self.cpu_n = self.rss_n = 0
         self.batch: dict[str, int] = defaultdict(int)
 
-    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight: int = 1) -> bool:
+    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live=None,
+            weight: int = 1) -> bool:
         """Add one row; False (and nothing added) for a row whose values are malformed."""
         try:
-            clean = _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight)
+            clean = _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight)
         except (TypeError, ValueError, AttributeError, OverflowError):
             return False
         self._add(*clean)
         return True
 
-    def _add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight) -> None:
+    def _add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight) -> None:
         self.requests += requests or 0
         self.errors += errors or 0
         self.samples += samples
@@ -127,6 +129,8 @@ class _Agg:
             self.rss_sum += rss * weight
             self.rss_n += weight
         self.queue = max(self.queue, queue or 0)
+        if live is not None:
+            self.live = live if self.live is None else max(self.live, live)
         for k, v in (batch or {}).items():
             self.batch[str(k)] += int(v)
 
@@ -142,17 +146,17 @@ class _Agg:
                     hist_counts=histograms.pack_pairs(self.pairs()), hist_sum_ms=self.sum_ms,
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
-                    queue_depth_max=self.queue, batch_sizes=dict(self.batch))
+                    queue_depth_max=self.queue, batch_sizes=dict(self.batch), live_sequences_max=self.live)
 
 
-def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, weight):
+def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight):
     """A row's values checked and converted before they touch an aggregate (rows are JSON from the database:
     anything written by an older version, or by hand, must not break a whole rollup)."""
     counts = histograms.unpack_pairs(counts)  # ValueError for bytes that are not a valid histogram
     batch = {str(k): int(v) for k, v in (batch or {}).items()}
     return (int(requests or 0), int(errors or 0), int(samples), counts, float(sum_ms or 0.0),
             None if cpu is None else float(cpu), None if rss is None else float(rss), int(queue or 0), batch,
-            int(weight))
+            None if live is None else int(live), int(weight))
 
 
 def _add(aggs: dict, key, *row, weight: int = 1) -> bool:
@@ -236,10 +240,10 @@ def _recompute_minute(session: Session, minute: datetime, devices: list[int]) ->
     end = minute + timedelta(minutes=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
-                   r.rss_bytes, r.queue_depth, r.batch_sizes).where(
+                   r.rss_bytes, r.queue_depth, r.batch_sizes, r.live_sequences).where(
             r.ts >= minute, r.ts < end, r.device_pk.in_(chunk)).order_by(r.id)
-        for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch):
+        for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch, live in session.execute(q):
+            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch, live):
                 log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
     _upsert(session, m.Rollup1m, [a.row(device_pk=d, model=mo, bucket_start=minute)
                                   for (d, mo), a in aggs.items()])
@@ -252,11 +256,11 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
     end = hour + timedelta(hours=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
-                   r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes).where(
+                   r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes, r.live_sequences_max).where(
             r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk)).order_by(
             r.device_pk, r.model, r.bucket_start)
-        for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch in session.execute(q):
-            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, weight=n):
+        for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch, live in session.execute(q):
+            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, live, weight=n):
                 log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
     _upsert(session, m.Rollup1h, [a.row(device_pk=d, model=mo, bucket_start=hour)
                                   for (d, mo), a in aggs.items()])

@@ -25,8 +25,12 @@ class SimDevice:
 
     def __init__(self, device_id: str, fleet: str = "sim", models: tuple[str, ...] = ("digits",),
                  median_ms: float = 3.0, profile: str = "cpu", groups: tuple[str, ...] = (),
-                 tags: tuple[str, ...] = (), seed: int = 0, session_id: str | None = None):
+                 tags: tuple[str, ...] = (), seed: int = 0, session_id: str | None = None,
+                 stateful: tuple[str, ...] = ()):
         self.device_id, self.fleet, self.models = device_id, fleet, models
+        # models among ``models`` that serve streams: they report live sequences (a walk between 0 and 16)
+        self.stateful = stateful
+        self._live = {mo: 4 for mo in stateful}
         self.median_ms, self.profile, self.groups, self.tags = median_ms, profile, groups, tags
         self.rng = np.random.default_rng(seed)
         self.session_id = session_id or uuid.uuid4().hex[:16]
@@ -60,10 +64,14 @@ class SimDevice:
             for v in lat:
                 h.observe(float(v))
             p50, p95, p99 = h.quantiles((0.5, 0.95, 0.99))
+            live = None
+            if mo in self._live:
+                live = self._live[mo] = int(np.clip(self._live[mo] + self.rng.integers(-2, 3), 0, 16))
             stats.append(ModelStats(model=mo, version="1.0.0", requests=requests, errors=int(requests // 50),
                                     throughput_ips=requests / interval_s, latency=h.to_model(), p50_ms=p50,
                                     p95_ms=p95, p99_ms=p99, queue_depth=int(self.rng.integers(0, 4)),
-                                    batch_sizes={"1": requests // 2, "4": requests - requests // 2}))
+                                    batch_sizes={"1": requests // 2, "4": requests - requests // 2},
+                                    live_sequences=live))
         p = TelemetryPayload(device_id=self.device_id, session_id=self.session_id,
                              seq=self.next_seq() if seq is None else seq, ts=ts or datetime.now(timezone.utc),
                              interval_s=interval_s, models=stats,

@@ -21,7 +21,8 @@ max_points=300) -> dict``
 ``device_series(session, device_id, start, end, model=None, resolution=None, max_points=500) -> dict``
     ``{"device_id", "resolution", "step_s", "models": [str], "points": [{"t", "p50", "p95", "p99",
     "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes", "queue_depth",
-    "batch_sizes"}]}``; raises :class:`LookupError` for an unknown device.
+    "batch_sizes", "live_sequences"}]}``; ``live_sequences`` (stateful models: streams with state on the device,
+    the most each model reported in the bucket, summed over models) is None where no model reported it; raises :class:`LookupError` for an unknown device.
 ``choose_resolution(start, end, kind="device", now=None) -> "raw" | "1m" | "1h"``
     raw up to 6 h, 1 min up to 7 days (fleet: 2 days), else 1 h.
 ``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
@@ -407,10 +408,10 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
     step = _step(start, end, res, max_points)
     if res == "raw":
         t = m.TelemetryRaw
-        tcol, cols = t.ts, (t.cpu_percent, t.rss_bytes, t.queue_depth)
+        tcol, cols = t.ts, (t.cpu_percent, t.rss_bytes, t.queue_depth, t.live_sequences)
     else:
         t = m.Rollup1m if res == "1m" else m.Rollup1h
-        tcol, cols = t.bucket_start, (t.cpu_avg, t.rss_avg, t.queue_depth_max)
+        tcol, cols = t.bucket_start, (t.cpu_avg, t.rss_avg, t.queue_depth_max, t.live_sequences_max)
     # JSON columns come back as text and are decoded in bulk below.
     q = (select(tcol, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, *cols,
                 cast(t.batch_sizes, Text))
@@ -433,11 +434,15 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
     rss_n = np.bincount([i for i, _ in rss_v], minlength=n_pts)
     queue = np.zeros(n_pts, dtype=np.int64)
     batch: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for i, r, b in zip(idx, rows, _bulk_json([r[9] if r[1] else None for r in rows], "{}")):
+    # live sequences: the most each model reported in the bucket, summed over the device's models
+    live: dict[int, dict[str, int]] = defaultdict(dict)
+    for i, r, b in zip(idx, rows, _bulk_json([r[10] if r[1] else None for r in rows], "{}")):
         if r[1]:
             queue[i] = max(queue[i], r[8] or 0)
             for k, v in b.items():
                 batch[i][k] += int(v)
+            if r[9] is not None:
+                live[i][r[1]] = max(live[i].get(r[1], 0), int(r[9]))
     # Whole columns to plain Python once: per-point numpy scalar access cost more than the maths.
     qv = _plain(_sig(quantiles(H)), 12)
     req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
@@ -450,7 +455,8 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
         p50, p95, p99 = qv[i]
         points.append(dict(t=_iso(start + timedelta(seconds=i * step)), p50=p50, p95=p95, p99=p99,
                            requests=req_l[i], errors=err_l[i], throughput_ips=tput[i], cpu_percent=cpu_l[i],
-                           rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {}))))
+                           rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {})),
+                           live_sequences=sum(live[i].values()) if i in live else None))
     models = sorted({r[1] for r, hm in zip(rows, has_model) if hm})
     return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
             "models": models, "start": _iso(start), "end": _iso(end), "points": points,

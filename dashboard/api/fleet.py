@@ -13,7 +13,7 @@ from .serialize import csv_response, parse_format, parse_range
 
 FLEET_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "devices")
 DEVICE_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes",
-              "queue_depth")
+              "queue_depth", "live_sequences")
 
 
 @bp.get("/fleet")

@@ -54,6 +54,7 @@
         var card = el.closest(".card"), h = card && card.querySelector("h2");
         var opts = {series: series, unit: unit, bands: el.hasAttribute("data-bands"),
                     logToggle: el.hasAttribute("data-log-toggle"), title: h ? h.textContent : "",
+                    emptyText: el.getAttribute("data-empty") || undefined,
                     csv: withParam(src, "format", "csv"),
                     markers: el.hasAttribute("data-markers-src") ? (body.markers || []).map(function (mk) {
                       return {t: Date.parse(mk.t), label: mk.label};

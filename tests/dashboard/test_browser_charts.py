@@ -24,7 +24,8 @@ def _seed_day(app) -> datetime:
     engine = app.extensions["edgeopt_engine"]
     now = datetime.now(timezone.utc).replace(microsecond=0)
     start = now - timedelta(hours=24)
-    devices = [SimDevice(f"day-{i}", median_ms=4.0 * (i + 1), seed=i) for i in range(2)]
+    devices = [SimDevice(f"day-{i}", median_ms=4.0 * (i + 1), seed=i, stateful=("digits",) if i == 0 else ())
+               for i in range(2)]
     ingest(engine, [(d.topic("status"), d.status("online", ts=start - timedelta(seconds=1)).to_json())
                     for d in devices], start)
     series = minute_series(devices, start, 24 * 60, interval_s=300.0, requests=40)
@@ -73,6 +74,10 @@ def test_24h_chart_hover_zoom_log_markers_and_table(app, server, browser, db_bac
     resp = page.request.get(server + href)
     assert resp.ok and resp.headers["content-type"].startswith("text/csv")
     assert resp.text().splitlines()[0].startswith("t,p50,p95,p99,requests")
+
+    # Live sequences of the stateful model (issue 16): charted like the other series.
+    page.wait_for_selector("#sequences-chart[data-state=ready]")
+    assert int(page.locator("#sequences-chart").get_attribute("data-points")) >= 250
     assert len(resp.text().splitlines()) == rows + 1
 
     # The version switch 6 h ago is marked on the latency chart.
