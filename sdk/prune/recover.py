@@ -1,9 +1,10 @@
 """Recovery after pruning: distillation from the unpruned model (no labels), or the user's training function.
 
 Distillation needs only inputs: the teacher (the unpruned model, frozen, eval mode) labels each calibration
-batch with its outputs and the student (the pruned model) learns to say the same. Classifier logits
-(2-D outputs) are matched with a temperature-softened KL divergence (Hinton et al., 2015); any other output
-with a mean square error scaled by the teacher's own variance, so outputs of different magnitudes weigh alike.
+batch with its outputs and the student (the pruned model) learns to say the same: every output by a mean square
+error scaled by the teacher's own variance (so outputs of different magnitudes weigh alike), plus, for 2-D
+outputs that may be a classifier's, a temperature-softened KL divergence (Hinton et al., 2015); see
+:func:`distill_loss`.
 """
 from __future__ import annotations
 
@@ -27,16 +28,31 @@ def pick_device(torch, device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _is_probability(torch, t) -> bool:
+    """Rows of non-negative numbers summing to 1: a softmax output (MTCNN's face / not-face head)."""
+    return bool((t >= 0).all()) and bool(torch.allclose(t.sum(dim=1), torch.ones_like(t[:, 0]), atol=1e-3))
+
+
 def distill_loss(torch, student_out, teacher_out):
+    """Every float output is matched by its mean square error scaled by the teacher's variance (regression heads:
+    boxes, landmarks, embeddings; logits too, which is logit matching). A 2-D output with more than one column
+    may be a classifier's, so its temperature-softened KL divergence is added; for an output that already holds
+    probabilities (a softmax inside the model) the KL is taken on their logs, and the MSE is left out.
+
+    A box head [N, 4] is also 2-D: KL alone (softmax of the offsets) is blind to a shift of all four, which is
+    why MTCNN's box error did not recover when KL was the only term for such outputs."""
     total = 0.0
     for s, t in zip(_flatten(student_out), _flatten(teacher_out)):
         if not torch.is_tensor(s) or not s.is_floating_point():
             continue
+        prob = False
         if s.dim() == 2 and s.shape[1] > 1:
-            log_p = torch.log_softmax(s / TEMPERATURE, dim=1)
-            q = torch.softmax(t / TEMPERATURE, dim=1)
+            prob = _is_probability(torch, t)
+            s_log, t_log = (torch.log(s.clamp_min(1e-8)), torch.log(t.clamp_min(1e-8))) if prob else (s, t)
+            log_p = torch.log_softmax(s_log / TEMPERATURE, dim=1)
+            q = torch.softmax(t_log / TEMPERATURE, dim=1)
             total = total + torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * TEMPERATURE ** 2
-        else:
+        if not prob:
             total = total + torch.nn.functional.mse_loss(s, t) / (t.var() + 1e-6)
     return total
 

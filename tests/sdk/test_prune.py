@@ -104,6 +104,31 @@ def test_distillation_lowers_the_loss_and_moves_the_student_towards_the_teacher(
     assert gap_after < gap_before
 
 
+def test_distill_loss_sees_regression_heads_logits_and_probabilities():
+    """A box head [N, 4] is 2-D like a classifier's logits: a shift of all four offsets must cost (softmax KL
+    alone is blind to it: MTCNN's box error did not recover); a softmax output is compared as probabilities."""
+    from edgeopt.sdk.prune.recover import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    box = torch.randn(16, 4, generator=g)
+    assert float(distill_loss(torch, (box,), (box,))) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(torch, (box + 0.5,), (box,))) > 0.1  # the same softmax, a different box
+    logits = torch.randn(16, 10, generator=g)
+    swapped = logits[:, [1, 0, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert float(distill_loss(torch, (swapped,), (logits,))) > 0.1
+    probs = torch.softmax(logits, dim=1)
+    assert float(distill_loss(torch, (probs,), (probs,))) == pytest.approx(0.0, abs=1e-5)
+    flipped = torch.softmax(swapped, dim=1)
+    # probabilities: the KL of the softened distributions, on their logs (not a softmax of probabilities,
+    # which flattens every row towards uniform and barely moves)
+    on_logs = float(distill_loss(torch, (flipped,), (probs,)))
+    on_logits = float(distill_loss(torch, (swapped,), (logits,)))
+    assert on_logs > 0.05 and on_logs < on_logits  # the MSE term is left out for probabilities
+    flat = torch.nn.functional.kl_div(torch.log_softmax(flipped / 4, dim=1), torch.softmax(probs / 4, dim=1),
+                                      reduction="batchmean") * 16
+    assert on_logs > 10 * float(flat)
+
+
 def test_user_train_function_is_called_with_the_teacher_and_the_data():
     seen = {}
 
