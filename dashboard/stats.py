@@ -24,7 +24,7 @@ max_points=300) -> dict``
     "batch_sizes", "live_sequences"}]}``; ``live_sequences`` (stateful models: streams with state on the device,
     the most each model reported in the bucket, summed over models) is None where no model reported it; raises :class:`LookupError` for an unknown device.
 ``choose_resolution(start, end, kind="device", now=None) -> "raw" | "1m" | "1h"``
-    raw up to 6 h, 1 min up to 7 days (fleet: 2 days), else 1 h.
+    raw only for a device range within the last hour, 1 min up to 7 days (fleet: 2 days), else 1 h.
 ``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
 sort="device_id", order="asc", page=1, per_page=50) -> dict``
     ``{"total", "page", "per_page", "pages", "items": [device row]}``; ``package`` is ``name`` or
