@@ -153,10 +153,13 @@ def prune(model: str, weights, ratio, importance, global_pruning, layer_ratios, 
         raise InputError(f"output {output.name} must end in .onnx", hint="e.g. -o model-pruned.onnx")
     if not is_factory(model):
         suffix = Path(model).suffix.lower()
-        raise UnsupportedError(f"{model}: pruning needs a PyTorch model given as MODULE:FACTORY"
-                               + (f" (a {suffix} file cannot be pruned here: no ONNX-to-PyTorch converter "
-                                  "holds on the real models this project tests)" if suffix else ""),
-                               hint="e.g. mypkg.models:build --weights w.pt")
+        why = {".onnx": " (an ONNX file cannot be pruned here: no ONNX-to-PyTorch converter holds on the real "
+                        "models this project tests)",
+               ".pt2": " (a torch.export program cannot be pruned: its layers are aten calls on lifted weights, "
+                       "not the nn.Conv2d / nn.Linear modules the dependency-graph pruner removes channels from)",
+               }.get(suffix, f" (a {suffix} file cannot be pruned)" if suffix else "")
+        raise UnsupportedError(f"{model}: pruning needs a PyTorch model given as MODULE:FACTORY{why}",
+                               hint="e.g. mypkg.models:build --weights w.pt (the factory that builds the module)")
     size = _size(image_size)
     preprocessing = _preprocessing(size, _floats(mean, "--mean"), _floats(std, "--std"))
     job = prune_job(model, weights, torch_inputs(input_shapes, size), ratio, importance, global_pruning,

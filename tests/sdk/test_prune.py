@@ -267,6 +267,17 @@ def test_cli_onnx_input_says_what_is_needed(cli, tiny_model, tmp_path):
     assert code == 4 and "pruning needs a PyTorch model given as MODULE:FACTORY" in stderr
 
 
+def test_cli_torch_export_program_says_why_and_what_is_needed(cli, tmp_path):
+    """A torch.export program has no nn.Conv2d / nn.Linear left for the pruner (aten calls on lifted weights)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    ep = torch.export.export(net, (torch.randn(1, 3, 16, 16),))
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in torch.export.unflatten(ep).modules())
+    torch.export.save(ep, tmp_path / "net.pt2")
+    code, _, stderr = cli("prune", tmp_path / "net.pt2", "--ratio", "0.5", "--no-recover", "-o", tmp_path / "o.onnx")
+    assert code == 4 and "a torch.export program cannot be pruned" in stderr and "MODULE:FACTORY" in stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_cli_without_torch_pruning_names_the_extra(cli, factory, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     out = tmp_path / "o.onnx"
