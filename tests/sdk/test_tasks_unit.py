@@ -60,6 +60,8 @@ def test_max_drop_fields_and_tolerance():
     assert not max_drop("acc", 2.0, 0.0, 1.0).passed and max_drop("acc", 2.0, 1.0, 1.0).passed
     assert not max_drop("acc", math.inf, 0.0, 1e9).passed
     assert max_drop("acc", 1.0, 5.0, 0.0).passed  # a gain is a negative drop
+    assert max_drop("acc", 1e-12, 0.0, 0.0).passed  # at exactly the bound plus the tolerance
+    assert not max_drop("acc", 1.5e-12, 0.0, 0.0).passed
 
 
 def test_failure_lines_exact():
@@ -529,3 +531,112 @@ def test_custom_evaluator_fp32_value_cached_per_reference_list():
     ev.fp32_value(lists[0], None)
     assert len(calls) == 2  # pushed out
 
+
+
+# ------------------------------------------------------------------ vad
+
+
+from edgeopt.sdk.pipeline.tasks import vad  # noqa: E402
+from edgeopt.sdk.pipeline.tasks.vad import VadEvaluator, segment_f1, segments, speech_output  # noqa: E402
+
+
+def test_vad_constants():
+    assert (vad.NEG_MARGIN, vad.MIN_SILENCE_FRAMES, vad.MIN_SPEECH_FRAMES) == (0.15, 3, 4)
+
+
+def test_speech_output_rules():
+    p = [{"prob": np.array([[0.2]]), "state": np.zeros((2, 1, 64))}]
+    assert speech_output(p, ["state"]) == "prob"
+    assert speech_output(p, []) is None  # two candidates
+    assert speech_output([{"state": np.zeros(3)}], ["state"]) is None  # none
+    assert speech_output([{"p": np.array([0.1, 0.9])}], []) == "p"  # one per batch row
+    assert speech_output([{"p": np.array(0.5)}], []) == "p"  # a scalar
+    assert speech_output([{"p": np.array([[0.1, 0.9]])}], []) is None  # two values for one row
+    assert speech_output([{"p": np.zeros((0,))}], []) is None  # empty
+    assert speech_output([{"p": np.array([[-1e-6]])}, {"p": np.array([[1 + 1e-6]])}], []) == "p"
+    assert speech_output([{"p": np.array([[0.5]])}, {"p": np.array([[-2e-6]])}], []) is None
+    assert speech_output([{"p": np.array([[0.5]])}, {"p": np.array([[1 + 2e-6]])}], []) is None
+    # only the first 64 samples are looked at
+    assert speech_output([{"p": np.array([[0.5]])}] * 64 + [{"p": np.array([[7.0]])}], []) == "p"
+    assert speech_output([{"p": np.array([[0.5]])}] * 63 + [{"p": np.array([[7.0]])}], []) is None
+
+
+def test_segments_hysteresis_and_minimum_lengths():
+    # starts at >= 0.5; ends after three frames below 0.35 (0.35 itself is not below)
+    assert segments(np.array([0.5, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1]), 0.5) == [(0, 4)]
+    assert segments(np.array([0.49, 0.9, 0.9, 0.9, 0.9]), 0.5) == [(1, 5)]  # open to the end
+    assert segments(np.array([0.9, 0.4, 0.35, 0.36, 0.9, 0.1, 0.1]), 0.5) == [(0, 7)]  # never 3 quiet frames
+    assert segments(np.array([0.9, 0.9, 0.9, 0.9, 0.34, 0.34, 0.6, 0.34, 0.34, 0.34, 0.9]), 0.5) == [(0, 7)]
+    # shorter than four frames: dropped, whether closed or open
+    assert segments(np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1]), 0.5) == []
+    assert segments(np.array([0.1, 0.9, 0.9, 0.9]), 0.5) == []
+    assert segments(np.array([0.1, 0.9, 0.9, 0.9, 0.9]), 0.5) == [(1, 5)]
+    assert segments(np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1]), 0.5) == \
+        [(0, 4), (7, 11)]
+    assert segments(np.array([]), 0.5) == []
+
+
+def test_segment_f1_matching():
+    assert segment_f1([], []) == 1.0
+    assert segment_f1([(0, 10)], []) == 0.0 and segment_f1([], [(0, 10)]) == 0.0
+    assert segment_f1([(0, 10)], [(0, 10)]) == 1.0
+    assert segment_f1([(0, 10)], [(5, 10)]) == 1.0  # IoU exactly 0.5 matches
+    assert segment_f1([(0, 10)], [(5, 11)]) == 0.0  # 5 / 11 does not
+    assert segment_f1([(0, 10)], [(20, 30)]) == 0.0  # disjoint: no negative overlap
+    # each optimized segment matches once: two fp32 segments over one optimized one
+    assert segment_f1([(0, 10), (0, 10)], [(0, 10)]) == pytest.approx(2 * 1 / 3)
+    assert segment_f1([(0, 10), (20, 30)], [(20, 30), (0, 10)]) == 1.0
+    assert segment_f1([(0, 4), (0, 4)], [(0, 4), (0, 4)]) == 1.0
+
+
+def _vad_steps(probs):
+    """One sample per step, batch of len(column) streams."""
+    return [{"p": np.asarray(row, float).reshape(-1, 1), "state": np.zeros((1, 2))} for row in probs]
+
+
+def test_vad_evaluate_figures_checks_and_sequences():
+    info = ModelInfo(state_outputs=["state"])
+    speech = [0.9] * 5 + [0.1] * 3
+    ref = _vad_steps([[p] for p in speech + speech])
+    opt_probs = speech + [0.1] * 8  # the second sequence's speech is missed
+    opt = _vad_steps([[p] for p in opt_probs])
+    ev = VadEvaluator(BUDGET, info, TaskOptions(starts=[0, 8, 99]))  # a start past the end is ignored
+    result = ev.evaluate(ref, opt)
+    agree, f1 = sorted(result.checks, key=lambda c: c.name)
+    assert agree.name == "frame decision agreement (p >= 0.5)" and agree.optimized == pytest.approx(11 / 16)
+    assert (f1.name, f1.optimized) == ("speech segment F1", 0.5)  # 1.0 and 0.0 over the two sequences
+    assert [c.name for c in result.checks] == ["speech segment F1", "frame decision agreement (p >= 0.5)"]  # lower
+    assert result.figures == {"frames": 16.0, "fp32_segments": 2.0, "max_prob_error": pytest.approx(0.8)}
+    assert result.notes == ["16 frames in 2 sequence(s), 2 fp32 speech segment(s)"]
+    # as one sequence the two segments are one stream: F1 2/3 (one of two found)
+    whole = VadEvaluator(BUDGET, info, TaskOptions()).evaluate(ref, opt)
+    assert [c.optimized for c in whole.checks if c.name == "speech segment F1"] == [pytest.approx(2 / 3)]
+    assert whole.notes == ["16 frames in 1 sequence(s), 2 fp32 speech segment(s)"]
+    only_late = VadEvaluator(BUDGET, info, TaskOptions(starts=[50])).evaluate(ref, opt)
+    assert only_late.notes == whole.notes  # no start inside the data: one sequence from 0
+
+
+def test_vad_threshold_is_inclusive_and_checks_sorted_failing_first():
+    info = ModelInfo(state_outputs=["state"])
+    ref = _vad_steps([[0.6, 0.6]] * 6)
+    opt = _vad_steps([[0.6, 0.6]] * 5 + [[0.6, 0.4]])  # one frame of twelve flips; segments unchanged
+    budget = AccuracyBudget(vad_threshold=0.6, min_frame_agreement=0.95, min_segment_f1=0.9)
+    result = VadEvaluator(budget, info, TaskOptions()).evaluate(ref, opt)
+    assert [(c.name, c.passed) for c in result.checks] == [("frame decision agreement (p >= 0.6)", False),
+                                                           ("speech segment F1", True)]
+    assert result.checks[0].optimized == pytest.approx(11 / 12) and result.checks[1].optimized == 1.0
+    assert result.figures["fp32_segments"] == 2.0  # one per stream (column)
+    # both passing: the lower value first
+    result = VadEvaluator(AccuracyBudget(vad_threshold=0.6, min_frame_agreement=0.9), info,
+                          TaskOptions()).evaluate(ref, opt)
+    assert [c.name for c in result.checks] == ["frame decision agreement (p >= 0.6)", "speech segment F1"]
+    ok = VadEvaluator(AccuracyBudget(vad_threshold=0.6), info, TaskOptions()).evaluate(ref, ref)
+    assert [c.optimized for c in ok.checks] == [1.0, 1.0] and ok.figures["max_prob_error"] == 0.0
+
+
+def test_vad_without_a_probability_output_is_one_clear_error():
+    ev = VadEvaluator(BUDGET, ModelInfo(state_outputs=["s"]), TaskOptions())
+    with pytest.raises(InputError) as e:
+        ev.evaluate([{"a": np.zeros((1, 2)), "s": np.zeros(1)}], [{"a": np.zeros((1, 2)), "s": np.zeros(1)}])
+    assert e.value.message == ("--task vad needs one output (besides state outputs) with one speech probability in "
+                               "[0, 1] per row; the outputs are ['a', 's']")
