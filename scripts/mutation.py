@@ -45,7 +45,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   # the detect and vad tasks the gate also chooses (issue 15: added after the first figures)
                   "sdk/pipeline/tasks/detect.py", "sdk/pipeline/tasks/detect_heads.py", "sdk/pipeline/tasks/vad.py"],
                  ["tests/sdk/test_tasks_unit.py", "tests/sdk/test_budget_rules.py", "tests/sdk/test_tasks.py"]),
-    "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search.py"]),
+    "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search_unit.py",
+                                                      "tests/sdk/test_float_search.py"]),
     "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),
     "security": (["dashboard/security.py"], ["tests/dashboard/test_security_unit.py", "tests/dashboard/test_role_matrix.py"]),
     # test_package_errors.py (the CLI on real models) is left out: seconds a run, and the unit tests cover its
