@@ -44,7 +44,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   "sdk/pipeline/tasks/custom.py",
                   # the detect and vad tasks the gate also chooses (issue 15: added after the first figures)
                   "sdk/pipeline/tasks/detect.py", "sdk/pipeline/tasks/detect_heads.py", "sdk/pipeline/tasks/vad.py"],
-                 ["tests/sdk/test_tasks_unit.py", "tests/sdk/test_budget_rules.py", "tests/sdk/test_tasks.py"]),
+                 ["tests/sdk/test_tasks_unit.py", "tests/sdk/test_detect_unit.py", "tests/sdk/test_budget_rules.py",
+                  "tests/sdk/test_tasks.py"]),
     "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search_unit.py",
                                                       "tests/sdk/test_float_search.py"]),
     "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),

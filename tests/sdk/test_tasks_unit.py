@@ -127,7 +127,7 @@ def test_output_figures_missing_reshaped_and_non_finite():
     # NaN and infinities read as 0 for the figures
     assert bad.max_abs_error == 3.0 and bad.min_cosine == 0.0 and bad.min_snr_db == pytest.approx(0.0)
     _, finite = output_figures([{"y": np.ones((1, 2))}], [{"y": np.array([[1.0, np.inf]])}])
-    assert not finite
+    assert finite is False
 
 
 def test_output_figures_empty_outputs():
@@ -139,10 +139,10 @@ def test_output_figures_empty_outputs():
 
 
 def test_batch_items_rows_and_scalars():
-    items = batch_items([{"y": np.arange(6).reshape(2, 3)}, {"y": np.array(7.0)}, {"y": np.arange(3).reshape(1, 3)}],
-                        "y")
-    assert len(items) == 4
-    assert [list(np.atleast_1d(i)) for i in items] == [[0, 1, 2], [3, 4, 5], [7.0], [0, 1, 2]]
+    items = batch_items([{"y": np.arange(6).reshape(2, 3)}, {"y": np.array(7.0)}, {"y": np.arange(3).reshape(1, 3)},
+                         {"y": np.array([8.0, 9.0])}], "y")
+    assert len(items) == 6
+    assert [list(np.atleast_1d(i)) for i in items] == [[0, 1, 2], [3, 4, 5], [7.0], [0, 1, 2], [8.0], [9.0]]
 
 
 # ------------------------------------------------------------------ accuracy.compare with a stub evaluator
@@ -263,11 +263,13 @@ def test_classify_top5_is_five_classes_deep():
 
 def test_classify_nan_scores_never_win_and_output_is_chosen_by_name():
     ref = [{"aux": np.array([[9.0, 0.0, 0.0]]), "s": np.array([[0.0, 5.0, 1.0]])}]
-    opt = [{"aux": np.array([[9.0, 0.0, 0.0]]), "s": np.array([[np.nan, 5.0, 1.0]])}]
+    opt = [{"aux": np.array([[0.0, 0.0, 9.0]]), "s": np.array([[np.nan, 5.0, 1.0]])}]
     assert _classify(ref, opt, output="s").top1_agreement == 1.0
+    assert _classify(ref, opt).top1_agreement == 0.0  # no name given: the first output
     assert _classify(ref, [{"aux": np.array([[0.0, 9.0, 0.0]]), "s": ref[0]["s"]}]).top1_agreement == 0.0  # first
     # a 1-D score vector is one sample; a [B, C, 1, 1] map is B samples
     assert _classify([{"s": np.array([0.0, 1.0])}], [{"s": np.array([1.0, 0.0])}]).top1_agreement == 0.0
+    assert _classify([{"s": np.eye(3)}], [{"s": np.eye(3)[[0, 2, 1]]}]).top1_agreement == pytest.approx(1 / 3)
     four = np.eye(4).reshape(4, 4, 1, 1)
     assert _classify([{"s": four}], [{"s": four[[0, 1, 3, 2]]}]).top1_agreement == 0.5
 
