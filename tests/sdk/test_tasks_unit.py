@@ -361,14 +361,24 @@ def test_segment_probability_iou_summed_over_images_and_empty_channels():
     opt = [{"m": np.zeros((1, 2, 2, 2))}, {"m": np.zeros((1, 2, 2, 2))}]
     ref[0]["m"][0, 0] = 1.0  # 4 pixels in image 0
     opt[0]["m"][0, 0, 0] = 1.0  # 2 of them
-    ref[1]["m"][0, 0, 0, 0] = 1.0  # 1 pixel in image 1, found
-    opt[1]["m"][0, 0, 0, 0] = np.nan  # ...no: NaN is not above the cut
+    ref[1]["m"][0, 0, 0] = 1.0  # 2 pixels in image 1
+    opt[1]["m"][0, 0, 0, 0] = np.nan  # NaN is not above the cut
+    opt[1]["m"][0, 0, 0, 1] = 1.0  # found
     opt[1]["m"][0, 0, 1, 1] = 0.5  # exactly the threshold is not above it
-    result = _segment(ref, opt, AccuracyBudget(min_mask_iou=0.4))
+    result = _segment(ref, opt, AccuracyBudget(min_mask_iou=0.5))
     (check,) = result.checks
-    # channel 0: inter 2 + 0, union 4 + 1; channel 1 empty in both: IoU 1
-    assert (check.name, check.optimized, check.passed) == ("mask IoU of 'm' channel 0", 0.4, True)
-    assert result.figures == {"mask_iou_mean[m]": pytest.approx((0.4 + 1.0) / 2)}
+    # channel 0: inter 2 + 1, union 4 + 2; channel 1 empty in both: IoU 1
+    assert (check.name, check.optimized, check.passed) == ("mask IoU of 'm' channel 0", 0.5, True)
+    assert result.figures == {"mask_iou_mean[m]": pytest.approx((0.5 + 1.0) / 2)}
+
+
+def test_segment_one_pixel_masks():
+    one = np.zeros((1, 1, 2, 2))
+    one[0, 0, 0, 0] = 1.0
+    empty = np.zeros((1, 1, 2, 2))
+    assert _segment([{"m": one}], [{"m": one}]).checks[0].optimized == 1.0
+    assert _segment([{"m": one}], [{"m": empty}]).checks[0].optimized == 0.0
+    assert _segment([{"m": empty}], [{"m": empty}]).checks[0].optimized == 1.0
 
 
 def test_segment_outputs_chosen_kinds_cached_and_worst_first():
@@ -642,3 +652,33 @@ def test_vad_without_a_probability_output_is_one_clear_error():
         ev.evaluate([{"a": np.zeros((1, 2)), "s": np.zeros(1)}], [{"a": np.zeros((1, 2)), "s": np.zeros(1)}])
     assert e.value.message == ("--task vad needs one output (besides state outputs) with one speech probability in "
                                "[0, 1] per row; the outputs are ['a', 's']")
+
+
+def test_embed_short_vectors_are_normalized_too():
+    ref = [{"e": 0.5 * np.eye(8)[i][None]} for i in range(8)]
+    opt = [dict(r) for r in ref]
+    opt[0] = {"e": np.array([[0.3, 0.4, 0, 0, 0, 0, 0, 0]])}  # norm 0.5, cosine 0.6 to its own
+    cos = _embed(ref, opt).checks[1]
+    assert cos.optimized == pytest.approx(0.6)
+
+
+def test_segment_reference_at_exactly_the_threshold_is_not_mask():
+    ref = np.zeros((1, 1, 2, 2))
+    ref[0, 0, 0] = [0.9, 0.5]  # 0.5: not above the cut
+    opt = np.zeros((1, 1, 2, 2))
+    opt[0, 0, 0, 0] = 0.9
+    assert _segment([{"m": ref}], [{"m": opt}]).checks[0].optimized == 1.0
+
+
+def test_layer_errors_skip_a_reshaped_output_and_go_on():
+    class L:
+        def __init__(self, name):
+            self.name, self.upstream = name, []
+
+    ref = {"a": np.ones(2), "b": np.array([1.0, 0.0])}
+    opt = {"a": np.ones(3), "b": np.array([0.6, 0.8])}
+    errors = accuracy.layer_errors([L("a"), L("b")], lambda f: ref, lambda f: opt, [{}])
+    assert [(e.layer, round(e.error, 6)) for e in errors] == [("b", 0.4), ("a", 0.0)]
+    opt = {"b": np.array([0.6, 0.8])}  # "a" missing
+    errors = accuracy.layer_errors([L("a"), L("b")], lambda f: ref, lambda f: opt, [{}])
+    assert [(e.layer, round(e.error, 6)) for e in errors] == [("b", 0.4), ("a", 0.0)]
