@@ -450,3 +450,236 @@ def test_evaluate_turns_errors_into_one_line(monkeypatch):
     assert r.error == "RuntimeError: " + ("x y z" + "w" * 400)[:300] and not r.ok and not r.passed
     assert type(r.exception).__name__ == "UnsupportedError"
     assert r.exception.message == f"onnxruntime could not build the model (int8): {r.error}"
+
+
+# ------------------------------------------------------------------ _evaluate on stand-ins: the order of the searches
+
+
+class _RecProgress(NullProgress):
+    def __init__(self):
+        super().__init__()
+        self.stages = []
+
+    def stage(self, name):
+        self.stages.append(name)
+        return super().stage(name)
+
+
+class _EvalLoaded(_Loaded):
+    def __init__(self, float_layers, batch_dim=1):
+        super().__init__(len(float_layers))
+        self.float_layers = float_layers
+        self.inputs = [SimpleNamespace(shape=(batch_dim, 3))]
+        self.outputs = ["out"]
+
+
+def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ranked=True, fmt="onnx",
+             runtimes=(), arch=None, batch_dim=1, spec_batch=1, state_pairs=(), greedy=None):
+    """A prepared model and a backend of stand-ins; returns (prep, cand, log)."""
+    import platform
+
+    from edgeopt.agent import runtimes as agent_runtimes
+    from edgeopt.sdk import backends
+    from edgeopt.sdk.pipeline import benchmark
+
+    log = SimpleNamespace(builds=[], check_ops=[], loads=[], calls=[], measure=None, loaded=[])
+    host = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+
+    class Backend:
+        def check_ops(self, source, fmt_, name):
+            log.check_ops.append((source, fmt_, name))
+
+        def run_device(self, rt):
+            return "NPU", "CPU", False
+
+        def build(self, job):
+            log.builds.append((list(job.float_layers), job.workdir.name, job.calibration))
+            model = job.workdir / "model.onnx"
+            model.write_bytes(b"x" * 10)
+            return evaluation.Artifact(model_file=model, files={"model.onnx": model}, runtime="onnxruntime",
+                                       precision=job.precision, float_layers=list(job.float_layers),
+                                       notes=["a note", "no tensor was quantized here"], runtime_options={"H": 1})
+
+        def revert_layers(self, model_file):
+            return {"q1": "layer1"}
+
+    if ranked:
+        Backend.score_reverts = lambda self, *a: []
+
+    class Runtime:
+        def load(self, model_file, device, threads, performance_hint, options):
+            log.loads.append((device, threads, performance_hint, options))
+            loaded = _EvalLoaded(list(log.builds[-1][0]), batch_dim)
+            log.loaded.append(loaded)
+            return loaded
+
+    monkeypatch.setattr(backends, "get_backend", lambda name: Backend())
+    monkeypatch.setattr(agent_runtimes, "get_runtime", lambda name: Runtime())
+
+    def compare(ref, outs, budget, labels, evaluator):
+        passed = len(outs) >= need
+        checks = [MetricResult(name="m", fp32=1.0, optimized=0.5 + 0.1 * len(outs), drop=0.0, bound=0.6, rule="min",
+                               passed=passed)]
+        return _report(passed, checks=checks)
+
+    monkeypatch.setattr(evaluation.accuracy, "compare", compare)
+
+    def measure(models, feeds, batch, iterations, runtimes=None):
+        log.measure = (models, feeds, batch, iterations, runtimes)
+        stats = lambda p50: LatencyStats(p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50, throughput_ips=1.0,
+                                         iterations=iterations)
+        return {"fp32": stats(2.0), "optimized": stats(0.5)}
+
+    monkeypatch.setattr(benchmark, "measure", measure)
+
+    def record(name, value):
+        def fake(*a):
+            log.calls.append(name)
+            return value(*a) if callable(value) else value
+        monkeypatch.setattr(evaluation, name, fake)
+
+    record("_rank_reverts", [("q1", 0.9), ("q2", 0.4)] + [(f"r{i}", 0.1) for i in range(12)])
+    record("_sensitivity", [LayerError(layer=f"s{i}", error=0.1) for i in range(12)])
+    record("_greedy_search", greedy)
+    record("_revert_search", None)
+    record("_requantize_search", "requantized")
+    record("_faster", lambda prep, a, b, progress: a)
+    record("_float_search", lambda prep, ranking, build, progress, first: build([e.layer for e in ranking[:2]]))
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    spec_shape = (spec_batch, 3) if spec_batch is not None else ()
+    prep = SimpleNamespace(
+        profile=SimpleNamespace(runtimes=[SimpleNamespace(runtime="openvino"), SimpleNamespace(runtime="onnxruntime")],
+                                performance_hint=SimpleNamespace(value="latency"),
+                                target=SimpleNamespace(arch=(arch or host,)), batch_size=4, accuracy=None),
+        fp32_model=lambda level: (tmp_path / f"fp32-{level}.onnx", SimpleNamespace(line=lambda: "graph (all): 9 -> 7")),
+        workdir=workdir, runtimes=list(runtimes),
+        source=SimpleNamespace(format=fmt, path=tmp_path / "model.onnx", size_bytes=1),
+        calibration=SimpleNamespace(samples=["calib"]), request=SimpleNamespace(torch_source=None, bench_iterations=7),
+        threads=2, run=lambda loaded: list(loaded.float_layers), reference_outputs=[], evaluator=SimpleNamespace(
+            task="generic"), heldout=SimpleNamespace(labels=None, samples=[{"x": np.zeros((2, 3))}]),
+        state_pairs=list(state_pairs), specs=[SimpleNamespace(shape=spec_shape)], baseline="fp32-model",
+        baseline_runtime="onnxruntime")
+    cand = Candidate("onnxruntime", precision, "all", aware)
+    return prep, cand, log
+
+
+def _run(prep, cand):
+    progress = _RecProgress()
+    result = CandidateResult(candidate=cand, ok=False, passed=False)
+    evaluation._evaluate(prep, cand, progress, result)
+    return result, progress
+
+
+def test_evaluate_a_passing_candidate_end_to_end(monkeypatch, tmp_path):
+    prep, cand, log = _harness(monkeypatch, tmp_path, precision="int8", aware=False, need=0)
+    result, progress = _run(prep, cand)
+    assert log.check_ops == [(tmp_path / "fp32-all.onnx", "onnx", "model.onnx")]
+    assert log.builds == [([], "attempt0", ["calib"])]
+    assert log.loads == [("CPU", 2, "latency", {"H": 1})]
+    assert progress.stages == ["onnxruntime/int8/all: check ops", "onnxruntime/int8/all: build",
+                               "onnxruntime/int8/all: accuracy", "onnxruntime/int8/all: benchmark"]
+    assert result.decisions == ["graph (all): 9 -> 7", "onnxruntime/int8/all: no tensor was quantized here"]
+    assert progress.notes[:3] == ["graph (all): 9 -> 7", "a note", "no tensor was quantized here"]
+    assert progress.notes[3].startswith("PASS [generic]: m 0.5000 (budget 0.6)")
+    assert progress.notes[4] == "p50 0.500 ms vs fp32 2.000 ms (4.00x), batch 2, on CPU"
+    assert (result.device, result.run_device, result.host_proxy) == ("NPU", "CPU", False)
+    assert result.passed and result.validation.passed and result.size_bytes == 10 and log.calls == []
+    assert (result.speedup, result.batch) == (4.0, 2) and result.fp32.p50_ms == 2.0
+    assert result.outputs == [] and result.tensors == (log.loaded[0].inputs, ["out"])
+    assert log.loaded[0].closed == 1  # closed once the benchmark is done
+    models, feeds, batch, iterations, runtimes = log.measure
+    assert models == {"fp32": "fp32-model", "optimized": log.loaded[0]} and iterations == 7 and batch == 2
+    assert runtimes == {"fp32": "onnxruntime", "optimized": "onnxruntime"}
+    assert feeds["fp32"] is prep.heldout.samples[0] and feeds["optimized"] is prep.heldout.samples[0]
+
+
+def test_evaluate_benchmark_batches_and_proxy(monkeypatch, tmp_path):
+    # a dynamic batch: fp32 runs at the profile's batch size; the optimized model too unless its batch is fixed
+    prep, cand, log = _harness(monkeypatch, tmp_path, precision="fp16", aware=False, arch="armv7l",
+                               spec_batch="N", batch_dim="N", runtimes=("onnxruntime",), fmt="tflite")
+    result, progress = _run(prep, cand)
+    assert log.check_ops == [] and log.builds[0][2] is None  # runtime checked before; no calibration for fp16
+    assert result.decisions == ["onnxruntime/fp16/all: no tensor was quantized here"]  # no graph line: not ONNX
+    assert result.host_proxy and progress.notes[-1].endswith("batch 4, on host CPU as a proxy for NPU")
+    _, feeds, batch, _, _ = log.measure
+    assert batch == 4 and feeds["fp32"]["x"].shape == (4, 3) and feeds["optimized"]["x"].shape == (4, 3)
+    (tmp_path / "b").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "b", spec_batch="N", batch_dim=1)
+    result, _ = _run(prep, cand)
+    _, feeds, batch, _, _ = log.measure
+    assert feeds["fp32"]["x"].shape == (4, 3) and feeds["optimized"]["x"].shape == (2, 3)  # fixed batch: as given
+    # a stateful model runs as the data gives it
+    (tmp_path / "c").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "c", spec_batch="N", batch_dim="N", state_pairs=[("s", "s")])
+    _run(prep, cand)
+    assert log.measure[2] == 2
+    (tmp_path / "d").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "d", spec_batch=None, batch_dim="N")
+    _run(prep, cand)
+    assert log.measure[2] == 2  # no shape known: static
+
+
+def test_evaluate_failing_int8_without_task_ranking_searches_by_layer_error(monkeypatch, tmp_path):
+    prep, cand, log = _harness(monkeypatch, tmp_path, need=2, ranked=False)
+    result, progress = _run(prep, cand)
+    assert log.calls == ["_sensitivity", "_sensitivity", "_float_search"]
+    assert [b[0] for b in log.builds] == [[], ["s0", "s1"]] and log.builds[1][1] == "attempt1"
+    v = result.validation
+    assert v.passed and result.passed and v.float_layers == ["s0", "s1"]
+    assert log.loaded[0].closed == 1 and log.loaded[1].closed == 1
+
+
+def test_evaluate_failing_int8_ranked_by_the_task_metric(monkeypatch, tmp_path):
+    prep, cand, log = _harness(monkeypatch, tmp_path, need=99)
+    result, _ = _run(prep, cand)
+    assert log.calls[:3] == ["_rank_reverts", "_greedy_search", "_revert_search"]
+    assert log.calls[3:] == ["_sensitivity", "_float_search"]  # nothing held: the layer search follows
+    assert not result.passed
+    (tmp_path / "b").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "b", need=99, aware=False)
+    v = _run(prep, cand)[0].validation
+    assert v.sensitivity_basis == "generic metric gained when kept in float"
+    # the score of the failing report is 0.5 - 0.6 = -0.1: each gain is its score minus that, never below 0
+    assert [(e.layer, round(e.error, 6)) for e in v.sensitive_layers[:3]] == [("layer1", 1.0), ("q2", 0.5),
+                                                                              ("r0", 0.2)]
+    assert len(v.sensitive_layers) == 10
+
+
+def test_evaluate_many_reverts_try_the_requantize_search_too(monkeypatch, tmp_path):
+    many = [f"p{i}" for i in range(9)]
+    art = SimpleNamespace(size_bytes=5)
+    greedy = lambda *a: (art, _EvalLoaded(many), "outs", _report(True, many))  # noqa: E731
+    prep, cand, log = _harness(monkeypatch, tmp_path, need=99, greedy=greedy)
+    result, _ = _run(prep, cand)
+    assert log.calls == ["_rank_reverts", "_greedy_search", "_requantize_search", "_faster"]
+    assert result.passed and result.validation.float_layers == many and log.loaded[0].closed == 1
+    assert result.size_bytes == 5 and result.outputs == "outs"
+    eight = many[:8]
+    (tmp_path / "b").mkdir()
+    greedy = lambda *a: (art, _EvalLoaded(eight), "outs", _report(True, eight))  # noqa: E731
+    prep, cand, log = _harness(monkeypatch, tmp_path / "b", need=99, greedy=greedy)
+    _run(prep, cand)
+    assert log.calls == ["_rank_reverts", "_greedy_search"]  # eight is not many
+
+
+def test_evaluate_no_search_for_float_candidates_or_without_accuracy_aware(monkeypatch, tmp_path):
+    for i, (precision, aware) in enumerate((("fp32", True), ("as-exported", True))):
+        (tmp_path / str(i)).mkdir()
+        prep, cand, log = _harness(monkeypatch, tmp_path / str(i), precision=precision, aware=aware, need=99)
+        result, _ = _run(prep, cand)
+        assert log.calls == [] and not result.passed and result.validation.sensitive_layers == []
+    (tmp_path / "n").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "n", aware=False, need=99)
+    result, _ = _run(prep, cand)
+    assert log.calls == ["_rank_reverts"] and len(result.validation.sensitive_layers) == 10
+    (tmp_path / "f").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "f", precision="fp16", need=99)
+    result, _ = _run(prep, cand)
+    assert log.calls == ["_sensitivity", "_sensitivity", "_float_search"]  # no task ranking outside int8
+    (tmp_path / "g").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "g", precision="fp16", aware=False, need=99)
+    result, _ = _run(prep, cand)
+    assert log.calls == ["_sensitivity"] and result.validation.sensitivity_basis == "error added vs fp32"
+    assert [e.layer for e in result.validation.sensitive_layers] == [f"s{i}" for i in range(10)]
