@@ -479,3 +479,20 @@ def test_detect_evaluator_when_fp32_finds_nothing():
     # only optimized detections above the threshold count as found
     below = [{"o": _v8_image([(50, 50, 20, 20)], [0.2], [0])}]
     assert _detect_eval().evaluate(none, below).checks[0].optimized == 1.0
+
+
+def test_detect_evaluator_prepare_uses_input_size_and_class_names():
+    big = np.zeros((1, 896, 16))
+    big[0, :, :4] = 5.0
+    ref = {"regressors": big, "classificators": np.zeros((1, 896, 1))}
+    ev = DetectEvaluator(BUDGET, ModelInfo(input_shapes={"x": (1, 3, 128, 128)}), TaskOptions())
+    ev.prepare([ref])
+    assert ev.head.anchors.shape == (896, 4) and ev.head.input_hw == (128, 128)
+    assert ev.reason.startswith("outputs 'regressors' [1, 896, 16]")  # no reason of its own: no "; "
+    wide = np.zeros((1, 4 + 5, 120))  # 5 score rows, of which the model names 3 classes (the rest: extras)
+    ev = DetectEvaluator(BUDGET, ModelInfo(class_names=["a", "b", "c"]), TaskOptions())
+    ev.prepare([{"o": wide}])
+    assert ev.head.num_classes == 3
+    ev = DetectEvaluator(BUDGET, ModelInfo(), TaskOptions(detect_format="yolov8"))
+    ev.prepare([{"o": wide}])
+    assert ev.head.num_classes == 5 and ev.head.reason == "--detect-format yolov8"
