@@ -482,7 +482,7 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
     from edgeopt.sdk import backends
     from edgeopt.sdk.pipeline import benchmark
 
-    log = SimpleNamespace(builds=[], check_ops=[], loads=[], calls=[], measure=None, loaded=[])
+    log = SimpleNamespace(builds=[], check_ops=[], loads=[], calls=[], measure=None, loaded=[], jobs=[], rt=None)
     host = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 
     class Backend:
@@ -490,10 +490,12 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
             log.check_ops.append((source, fmt_, name))
 
         def run_device(self, rt):
+            log.rt = rt
             return "NPU", "CPU", False
 
         def build(self, job):
             log.builds.append((list(job.float_layers), job.workdir.name, job.calibration))
+            log.jobs.append((job.workdir.parent, job.runtime_options))
             model = job.workdir / "model.onnx"
             model.write_bytes(b"x" * 10)
             return evaluation.Artifact(model_file=model, files={"model.onnx": model}, runtime="onnxruntime",
@@ -546,8 +548,7 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
     record("_faster", lambda prep, a, b, progress: a)
     record("_float_search", lambda prep, ranking, build, progress, first: build([e.layer for e in ranking[:2]]))
 
-    workdir = tmp_path / "work"
-    workdir.mkdir()
+    workdir = tmp_path / "work" / "deeper"  # made by the evaluation, parents too
     spec_shape = (spec_batch, 3) if spec_batch is not None else ()
     prep = SimpleNamespace(
         profile=SimpleNamespace(runtimes=[SimpleNamespace(runtime="openvino"), SimpleNamespace(runtime="onnxruntime")],
@@ -577,6 +578,8 @@ def test_evaluate_a_passing_candidate_end_to_end(monkeypatch, tmp_path):
     result, progress = _run(prep, cand)
     assert log.check_ops == [(tmp_path / "fp32-all.onnx", "onnx", "model.onnx")]
     assert log.builds == [([], "attempt0", ["calib"])]
+    assert log.rt is prep.profile.runtimes[1] and log.jobs == [(tmp_path / "work" / "deeper" / "onnxruntime_int8_all",
+                                                                prep.profile.runtimes[1])]
     assert log.loads == [("CPU", 2, "latency", {"H": 1})]
     assert progress.stages == ["onnxruntime/int8/all: check ops", "onnxruntime/int8/all: build",
                                "onnxruntime/int8/all: accuracy", "onnxruntime/int8/all: benchmark"]
@@ -623,7 +626,9 @@ def test_evaluate_benchmark_batches_and_proxy(monkeypatch, tmp_path):
 
 def test_evaluate_failing_int8_without_task_ranking_searches_by_layer_error(monkeypatch, tmp_path):
     prep, cand, log = _harness(monkeypatch, tmp_path, need=2, ranked=False)
+    (prep.workdir / "onnxruntime_int8_all_aa").mkdir(parents=True)  # a folder left from before is fine
     result, progress = _run(prep, cand)
+    assert log.jobs[0][0] == prep.workdir / "onnxruntime_int8_all_aa"
     assert log.calls == ["_sensitivity", "_sensitivity", "_float_search"]
     assert [b[0] for b in log.builds] == [[], ["s0", "s1"]] and log.builds[1][1] == "attempt1"
     v = result.validation
