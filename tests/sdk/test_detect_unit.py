@@ -496,3 +496,29 @@ def test_detect_evaluator_prepare_uses_input_size_and_class_names():
     ev = DetectEvaluator(BUDGET, ModelInfo(), TaskOptions(detect_format="yolov8"))
     ev.prepare([{"o": wide}])
     assert ev.head.num_classes == 5 and ev.head.reason == "--detect-format yolov8"
+
+
+def test_detect_against_labels_reports_map_in_points(tmp_path):
+    # fp32 finds the class-0 box and misses the class-1 one (its box is elsewhere): mAP@0.5 0.5 -> 50 points
+    doc = {"images": [{"id": 1, "file_name": "img0.jpg"}],
+           "annotations": [{"image_id": 1, "category_id": 0, "bbox": [40, 40, 20, 20]},
+                           {"image_id": 1, "category_id": 1, "bbox": [240, 240, 20, 20]}],
+           "categories": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+    labels = _labels_file(tmp_path, doc)
+    ref = [{"o": _v8_image([(50, 50, 20, 20), (150, 150, 20, 20)], [0.9, 0.8], [0, 1])}]
+    ev = _detect_eval(labels_file=str(labels), sample_names=["img0.jpg"], transforms=[(1.0, 0.0, 0.0)])
+    result = ev.evaluate(ref, ref)
+    c = result.checks[0]
+    assert (c.name, c.rule) == ("mAP@0.5 on labels (points)", "max_drop")
+    assert c.fp32 == pytest.approx(50.0) and c.optimized == pytest.approx(50.0) and c.passed
+    assert [x.name for x in result.checks[1:]] == ["mAP@0.5 vs fp32", "F1 vs fp32 at conf 0.25", "mAP@0.5:0.95 vs fp32"]
+
+
+def test_coco_map_without_pycocotools(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    with pytest.raises(Exception) as e:
+        coco_map([_dets([[0, 0, 1, 1]], [1], [0])], [_dets([[0, 0, 1, 1]], [1], [0])])
+    assert e.value.message == "pycocotools is not installed"
+    assert e.value.hint == "install it with: pip install 'edgeopt[sdk]'"

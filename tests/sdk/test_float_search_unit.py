@@ -310,7 +310,8 @@ class _SensBackend:
 
     def layer_probe(self, path, layers):
         self.seen.append(("probe", path))
-        return (lambda feed: {n: np.ones(2) for n in self.layers_}) if self.probes else None
+        ok = self.probes is True or self.probes == path
+        return (lambda feed: {n: np.ones(2) for n in self.layers_}) if ok else None
 
 
 def test_sensitivity_reference_and_empty_cases(monkeypatch):
@@ -328,6 +329,9 @@ def test_sensitivity_reference_and_empty_cases(monkeypatch):
     assert evaluation._sensitivity(_SensBackend(reference=None), SimpleNamespace(precision="int8"), art, prep) == []
     assert evaluation._sensitivity(_SensBackend(layers=()), SimpleNamespace(precision="int8"), art, prep) == []
     assert evaluation._sensitivity(_SensBackend(probes=False), SimpleNamespace(precision="int8"), art, prep) == []
+    # either probe missing is enough to give up
+    assert evaluation._sensitivity(_SensBackend(probes="ref.onnx"), SimpleNamespace(precision="int8"), art, prep) == []
+    assert evaluation._sensitivity(_SensBackend(probes="int8.onnx"), SimpleNamespace(precision="int8"), art, prep) == []
     assert len(got) == 2
 
 
@@ -342,8 +346,10 @@ def test_requantize_search_ranks_consumers_of_the_best_points_first(monkeypatch)
 
     monkeypatch.setattr(evaluation, "_float_search", fake_search)
     backend = SimpleNamespace(revert_consumers=lambda f: {"p1": ["c", "b"], "p2": ["b", "a"]})
-    args = (None, backend, None, SimpleNamespace(model_file="m"), None, NullProgress(), FIRST, ["p2", "p1", "p3"])
+    progress = _RecProgress()
+    args = (None, backend, None, SimpleNamespace(model_file="m"), None, progress, FIRST, ["p2", "p1", "p3"])
     found = evaluation._requantize_search(*args)
+    assert progress.stages == ["whole layers in float (re-quantize)"]
     assert seen["ranking"] == [("b", 0.0), ("a", 0.0), ("c", 0.0), ("z", 0.5)]
     assert found[1].closed == 0 and found[3].passed
     seen.update({"pass": False})
@@ -363,6 +369,7 @@ def test_faster_keeps_the_lower_median_and_closes_the_other(monkeypatch):
             self.costs, self.calls = list(costs), 0
 
         def infer(self, feed):
+            assert feed == "feed"
             clock[0] += self.costs[self.calls % len(self.costs)]
             self.calls += 1
 
@@ -466,15 +473,16 @@ class _RecProgress(NullProgress):
 
 
 class _EvalLoaded(_Loaded):
-    def __init__(self, float_layers, batch_dim=1):
+    def __init__(self, float_layers, batch_dim=1, input_shape=None):
         super().__init__(len(float_layers))
         self.float_layers = float_layers
-        self.inputs = [SimpleNamespace(shape=(batch_dim, 3))]
+        self.inputs = [SimpleNamespace(shape=(batch_dim, 3) if input_shape is None else input_shape)]
         self.outputs = ["out"]
 
 
 def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ranked=True, fmt="onnx",
-             runtimes=(), arch=None, batch_dim=1, spec_batch=1, state_pairs=(), greedy=None):
+             runtimes=(), arch=None, batch_dim=1, spec_batch=1, state_pairs=(), greedy=None, opt_p50=0.5,
+             feeds=None, input_shape=None):
     """A prepared model and a backend of stand-ins; returns (prep, cand, log)."""
     import platform
 
@@ -511,7 +519,7 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
     class Runtime:
         def load(self, model_file, device, threads, performance_hint, options):
             log.loads.append((device, threads, performance_hint, options))
-            loaded = _EvalLoaded(list(log.builds[-1][0]), batch_dim)
+            loaded = _EvalLoaded(list(log.builds[-1][0]), batch_dim, input_shape)
             log.loaded.append(loaded)
             return loaded
 
@@ -530,7 +538,7 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
         log.measure = (models, feeds, batch, iterations, runtimes)
         stats = lambda p50: LatencyStats(p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50, throughput_ips=1.0,
                                          iterations=iterations)
-        return {"fp32": stats(2.0), "optimized": stats(0.5)}
+        return {"fp32": stats(2.0), "optimized": stats(opt_p50)}
 
     monkeypatch.setattr(benchmark, "measure", measure)
 
@@ -559,7 +567,7 @@ def _harness(monkeypatch, tmp_path, *, precision="int8", aware=True, need=0, ran
         source=SimpleNamespace(format=fmt, path=tmp_path / "model.onnx", size_bytes=1),
         calibration=SimpleNamespace(samples=["calib"]), request=SimpleNamespace(torch_source=None, bench_iterations=7),
         threads=2, run=lambda loaded: list(loaded.float_layers), reference_outputs=[], evaluator=SimpleNamespace(
-            task="generic"), heldout=SimpleNamespace(labels=None, samples=[{"x": np.zeros((2, 3))}]),
+            task="generic"), heldout=SimpleNamespace(labels=None, samples=[{"x": np.zeros((2, 3))} if feeds is None else feeds]),
         state_pairs=list(state_pairs), specs=[SimpleNamespace(shape=spec_shape)], baseline="fp32-model",
         baseline_runtime="onnxruntime")
     cand = Candidate("onnxruntime", precision, "all", aware)
@@ -688,3 +696,28 @@ def test_evaluate_no_search_for_float_candidates_or_without_accuracy_aware(monke
     result, _ = _run(prep, cand)
     assert log.calls == ["_sensitivity"] and result.validation.sensitivity_basis == "error added vs fp32"
     assert [e.layer for e in result.validation.sensitive_layers] == [f"s{i}" for i in range(10)]
+
+
+def test_evaluate_benchmark_edges(monkeypatch, tmp_path):
+    # a scalar input: the feeds run as given (no batch to repeat)
+    (tmp_path / "a").mkdir()
+    feeds = {"x": np.zeros((2, 3)), "t": np.float32(1.0)}
+    prep, cand, log = _harness(monkeypatch, tmp_path / "a", spec_batch="N", batch_dim="N", feeds=feeds)
+    _run(prep, cand)
+    assert log.measure[1]["fp32"] is feeds and log.measure[2] == 2
+    # a fixed batch but another dynamic dimension: the optimized model still gets the data as given
+    (tmp_path / "b").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "b", spec_batch="N", input_shape=(1, "W"))
+    _run(prep, cand)
+    assert log.measure[1]["optimized"] is prep.heldout.samples[0] and log.measure[1]["fp32"]["x"].shape == (4, 3)
+    # a model without inputs runs one sample
+    (tmp_path / "c").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "c", feeds={})
+    result, _ = _run(prep, cand)
+    assert log.measure[2] == 1 and result.batch == 1
+    # an optimized p50 of 0 (below the timer's resolution): no speedup figure, and no crash printing it
+    (tmp_path / "d").mkdir()
+    prep, cand, log = _harness(monkeypatch, tmp_path / "d", opt_p50=0.0)
+    result, progress = _run(prep, cand)
+    assert result.speedup is None
+    assert progress.notes[-1] == "p50 0.000 ms vs fp32 2.000 ms (speedup n/a), batch 2, on CPU"

@@ -682,3 +682,10 @@ def test_layer_errors_skip_a_reshaped_output_and_go_on():
     opt = {"b": np.array([0.6, 0.8])}  # "a" missing
     errors = accuracy.layer_errors([L("a"), L("b")], lambda f: ref, lambda f: opt, [{}])
     assert [(e.layer, round(e.error, 6)) for e in errors] == [("b", 0.4), ("a", 0.0)]
+
+
+def test_embed_batch_of_embeddings_in_one_sample():
+    ref = [{"e": np.eye(8)}]  # one sample holding eight embeddings
+    opt = [{"e": np.eye(8)[[1, 0, 2, 3, 4, 5, 6, 7]]}]
+    recall, cos = _embed(ref, opt).checks
+    assert recall.optimized == 0.75 and cos.optimized == 0.0
