@@ -522,3 +522,27 @@ def test_coco_map_without_pycocotools(monkeypatch):
         coco_map([_dets([[0, 0, 1, 1]], [1], [0])], [_dets([[0, 0, 1, 1]], [1], [0])])
     assert e.value.message == "pycocotools is not installed"
     assert e.value.hint == "install it with: pip install 'edgeopt[sdk]'"
+
+
+def test_coco_map_reads_300_detections_at_iou_05_for_any_box_size():
+    truth = [_dets([[0, 0, 10, 10]], [1], [0])]
+    # the one true box ranked 11th, then 300th, then 301st among the predictions of its image
+    for rank, found in ((11, True), (300, True), (301, False)):
+        boxes = [[100 + i, 100, 110 + i, 110] for i in range(rank - 1)] + [[0, 0, 10, 10]]
+        scores = list(np.linspace(0.9, 0.5, rank))
+        m50, _ = coco_map(truth, [_dets(boxes, scores, [0] * rank)])
+        assert (m50 > 0) is found, rank
+    # IoU 0.52 counts at 0.5 (mAP@0.5 is the first threshold, not 0.55)
+    m50, m5095 = coco_map(truth, [_dets([[0, 0, 10, 5.2]], [0.9], [0])])
+    assert m50 == pytest.approx(1.0) and m5095 == pytest.approx(1.0 / 10)
+    # normalized boxes (area far below 1), and huge ones, are judged like any other
+    small = [_dets([[0.1, 0.1, 0.3, 0.3]], [1], [0])]
+    assert coco_map(small, small) == (pytest.approx(1.0), pytest.approx(1.0))
+    huge = [_dets([[0, 0, 1e6, 9.9e5]], [1], [0])]
+    assert coco_map(huge, huge) == (pytest.approx(1.0), pytest.approx(1.0))
+    # beyond 1e12 square units a box falls outside the one area range: nothing is scored
+    beyond = [_dets([[0, 0, 1e6, 1.5e6]], [1], [0])]
+    assert coco_map(beyond, beyond) == (0.0, 0.0)
+    # a degenerate fp32 box (zero height) does not break the evaluation
+    flat = [_dets([[0, 0, 10, 0]], [1], [0])]
+    assert coco_map(flat, flat) == (0.0, 0.0)

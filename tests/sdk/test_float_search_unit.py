@@ -157,6 +157,8 @@ class _Scorer:
         self.value, self.calls = value, []
 
     def score_reverts(self, model_file, feeds, score, sets, reference):
+        self.references = getattr(self, "references", []) + [reference]
+        self.models = getattr(self, "models", []) + [model_file]
         self.calls.append([list(s) for s in sets])
         return [self.value(set(s)) for s in sets]
 
@@ -268,8 +270,11 @@ class _RankBackend(_Scorer):
 def test_rank_reverts_one_at_a_time_up_to_the_limit():
     points = [f"p{i}" for i in range(64)]
     backend = _RankBackend(points, lambda s: float(int(next(iter(s))[1:]) % 5))
-    ranked = evaluation._rank_reverts(_rank_prep(), backend, None, SimpleNamespace(model_file="m"), NullProgress())
+    progress = _RecProgress()
+    ranked = evaluation._rank_reverts(_rank_prep(), backend, None, SimpleNamespace(model_file="m"), progress)
     assert len(backend.calls) == 1 and backend.calls[0] == [[p] for p in points]
+    assert backend.references == ["ref"] and backend.models == ["m"]
+    assert progress.stages == ["rank 64 activation quantizers by the classify metric (one at a time)"]
     assert ranked[0] == ("p4", 4.0) and ranked[-1] == ("p60", 0.0) and len(ranked) == 64
 
 
@@ -281,7 +286,11 @@ def test_rank_reverts_by_groups_beyond_the_limit():
         return max(score.get(p, 0.0) for p in s) - 0.001 * min(int(p[1:]) for p in s)
 
     backend = _RankBackend(points, value)
-    ranked = evaluation._rank_reverts(_rank_prep(), backend, None, SimpleNamespace(model_file="m"), NullProgress())
+    progress = _RecProgress()
+    ranked = evaluation._rank_reverts(_rank_prep(), backend, None, SimpleNamespace(model_file="m"), progress)
+    assert progress.stages == ["rank 22 groups of 3 activation quantizers by the classify metric",
+                               "rank the 30 quantizers of the best groups one at a time"]
+    assert backend.references == ["ref", "ref"]
     groups = backend.calls[0]
     assert len(groups) == 22 and groups[0] == ["p0", "p1", "p2"] and groups[-1] == ["p63", "p64"]
     # the best 32 // 3 = 10 groups are judged point by point: the group of p6, p7, p8 first
@@ -374,13 +383,13 @@ def test_faster_keeps_the_lower_median_and_closes_the_other(monkeypatch):
             self.calls += 1
 
     prep = SimpleNamespace(heldout=SimpleNamespace(samples=["feed"]))
-    # a: mostly 2 ms with a few fast outliers (its mean is lower, its median is not); b: 1.5 ms
-    a = ("art", Timed(1, [0.002] * 10 + [0.0001] * 5), "o", _report(True, ["x"]))
-    b = ("art", Timed(2, [0.0015]), "o", _report(True, ["x", "y", "z"]))
+    # a: 200 ms in 8 runs of 15, 10 ms in 7 (its lower third is fast, its median is not); b: 150 ms
+    a = ("art", Timed(1, [0.2] * 8 + [0.01] * 7), "o", _report(True, ["x"]))
+    b = ("art", Timed(2, [0.15]), "o", _report(True, ["x", "y", "z"]))
     progress = NullProgress()
     assert evaluation._faster(prep, a, b, progress) is b
     assert a[1].closed == 1 and b[1].closed == 0 and a[1].calls == 15 and b[1].calls == 15
-    assert progress.notes == ["kept 3 float layer(s) (1.50 ms) over 1 (2.00 ms)"]
+    assert progress.notes == ["kept 3 float layer(s) (150.00 ms) over 1 (200.00 ms)"]
     # a tie keeps the first
     a2 = ("art", Timed(1, [0.001]), "o", _report(True, ["x"]))
     b2 = ("art", Timed(2, [0.001]), "o", _report(True, ["y"]))
@@ -721,3 +730,62 @@ def test_evaluate_benchmark_edges(monkeypatch, tmp_path):
     result, progress = _run(prep, cand)
     assert result.speedup is None
     assert progress.notes[-1] == "p50 0.000 ms vs fp32 2.000 ms (speedup n/a), batch 2, on CPU"
+
+
+def test_rank_reverts_judges_at_least_one_group_alone():
+    points = [f"p{i}" for i in range(545)]  # groups of ceil(545 / 32) = 18: 32 // 18 = 1 group judged singly
+    backend = _RankBackend(points, lambda s: -min(int(p[1:]) for p in s))
+    ranked = evaluation._rank_reverts(_rank_prep(), backend, None, SimpleNamespace(model_file="m"), NullProgress())
+    assert len(backend.calls[0]) == 31 and len(backend.calls[1]) == 18
+    assert [p for p, _ in ranked[:18]] == [f"p{i}" for i in range(18)] and len(ranked) == 545
+
+
+def test_greedy_takes_a_point_at_exactly_zero_slack_as_holding(reverted, tmp_path):
+    ranked = ["/m.1/x", "/m.1/y", "/m.2/z"]
+    values = {frozenset(["/m.1/x"]): 0.0, frozenset(["/m.1/x", "/m.1/y"]): 0.9}
+    scorer = _Scorer(lambda s: values.get(frozenset(s), -1.0))
+    reverted.accept = lambda names: True
+    progress = _RecProgress()
+    evaluation._greedy_search(_greedy_prep(), scorer, None, SimpleNamespace(model_file="m"), None, "CPU", "hint",
+                              tmp_path, progress, FIRST, ranked)
+    assert reverted.tries == [["/m.1/x"]]  # holds with one point: preferred to the better group of two
+    assert scorer.references == ["ref"] and scorer.models == ["m"]
+    assert progress.stages == ["greedy search over 4 points and modules (re-judged each step)"]
+
+
+def test_load_reverted_builds_loads_and_judges(monkeypatch, tmp_path):
+    seen = {}
+
+    class Backend:
+        def build_reverted(self, model_file, names, folder, precision, reference):
+            seen["build"] = (model_file, list(names), folder, precision, reference)
+            return SimpleNamespace(model_file="rev.onnx", runtime_options={"H": 1}, float_layers=["n1", "n2"])
+
+        def layer_reference(self, job):
+            return "ref"
+
+    class Runtime:
+        def load(self, model_file, device, threads, performance_hint, options):
+            seen["load"] = (model_file, device, threads, performance_hint, options)
+            return "loaded"
+
+    def compare(ref, outs, budget, labels, evaluator):
+        seen["compare"] = (ref, outs, budget, labels, evaluator)
+        return _report(True)
+
+    monkeypatch.setattr(evaluation.accuracy, "compare", compare)
+    prep = SimpleNamespace(threads=3, run=lambda loaded: ["outs of " + loaded], reference_outputs=["r"],
+                           profile=SimpleNamespace(accuracy="budget"), heldout=SimpleNamespace(labels="L"),
+                           evaluator="ev")
+    art, loaded, outs, report = evaluation._load_reverted(prep, Backend(), None, SimpleNamespace(model_file="q.onnx",
+                                                          precision="int8"), Runtime(), "CPU", "latency", tmp_path,
+                                                          ["n1"], FIRST)
+    assert seen["build"] == ("q.onnx", ["n1"], tmp_path, "int8", "ref")
+    assert seen["load"] == ("rev.onnx", "CPU", 3, "latency", {"H": 1})
+    assert seen["compare"] == (["r"], ["outs of loaded"], "budget", "L", "ev")
+    assert loaded == "loaded" and outs == ["outs of loaded"] and art.float_layers == ["n1", "n2"]
+    assert report.float_layers == ["n1", "n2"] and report.sensitive_layers == FIRST.sensitive_layers
+    assert report.sensitivity_basis == "basis"
+    art, *_ = evaluation._load_reverted(prep, Backend(), None, SimpleNamespace(model_file="q.onnx", precision="int8"),
+                                        Runtime(), "GPU", "latency", tmp_path, ["n1"], FIRST)
+    assert seen["load"][4] is None  # runtime options are the CPU plugin's only
