@@ -789,3 +789,38 @@ def test_load_reverted_builds_loads_and_judges(monkeypatch, tmp_path):
     art, *_ = evaluation._load_reverted(prep, Backend(), None, SimpleNamespace(model_file="q.onnx", precision="int8"),
                                         Runtime(), "GPU", "latency", tmp_path, ["n1"], FIRST)
     assert seen["load"][4] is None  # runtime options are the CPU plugin's only
+
+
+def test_revert_search_bisect_steps_and_notes(reverted, tmp_path):
+    reverted.need = 4
+    progress = NullProgress()
+    found = evaluation._revert_search(_greedy_prep(), SimpleNamespace(), None, SimpleNamespace(model_file="m"), None,
+                                      "CPU", "hint", tmp_path, progress, FIRST, [f"p{i}" for i in range(8)])
+    assert [len(t) for t in reverted.tries] == [1, 2, 4, 3] and found[1].k == 4 and found[1].closed == 0
+    assert [l.k for l in reverted.loaded if l.closed] == [1, 2, 3]
+    assert progress.notes[0] == "1 point(s) in float: FAIL [generic]: min output cosine 0.5000, 1 layers in float"
+    assert progress.notes[2] == "4 point(s) in float: PASS [generic]: min output cosine 0.5000, 4 layers in float"
+    reverted.tries.clear()
+    reverted.need = 3
+    (tmp_path / "b").mkdir()
+    evaluation._revert_search(_greedy_prep(), SimpleNamespace(), None, SimpleNamespace(model_file="m"), None,
+                              "CPU", "hint", tmp_path / "b", NullProgress(), FIRST, [f"p{i}" for i in range(4)])
+    assert [len(t) for t in reverted.tries] == [1, 2, 4, 3]
+
+
+def test_greedy_notes_each_step(reverted, tmp_path):
+    scorer = _Scorer(lambda s: -1.0 + 0.1 * len(s))
+    reverted.need = 2
+    progress = NullProgress()
+    evaluation._greedy_search(_greedy_prep(), scorer, None, SimpleNamespace(model_file="m"), None, "CPU", "hint",
+                              tmp_path, progress, FIRST, ["a", "b"])
+    assert progress.notes == ["greedy, 1 point(s) in float: FAIL [generic]: min output cosine 0.5000, 1 layers in float",
+                              "greedy, 2 point(s) in float: PASS [generic]: min output cosine 0.5000, 2 layers in float"]
+
+
+def test_sibling_groups_size_limit_and_points_without_index():
+    twelve = [f"/m.{i}/conv.2" for i in range(12)]
+    assert evaluation.sibling_groups(twelve) == [twelve]
+    assert evaluation.sibling_groups(twelve + ["/m.12/conv.2"]) == []  # 13 siblings: too many to help together
+    # a point without any index is passed over, and the rest still grouped
+    assert evaluation.sibling_groups(["/plain/Conv", "/a.1/x.3", "/a.2/x.3"]) == [["/a.1/x.3", "/a.2/x.3"]]
