@@ -546,3 +546,43 @@ def test_coco_map_reads_300_detections_at_iou_05_for_any_box_size():
     # a degenerate fp32 box (zero height) does not break the evaluation
     flat = [_dets([[0, 0, 10, 0]], [1], [0])]
     assert coco_map(flat, flat) == (0.0, 0.0)
+
+
+def test_prf_greedy_by_descending_score_over_several_images():
+    a, b = [0, 0, 10, 10], [0, 0, 10, 12]
+    # the high-score box takes A (its best IoU); the low one then finds no free box it overlaps enough
+    t = [_dets([a, b], [1, 1], [0, 0])]
+    p = [_dets([[0, 0, 10, 10.5], [0, 0, 10, 9.5]], [0.9, 0.3], [0, 0])]
+    assert prf(t, p, 0.8) == (0.5, 0.5, 0.5)
+    # misses add up over images
+    t2 = [_dets([a], [1], [0]), _dets([a], [1], [0])]
+    assert prf(t2, [_dets([], [], []), _dets([a], [1], [0])], 0.5) == (1.0, 0.5, 2 / 3)
+
+
+def test_labels_size_message_in_mib(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:
+        f.truncate(3 * 2**20 + 1)  # sparse: nothing is written
+    monkeypatch.setattr(detect, "MAX_LABEL_BYTES", 3 * 2**20)
+    with pytest.raises(InputError) as e:
+        coco_labels(path, ["a.jpg"], [(1, 0, 0)], 1, None)
+    assert e.value.message == "labels file big.json is larger than 3 MiB"
+
+
+def test_labels_json_error_text_and_hint(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{\n  nope")
+    with pytest.raises(InputError) as e:
+        coco_labels(path, ["a.jpg"], [(1, 0, 0)], 1, None)
+    assert e.value.message == ("labels file bad.json is not COCO-format JSON (JSONDecodeError: Expecting property name "
+                               "enclosed in double quotes: line 2 column 3 (char 4))")
+    assert e.value.hint == ("give {'images': [{'id', 'file_name'}], 'annotations': [{'image_id', 'category_id', "
+                            "'bbox': [x, y, w, h]}], 'categories': [{'id', 'name'}]}")
+
+
+def test_labels_of_other_images_are_skipped_not_the_rest(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "other.jpg"}],
+           "annotations": [{"image_id": 2, "category_id": 0, "bbox": [0, 0, 1, 1]},
+                           {"image_id": 1, "category_id": 0, "bbox": [0, 0, 2, 2]}]}
+    truth = coco_labels(_labels_file(tmp_path, doc), ["a.jpg"], [(1, 0, 0)], 1, None)
+    np.testing.assert_array_equal(truth[0].boxes, [[0, 0, 2, 2]])
