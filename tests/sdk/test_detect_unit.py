@@ -586,3 +586,22 @@ def test_labels_of_other_images_are_skipped_not_the_rest(tmp_path):
                            {"image_id": 1, "category_id": 0, "bbox": [0, 0, 2, 2]}]}
     truth = coco_labels(_labels_file(tmp_path, doc), ["a.jpg"], [(1, 0, 0)], 1, None)
     np.testing.assert_array_equal(truth[0].boxes, [[0, 0, 2, 2]])
+
+
+@pytest.mark.parametrize("keys, name, key", [
+    ("_BOX_NAMES", "pred_boxes", "boxes"), ("_BOX_NAMES", "bbox_out", "bbox"), ("_BOX_NAMES", "x_bboxes", "bboxes"),
+    ("_BOX_NAMES", "detection_boxes:0", "detection_boxes"), ("_BOX_NAMES", "regressors", "regressors"),
+    ("_BOX_NAMES", "loc", "loc"), ("_BOX_NAMES", "box", "box"),
+    ("_SCORE_NAMES", "pred_scores", "scores"), ("_SCORE_NAMES", "score", "score"),
+    ("_SCORE_NAMES", "detection_scores:0", "detection_scores"), ("_SCORE_NAMES", "classificators", "classificators"),
+    ("_SCORE_NAMES", "conf", "conf"), ("_SCORE_NAMES", "x_confidence", "confidence"), ("_SCORE_NAMES", "logits", "logits"),
+    ("_CLASS_NAMES", "pred_classes", "classes"), ("_CLASS_NAMES", "labels", "labels"),
+    ("_CLASS_NAMES", "detection_classes:0", "detection_classes"), ("_CLASS_NAMES", "x_class_ids", "class_ids"),
+    ("_CLASS_NAMES", "class", "class"),
+    ("_COUNT_NAMES", "x_num_detections", "num_detections"), ("_COUNT_NAMES", "count", "count"),
+    ("_COUNT_NAMES", "num", "num"), ("_COUNT_NAMES", "x_num_dets", "num_dets"), ("_COUNT_NAMES", "valid", "valid")])
+def test_each_output_name_key_is_recognized(keys, name, key):
+    """Every key of the name lists finds an export's output that no other key of its list finds."""
+    names = getattr(dh, keys)
+    assert dh._named({name: 0}, names) == name
+    assert dh._named({name: 0}, tuple(k for k in names if k != key)) is None
