@@ -605,3 +605,11 @@ def test_each_output_name_key_is_recognized(keys, name, key):
     names = getattr(dh, keys)
     assert dh._named({name: 0}, names) == name
     assert dh._named({name: 0}, tuple(k for k in names if k != key)) is None
+
+
+def test_head_defaults():
+    head = Head("yolov8", ["o"])
+    assert (head.num_classes, head.sigmoid, head.background, head.anchors, head.input_hw, head.reason, head.notes) == \
+        (None, False, False, None, None, "", [])
+    assert head.sigmoid is False and head.background is False
+    assert Head("nms", ["o"]).notes is not head.notes
