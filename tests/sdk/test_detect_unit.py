@@ -613,3 +613,17 @@ def test_head_defaults():
         (None, False, False, None, None, "", [])
     assert head.sigmoid is False and head.background is False
     assert Head("nms", ["o"]).notes is not head.notes
+
+
+def test_one_class_yolov8_and_suppressed_formats_skip_nms():
+    one = np.zeros((1, 5, 120))  # 4 box rows and a single class row
+    head = choose_head({"o": one}, "yolov8", None, None)
+    assert head.num_classes == 1
+    with pytest.raises(InputError, match="rows of 5 values, at least 6 needed"):
+        choose_head({"o": np.zeros((1, 100, 5))}, "nms", None, None)
+    # already suppressed exports keep overlapping boxes of one class as they are
+    boxes = np.array([[[0, 0, 10, 10], [0, 0, 10, 9]]], float)
+    tup = {"b": boxes, "s": np.array([[0.9, 0.8]])}
+    head = Head("tuple", ["b", "s", "", ""])
+    assert head.suppressed and len(decode(head, tup, 0.1, 0.45)[0]) == 2
+    assert not Head("ssd", ["b", "s"]).suppressed
