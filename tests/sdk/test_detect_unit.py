@@ -627,3 +627,53 @@ def test_one_class_yolov8_and_suppressed_formats_skip_nms():
     head = Head("tuple", ["b", "s", "", ""])
     assert head.suppressed and len(decode(head, tup, 0.1, 0.45)[0]) == 2
     assert not Head("ssd", ["b", "s"]).suppressed
+
+
+def test_sigmoid_decision_reads_only_the_score_columns():
+    # yolov8 with 3 named classes and 2 extra columns (mask coefficients, far outside [0, 1])
+    out = np.zeros((1, 9, 120))
+    out[0, 4:7] = 0.5
+    out[0, 7:] = 50.0
+    assert not choose_head({"o": out}, "yolov8", 3, None).sigmoid
+    # yolov5: objectness and classes decide, not what follows them
+    rows = np.full((1, 120, 9), 0.5)
+    rows[0, :, 7:] = 50.0
+    assert not choose_head({"o": rows}, "yolov5", 2, None).sigmoid
+    rows[0, :, 4] = -3.0  # objectness as a logit
+    assert choose_head({"o": rows}, "yolov5", 2, None).sigmoid
+    # nms rows: the score column only (the class column holds 2.0)
+    nms_rows = np.zeros((1, 100, 6))
+    nms_rows[0, :, 4], nms_rows[0, :, 5] = 0.5, 2.0
+    assert not choose_head({"d": nms_rows}, "nms", None, None).sigmoid
+    nms_rows[0, 0, 4] = 3.0
+    assert choose_head({"d": nms_rows}, "nms", None, None).sigmoid
+    edge = _v8()
+    edge[0, 4, 0] = 1 + 1e-3  # exactly the tolerance: still a probability
+    assert not choose_head({"o": edge}, "auto", None, None).sigmoid
+
+
+@pytest.mark.parametrize("low, high, sigmoid", [(0.0, 0.5, False), (-1e-3, 1 + 1e-3, False), (-0.5, 0.5, True),
+                                                 (0.0, 1.5, True), (0.0, 0.9995, False), (0.0, 2.5, True)])
+def test_ssd_scores_sigmoid_bounds(low, high, sigmoid):
+    boxes = np.tile(np.array([0.1, 0.1, 0.5, 0.5]), (1, 200, 1))
+    scores = np.full((1, 200, 3), 0.2)
+    scores[0, 0, 0], scores[0, 1, 0] = low, high
+    assert choose_head({"boxes": boxes, "scores": scores}, "ssd", None, None).sigmoid is sigmoid
+
+
+def test_ssd_background_with_two_columns_and_corner_bounds():
+    boxes = np.tile(np.array([0.1, 0.1, 0.5, 0.5]), (1, 200, 1))
+    two = np.tile(np.array([0.3, 0.7]), (1, 200, 1))
+    head = choose_head({"boxes": boxes, "scores": two}, "ssd", None, None)
+    assert head.background and head.num_classes == 1
+    # three anchors in corner form are corners (no anchor layout needed)
+    assert choose_head({"boxes": boxes[:, :3], "scores": two[:, :3]}, "ssd", None, None).anchors is None
+    # columns after the four box values (key points) do not count
+    extra = np.concatenate([boxes, np.full((1, 200, 2), -10.0)], -1)
+    extra[0, 0, 5] = 10.0
+    assert choose_head({"boxes": extra, "scores": two}, "ssd", None, None).anchors is None
+    for column, bad in ((0, -0.5), (2, 1.5)):  # x1 below the range; x2 above it (the boxes stay ordered)
+        off = boxes.copy()
+        off[0, 0, column] = bad
+        with pytest.raises(InputError, match="holds anchor offsets"):
+            choose_head({"boxes": off, "scores": two}, "ssd", None, (300, 300))
