@@ -670,10 +670,29 @@ def test_ssd_background_with_two_columns_and_corner_bounds():
     assert choose_head({"boxes": boxes[:, :3], "scores": two[:, :3]}, "ssd", None, None).anchors is None
     # columns after the four box values (key points) do not count
     extra = np.concatenate([boxes, np.full((1, 200, 2), -10.0)], -1)
-    extra[0, 0, 5] = 10.0
+    extra[0, 0, 4] = 10.0
     assert choose_head({"boxes": extra, "scores": two}, "ssd", None, None).anchors is None
     for column, bad in ((0, -0.5), (2, 1.5)):  # x1 below the range; x2 above it (the boxes stay ordered)
         off = boxes.copy()
         off[0, 0, column] = bad
         with pytest.raises(InputError, match="holds anchor offsets"):
             choose_head({"boxes": off, "scores": two}, "ssd", None, (300, 300))
+
+
+def test_corner_tolerances_and_head_guesses_at_their_edges():
+    two = np.tile(np.array([0.3, 0.7]), (1, 200, 1))
+    boxes = np.tile(np.array([0.1, 0.1, 0.5, 0.3]), (1, 200, 1))  # wider than tall: y2 below x2 is fine
+    assert choose_head({"boxes": boxes, "scores": two}, "ssd", None, None).anchors is None
+    tol = boxes.copy()
+    tol[0, 0, 3] = tol[0, 0, 1] - 1e-6  # y2 a hair (exactly the tolerance) above... below y1: still corners
+    assert choose_head({"boxes": tol, "scores": two}, "ssd", None, None).anchors is None
+    for column, other in ((2, 0), (3, 1)):
+        off = boxes.copy()
+        off[0, 0, column] = off[0, 0, other] - 1.5e-6  # beyond the tolerance: offsets, not corners
+        with pytest.raises(InputError, match="holds anchor offsets"):
+            choose_head({"boxes": off, "scores": two}, "ssd", None, (300, 300))
+    # boxes named, scores not: read as SSD by shapes, without a crash
+    head = choose_head({"boxes": np.full((1, 200, 4), 0.5), "x": np.full((1, 200, 2), 0.5)}, "auto", None, None)
+    assert head.format == "ssd" and head.outputs == ["boxes", "x"]
+    # a square [1, 6, 6] output with integral classes is already suppressed, not YOLOv8 rows
+    assert choose_head({"d": np.zeros((1, 6, 6))}, "auto", None, None).format == "nms"
