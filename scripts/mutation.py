@@ -41,9 +41,13 @@ PACKAGES = {"sdk": "sdk", "agent": "agent", "dashboard": "dashboard", "hardware_
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "accuracy": (["sdk/pipeline/accuracy.py", "sdk/pipeline/tasks/base.py", "sdk/pipeline/tasks/generic.py",
                   "sdk/pipeline/tasks/classify.py", "sdk/pipeline/tasks/embed.py", "sdk/pipeline/tasks/segment.py",
-                  "sdk/pipeline/tasks/custom.py"],
-                 ["tests/sdk/test_budget_rules.py", "tests/sdk/test_tasks.py"]),
-    "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search.py"]),
+                  "sdk/pipeline/tasks/custom.py",
+                  # the detect and vad tasks the gate also chooses (issue 15: added after the first figures)
+                  "sdk/pipeline/tasks/detect.py", "sdk/pipeline/tasks/detect_heads.py", "sdk/pipeline/tasks/vad.py"],
+                 ["tests/sdk/test_tasks_unit.py", "tests/sdk/test_detect_unit.py", "tests/sdk/test_budget_rules.py",
+                  "tests/sdk/test_tasks.py"]),
+    "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search_unit.py",
+                                                      "tests/sdk/test_float_search.py"]),
     "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),
     "security": (["dashboard/security.py"], ["tests/dashboard/test_security_unit.py", "tests/dashboard/test_role_matrix.py"]),
     # test_package_errors.py (the CLI on real models) is left out: seconds a run, and the unit tests cover its

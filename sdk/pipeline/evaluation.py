@@ -149,8 +149,9 @@ def _evaluate(prep: Prepared, cand: Candidate, progress: Progress, result: Candi
             result.batch = batch
             result.speedup = result.fp32.p50_ms / result.optimized.p50_ms if result.optimized.p50_ms > 0 else None
             where = f"host CPU as a proxy for {target}" if proxy else run_device
+            speedup = "speedup n/a" if result.speedup is None else f"{result.speedup:.2f}x"  # p50 below the timer
             progress.note(f"p50 {result.optimized.p50_ms:.3f} ms vs fp32 {result.fp32.p50_ms:.3f} ms "
-                          f"({result.speedup:.2f}x), batch {batch}, on {where}")
+                          f"({speedup}), batch {batch}, on {where}")
     finally:
         loaded.close()
 
