@@ -44,7 +44,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   "sdk/pipeline/tasks/custom.py"],
                  ["tests/sdk/test_budget_rules.py", "tests/sdk/test_tasks.py"]),
     "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search.py"]),
-    "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),
+    # test_telemetry_unit.py (exact bounds, keys and texts) first: a mutant dies at the first test that sees it
+    "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_unit.py", "tests/sdk/test_telemetry_payloads.py",
+                                         "tests/sdk/test_latency_sketch.py"]),
     "security": (["dashboard/security.py"], ["tests/dashboard/test_security_unit.py", "tests/dashboard/test_role_matrix.py"]),
     # test_package_errors.py (the CLI on real models) is left out: seconds a run, and the unit tests cover its
     # uses of this module
