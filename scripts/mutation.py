@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-artifacts" / "mutation"
 WORK = OUT / "work"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.toml"
+POSTGRES_URL: str | None = None  # --postgres: the PostgreSQL variants of the dashboard tests run too
 PACKAGES = {"sdk": "sdk", "agent": "agent", "dashboard": "dashboard", "hardware_profiles": "hardware_profiles"}
 
 # key -> (files to mutate, the fast tests that cover them). Paths relative to the repository root.
@@ -109,8 +110,11 @@ def prepare(tests_from: str | None) -> None:
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(WORK / ".pypath") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # The SQLite variants only: a mutant run is about the module's logic, and PostgreSQL doubles the time.
+    # The SQLite variants only by default: a mutant run is about the module's logic, and PostgreSQL doubles the
+    # time. --postgres keeps them, for code that only runs on PostgreSQL (ingest_writer's COPY path).
     env.pop("EDGEOPT_TEST_POSTGRES_URL", None)
+    if POSTGRES_URL:
+        env["EDGEOPT_TEST_POSTGRES_URL"] = POSTGRES_URL
     env.pop("CI", None)
     return env
 
@@ -129,6 +133,8 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
         print(f"mutation: {key}: none of its tests exist in this revision; skipped", flush=True)
         return 0
     cache = OUT / f"{key}.mutmut-cache"
+    if POSTGRES_URL:
+        cache = _seed_postgres_cache(key)
     if cache.exists():
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
@@ -164,6 +170,21 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     print(f"mutation: {key}: mutmut exit {proc.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     # mutmut's exit code is a bit set (2 survived, 4 timeout, 8 suspicious); 1 is a failure of its own
     return 1 if proc.returncode & 1 else 0
+
+
+def _seed_postgres_cache(key: str) -> Path:
+    """The cache of a --postgres run (``<key>+pg``), kept apart from the SQLite one. Its first run starts from
+    the SQLite results: mutants killed there stay killed, and every other one is tested again (its test hash
+    is cleared), so only the survivors pay for the PostgreSQL variants."""
+    cache = OUT / f"{key}+pg.mutmut-cache"
+    plain = OUT / f"{key}.mutmut-cache"
+    if not cache.exists() and plain.exists():
+        shutil.copy2(plain, cache)
+        con = sqlite3.connect(cache)
+        con.execute("UPDATE Mutant SET tested_against_hash = NULL WHERE status != 'ok_killed'")
+        con.commit()
+        con.close()
+    return cache
 
 
 def _keep_equivalents(files: list[str]) -> None:
@@ -204,7 +225,7 @@ def _mutated_line(path: str, line: str, index: int) -> str:
 
 
 def summarize(key: str) -> dict:
-    """Counts and survivors of one module from its cache."""
+    """Counts and survivors of one module from its cache (``<key>+pg``: its --postgres run)."""
     cache = OUT / f"{key}.mutmut-cache"
     if not cache.exists():
         return {}
@@ -238,7 +259,7 @@ def summarize(key: str) -> dict:
 
 
 def report(label: str, keys: list[str]) -> None:
-    summaries = {k: summarize(k) for k in MODULES}
+    summaries = {k: summarize(k) for k in [*MODULES, *(f"{k}+pg" for k in MODULES)]}
     path = OUT / f"summary-{label}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update({k: v["counts"] for k, v in summaries.items() if v and k in keys})
@@ -254,7 +275,7 @@ def report(label: str, keys: list[str]) -> None:
             continue
         c = s["counts"]
         b = before.get(key, {}).get("score")
-        lines.append(f"| {key} | {', '.join(MODULES[key][0])} | {c['mutants']} | {c['killed']} | {c['survived']} | "
+        lines.append(f"| {key} | {', '.join(MODULES[key.removesuffix('+pg')][0])} | {c['mutants']} | {c['killed']} | {c['survived']} | "
                      f"{c['equivalent']} | {c['untested']} | {'—' if b is None else f'{b}%'} | "
                      f"{'—' if c['score'] is None else str(c['score']) + '%'} |")
     for key, s in summaries.items():
@@ -281,6 +302,8 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
     ap.add_argument("--no-fork-server", action="store_true", help="start Python and pytest afresh for every mutant "
                                                                    "(slower; see scripts/mutation_forkserver.py)")
+    ap.add_argument("--postgres", metavar="URL", help="keep the PostgreSQL variants of the tests (EDGEOPT_TEST_POSTGRES_URL "
+                    "for this run); results go to <key>+pg, started from the SQLite run's")
     ap.add_argument("--report-only", action="store_true", help="only rewrite REPORT.md from the kept results")
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
@@ -292,9 +315,10 @@ def main() -> int:
         ap.error(f"unknown module {', '.join(unknown)}; expected some of {', '.join(MODULES)}")
     label = args.label or ("before" if args.tests_from else "after")
     OUT.mkdir(parents=True, exist_ok=True)
-    global WORK
+    global WORK, POSTGRES_URL
+    POSTGRES_URL = args.postgres
     if args.modules:  # a scratch copy per set of modules, so runs of different modules can go side by side
-        WORK = OUT / f"work-{'+'.join(keys)}"
+        WORK = OUT / f"work-{'+'.join(keys)}{'-pg' if POSTGRES_URL else ''}"
     rc = 0
     if not args.report_only:
         prepare(args.tests_from)
@@ -303,7 +327,7 @@ def main() -> int:
             if args.fresh:
                 (OUT / f"{key}.mutmut-cache").unlink(missing_ok=True)
             rc |= run_module(key, args.timeout_base, not args.no_fork_server)
-    report(label, keys)
+    report(label, [f"{k}+pg" for k in keys] if POSTGRES_URL else keys)
     return rc
 
 
