@@ -65,13 +65,21 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 MUTMUT_CONFIG = '''\
-"""Written by scripts/mutation.py: mutants on logging lines are not made (log text is not behaviour)."""
+"""Written by scripts/mutation.py: mutants on logging lines are not made (log text is not behaviour), nor,
+with --lines, those outside the range it names."""
+import os
+
+_LINES = os.environ.get("EDGEOPT_MUTATION_LINES")
 
 
 def pre_mutation(context):
     line = context.current_source_line.strip()
     if line.startswith(("log.", "logger.", "_log.")) or "logging.getLogger" in line:
         context.skip = True
+    if _LINES:
+        first, last = map(int, _LINES.split("-"))
+        if not first <= context.current_line_index + 1 <= last:
+            context.skip = True
 '''
 
 
@@ -304,6 +312,8 @@ def main() -> int:
                                                                    "(slower; see scripts/mutation_forkserver.py)")
     ap.add_argument("--postgres", metavar="URL", help="keep the PostgreSQL variants of the tests (EDGEOPT_TEST_POSTGRES_URL "
                     "for this run); results go to <key>+pg, started from the SQLite run's")
+    ap.add_argument("--lines", metavar="FIRST-LAST", help="with --postgres: mutate only these lines (1-based, "
+                    "inclusive), e.g. the PostgreSQL-only code; the others count as not made in <key>+pg")
     ap.add_argument("--report-only", action="store_true", help="only rewrite REPORT.md from the kept results")
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
@@ -317,6 +327,10 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     global WORK, POSTGRES_URL
     POSTGRES_URL = args.postgres
+    if args.lines:
+        if not args.postgres:  # a skip is stored in the cache: never in the main one
+            ap.error("--lines goes with --postgres")
+        os.environ["EDGEOPT_MUTATION_LINES"] = args.lines
     if args.modules:  # a scratch copy per set of modules, so runs of different modules can go side by side
         WORK = OUT / f"work-{'+'.join(keys)}{'-pg' if POSTGRES_URL else ''}"
     rc = 0
