@@ -389,3 +389,45 @@ def test_add_counters_sums(engine, session):
     with session.begin():
         W.add_counters(session, {"a": 5}, T0 + US, engine.dialect.name)
     assert ingest_counters(session) == {"a": 6, "b": 2}
+
+
+# --------------------------------------------------------------------------- plain values (mutation survivors)
+
+
+def test_incoming_defaults_and_frozen_limits():
+    """A message from anything but MQTT (a test, a replay) has no packet id, QoS 0 and no connection."""
+    item = Incoming("t", b"x", T0)
+    assert (item.mid, item.qos, item.conn) == (0, 0, 0)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError: one Limits is shared by every batch
+        Limits().max_bytes = 1
+
+
+def test_prepared_size_and_reject():
+    out = W.Prepared()
+    assert (out.telemetry, out.telemetry_msgs, out.events, out.results, out.statuses, out.fleets, out.touch,
+            out.rejected, out.size) == ([], {}, [], [], [], {}, {}, [], 0)
+    assert W.Prepared().counters is not out.counters
+    item = Incoming("t", b"x", T0)
+    out.reject(item, "why", "because")
+    out.reject(item, "why", "again")
+    assert out.counters == {"why": 2} and [(r.reason, r.error) for r in out.rejected] == [("why", "because"),
+                                                                                         ("why", "again")]
+    out.telemetry_msgs[("d", "s", 1)] = 3
+    out.events.append(("d", {}))
+    out.results.append(("d", {}))
+    out.statuses.append(("d", None, T0))
+    assert out.size == 4  # messages, not rows: the telemetry message of 3 rows counts once
+
+
+def test_writer_defaults_and_dialects():
+    def engine(name):
+        return types.SimpleNamespace(dialect=types.SimpleNamespace(name=name))
+
+    w = BatchWriter(engine("sqlite"))
+    assert (w.name, w.dialect, w._pks, w.dead_letter_budget.per_minute) == ("", "sqlite", {}, 1000)
+    assert BatchWriter(engine("postgresql"), name="i2", dead_letters_per_minute=5).dead_letter_budget.per_minute == 5
+    assert W.WriteStats() == W.WriteStats(0, 0, 0, 0, 0, 0, 0)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    assert isinstance(W._insert("postgresql", m.Event.__table__), postgresql.Insert)
+    assert isinstance(W._insert("sqlite", m.Event.__table__), sqlite.Insert)
