@@ -431,3 +431,65 @@ def test_writer_defaults_and_dialects():
 
     assert isinstance(W._insert("postgresql", m.Event.__table__), postgresql.Insert)
     assert isinstance(W._insert("sqlite", m.Event.__table__), sqlite.Insert)
+
+
+def test_statuses_of_one_batch_apply_in_order_per_device(engine, session):
+    a, b = SimDevice("dev-a", session_id="sa"), SimDevice("dev-b", session_id="sb")
+    items = [msg(b.topic("status"), b.status("online", ts=T0, seq=1)),
+             msg(a.topic("status"), a.status("online", ts=T0, seq=1)),
+             msg(a.topic("status"), a.status("offline", ts=T0 + US, seq=2)),
+             msg(b.topic("status"), b.status("online", ts=T0 + US, seq=2))]
+    st = BatchWriter(engine).write(prepare(items), T0)
+    assert st.statuses == 4
+    assert (_device(session, "dev-a").status, _device(session, "dev-a").offline_reason) == ("offline", "will")
+    assert (_device(session, "dev-b").status, _device(session, "dev-b").status_seq) == ("online", 2)
+
+
+def test_results_without_events_and_events_without_results(engine, session):
+    d = SimDevice("dev-1")
+    res = CommandResultPayload(device_id="dev-1", session_id="s", seq=1, ts=T0, command_id="c", ok=True,
+                               status="succeeded")
+    ev = EventPayload(device_id="dev-1", session_id="s", seq=2, ts=T0, event="install")
+    w = BatchWriter(engine)
+    assert w.write(prepare([msg(d.topic("cmd/result"), res)]), T0) == W.WriteStats(results=1)
+    assert w.write(prepare([msg(d.topic("events"), ev)]), T0) == W.WriteStats(events=1)
+    assert ingest_counters(session) == {"cmd_result": 1, "events": 1}
+
+
+def test_telemetry_of_the_same_ts_replaces_the_device_facts(engine, session):
+    """``last_seen <= ts``: a second message with the same ts (another model's interval) is as new."""
+    d = SimDevice("dev-1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0, interval_s=7)[0])]), T0)
+    p = d.telemetry(ts=T0, interval_s=3)[0]
+    w.write(prepare([msg(d.topic("telemetry"), p)]), T0)
+    dev = _device(session)
+    assert (dev.last_seen, dev.telemetry_interval_s, dev.last_cpu_percent, dev.last_rss_bytes) == (
+        T0, 3.0, p.system.cpu_percent, p.system.rss_bytes)
+    assert dev.last_p95_ms == max(s.p95_ms for s in p.models)
+
+
+def test_birth_after_telemetry_of_the_same_session(engine, session):
+    """Telemetry sets the session (no status seq yet); the birth of that session then sets the seq."""
+    d = SimDevice("dev-1", session_id="s1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0, seq=1)[0])]), T0)
+    dev = _device(session)
+    assert (dev.session_id, dev.status_seq) == ("s1", None)
+    w.write(prepare([msg(d.topic("status"), d.status("online", ts=T0 + US, seq=0))]), T0)
+    dev = _device(session)
+    assert (dev.status, dev.status_seq, dev.session_ts) == ("online", 0, T0 + US)
+
+
+def test_inventory_rows_carry_the_receipt_and_skip_repeated_names(engine, session):
+    d = SimDevice("dev-1", models=("a", "b"), groups=("g1",))
+    st = d.status("online", ts=T0)
+    first = st.packages[0]
+    st = st.model_copy(update={"packages": [first, first.model_copy(update={"version": "9"}), st.packages[1]]})
+    got = T0 + timedelta(seconds=3)
+    BatchWriter(engine).write(prepare([msg(d.topic("status"), st, got)]), T0)
+    dev = _device(session)
+    assert [(p.name, p.version, p.updated_at) for p in dev.packages] == [("a", "1.0.0", got), ("b", "1.0.0", got)]
+    g = session.scalars(select(m.DeviceGroup)).one()
+    assert (g.name, g.description, g.created_at) == ("g1", "", got)
+    assert [mb.source for mb in dev.memberships] == ["agent"]
