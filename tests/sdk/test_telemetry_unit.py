@@ -384,6 +384,7 @@ def test_pairs():
     back = t.Histogram.from_pairs([3, 2, -5, 1, 3, 1, 8, 0], sum_ms=7.0)
     assert back.bins == {3: 3, -5: 1} and back.count == 4 and back.sum_ms == 7.0
     assert t.Histogram.from_pairs([]).count == 0 and t.Histogram.from_pairs([-230, 1, 576, 1]).count == 2
+    assert t.Histogram.from_pairs([1, 2]).sum_ms == 0.0
     with pytest.raises(ValueError, match=r"^histogram pairs need an even length, got 3$"):
         t.Histogram.from_pairs([1, 2, 3])
     for pair, text in (([577, 1], r"\(577, 1\)"), ([-231, 1], r"\(-231, 1\)"), ([0, -1], r"\(0, -1\)")):
