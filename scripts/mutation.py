@@ -196,8 +196,9 @@ def _seed_postgres_cache(key: str) -> Path:
 
 
 def _keep_equivalents(files: list[str]) -> None:
-    """Mark the listed equivalent survivors as tested against the current tests, so mutmut does not run them
-    again when the tests change: they are out of the score either way, and each would run every mapped test."""
+    """Mark the listed equivalent survivors (and listed mutants not yet run) as tested against the current tests,
+    so mutmut does not run them (again): they are out of the score either way, and each would run every mapped
+    test. A listed mutant that was never run is reported as equivalent on the strength of its reason alone."""
     from mutmut.cache import hash_of_tests
 
     if not (WORK / ".mutmut-cache").exists():
@@ -205,10 +206,12 @@ def _keep_equivalents(files: list[str]) -> None:
     current = hash_of_tests([str(WORK / "tests")])  # what mutmut computes for --tests-dir tests (file contents)
     wanted = {(e["file"], e["line"].strip(), e["index"]) for e in _equivalents() if e["file"] in files}
     con = sqlite3.connect(WORK / ".mutmut-cache")
+    # Untested ones too (a resumed run): each costs a full run of the mapped tests and is out of the score anyway.
     rows = con.execute("SELECT m.id, s.filename, l.line, m.\"index\" FROM Mutant m JOIN Line l ON m.line = l.id "
-                       "JOIN SourceFile s ON l.sourcefile = s.id WHERE m.status = 'bad_survived'").fetchall()
+                       "JOIN SourceFile s ON l.sourcefile = s.id "
+                       "WHERE m.status IN ('bad_survived', 'untested')").fetchall()
     ids = [(current, mid) for mid, f, line, index in rows if (f, line.strip(), index) in wanted]
-    con.executemany("UPDATE Mutant SET tested_against_hash = ? WHERE id = ?", ids)
+    con.executemany("UPDATE Mutant SET tested_against_hash = ?, status = 'bad_survived' WHERE id = ?", ids)
     con.commit()
     con.close()
 
