@@ -146,6 +146,11 @@ def test_version_checks():
     with pytest.raises(ValueError, match=r"unsupported schema major version 1 \(supported: 2\)"):
         t.SignedCommand(schema_version="1.0", body="{}", key_id="0" * 16, signature="A")
     assert t._check_major("2.5", 2) == "2.5"
+    for v, text in (("3.0", "unsupported schema major version 3 (supported: 1)"),
+                    ("x", "schema_version must look like '1.0', found 'x'")):
+        with pytest.raises(ValueError) as err:
+            t._check_major(v, 1)
+        assert str(err.value) == text
 
 
 def test_bad_schema_names_the_first_error_and_where():
