@@ -493,3 +493,17 @@ def test_inventory_rows_carry_the_receipt_and_skip_repeated_names(engine, sessio
     g = session.scalars(select(m.DeviceGroup)).one()
     assert (g.name, g.description, g.created_at) == ("g1", "", got)
     assert [mb.source for mb in dev.memberships] == ["agent"]
+
+
+def test_a_good_payload_takes_the_fast_path(monkeypatch):
+    """pydantic's own JSON parser validates a good payload in one step; parse_payload (json.loads, then
+    validation: twice the time) is only for what that step refuses or may wrongly accept."""
+    calls = []
+    real = W.parse_payload
+    monkeypatch.setattr(W, "parse_payload", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    d = SimDevice("dev-1")
+    data = d.telemetry(ts=T0)[0].to_json()
+    assert prepare([msg(d.topic("telemetry"), data)], Limits(max_bytes=len(data))).size == 1
+    assert calls == []  # exactly at the size limit still goes the fast way
+    assert one_rejection([msg(d.topic("telemetry"), b"{")])[0] == "bad_json"
+    assert calls == ["telemetry"]

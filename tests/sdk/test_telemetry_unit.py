@@ -190,6 +190,18 @@ def test_common_fields_bounds_and_defaults():
     assert (pkg.precision, pkg.sha256, pkg.previous_version) == (None, None, None)
 
 
+def test_every_kind_reads_back_what_it_writes():
+    """The ``kind`` field travels on the wire: a reader must accept what a writer puts there."""
+    made = [("status", t.StatusPayload(device_id="d", session_id="s", seq=0, state="offline")),
+            ("telemetry", t.TelemetryPayload(device_id="d", session_id="s", seq=1, interval_s=1)),
+            ("events", t.EventPayload(device_id="d", session_id="s", seq=2, event="error")),
+            ("cmd/result", t.CommandResultPayload(device_id="d", session_id="s", seq=3, command_id="c", ok=True,
+                                                  status="accepted"))]
+    for kind, p in made:
+        assert json.loads(p.to_json())["kind"] == {"events": "event", "cmd/result": "cmd_result"}.get(kind, kind)
+        assert t.parse_payload(kind, p.to_json()) == p
+
+
 def test_telemetry_fields():
     p = parse("telemetry", _telemetry_doc(interval_s=86400))
     assert p.kind == "telemetry" and p.models == [] and p.dropped == 0 and p.system == t.SystemStats()
@@ -452,6 +464,8 @@ def test_legacy_histogram_model():
     for n in (28, 30):
         with pytest.raises(ValueError, match="histogram needs 29 counts"):
             t.HistogramModel(counts=[0] * n)
+    assert t.HistogramModel(counts=[0] * 29, sum_ms=0.0).sum_ms == 0.0
+    assert t.HistogramModel(counts=[0] * 29, sum_ms=0.5).sum_ms == 0.5
     conv = t.HistogramModel(counts=[0] * 8 + [4] + [0] * 20, sum_ms=7.0).to_histogram()
     assert conv.bins == {31: 1, 32: 1, 33: 1, 34: 1} and conv.count == 4 and conv.sum_ms == 7.0
 
