@@ -9,6 +9,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from pydantic import ValidationError
 
 from edgeopt.sdk import telemetry as t
 from edgeopt.sdk.errors import InputError
@@ -266,8 +267,9 @@ def test_command_fields():
     for over in bad:
         with pytest.raises(ValueError):
             _command(**over)
-    with pytest.raises(ValueError, match="expires_at must be after issued_at"):
+    with pytest.raises(ValidationError) as err:
         _command(expires_at=T0)
+    assert err.value.errors()[0]["msg"] == "Value error, expires_at must be after issued_at"
     cet = timezone(timedelta(hours=1))
     c = _command(issued_at=T0.astimezone(cet), expires_at=(T0 + timedelta(seconds=1)).astimezone(cet))
     assert c.issued_at.tzinfo is timezone.utc and c.expires_at.tzinfo is timezone.utc
@@ -431,10 +433,10 @@ def test_sketch_model_bounds():
                              (full + [577], [1] * 808, {}), (full, [1] * 808, {})):
         with pytest.raises(ValueError):
             sketch(keys, counts, **kw)
-    with pytest.raises(ValueError, match="2 keys but 1 counts"):
-        sketch([1, 2], [1])
-    with pytest.raises(ValueError, match="keys must be strictly ascending"):
-        sketch([1, 1], [1, 1])
+    for keys, counts, text in (([1, 2], [1], "2 keys but 1 counts"), ([1, 1], [1, 1], "keys must be strictly ascending")):
+        with pytest.raises(ValidationError) as err:
+            sketch(keys, counts)
+        assert err.value.errors()[0]["msg"] == f"Value error, {text}"
     assert sketch([1, 2], [1, 1], sum_ms=0.0).keys == [1, 2]
 
 
@@ -459,11 +461,14 @@ def test_legacy_histogram_model():
                 {"counts": [0] * 29, "sum_ms": -1.0}):
         with pytest.raises(ValueError):
             t.HistogramModel(**bad)
-    with pytest.raises(ValueError, match="histogram bounds differ from the contract's fixed LATENCY_BUCKETS_MS"):
+    with pytest.raises(ValidationError) as err:
         t.HistogramModel(counts=[0] * 29, bounds_ms=list(t.LEGACY_BUCKETS_MS[:-1]) + [10001.0])
+    assert err.value.errors()[0]["msg"] == (
+        "Value error, histogram bounds differ from the contract's fixed LATENCY_BUCKETS_MS")
     for n in (28, 30):
-        with pytest.raises(ValueError, match="histogram needs 29 counts"):
+        with pytest.raises(ValidationError) as err:
             t.HistogramModel(counts=[0] * n)
+        assert err.value.errors()[0]["msg"] == "Value error, histogram needs 29 counts"
     assert t.HistogramModel(counts=[0] * 29, sum_ms=0.0).sum_ms == 0.0
     assert t.HistogramModel(counts=[0] * 29, sum_ms=0.5).sum_ms == 0.5
     conv = t.HistogramModel(counts=[0] * 8 + [4] + [0] * 20, sum_ms=7.0).to_histogram()
