@@ -220,6 +220,10 @@ def test_telemetry_fields():
         with pytest.raises(ValueError):
             t.ModelStats(**{"model": "m", "requests": 0, "latency": t.LatencySketch(), **bad})
     assert t.ModelStats(model="m", requests=0, latency=t.LatencySketch(), live_sequences=0).live_sequences == 0
+    assert t.ModelStats(model="m", requests=0, latency=t.LatencySketch(), batch_sizes={"1": 0}).batch_sizes == {"1": 0}
+    # latency is required: a model's stats without it are refused, not stored without a histogram
+    assert refusal(parse, "telemetry", _telemetry_doc(models=[{"model": "m", "requests": 1}])) == (
+        "bad_schema", "invalid telemetry payload at models.0.latency: Field required")
 
 
 def test_event_and_result_fields():
