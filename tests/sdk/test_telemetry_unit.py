@@ -66,6 +66,8 @@ def test_str_input_is_measured_in_utf8_bytes():
     assert refusal(t.load_json, '"\u00e9\u00e9"', max_bytes=5) == ("oversize",
                                                                     "payload of 6 bytes is over the 5-byte limit")
     assert t.load_json('"\u00e9\u00e9"', max_bytes=6) == "\u00e9\u00e9"
+    # a lone surrogate in a str is passed through as the standard library's decoder would read it back
+    assert t.load_json('"\ud800"') == "\ud800"
 
 
 def test_depth_at_the_limit_passes_one_more_is_too_deep():
@@ -78,6 +80,13 @@ def test_depth_at_the_limit_passes_one_more_is_too_deep():
     assert t.load_json(nested(2), max_depth=2) == [[]]
     obj = b'{"a":' * 32 + b"1" + b"}" * 32
     assert not t.json_too_deep(obj) and t.json_too_deep(b"[" + obj + b"]")
+
+
+def test_a_decoder_recursion_is_too_deep_not_a_crash():
+    """Only reachable with a depth bound above what the decoder can recurse: still a refusal with its reason."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert refusal(t.load_json, deep, max_bytes=10**7, max_depth=10**9) == (
+        "too_deep", "payload nests deeper than 1000000000 levels")
 
 
 def test_json_too_deep_counts_brackets_not_strings():
@@ -205,6 +214,7 @@ def test_every_kind_reads_back_what_it_writes():
 
 def test_telemetry_fields():
     p = parse("telemetry", _telemetry_doc(interval_s=86400))
+    assert parse("telemetry", _telemetry_doc(interval_s=0.001, dropped=0)).interval_s == 0.001
     assert p.kind == "telemetry" and p.models == [] and p.dropped == 0 and p.system == t.SystemStats()
     assert t.SystemStats().model_dump() == dict.fromkeys(
         ["cpu_percent", "rss_bytes", "mem_total_bytes", "mem_available_bytes", "temperature_c", "load_1m"])
