@@ -270,7 +270,7 @@ def test_command_fields():
     assert (c.schema_version, c.args, c.deployment_id) == ("2.1", {}, None)
     for name in ("deploy", "rollback", "set-config", "ping", "profile"):
         assert _command(command=name).command == name
-    ok = [{"id": "i" * 64}, {"fleet": "f" * 128}, {"device_id": "d" * 128}, {"deployment_id": "x" * 64},
+    ok = [{"id": "i"}, {"id": "i" * 64}, {"fleet": "f" * 128}, {"device_id": "d" * 128}, {"deployment_id": "x" * 64},
           {"nonce": "0123456789abcdef" * 2}]
     for over in ok:
         _command(**over)
@@ -281,6 +281,12 @@ def test_command_fields():
     for over in bad:
         with pytest.raises(ValueError):
             _command(**over)
+    for field in ("issued_at", "expires_at", "id", "command", "fleet", "device_id", "nonce"):
+        doc = _command().model_dump()
+        del doc[field]
+        with pytest.raises(ValidationError) as err:
+            t.CommandPayload(**doc)
+        assert err.value.errors()[0]["type"] == "missing" and err.value.errors()[0]["loc"] == (field,)
     with pytest.raises(ValidationError) as err:
         _command(expires_at=T0)
     assert err.value.errors()[0]["msg"] == "Value error, expires_at must be after issued_at"
