@@ -302,6 +302,7 @@ def test_signed_command_fields():
     assert json.loads(s.to_json()) == {"schema_version": "2.1", "body": "{}", "alg": "ed25519",
                                        "key_id": "0123456789abcdef", "signature": "A"}
     t.SignedCommand(**{**base, "body": "x" * t.MAX_PAYLOAD_BYTES, "signature": "s" * 200})
+    assert t.SignedCommand.model_validate_json(s.to_json()) == s  # alg travels, and is read back
     for bad in ({"body": "{"}, {"body": "x" * (t.MAX_PAYLOAD_BYTES + 1)}, {"signature": ""},
                 {"signature": "s" * 201}, {"key_id": "0" * 15}, {"key_id": "0" * 17}, {"key_id": "G" * 16},
                 {"alg": "rsa"}):
