@@ -101,6 +101,8 @@ def test_json_too_deep_counts_brackets_not_strings():
     assert t.json_too_deep(b"[" * 6 + b"]" * 6, max_depth=5)
     # only brackets count, whatever else the bytes are (the check runs before the decoder sees them)
     assert t.json_too_deep(b"[X" * 33) and t.json_too_deep(b"[ 1," * 33)
+    # a closing bracket takes one level off, not more: 33 levels after a closed pair are still 33
+    assert t.json_too_deep(b"[" + b"[]" + b"[" * 32 + b"]" * 33)
     # closing brackets bring the depth down: 40 brackets in sequence at depth 1 are fine
     assert not t.json_too_deep(b"[" + b"{}" * 40 + b"]", max_depth=2)
 
