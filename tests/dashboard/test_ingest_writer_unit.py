@@ -389,6 +389,9 @@ def test_add_counters_sums(engine, session):
     with session.begin():
         W.add_counters(session, {"a": 5}, T0 + US, engine.dialect.name)
     assert ingest_counters(session) == {"a": 6, "b": 2}
+    session.expire_all()
+    when = {c.reason: c.updated_at for c in session.scalars(select(m.IngestCounter))}
+    assert when == {"a": T0 + US, "b": T0}  # the time of the batch that last added to it
 
 
 # --------------------------------------------------------------------------- plain values (mutation survivors)
