@@ -510,3 +510,18 @@ def test_a_good_payload_takes_the_fast_path(monkeypatch):
     assert calls == []  # exactly at the size limit still goes the fast way
     assert one_rejection([msg(d.topic("telemetry"), b"{")])[0] == "bad_json"
     assert calls == ["telemetry"]
+
+
+def test_telemetry_after_a_will_neither_revives_nor_restamps(engine, session):
+    """A device offline by its last will stays offline on late telemetry of that session, and the time its
+    status changed stays the will's (only a heartbeat-offline device of the same session is revived)."""
+    d = SimDevice("dev-1", session_id="s1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("status"), d.status("online", ts=T0, seq=1), T0)]), T0)
+    will_at = T0 + timedelta(seconds=5)
+    w.write(prepare([msg(d.topic("status"), d.status("offline", ts=T0 + US, seq=0), will_at)]), T0)
+    late = T0 + timedelta(seconds=9)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0 + timedelta(seconds=2), seq=2)[0], late)]), T0)
+    dev = _device(session)
+    assert (dev.status, dev.offline_reason, dev.status_changed_at) == ("offline", "will", will_at)
+    assert dev.last_seen == T0 + timedelta(seconds=2)
