@@ -147,6 +147,12 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
+    if os.environ.get("EDGEOPT_MUTATION_LINES") and (WORK / ".mutmut-cache").exists():
+        # mutants skipped by an earlier --lines range are looked at again (mutmut keeps a skip like a result)
+        con = sqlite3.connect(WORK / ".mutmut-cache")
+        con.execute("UPDATE Mutant SET tested_against_hash = NULL WHERE status = 'skipped'")
+        con.commit()
+        con.close()
     _keep_equivalents(files)
     pytest_args = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "300", *tests]
     server = None
