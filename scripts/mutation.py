@@ -150,7 +150,7 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     if os.environ.get("EDGEOPT_MUTATION_LINES") and (WORK / ".mutmut-cache").exists():
         # mutants skipped by an earlier --lines range are looked at again (mutmut keeps a skip like a result)
         con = sqlite3.connect(WORK / ".mutmut-cache")
-        con.execute("UPDATE Mutant SET tested_against_hash = NULL WHERE status = 'skipped'")
+        con.execute("UPDATE Mutant SET tested_against_hash = '' WHERE status = 'skipped'")
         con.commit()
         con.close()
     _keep_equivalents(files)
@@ -195,7 +195,7 @@ def _seed_postgres_cache(key: str) -> Path:
     if not cache.exists() and plain.exists():
         shutil.copy2(plain, cache)
         con = sqlite3.connect(cache)
-        con.execute("UPDATE Mutant SET tested_against_hash = NULL WHERE status != 'ok_killed'")
+        con.execute("UPDATE Mutant SET tested_against_hash = '' WHERE status != 'ok_killed'")
         con.commit()
         con.close()
     return cache

@@ -525,3 +525,15 @@ def test_telemetry_after_a_will_neither_revives_nor_restamps(engine, session):
     dev = _device(session)
     assert (dev.status, dev.offline_reason, dev.status_changed_at) == ("offline", "will", will_at)
     assert dev.last_seen == T0 + timedelta(seconds=2)
+
+
+def test_reported_profile_comes_before_the_packages_and_a_will_is_not_ok(engine, session):
+    d = SimDevice("dev-1", models=("digits",), profile="cpu")
+    w = BatchWriter(engine)
+    st = d.status("online", ts=T0).model_copy(update={"capabilities": {"profile": "igpu"}})
+    assert st.packages[0].profile == "cpu"
+    w.write(prepare([msg(d.topic("status"), st)]), T0)
+    assert _device(session).profile == "igpu"
+    w.write(prepare([msg(d.topic("status"), d.status("offline", ts=T0 + US))]), T0)
+    assert [(e.kind, e.ok) for e in session.scalars(select(m.Event).order_by(m.Event.seq))] == [
+        ("online", True), ("offline", False)]
