@@ -37,8 +37,6 @@ from . import models as m
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVALS = 3  # no telemetry for this many intervals -> offline
-ACCEPTED_KINDS = {"telemetry": "telemetry", "events": "events", "cmd/result": "cmd_result",
-                  "status": "status"}
 
 
 @dataclass

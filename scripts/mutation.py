@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-artifacts" / "mutation"
 WORK = OUT / "work"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.toml"
+POSTGRES_URL: str | None = None  # --postgres: the PostgreSQL variants of the dashboard tests run too
 PACKAGES = {"sdk": "sdk", "agent": "agent", "dashboard": "dashboard", "hardware_profiles": "hardware_profiles"}
 
 # key -> (files to mutate, the fast tests that cover them). Paths relative to the repository root.
@@ -48,7 +49,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   "tests/sdk/test_tasks.py"]),
     "float-search": (["sdk/pipeline/evaluation.py"], ["tests/sdk/test_float_search_unit.py",
                                                       "tests/sdk/test_float_search.py"]),
-    "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_payloads.py"]),
+    # test_telemetry_unit.py (exact bounds, keys and texts) first: a mutant dies at the first test that sees it
+    "telemetry": (["sdk/telemetry.py"], ["tests/sdk/test_telemetry_unit.py", "tests/sdk/test_telemetry_payloads.py",
+                                         "tests/sdk/test_latency_sketch.py"]),
     "security": (["dashboard/security.py"], ["tests/dashboard/test_security_unit.py", "tests/dashboard/test_role_matrix.py"]),
     # test_package_errors.py (the CLI on real models) is left out: seconds a run, and the unit tests cover its
     # uses of this module
@@ -66,13 +69,21 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 MUTMUT_CONFIG = '''\
-"""Written by scripts/mutation.py: mutants on logging lines are not made (log text is not behaviour)."""
+"""Written by scripts/mutation.py: mutants on logging lines are not made (log text is not behaviour), nor,
+with --lines, those outside the range it names."""
+import os
+
+_LINES = os.environ.get("EDGEOPT_MUTATION_LINES")
 
 
 def pre_mutation(context):
     line = context.current_source_line.strip()
     if line.startswith(("log.", "logger.", "_log.")) or "logging.getLogger" in line:
         context.skip = True
+    if _LINES:
+        first, last = map(int, _LINES.split("-"))
+        if not first <= context.current_line_index + 1 <= last:
+            context.skip = True
 '''
 
 
@@ -111,8 +122,11 @@ def prepare(tests_from: str | None) -> None:
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(WORK / ".pypath") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # The SQLite variants only: a mutant run is about the module's logic, and PostgreSQL doubles the time.
+    # The SQLite variants only by default: a mutant run is about the module's logic, and PostgreSQL doubles the
+    # time. --postgres keeps them, for code that only runs on PostgreSQL (ingest_writer's COPY path).
     env.pop("EDGEOPT_TEST_POSTGRES_URL", None)
+    if POSTGRES_URL:
+        env["EDGEOPT_TEST_POSTGRES_URL"] = POSTGRES_URL
     env.pop("CI", None)
     return env
 
@@ -131,10 +145,18 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
         print(f"mutation: {key}: none of its tests exist in this revision; skipped", flush=True)
         return 0
     cache = OUT / f"{key}.mutmut-cache"
+    if POSTGRES_URL:
+        cache = _seed_postgres_cache(key)
     if cache.exists():
         shutil.copy2(cache, WORK / ".mutmut-cache")
     else:
         (WORK / ".mutmut-cache").unlink(missing_ok=True)
+    if os.environ.get("EDGEOPT_MUTATION_LINES") and (WORK / ".mutmut-cache").exists():
+        # mutants skipped by an earlier --lines range are looked at again (mutmut keeps a skip like a result)
+        con = sqlite3.connect(WORK / ".mutmut-cache")
+        con.execute("UPDATE Mutant SET tested_against_hash = '' WHERE status = 'skipped'")
+        con.commit()
+        con.close()
     _keep_equivalents(files)
     pytest_args = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "300", *tests]
     server = None
@@ -168,9 +190,25 @@ def run_module(key: str, timeout_base: float, fork_server: bool = True) -> int:
     return 1 if proc.returncode & 1 else 0
 
 
+def _seed_postgres_cache(key: str) -> Path:
+    """The cache of a --postgres run (``<key>+pg``), kept apart from the SQLite one. Its first run starts from
+    the SQLite results: mutants killed there stay killed, and every other one is tested again (its test hash
+    is cleared), so only the survivors pay for the PostgreSQL variants."""
+    cache = OUT / f"{key}+pg.mutmut-cache"
+    plain = OUT / f"{key}.mutmut-cache"
+    if not cache.exists() and plain.exists():
+        shutil.copy2(plain, cache)
+        con = sqlite3.connect(cache)
+        con.execute("UPDATE Mutant SET tested_against_hash = '' WHERE status != 'ok_killed'")
+        con.commit()
+        con.close()
+    return cache
+
+
 def _keep_equivalents(files: list[str]) -> None:
-    """Mark the listed equivalent survivors as tested against the current tests, so mutmut does not run them
-    again when the tests change: they are out of the score either way, and each would run every mapped test."""
+    """Mark the listed equivalent survivors (and listed mutants not yet run) as tested against the current tests,
+    so mutmut does not run them (again): they are out of the score either way, and each would run every mapped
+    test. A listed mutant that was never run is reported as equivalent on the strength of its reason alone."""
     from mutmut.cache import hash_of_tests
 
     if not (WORK / ".mutmut-cache").exists():
@@ -178,10 +216,12 @@ def _keep_equivalents(files: list[str]) -> None:
     current = hash_of_tests([str(WORK / "tests")])  # what mutmut computes for --tests-dir tests (file contents)
     wanted = {(e["file"], e["line"].strip(), e["index"]) for e in _equivalents() if e["file"] in files}
     con = sqlite3.connect(WORK / ".mutmut-cache")
+    # Untested ones too (a resumed run): each costs a full run of the mapped tests and is out of the score anyway.
     rows = con.execute("SELECT m.id, s.filename, l.line, m.\"index\" FROM Mutant m JOIN Line l ON m.line = l.id "
-                       "JOIN SourceFile s ON l.sourcefile = s.id WHERE m.status = 'bad_survived'").fetchall()
+                       "JOIN SourceFile s ON l.sourcefile = s.id "
+                       "WHERE m.status IN ('bad_survived', 'untested')").fetchall()
     ids = [(current, mid) for mid, f, line, index in rows if (f, line.strip(), index) in wanted]
-    con.executemany("UPDATE Mutant SET tested_against_hash = ? WHERE id = ?", ids)
+    con.executemany("UPDATE Mutant SET tested_against_hash = ?, status = 'bad_survived' WHERE id = ?", ids)
     con.commit()
     con.close()
 
@@ -206,7 +246,7 @@ def _mutated_line(path: str, line: str, index: int) -> str:
 
 
 def summarize(key: str) -> dict:
-    """Counts and survivors of one module from its cache."""
+    """Counts and survivors of one module from its cache (``<key>+pg``: its --postgres run)."""
     cache = OUT / f"{key}.mutmut-cache"
     if not cache.exists():
         return {}
@@ -240,7 +280,7 @@ def summarize(key: str) -> dict:
 
 
 def report(label: str, keys: list[str]) -> None:
-    summaries = {k: summarize(k) for k in MODULES}
+    summaries = {k: summarize(k) for k in [*MODULES, *(f"{k}+pg" for k in MODULES)]}
     path = OUT / f"summary-{label}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update({k: v["counts"] for k, v in summaries.items() if v and k in keys})
@@ -256,7 +296,7 @@ def report(label: str, keys: list[str]) -> None:
             continue
         c = s["counts"]
         b = before.get(key, {}).get("score")
-        lines.append(f"| {key} | {', '.join(MODULES[key][0])} | {c['mutants']} | {c['killed']} | {c['survived']} | "
+        lines.append(f"| {key} | {', '.join(MODULES[key.removesuffix('+pg')][0])} | {c['mutants']} | {c['killed']} | {c['survived']} | "
                      f"{c['equivalent']} | {c['untested']} | {'—' if b is None else f'{b}%'} | "
                      f"{'—' if c['score'] is None else str(c['score']) + '%'} |")
     for key, s in summaries.items():
@@ -283,6 +323,10 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
     ap.add_argument("--no-fork-server", action="store_true", help="start Python and pytest afresh for every mutant "
                                                                    "(slower; see scripts/mutation_forkserver.py)")
+    ap.add_argument("--postgres", metavar="URL", help="keep the PostgreSQL variants of the tests (EDGEOPT_TEST_POSTGRES_URL "
+                    "for this run); results go to <key>+pg, started from the SQLite run's")
+    ap.add_argument("--lines", metavar="FIRST-LAST", help="with --postgres: mutate only these lines (1-based, "
+                    "inclusive), e.g. the PostgreSQL-only code; the others count as not made in <key>+pg")
     ap.add_argument("--report-only", action="store_true", help="only rewrite REPORT.md from the kept results")
     ap.add_argument("--timeout-base", type=float, default=20.0, help="seconds added to 2x the baseline time "
                                                                     "before a mutant counts as a timeout")
@@ -294,9 +338,14 @@ def main() -> int:
         ap.error(f"unknown module {', '.join(unknown)}; expected some of {', '.join(MODULES)}")
     label = args.label or ("before" if args.tests_from else "after")
     OUT.mkdir(parents=True, exist_ok=True)
-    global WORK
+    global WORK, POSTGRES_URL
+    POSTGRES_URL = args.postgres
+    if args.lines:
+        if not args.postgres:  # a skip is stored in the cache: never in the main one
+            ap.error("--lines goes with --postgres")
+        os.environ["EDGEOPT_MUTATION_LINES"] = args.lines
     if args.modules:  # a scratch copy per set of modules, so runs of different modules can go side by side
-        WORK = OUT / f"work-{'+'.join(keys)}"
+        WORK = OUT / f"work-{'+'.join(keys)}{'-pg' if POSTGRES_URL else ''}"
     rc = 0
     if not args.report_only:
         prepare(args.tests_from)
@@ -305,7 +354,7 @@ def main() -> int:
             if args.fresh:
                 (OUT / f"{key}.mutmut-cache").unlink(missing_ok=True)
             rc |= run_module(key, args.timeout_base, not args.no_fork_server)
-    report(label, keys)
+    report(label, [f"{k}+pg" for k in keys] if POSTGRES_URL else keys)
     return rc
 
 

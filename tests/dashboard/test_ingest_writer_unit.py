@@ -389,3 +389,151 @@ def test_add_counters_sums(engine, session):
     with session.begin():
         W.add_counters(session, {"a": 5}, T0 + US, engine.dialect.name)
     assert ingest_counters(session) == {"a": 6, "b": 2}
+    session.expire_all()
+    when = {c.reason: c.updated_at for c in session.scalars(select(m.IngestCounter))}
+    assert when == {"a": T0 + US, "b": T0}  # the time of the batch that last added to it
+
+
+# --------------------------------------------------------------------------- plain values (mutation survivors)
+
+
+def test_incoming_defaults_and_frozen_limits():
+    """A message from anything but MQTT (a test, a replay) has no packet id, QoS 0 and no connection."""
+    item = Incoming("t", b"x", T0)
+    assert (item.mid, item.qos, item.conn) == (0, 0, 0)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError: one Limits is shared by every batch
+        Limits().max_bytes = 1
+
+
+def test_prepared_size_and_reject():
+    out = W.Prepared()
+    assert (out.telemetry, out.telemetry_msgs, out.events, out.results, out.statuses, out.fleets, out.touch,
+            out.rejected, out.size) == ([], {}, [], [], [], {}, {}, [], 0)
+    assert W.Prepared().counters is not out.counters
+    item = Incoming("t", b"x", T0)
+    out.reject(item, "why", "because")
+    out.reject(item, "why", "again")
+    assert out.counters == {"why": 2} and [(r.reason, r.error) for r in out.rejected] == [("why", "because"),
+                                                                                         ("why", "again")]
+    out.telemetry_msgs[("d", "s", 1)] = 3
+    out.events.append(("d", {}))
+    out.results.append(("d", {}))
+    out.statuses.append(("d", None, T0))
+    assert out.size == 4  # messages, not rows: the telemetry message of 3 rows counts once
+
+
+def test_writer_defaults_and_dialects():
+    def engine(name):
+        return types.SimpleNamespace(dialect=types.SimpleNamespace(name=name))
+
+    w = BatchWriter(engine("sqlite"))
+    assert (w.name, w.dialect, w._pks, w.dead_letter_budget.per_minute) == ("", "sqlite", {}, 1000)
+    assert BatchWriter(engine("postgresql"), name="i2", dead_letters_per_minute=5).dead_letter_budget.per_minute == 5
+    assert W.WriteStats() == W.WriteStats(0, 0, 0, 0, 0, 0, 0)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    assert isinstance(W._insert("postgresql", m.Event.__table__), postgresql.Insert)
+    assert isinstance(W._insert("sqlite", m.Event.__table__), sqlite.Insert)
+
+
+def test_statuses_of_one_batch_apply_in_order_per_device(engine, session):
+    a, b = SimDevice("dev-a", session_id="sa"), SimDevice("dev-b", session_id="sb")
+    items = [msg(b.topic("status"), b.status("online", ts=T0, seq=1)),
+             msg(a.topic("status"), a.status("online", ts=T0, seq=1)),
+             msg(a.topic("status"), a.status("offline", ts=T0 + US, seq=2)),
+             msg(b.topic("status"), b.status("online", ts=T0 + US, seq=2))]
+    st = BatchWriter(engine).write(prepare(items), T0)
+    assert st.statuses == 4
+    assert (_device(session, "dev-a").status, _device(session, "dev-a").offline_reason) == ("offline", "will")
+    assert (_device(session, "dev-b").status, _device(session, "dev-b").status_seq) == ("online", 2)
+
+
+def test_results_without_events_and_events_without_results(engine, session):
+    d = SimDevice("dev-1")
+    res = CommandResultPayload(device_id="dev-1", session_id="s", seq=1, ts=T0, command_id="c", ok=True,
+                               status="succeeded")
+    ev = EventPayload(device_id="dev-1", session_id="s", seq=2, ts=T0, event="install")
+    w = BatchWriter(engine)
+    assert w.write(prepare([msg(d.topic("cmd/result"), res)]), T0) == W.WriteStats(results=1)
+    assert w.write(prepare([msg(d.topic("events"), ev)]), T0) == W.WriteStats(events=1)
+    assert ingest_counters(session) == {"cmd_result": 1, "events": 1}
+
+
+def test_telemetry_of_the_same_ts_replaces_the_device_facts(engine, session):
+    """``last_seen <= ts``: a second message with the same ts (another model's interval) is as new."""
+    d = SimDevice("dev-1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0, interval_s=7)[0])]), T0)
+    p = d.telemetry(ts=T0, interval_s=3)[0]
+    w.write(prepare([msg(d.topic("telemetry"), p)]), T0)
+    dev = _device(session)
+    assert (dev.last_seen, dev.telemetry_interval_s, dev.last_cpu_percent, dev.last_rss_bytes) == (
+        T0, 3.0, p.system.cpu_percent, p.system.rss_bytes)
+    assert dev.last_p95_ms == max(s.p95_ms for s in p.models)
+
+
+def test_birth_after_telemetry_of_the_same_session(engine, session):
+    """Telemetry sets the session (no status seq yet); the birth of that session then sets the seq."""
+    d = SimDevice("dev-1", session_id="s1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0, seq=1)[0])]), T0)
+    dev = _device(session)
+    assert (dev.session_id, dev.status_seq) == ("s1", None)
+    w.write(prepare([msg(d.topic("status"), d.status("online", ts=T0 + US, seq=0))]), T0)
+    dev = _device(session)
+    assert (dev.status, dev.status_seq, dev.session_ts) == ("online", 0, T0 + US)
+
+
+def test_inventory_rows_carry_the_receipt_and_skip_repeated_names(engine, session):
+    d = SimDevice("dev-1", models=("a", "b"), groups=("g1",))
+    st = d.status("online", ts=T0)
+    first = st.packages[0]
+    st = st.model_copy(update={"packages": [first, first.model_copy(update={"version": "9"}), st.packages[1]]})
+    got = T0 + timedelta(seconds=3)
+    BatchWriter(engine).write(prepare([msg(d.topic("status"), st, got)]), T0)
+    dev = _device(session)
+    assert [(p.name, p.version, p.updated_at) for p in dev.packages] == [("a", "1.0.0", got), ("b", "1.0.0", got)]
+    g = session.scalars(select(m.DeviceGroup)).one()
+    assert (g.name, g.description, g.created_at) == ("g1", "", got)
+    assert [mb.source for mb in dev.memberships] == ["agent"]
+
+
+def test_a_good_payload_takes_the_fast_path(monkeypatch):
+    """pydantic's own JSON parser validates a good payload in one step; parse_payload (json.loads, then
+    validation: twice the time) is only for what that step refuses or may wrongly accept."""
+    calls = []
+    real = W.parse_payload
+    monkeypatch.setattr(W, "parse_payload", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    d = SimDevice("dev-1")
+    data = d.telemetry(ts=T0)[0].to_json()
+    assert prepare([msg(d.topic("telemetry"), data)], Limits(max_bytes=len(data))).size == 1
+    assert calls == []  # exactly at the size limit still goes the fast way
+    assert one_rejection([msg(d.topic("telemetry"), b"{")])[0] == "bad_json"
+    assert calls == ["telemetry"]
+
+
+def test_telemetry_after_a_will_neither_revives_nor_restamps(engine, session):
+    """A device offline by its last will stays offline on late telemetry of that session, and the time its
+    status changed stays the will's (only a heartbeat-offline device of the same session is revived)."""
+    d = SimDevice("dev-1", session_id="s1")
+    w = BatchWriter(engine)
+    w.write(prepare([msg(d.topic("status"), d.status("online", ts=T0, seq=1), T0)]), T0)
+    will_at = T0 + timedelta(seconds=5)
+    w.write(prepare([msg(d.topic("status"), d.status("offline", ts=T0 + US, seq=0), will_at)]), T0)
+    late = T0 + timedelta(seconds=9)
+    w.write(prepare([msg(d.topic("telemetry"), d.telemetry(ts=T0 + timedelta(seconds=2), seq=2)[0], late)]), T0)
+    dev = _device(session)
+    assert (dev.status, dev.offline_reason, dev.status_changed_at) == ("offline", "will", will_at)
+    assert dev.last_seen == T0 + timedelta(seconds=2)
+
+
+def test_reported_profile_comes_before_the_packages_and_a_will_is_not_ok(engine, session):
+    d = SimDevice("dev-1", models=("digits",), profile="cpu")
+    w = BatchWriter(engine)
+    st = d.status("online", ts=T0).model_copy(update={"capabilities": {"profile": "igpu"}})
+    assert st.packages[0].profile == "cpu"
+    w.write(prepare([msg(d.topic("status"), st)]), T0)
+    assert _device(session).profile == "igpu"
+    w.write(prepare([msg(d.topic("status"), d.status("offline", ts=T0 + US))]), T0)
+    assert [(e.kind, e.ok) for e in session.scalars(select(m.Event).order_by(m.Event.seq))] == [
+        ("online", True), ("offline", False)]
