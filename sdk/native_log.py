@@ -29,7 +29,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # LiteRT / TFLite: "INFO: ...", "WARNING: ...", "ERROR: ..."; ONNX Runtime: "2026-12-03 06:40:03.1 [W:onnxruntime:...]"
 _TFLITE = re.compile(r"^(INFO|VERBOSE|WARNING|ERROR): ?(.*)$")
 _ORT = re.compile(r"^\S+ \S+ \[([VIWEF]):onnxruntime:[^\]]*\]\s*(.*)$")
-_LEVEL = {"INFO": "I", "VERBOSE": "V", "WARNING": "W", "ERROR": "E", "FATAL": "F"}
+_LEVEL = {"INFO": "I", "VERBOSE": "V", "WARNING": "W", "ERROR": "E"}
 
 
 def _classify(line: str) -> tuple[str, str] | None:
@@ -59,14 +59,19 @@ def _emit(logger: logging.Logger, runtime: str, text: str, raised: bool, real_fd
             logger.warning("%s: %s", runtime, message)
 
 
+def _flush_stderr() -> None:
+    """Python's buffered stderr out before fd 2 changes hands (sys.stderr may be gone or closed)."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
 @contextlib.contextmanager
 def native_stderr_to_log(logger: logging.Logger, runtime: str) -> Iterator[None]:
     """Inside the block, what native code writes to fd 2 becomes records of ``logger`` (see the module doc)."""
     with _LOCK, tempfile.TemporaryFile() as tmp:
-        try:
-            sys.stderr.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
+        _flush_stderr()
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
         raised = False
@@ -76,10 +81,7 @@ def native_stderr_to_log(logger: logging.Logger, runtime: str) -> Iterator[None]
             raised = True
             raise
         finally:
-            try:
-                sys.stderr.flush()
-            except (AttributeError, ValueError, OSError):
-                pass
+            _flush_stderr()
             os.dup2(saved, 2)
             try:
                 size = os.fstat(tmp.fileno()).st_size
