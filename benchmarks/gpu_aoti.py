@@ -1,20 +1,23 @@
 """The `gpu` profile's two runtimes against torch.compile, in one run on a real NVIDIA GPU (issue 13).
 
-    python benchmarks/gpu_aoti.py --aoti-package resnet18-aoti.eopkg [--ort-package resnet18-gpu.eopkg] \
-        --public-key edgeopt.pub --factory benchmarks/resnet18_torch.py:build --weights resnet18.pt \
-        --batches 1,8,32 [--rounds 5] [--json OUT.json]
+    python benchmarks/gpu_aoti.py --aoti-package resnet18-aoti.eopkg --public-key edgeopt.pub \
+        --factory benchmarks/resnet18_torch.py:build --weights resnet18.pt \
+        --batches 1,8,32 [--rounds 5] [--http-seconds 4] [--json OUT.json]
 
-Every package is installed by the real agent (`edgeopt agent install`: signature, hashes, load with the profile's
-options, golden self-test, switch) and then loaded the way the agent loads it (``agent.loader.load_options`` and
-the runtime's ``load``): torch-aoti with its fixed batch sizes, device buffers and one CUDA graph per size; ONNX
-Runtime with I/O binding, NHWC, CUDA graphs. The baseline is ``torch.compile(mode="max-autotune")`` in fp16
-(channels-last) of the same PyTorch module with the same weights (benchmarks/resnet18_torch.py: the project's
-ResNet-18, also the ONNX package's source).
+The torch-aoti package is installed by the real agent (`edgeopt agent install`: signature, hashes, load with the
+profile's options, capture, golden self-test, switch) and the installed copy is then loaded the way the agent loads
+it (``agent.loader.load_options`` and the runtime's ``load``: fixed batch sizes, device buffers, one CUDA graph per
+size, pinned staging) in a worker process of its own, which this script asks for each timing in turn (the .pt2
+crashed in native code when loaded in the process that also ran torch.compile: H200, PyTorch 2.11). The baseline
+is ``torch.compile(mode="max-autotune")`` in fp16 (channels-last) of the same PyTorch module with the same weights
+(benchmarks/resnet18_torch.py: the project's ResNet-18) on the same inputs. The ONNX Runtime package's figures
+come from benchmarks/gpu_profile.py (BENCHMARKS.md).
 
 "device" times a run whose inputs are already on the GPU (outputs stay there); "host" times numpy float32 in and
-float32 out, the copies an application pays (pinned staging in torch-aoti and in the torch.compile baseline;
-ONNX Runtime's Python API has no pinned memory). Rounds are interleaved (each path once per round, in turn), and
-the figures are medians over rounds of per-round medians; ratios are against torch.compile of the same run.
+float32 out, the copies an application pays (pinned staging in both). Rounds are interleaved (each path once per
+round, in turn), and the figures are medians over rounds of per-round medians; ratios are against torch.compile
+of the same run. ``--http-seconds`` adds 16 HTTP clients against two agents serving the package, batching on
+(the profile's sizes) vs off.
 """
 from __future__ import annotations
 
@@ -49,26 +52,77 @@ def _cos(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def load_like_the_agent(package: str, public_key: str, work: Path):
-    from gpu_profile import install_package
+def _inputs(b: int) -> np.ndarray:
+    # The same input in the parent (torch.compile) and in the worker (the package): seeded by the batch size.
+    return np.random.default_rng(b).standard_normal((b, 3, 224, 224)).astype(np.float32)
 
+
+def worker(pkg_dir: str, iters: int) -> int:
+    """The package loaded the way the agent loads it, in a process of its own (no PyTorch state of the parent's:
+    loading the .pt2 in a process that had compiled with torch.compile crashed in native code, H200, torch 2.11).
+    Reads one JSON request a line from stdin, answers one JSON line on stdout."""
     from edgeopt.agent.loader import load_options
     from edgeopt.agent.runtimes import get_runtime
     from edgeopt.sdk.package import Manifest
 
-    work.mkdir(parents=True, exist_ok=True)
-    pkg_dir, manifest_doc, install_s = install_package(package, public_key, work)
-    manifest = Manifest.model_validate(manifest_doc)
-    kwargs = load_options(manifest, work / "cache")
+    pkg = Path(pkg_dir)
+    manifest = Manifest.model_validate(json.loads((pkg / "manifest.json").read_text()))
     t0 = time.perf_counter()
-    loaded = get_runtime(manifest.runtime).load(pkg_dir / manifest.model_file, **kwargs)
-    return loaded, manifest, install_s, time.perf_counter() - t0
+    loaded = get_runtime(manifest.runtime).load(pkg / manifest.model_file, **load_options(manifest, pkg / "cache"))
+    torch = loaded._torch
+    hello = {"load_s": time.perf_counter() - t0, "describe": loaded.describe(), "torch": torch.__version__}
+    print(json.dumps(hello, default=str), flush=True)
+    name = loaded.inputs[0].name
+    for line in sys.stdin:
+        req = json.loads(line)
+        b = int(req["batch"])
+        x32 = _inputs(b)
+        size = min(s for s in loaded.batch_sizes if s >= b)
+        with torch.inference_mode():  # the slot buffers are inference tensors (made at load under it)
+            loaded._slots[size]["in"][0].copy_(torch.from_numpy(x32).to(loaded._slots[size]["in"][0].dtype))
+
+        def dev(size=size):
+            loaded.run_resident(size)
+            torch.cuda.synchronize()
+
+        def host(x32=x32):
+            return next(iter(loaded.infer({name: x32}).values()))
+
+        reply = {"device_ms": _median_ms(dev, iters), "host_ms": _median_ms(host, iters)}
+        if req.get("output"):
+            np.save(req["output"], host())
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+class Worker:
+    def __init__(self, pkg_dir: Path, iters: int):
+        self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", __file__, "--worker", str(pkg_dir),
+                                      "--iters", str(iters), "--aoti-package", "-", "--public-key", "-",
+                                      "--factory", "-", "--weights", "-"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the package's worker process ended (exit {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aoti-package", required=True)
-    ap.add_argument("--ort-package")
     ap.add_argument("--public-key", required=True)
     ap.add_argument("--factory", required=True)
     ap.add_argument("--weights", required=True)
@@ -76,29 +130,51 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--json")
+    ap.add_argument("--http-seconds", type=float, default=0,
+                    help="also 16 HTTP clients against two agents serving the package, batching on vs off (0: skip)")
+    ap.add_argument("--http-rounds", type=int, default=3)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--package-via-cli", action="store_true",
-                    help="time the torch-aoti package with `edgeopt bench` in its own process (host path only) "
-                         "instead of loading it here")
+                    help="time the torch-aoti package with `edgeopt bench` in its own process (host path only)")
     args = ap.parse_args()
-    if args.package_via_cli:
-        return via_cli(args, [int(b) for b in args.batches.split(",")])
+    if args.worker:
+        return worker(args.worker, args.iters)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.package_via_cli:
+        return via_cli(args, batches)
 
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30).stdout.strip(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="edgeopt-aoti-"))
     figures: dict = {"batches": batches, "load": {}}
-    # The packages are loaded first, exactly as the agent does (PyTorch imported by the runtime at load): with
-    # PyTorch imported and CUDA initialised by this script before it, loading the .pt2 crashed (H200, torch 2.11).
-    aoti, aoti_manifest, inst_s, load_s = load_like_the_agent(args.aoti_package, args.public_key, work / "aoti")
-    figures["load"]["torch-aoti"] = {"install_s": inst_s, "load_s": load_s, "describe": aoti.describe()}
-    print(f"torch-aoti package: install {inst_s:.1f} s, load {load_s:.1f} s, {aoti.describe()}", flush=True)
-    ort_loaded = None
-    if args.ort_package:
-        ort_loaded, _, inst_s, load_s = load_like_the_agent(args.ort_package, args.public_key, work / "ort")
-        figures["load"]["onnxruntime"] = {"install_s": inst_s, "load_s": load_s}
-        print(f"onnxruntime package: install {inst_s:.1f} s, load {load_s:.1f} s", flush=True)
+    if args.rounds > 0:
+        timing(args, batches, work, figures)
+    if args.http_seconds > 0:
+        from gpu_profile import http_batching
+
+        figures["http"] = http_batching(args.aoti_package, args.public_key, work / "http", 16, args.http_seconds,
+                                        args.http_rounds, [1, 3, 224, 224], "float16")
+        for mode, r in figures["http"].items():
+            print(f"HTTP 16 clients, {mode}: {r['throughput']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                  f"p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", flush=True)
+        modes = list(figures["http"].values())
+        print(f"batching on vs off: {modes[1]['throughput'] / modes[0]['throughput']:.2f}x", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
+    return 0
+
+
+def timing(args, batches: list[int], work: Path, figures: dict) -> None:
+    from gpu_profile import install_package
+
+    # The real agent installs the package (verify, load, capture, golden self-test, switch); the worker then loads
+    # the installed copy as the agent does, in its own process.
+    pkg_dir, _, inst_s = install_package(args.aoti_package, args.public_key, work / "aoti")
+    wk = Worker(pkg_dir, args.iters)
+    figures["load"]["torch-aoti"] = {"install_s": inst_s} | wk.hello
+    print(f"torch-aoti package: agent install {inst_s:.1f} s, load in the worker {wk.hello['load_s']:.1f} s, "
+          f"{wk.hello['describe']}", flush=True)
 
     import torch
 
@@ -106,14 +182,14 @@ def main() -> int:
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
     figures["torch"] = torch.__version__
-    net32 = build_module(args.factory, Path(args.weights)).cuda()
-    net = build_module(args.factory, Path(args.weights)).cuda().half().to(memory_format=torch.channels_last)
-    rng = np.random.default_rng(0)
+    net32 = build_module(args.factory, Path(args.weights)).cuda().eval()
+    net = build_module(args.factory, Path(args.weights)).cuda().eval().half().to(memory_format=torch.channels_last)
     paths: dict[int, dict] = {}
     compiled_at: dict[int, float] = {}
+    base, pkg = "torch.compile max-autotune fp16", "edgeopt torch-aoti package"
     with torch.inference_mode():
         for b in batches:
-            x32 = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
+            x32 = _inputs(b)
             ref = net32(torch.from_numpy(x32).cuda()).float().cpu().numpy()
             t0 = time.perf_counter()
             torch._dynamo.reset()
@@ -134,50 +210,31 @@ def main() -> int:
                 y = compiled(pinned.cuda(non_blocking=True).half().contiguous(memory_format=torch.channels_last))
                 return y.float().cpu().numpy()
 
-            slot_in = aoti._slots[min(s for s in aoti.batch_sizes if s >= b)]["in"][0]
-            slot_in.copy_(torch.from_numpy(x32).half())
-
-            def aoti_dev(b=b):
-                aoti.run_resident(b)
-                torch.cuda.synchronize()
-
-            def aoti_host(x32=x32):
-                return next(iter(aoti.infer({"images": x32}).values()))
-
-            p = {"torch.compile max-autotune fp16": (tc_dev, tc_host),
-                 "edgeopt torch-aoti package": (aoti_dev, aoti_host)}
-            if ort_loaded is not None:
-                ort_loaded.infer({ort_loaded.inputs[0].name: x32})
-
-                def ort_dev(b=b):
-                    ort_loaded._run_slot(min(s for s in ort_loaded.batch_sizes if s >= b))
-
-                def ort_host(x32=x32):
-                    return next(iter(ort_loaded.infer({ort_loaded.inputs[0].name: x32}).values()))
-
-                p["edgeopt onnxruntime package"] = (ort_dev, ort_host)
-            cos = {name: _cos(host(), ref) for name, (_, host) in p.items()}
-            paths[b] = {"fns": p, "cos": cos, "dev": {n: [] for n in p}, "host": {n: [] for n in p}}
+            out_file = work / f"aoti_b{b}.npy"
+            wk.ask(batch=b, output=str(out_file))
+            cos = {base: _cos(tc_host(), ref), pkg: _cos(np.load(out_file), ref)}
+            paths[b] = {"tc": (tc_dev, tc_host), "cos": cos, "dev": {base: [], pkg: []}, "host": {base: [], pkg: []}}
             print(f"batch {b}: torch.compile built in {compiled_at[b]:.0f} s; cosine vs fp32 eager "
                   + ", ".join(f"{n} {c:.5f}" for n, c in cos.items()), flush=True)
         for r in range(args.rounds):
             for b in batches:
-                for name, (dev, host) in paths[b]["fns"].items():
-                    paths[b]["dev"][name].append(_median_ms(dev, args.iters))
-                    paths[b]["host"][name].append(_median_ms(host, args.iters))
+                tc_dev, tc_host = paths[b]["tc"]
+                paths[b]["dev"][base].append(_median_ms(tc_dev, args.iters))
+                paths[b]["host"][base].append(_median_ms(tc_host, args.iters))
+                rep = wk.ask(batch=b)
+                paths[b]["dev"][pkg].append(rep["device_ms"])
+                paths[b]["host"][pkg].append(rep["host_ms"])
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    wk.close()
     out = {}
     for b in batches:
-        rows = {}
-        for name in paths[b]["fns"]:
-            rows[name] = {"device_ms": float(np.median(paths[b]["dev"][name])),
-                          "host_ms": float(np.median(paths[b]["host"][name])), "cosine": paths[b]["cos"][name]}
-        out[b] = rows
+        out[b] = {name: {"device_ms": float(np.median(paths[b]["dev"][name])),
+                         "host_ms": float(np.median(paths[b]["host"][name])), "cosine": paths[b]["cos"][name],
+                         "rounds_device_ms": paths[b]["dev"][name], "rounds_host_ms": paths[b]["host"][name]}
+                  for name in (base, pkg)}
     figures["paths"] = out
     figures["compile_s"] = compiled_at
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
     report(out, batches)
-    return 0
 
 
 def via_cli(args, batches: list[int]) -> int:

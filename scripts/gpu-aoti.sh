@@ -4,7 +4,10 @@
 # Runtime package. onnxruntime-gpu comes from the chunks ../shared/tools/gpu-wheel-chunks made (assembled in
 # /tmp/gw); edgeopt's own dependencies, a signing key and the ONNX Runtime package from .whl/.
 #   scripts/gpu-aoti.sh package     # build /tmp/r18/resnet18-aoti.eopkg (the summary JSON goes to $OUT)
-#   scripts/gpu-aoti.sh bench       # measure; figures to $OUT
+#   scripts/gpu-aoti.sh bench       # measure against torch.compile; figures to $OUT
+#   scripts/gpu-aoti.sh http        # 16 HTTP clients, two agents serving the package: batching on vs off
+# The test model has random (seeded) weights: its logits are near-tied, so top-1 agreement is no judge of it
+# (one flip in 16 samples); the package is gated on each output's cosine to fp32 (--task generic).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/r18
@@ -26,17 +29,18 @@ case "${1:-}" in
     [[ -f /tmp/r18/resnet18.onnx ]] || python3 tests/assets/make_resnet18.py /tmp/r18/resnet18.onnx --inputs /tmp/r18/in
     [[ -f /tmp/r18/resnet18.pt ]] || python3 benchmarks/resnet18_torch.py weights /tmp/r18/resnet18.onnx /tmp/r18/resnet18.pt
     edgeopt package benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt --profile gpu \
-      --runtime torch-aoti --input-shape images:1,3,224,224 --heldout /tmp/r18/in/resnet18_v1_heldout.npz \
+      --runtime torch-aoti --task generic --input-shape images:1,3,224,224 --heldout /tmp/r18/in/resnet18_v1_heldout.npz \
       --sign-key .whl/keys/edgeopt.key --name resnet18 --iterations 50 -o /tmp/r18/resnet18-aoti.eopkg --json \
       > "$OUT/package-aoti.json" 2> >(tee "$OUT/package-aoti.log" >&2)
     python3 -c "import json; d=json.load(open('$OUT/package-aoti.json')); print(d['runtime'], d['precision'], d['validation']['passed'], d.get('benchmark', {}).get('optimized'))"
     ;;
-  bench)
-    ort=()
-    [[ -f /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl ]] && ort=(--ort-package .whl/resnet18-gpu.eopkg)
-    python3 benchmarks/gpu_aoti.py --aoti-package /tmp/r18/resnet18-aoti.eopkg "${ort[@]}" \
+  bench|http)
+    extra=()
+    [[ $1 == http ]] && extra=(--rounds 0 --http-seconds "${HTTP_SECONDS:-4}" --http-rounds "${HTTP_ROUNDS:-3}")
+    python3 benchmarks/gpu_aoti.py --aoti-package /tmp/r18/resnet18-aoti.eopkg \
       --public-key .whl/keys/edgeopt.pub --factory benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt \
-      --batches "${BATCHES:-1,8,32}" ${BENCH_ARGS:-} --rounds "${ROUNDS:-5}" --json "$OUT/gpu_aoti.json" 2>&1 | tee "$OUT/gpu_aoti.log"
+      --batches "${BATCHES:-1,8,32}" --rounds "${ROUNDS:-5}" ${BENCH_ARGS:-} "${extra[@]}" \
+      --json "$OUT/gpu_aoti_$1.json" 2>&1 | tee "$OUT/gpu_aoti_$1.log"
     ;;
-  *) echo "usage: $0 package|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 package|bench|http" >&2; exit 2 ;;
 esac
