@@ -170,6 +170,7 @@ def timing(args, batches: list[int], work: Path, figures: dict) -> None:
 
     # The real agent installs the package (verify, load, capture, golden self-test, switch); the worker then loads
     # the installed copy as the agent does, in its own process.
+    (work / "aoti").mkdir(parents=True, exist_ok=True)
     pkg_dir, _, inst_s = install_package(args.aoti_package, args.public_key, work / "aoti")
     wk = Worker(pkg_dir, args.iters)
     figures["load"]["torch-aoti"] = {"install_s": inst_s} | wk.hello
