@@ -6,6 +6,7 @@
 #   scripts/gpu-aoti.sh package     # build /tmp/r18/resnet18-aoti.eopkg (the summary JSON goes to $OUT)
 #   scripts/gpu-aoti.sh bench       # measure against torch.compile; figures to $OUT
 #   scripts/gpu-aoti.sh http        # 16 HTTP clients, two agents serving the package: batching on vs off
+#   scripts/gpu-aoti.sh probe       # which fresh processes can load a CUDA .pt2 (benchmarks/gpu_aoti_probe.py)
 # The test model has random (seeded) weights: its logits are near-tied, so top-1 agreement is no judge of it
 # (one flip in 16 samples); the package is gated on each output's cosine to fp32 (--task generic).
 set -euo pipefail
@@ -42,5 +43,8 @@ case "${1:-}" in
       --batches "${BATCHES:-1,8,32}" --rounds "${ROUNDS:-5}" ${BENCH_ARGS:-} "${extra[@]}" \
       --json "$OUT/gpu_aoti_$1.json" 2>&1 | tee "$OUT/gpu_aoti_$1.log"
     ;;
-  *) echo "usage: $0 package|bench|http" >&2; exit 2 ;;
+  probe)
+    python3 benchmarks/gpu_aoti_probe.py 2>&1 | tee "$OUT/gpu_aoti_probe.log"
+    ;;
+  *) echo "usage: $0 package|bench|http|probe" >&2; exit 2 ;;
 esac

@@ -104,7 +104,8 @@ class TorchAotiModel(LoadedModel):
 
     def run_resident(self, b: int) -> list:
         """One run of size ``b`` on the inputs already in its device buffers; the outputs stay on the device
-        (what an application that keeps its data on the GPU pays; benchmarks/gpu_profile.py)."""
+        (what an application that keeps its data on the GPU pays; benchmarks/gpu_profile.py). Not locked: the
+        caller serializes (``infer`` holds the model's lock; the runners may be single-threaded)."""
         slot = self._slots[b]
         if slot["graph"] is not None:
             slot["graph"].replay()
@@ -250,17 +251,21 @@ class TorchAotiRuntime(Runtime):
                                    f"{cuda_arch(torch)}", hint="build the package on a machine with this GPU")
         if threads and device == "cpu":
             torch.set_num_threads(int(threads))
+        graphs = bool(options.get("cuda_graph", False)) and device == "cuda"
         runners = {}
         for b, name in sorted(io["batch_files"].items()):
             path = Path(model_path).with_name(name)
             if path.parent != Path(model_path).parent or not path.is_file():
                 raise UnsupportedError(f"torch-aoti: batch {b} file {name!r} is missing from the package")
             try:
-                runners[b] = torch._inductor.aoti_load_package(str(path))
+                # A runner that will be captured into a CUDA graph is loaded single-threaded: the container's
+                # own thread synchronization (an event wait per run) is not allowed while a stream is capturing
+                # ("operation not permitted when stream is capturing", H200, PyTorch 2.11). Every run of the
+                # model goes through TorchAotiModel's lock instead.
+                runners[b] = torch._inductor.aoti_load_package(str(path), run_single_threaded=graphs)
             except Exception as exc:  # noqa: BLE001 - a corrupt or foreign .pt2: one line, never a traceback
                 raise UnsupportedError(f"torch-aoti: cannot load {name}: {type(exc).__name__}: "
                                        f"{' '.join(str(exc).split())[:200]}") from None
         if not runners:
             raise UnsupportedError("torch-aoti: the package names no batch sizes")
-        graphs = bool(options.get("cuda_graph", False))
         return TorchAotiModel(runners, io["inputs"], io["outputs"], device, graphs)

@@ -237,3 +237,27 @@ def test_compare_plans_only_the_precisions_torch_aoti_builds():
     ort = [p.candidate.precision for p in planned if p.candidate.runtime == "onnxruntime"]
     assert aoti == ["fp32", "fp16"]
     assert "int8" in ort and "int8-weight-only" in ort
+
+
+@pytest.mark.parametrize("device,graphs,single", [("cuda", True, True), ("cuda", False, False),
+                                                  ("cpu", True, False), ("cpu", False, False)])
+def test_runners_captured_into_cuda_graphs_are_loaded_single_threaded(tmp_path, monkeypatch, device, graphs,
+                                                                      single):
+    """AOTInductor's container waits on an event per run, which a capturing stream refuses ("operation not
+    permitted when stream is capturing", H200): a runner the agent captures is loaded with
+    run_single_threaded=True (TorchAotiModel's lock serializes runs); any other keeps PyTorch's default."""
+    from edgeopt.agent.runtimes import torch_aoti
+
+    (tmp_path / "model-b1.pt2").write_bytes(b"x")
+    (tmp_path / "aoti-io.json").write_text(json.dumps({
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}],
+        "batch_files": {"1": "model-b1.pt2"}, "torch": torch.__version__, "device": device, "arch": None}))
+    calls, built = [], []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path, run_single_threaded=False: calls.append(run_single_threaded) or object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch_aoti, "TorchAotiModel", lambda *a: built.append(a) or a)
+    get_runtime("torch-aoti").load(tmp_path / "model-b1.pt2", device=device, options={"cuda_graph": graphs})
+    assert calls == [single]
+    assert built[0][-1] is (graphs and device == "cuda")  # the model captures exactly when loaded single-threaded
