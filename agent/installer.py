@@ -234,6 +234,7 @@ class Installer:
             crash_point("before_switch")
             self.store.set_current(name, version, from_version)
             switched = True
+            self.store.clear_load_crashes(name, version)  # installed again: the next start tries it again
             crash_point("after_switch_pointer")
             if self.on_switch is not None:
                 self.on_switch(new, loaded)

@@ -20,7 +20,7 @@ from ..sdk.errors import AccuracyError, PackageError
 from ..sdk.package import Manifest, TensorSpec
 from .config import AgentConfig
 from .runtimes import LoadedModel, get_runtime
-from .store import InstalledModel
+from .store import CRASHES_BEFORE_SKIP, InstalledModel, crash_point
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
     serves the newer version again at the next start.
     """
     store.recover()
+    store.note_unfinished_load()
     serving: dict[str, tuple[InstalledModel, LoadedModel]] = {}
     for name, installed in store.installed().items():
         candidates = [installed]
@@ -238,6 +239,22 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                                              path=store.package_dir(name, installed.previous_version),
                                              manifest=prev, previous_version=None))
         for candidate in candidates:
+            crashes = store.load_crashes(name, candidate.version)
+            if crashes >= CRASHES_BEFORE_SKIP:
+                message = (f"not loaded at start: the agent died while loading it at its last {crashes} starts "
+                           f"(a crash in the runtime's native code?); install a newer version, or delete "
+                           f"{store.load_guard_path} to try it again")
+                log.error("%s %s %s", name, candidate.version, message)
+                if on_event is not None:
+                    on_event({"event": "error", "ok": False, "model": name, "version": candidate.version,
+                              "from_version": None, "message": message, "command_id": None,
+                              "deployment_id": None, "details": {"stage": "start", "crashes": crashes}})
+                continue
+            # Marked before the load and cleared after it: a process that dies in between (a native crash)
+            # leaves the mark, and the next start counts it (Store.note_unfinished_load).
+            store.begin_load(name, candidate.version)
+            crash_point(f"start_load {name} {candidate.version}")
+            loaded_ok = False
             try:
                 loaded = load_installed(candidate, config)
                 report = placement_check(loaded, candidate.manifest)
@@ -248,6 +265,7 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                               "deployment_id": None, "details": report})
                 warm_up(loaded, package_dir=candidate.path, manifest=candidate.manifest)
                 serving[name] = (candidate, loaded)
+                loaded_ok = True
                 break
             except Exception as exc:  # noqa: BLE001 - reported as an event, then the next candidate
                 message = exc.one_line() if hasattr(exc, "one_line") else f"{type(exc).__name__}: {exc}"
@@ -256,4 +274,6 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                     on_event({"event": "error", "ok": False, "model": name, "version": candidate.version,
                               "from_version": None, "message": f"cannot load at start: {message}",
                               "command_id": None, "deployment_id": None, "details": {"stage": "start"}})
+            finally:
+                store.end_load(name, candidate.version, loaded_ok)
     return serving

@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 
 POINTER_NAME = "current.json"
 JOURNAL_NAME = "journal.json"
+# Which load a daemon start was in when its process last died, and how often each version's load died: a crash
+# in a runtime's native code (seen: an AOTInductor .pt2 on an H200, SIGSEGV at load) kills the agent, and a service
+# manager restarting it would crash it again at every start. After CRASHES_BEFORE_SKIP such deaths in a row the
+# version is skipped at start (the previous one serves, or none), with an error event, until the file is deleted
+# (a fixed runtime) or the version is installed afresh.
+LOAD_GUARD_NAME = "load-guard.json"
+CRASHES_BEFORE_SKIP = 2
+LOAD_GUARD_MAX_BYTES = 256 * 1024
 CRASH_ENV = "EDGEOPT_AGENT_CRASH_AT"
 STALE_DOWNLOAD_S = 24 * 3600
 
@@ -226,6 +234,86 @@ class Store:
 
     def pointer_path(self, name: str) -> Path:
         return self.root / "models" / name / POINTER_NAME
+
+    # ------------------------------------------------------------------ start-up load guard
+    @property
+    def load_guard_path(self) -> Path:
+        return self.root / LOAD_GUARD_NAME
+
+    def _read_guard(self) -> dict[str, Any]:
+        """The guard file, or an empty one: a missing, oversized or corrupt file never stops a start."""
+        empty: dict[str, Any] = {"loading": None, "crashes": {}}
+        try:
+            with open(self.load_guard_path, "rb") as fh:
+                raw = fh.read(LOAD_GUARD_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return empty
+        except OSError as exc:
+            log.warning("cannot read %s (%s): starting without it", self.load_guard_path, exc.strerror)
+            return empty
+        try:
+            if len(raw) > LOAD_GUARD_MAX_BYTES:
+                raise ValueError("too large")
+            doc = json.loads(raw)
+            loading = doc.get("loading")
+            if loading is not None and not (isinstance(loading, dict) and isinstance(loading.get("model"), str)
+                                            and isinstance(loading.get("version"), str)):
+                raise ValueError("bad 'loading'")
+            crashes = {str(k): int(v) for k, v in dict(doc.get("crashes") or {}).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s): starting without it", self.load_guard_path, exc)
+            return empty
+        return {"loading": loading, "crashes": crashes}
+
+    def _write_guard(self, doc: dict[str, Any]) -> None:
+        """The guard is a safety net, never a reason to fail: a full disk or a read-only state directory leaves
+        it off for this load, with a warning."""
+        try:
+            _write_json_atomic(self.load_guard_path, doc)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): the start-up crash guard is off for this load",
+                        self.load_guard_path, exc.strerror or exc)
+
+    @staticmethod
+    def _guard_key(name: str, version: str) -> str:
+        return f"{name} {version}"
+
+    def note_unfinished_load(self) -> tuple[str, str, int] | None:
+        """At start: a load the guard still names never finished, so the process that ran it died there.
+        Counts it against that version; returns (model, version, deaths in a row) or None."""
+        doc = self._read_guard()
+        loading = doc["loading"]
+        if loading is None:
+            return None
+        key = self._guard_key(loading["model"], loading["version"])
+        doc["crashes"][key] = doc["crashes"].get(key, 0) + 1
+        doc["loading"] = None
+        self._write_guard(doc)
+        log.error("the agent died while loading %s %s at its last start (%d time(s) in a row)", loading["model"],
+                  loading["version"], doc["crashes"][key])
+        return loading["model"], loading["version"], doc["crashes"][key]
+
+    def load_crashes(self, name: str, version: str) -> int:
+        return self._read_guard()["crashes"].get(self._guard_key(name, version), 0)
+
+    def begin_load(self, name: str, version: str) -> None:
+        doc = self._read_guard()
+        doc["loading"] = {"model": name, "version": version, "pid": os.getpid(), "started_at": time.time()}
+        self._write_guard(doc)
+
+    def end_load(self, name: str, version: str, loaded: bool) -> None:
+        """The load returned (with the model, or with an exception: either way the process survived it)."""
+        doc = self._read_guard()
+        doc["loading"] = None
+        if loaded:
+            doc["crashes"].pop(self._guard_key(name, version), None)
+        self._write_guard(doc)
+
+    def clear_load_crashes(self, name: str, version: str) -> None:
+        """A fresh install of the version tries it again at the next start (writes only when there is a count)."""
+        doc = self._read_guard()
+        if doc["crashes"].pop(self._guard_key(name, version), None) is not None:
+            self._write_guard(doc)
 
     # ------------------------------------------------------------------ locking
     def locked(self, timeout: float | None = 600.0):
