@@ -127,10 +127,20 @@ class Agent:
                                    hint="check [api] host in the config") from None
 
     def _load(self, installed: Any) -> None:
-        from .loader import load_installed, warm_up
+        """A version another process switched to, loaded under the start-up crash guard (a load that kills the
+        daemon is counted like one at start, and skipped after two)."""
+        from .loader import guarded_load, load_installed, skipped_at_start, warm_up
 
-        loaded = load_installed(installed, self.config)
-        warm_up(loaded, package_dir=installed.path, manifest=installed.manifest)
+        skip = skipped_at_start(self.store, installed.name, installed.version)
+        if skip is not None:
+            raise UnavailableError(skip)
+
+        def load() -> Any:
+            loaded = load_installed(installed, self.config)
+            warm_up(loaded, package_dir=installed.path, manifest=installed.manifest)
+            return loaded
+
+        loaded = guarded_load(self.store, installed.name, installed.version, load)
         self.registry.swap(installed.name, installed.version, loaded, installed.manifest)
 
     def start(self) -> "Agent":
@@ -144,14 +154,18 @@ class Agent:
         recovered = self.store.recover()
         self.on_event({"event": "started", "message": f"agent {AGENT_VERSION} started",
                        "details": {"recovered": recovered, "outbox_pending": len(self.outbox)}})
-        for name, installed in sorted(self.store.installed().items()):
-            try:
-                self._load(installed)
-            except EdgeoptError as exc:
-                # One broken model must not keep the others from serving: report it and go on.
-                self._unloadable[name] = installed.version
-                self.on_event({"event": "error", "ok": False, "model": name, "version": installed.version,
-                               "message": f"cannot load {name} {installed.version}: {exc.one_line()}"})
+        # Every current version, each under the start-up crash guard; one that does not load (or killed the
+        # agent at its last two starts) falls back to its previous version with an error event, and one broken
+        # model never keeps the others from serving.
+        from .loader import load_serving
+
+        serving = load_serving(self.store, self.config, on_event=self.on_event, recover=False)
+        for name, current in sorted(self.store.pointers().items()):
+            if name in serving:
+                installed, loaded = serving[name]
+                self.registry.swap(name, installed.version, loaded, installed.manifest)
+            if name not in serving or serving[name][0].version != current:
+                self._unloadable[name] = current  # reported by load_serving; retried when the pointer moves
         self.server.start(ready=True)
         log.info("local inference API on %s (%d model(s))", self.server.url, len(self.registry.entries()))
         self.installer = Installer(self.store, self.config, on_event=self.on_event, on_switch=self.on_switch,
@@ -190,10 +204,12 @@ class Agent:
                         log.info("pointer for %s now names %s: loading it", name, version)
                         try:
                             self._load(installed)
-                        except EdgeoptError as exc:
-                            self._unloadable[name] = version  # reported once; retried when the pointer moves
+                        except Exception as exc:  # noqa: BLE001 - any failure: reported once, not retried
+                            message = (exc.one_line() if isinstance(exc, EdgeoptError)
+                                       else f"{type(exc).__name__}: {exc}")
+                            self._unloadable[name] = version  # retried when the pointer moves
                             self.on_event({"event": "error", "ok": False, "model": name, "version": version,
-                                           "message": f"cannot load {name} {version}: {exc.one_line()}"})
+                                           "message": f"cannot load {name} {version}: {message}"})
                             continue
                         self.on_event({"event": "switch", "model": name, "version": version,
                                        "from_version": entry.version if entry else None,

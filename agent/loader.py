@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .runtimes import LoadedModel, get_runtime
 from .store import CRASHES_BEFORE_SKIP, InstalledModel, crash_point
 
 log = logging.getLogger(__name__)
-
+T = TypeVar("T")
 
 
 def write_golden(path: str | Path, inputs: Sequence[Mapping[str, np.ndarray]],
@@ -221,14 +221,43 @@ def warm_up(loaded: LoadedModel, runs: int = 2, package_dir: Path | None = None,
         loaded.infer(feeds)
 
 
-def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[InstalledModel, LoadedModel]]:
-    """At daemon start: recover the store, then load and warm up every model's current version.
+def skipped_at_start(store, name: str, version: str) -> str | None:
+    """Why ``version`` of ``name`` must not be loaded by this process (its load killed the agent at the last
+    CRASHES_BEFORE_SKIP starts), or None."""
+    crashes = store.load_crashes(name, version)
+    if crashes < CRASHES_BEFORE_SKIP:
+        return None
+    return (f"not loaded: the agent died while loading it at its last {crashes} starts (a crash in the runtime's "
+            f"native code?); install a newer version, or delete {store.load_guard_path} to try it again")
+
+
+def guarded_load(store, name: str, version: str, load: Callable[[], T]) -> T:
+    """``load()`` with the start-up crash guard around it: marked before and cleared after, so a process that
+    dies in between (a native crash) leaves the mark, and the next start counts it
+    (Store.note_unfinished_load). Every load of an installed version the daemon makes goes through here."""
+    store.begin_load(name, version)
+    crash_point(f"start_load {name} {version}")
+    loaded_ok = False
+    try:
+        result = load()
+        loaded_ok = True
+        return result
+    finally:
+        store.end_load(name, version, loaded_ok)
+
+
+def load_serving(store, config: AgentConfig, on_event=None, *,
+                 recover: bool = True) -> dict[str, tuple[InstalledModel, LoadedModel]]:
+    """At daemon start: recover the store (unless the caller did), then load and warm up every model's current
+    version.
 
     A current version that no longer loads (a runtime was removed, a device vanished) falls back to the
     previous version for this run, with an ``error`` event; the pointer is left alone so a fixed host
-    serves the newer version again at the next start.
+    serves the newer version again at the next start. A version whose load killed the agent at its last two
+    starts is skipped the same way (:func:`skipped_at_start`).
     """
-    store.recover()
+    if recover:
+        store.recover()
     store.note_unfinished_load()
     serving: dict[str, tuple[InstalledModel, LoadedModel]] = {}
     for name, installed in store.installed().items():
@@ -239,23 +268,17 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                                              path=store.package_dir(name, installed.previous_version),
                                              manifest=prev, previous_version=None))
         for candidate in candidates:
-            crashes = store.load_crashes(name, candidate.version)
-            if crashes >= CRASHES_BEFORE_SKIP:
-                message = (f"not loaded at start: the agent died while loading it at its last {crashes} starts "
-                           f"(a crash in the runtime's native code?); install a newer version, or delete "
-                           f"{store.load_guard_path} to try it again")
-                log.error("%s %s %s", name, candidate.version, message)
+            skip = skipped_at_start(store, name, candidate.version)
+            if skip is not None:
+                log.error("%s %s %s", name, candidate.version, skip)
                 if on_event is not None:
                     on_event({"event": "error", "ok": False, "model": name, "version": candidate.version,
-                              "from_version": None, "message": message, "command_id": None,
-                              "deployment_id": None, "details": {"stage": "start", "crashes": crashes}})
+                              "from_version": None, "message": skip, "command_id": None, "deployment_id": None,
+                              "details": {"stage": "start",
+                                          "crashes": store.load_crashes(name, candidate.version)}})
                 continue
-            # Marked before the load and cleared after it: a process that dies in between (a native crash)
-            # leaves the mark, and the next start counts it (Store.note_unfinished_load).
-            store.begin_load(name, candidate.version)
-            crash_point(f"start_load {name} {candidate.version}")
-            loaded_ok = False
-            try:
+
+            def load(candidate=candidate) -> LoadedModel:
                 loaded = load_installed(candidate, config)
                 report = placement_check(loaded, candidate.manifest)
                 if report is not None and on_event is not None and not report["ok"]:
@@ -264,8 +287,10 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                               "from_version": None, "message": report["message"], "command_id": None,
                               "deployment_id": None, "details": report})
                 warm_up(loaded, package_dir=candidate.path, manifest=candidate.manifest)
-                serving[name] = (candidate, loaded)
-                loaded_ok = True
+                return loaded
+
+            try:
+                serving[name] = (candidate, guarded_load(store, name, candidate.version, load))
                 break
             except Exception as exc:  # noqa: BLE001 - reported as an event, then the next candidate
                 message = exc.one_line() if hasattr(exc, "one_line") else f"{type(exc).__name__}: {exc}"
@@ -274,6 +299,4 @@ def load_serving(store, config: AgentConfig, on_event=None) -> dict[str, tuple[I
                     on_event({"event": "error", "ok": False, "model": name, "version": candidate.version,
                               "from_version": None, "message": f"cannot load at start: {message}",
                               "command_id": None, "deployment_id": None, "details": {"stage": "start"}})
-            finally:
-                store.end_load(name, candidate.version, loaded_ok)
     return serving

@@ -51,6 +51,9 @@ JOURNAL_NAME = "journal.json"
 LOAD_GUARD_NAME = "load-guard.json"
 CRASHES_BEFORE_SKIP = 2
 LOAD_GUARD_MAX_BYTES = 256 * 1024
+LOAD_GUARD_MAX_COUNT = 1000
+LOAD_GUARD_LOCK = "load-guard.lock"
+LOAD_GUARD_LOCK_TIMEOUT_S = 10.0
 CRASH_ENV = "EDGEOPT_AGENT_CRASH_AT"
 STALE_DOWNLOAD_S = 24 * 3600
 
@@ -102,6 +105,15 @@ def no_space_error(root: Path, doing: str) -> UnavailableError:
         free = "free space unknown"
     return UnavailableError(f"no space left on the device of {root} while {doing} ({free})",
                             hint="free space on that filesystem and retry; the previous version keeps serving")
+
+
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux); None where the kernel does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read(64).strip() or None
+    except OSError:
+        return None
 
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -240,8 +252,22 @@ class Store:
     def load_guard_path(self) -> Path:
         return self.root / LOAD_GUARD_NAME
 
+    @contextlib.contextmanager
+    def _guard_locked(self) -> Iterator[bool]:
+        """Its own lock, not the state lock: an install from a shell holds that one for minutes, and a start
+        must not wait on it. Yields False (guard off for this step, with a warning) when it cannot be had."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(_PathLock.for_path(self.root / LOAD_GUARD_LOCK).hold(LOAD_GUARD_LOCK_TIMEOUT_S))
+            except (UnavailableError, OSError) as exc:
+                log.warning("cannot lock the start-up crash guard (%s): it is off for this load", exc)
+                yield False
+                return
+            yield True
+
     def _read_guard(self) -> dict[str, Any]:
-        """The guard file, or an empty one: a missing, oversized or corrupt file never stops a start."""
+        """The guard file, or an empty one: a missing, oversized or corrupt file never stops a start. Counts
+        that are not small non-negative integers are dropped (a hostile 1e999 or "many" counts nothing)."""
         empty: dict[str, Any] = {"loading": None, "crashes": {}}
         try:
             with open(self.load_guard_path, "rb") as fh:
@@ -255,13 +281,23 @@ class Store:
             if len(raw) > LOAD_GUARD_MAX_BYTES:
                 raise ValueError("too large")
             doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
             loading = doc.get("loading")
             if loading is not None and not (isinstance(loading, dict) and isinstance(loading.get("model"), str)
                                             and isinstance(loading.get("version"), str)):
                 raise ValueError("bad 'loading'")
-            crashes = {str(k): int(v) for k, v in dict(doc.get("crashes") or {}).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.warning("%s is unreadable (%s): starting without it", self.load_guard_path, exc)
+            if loading is not None:
+                boot = loading.get("boot_id")
+                loading = {"model": loading["model"], "version": loading["version"],
+                           "boot_id": boot if isinstance(boot, str) else None}
+            counts = doc.get("crashes") or {}
+            if not isinstance(counts, dict):
+                raise ValueError("bad 'crashes'")
+            crashes = {k: v for k, v in counts.items()
+                       if isinstance(k, str) and type(v) is int and 0 <= v < LOAD_GUARD_MAX_COUNT}
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+            log.warning("%s is unreadable (%s): starting without it", self.load_guard_path, str(exc)[:200])
             return empty
         return {"loading": loading, "crashes": crashes}
 
@@ -280,15 +316,24 @@ class Store:
 
     def note_unfinished_load(self) -> tuple[str, str, int] | None:
         """At start: a load the guard still names never finished, so the process that ran it died there.
-        Counts it against that version; returns (model, version, deaths in a row) or None."""
-        doc = self._read_guard()
-        loading = doc["loading"]
-        if loading is None:
-            return None
-        key = self._guard_key(loading["model"], loading["version"])
-        doc["crashes"][key] = doc["crashes"].get(key, 0) + 1
-        doc["loading"] = None
-        self._write_guard(doc)
+        Counts it against that version and returns (model, version, deaths in a row); a load cut short by the
+        machine restarting (another boot id: a power cut, a reboot) is no death and counts nothing."""
+        with self._guard_locked() as ok:
+            if not ok:
+                return None
+            doc = self._read_guard()
+            loading = doc["loading"]
+            if loading is None:
+                return None
+            doc["loading"] = None
+            if loading["boot_id"] is not None and loading["boot_id"] != _boot_id():
+                log.warning("a load of %s %s was cut short by the machine restarting: not counted",
+                            loading["model"], loading["version"])
+                self._write_guard(doc)
+                return None
+            key = self._guard_key(loading["model"], loading["version"])
+            doc["crashes"][key] = min(doc["crashes"].get(key, 0) + 1, LOAD_GUARD_MAX_COUNT - 1)
+            self._write_guard(doc)
         log.error("the agent died while loading %s %s at its last start (%d time(s) in a row)", loading["model"],
                   loading["version"], doc["crashes"][key])
         return loading["model"], loading["version"], doc["crashes"][key]
@@ -297,23 +342,30 @@ class Store:
         return self._read_guard()["crashes"].get(self._guard_key(name, version), 0)
 
     def begin_load(self, name: str, version: str) -> None:
-        doc = self._read_guard()
-        doc["loading"] = {"model": name, "version": version, "pid": os.getpid(), "started_at": time.time()}
-        self._write_guard(doc)
+        with self._guard_locked() as ok:
+            if ok:
+                doc = self._read_guard()
+                doc["loading"] = {"model": name, "version": version, "pid": os.getpid(),
+                                  "started_at": time.time(), "boot_id": _boot_id()}
+                self._write_guard(doc)
 
     def end_load(self, name: str, version: str, loaded: bool) -> None:
         """The load returned (with the model, or with an exception: either way the process survived it)."""
-        doc = self._read_guard()
-        doc["loading"] = None
-        if loaded:
-            doc["crashes"].pop(self._guard_key(name, version), None)
-        self._write_guard(doc)
+        with self._guard_locked() as ok:
+            if ok:
+                doc = self._read_guard()
+                doc["loading"] = None
+                if loaded:
+                    doc["crashes"].pop(self._guard_key(name, version), None)
+                self._write_guard(doc)
 
     def clear_load_crashes(self, name: str, version: str) -> None:
         """A fresh install of the version tries it again at the next start (writes only when there is a count)."""
-        doc = self._read_guard()
-        if doc["crashes"].pop(self._guard_key(name, version), None) is not None:
-            self._write_guard(doc)
+        with self._guard_locked() as ok:
+            if ok:
+                doc = self._read_guard()
+                if doc["crashes"].pop(self._guard_key(name, version), None) is not None:
+                    self._write_guard(doc)
 
     # ------------------------------------------------------------------ locking
     def locked(self, timeout: float | None = 600.0):

@@ -63,7 +63,7 @@ class TorchAotiModel(LoadedModel):
         self.batch_sizes = tuple(sorted(runners))
         self._runners = runners
         self._names = [o.name for o in outputs]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # run_resident takes it too, inside infer
         cuda = device == "cuda"
         self._stream = torch.cuda.Stream() if cuda else None
         self._slots: dict[int, dict[str, Any]] = {}
@@ -104,19 +104,21 @@ class TorchAotiModel(LoadedModel):
 
     def run_resident(self, b: int) -> list:
         """One run of size ``b`` on the inputs already in its device buffers; the outputs stay on the device
-        (what an application that keeps its data on the GPU pays; benchmarks/gpu_profile.py). Not locked: the
-        caller serializes (``infer`` holds the model's lock; the runners may be single-threaded)."""
+        (what an application that keeps its data on the GPU pays; benchmarks/gpu_profile.py). Holds the model's
+        lock (re-entrant: ``infer`` already holds it): the runners may be single-threaded, and a graph replays
+        into one set of buffers."""
         slot = self._slots[b]
-        if slot["graph"] is not None:
-            slot["graph"].replay()
-            return slot["out"]
-        with self._torch.inference_mode():
-            if self._stream is not None:
-                with self._torch.cuda.stream(self._stream):
+        with self._lock:
+            if slot["graph"] is not None:
+                slot["graph"].replay()
+                return slot["out"]
+            with self._torch.inference_mode():
+                if self._stream is not None:
+                    with self._torch.cuda.stream(self._stream):
+                        slot["out"] = self._call(b, slot["in"])
+                else:
                     slot["out"] = self._call(b, slot["in"])
-            else:
-                slot["out"] = self._call(b, slot["in"])
-        return slot["out"]
+            return slot["out"]
 
     def _host_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # float32 arrays for a float16 input (fp16_inputs) are converted on the host: half the bytes cross the bus.

@@ -77,12 +77,40 @@ def test_a_version_that_kills_the_start_is_skipped_after_two_deaths(agent_config
 def test_a_corrupt_or_hostile_guard_file_never_stops_a_start(agent_config_file, make_package):
     _install(agent_config_file, make_package("1.0.0"))
     guard = agent_config_file.parent / "state" / "load-guard.json"
+    # Counts that would skip 1.0.0 if they were believed (infinite, huge, fractional, boolean, text) are dropped;
+    # nesting deep enough to exhaust the parser's recursion is an unreadable file, not a dead start.
     for junk in (b"{not json", b"[]", json.dumps({"loading": {"model": 3}}).encode(), b" " * (300 * 1024),
-                 json.dumps({"crashes": {"digits 1.0.0": "many"}}).encode()):
+                 json.dumps({"crashes": {"digits 1.0.0": "many"}}).encode(),
+                 b'{"crashes": {"digits 1.0.0": 1e999}}', b'{"crashes": {"digits 1.0.0": Infinity}}',
+                 b'{"crashes": {"digits 1.0.0": 99999999999999999999999}}', b'{"crashes": {"digits 1.0.0": 7.0}}',
+                 b'{"crashes": {"digits 1.0.0": true}}', b'{"crashes": [1, 2]}', b"[" * 100_000 + b"]" * 100_000,
+                 b'{"loading": null, "crashes": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001):
         guard.write_bytes(junk)
         run = _start(agent_config_file, None)
-        assert run.returncode == 0, (junk[:40], run.stderr)
-        assert json.loads(run.stdout)["serving"] == {"digits": "1.0.0"}
+        assert run.returncode == 0, (junk[:40], run.stderr[-1000:])
+        assert json.loads(run.stdout)["serving"] == {"digits": "1.0.0"}, junk[:40]
+        assert Store(agent_config_file.parent / "state").load_crashes("digits", "1.0.0") == 0
+
+
+def test_a_load_cut_short_by_a_reboot_is_not_counted(agent_config_file, make_package):
+    """The guard names the boot it was written in: a load interrupted by the machine going down (a power cut,
+    a reboot) is no crash of the runtime, and a device that loses power twice during loads keeps its version."""
+    from edgeopt.agent.store import _boot_id
+
+    _install(agent_config_file, make_package("1.0.0"))
+    state = Store(agent_config_file.parent / "state")
+    loading = {"model": "digits", "version": "1.0.0", "pid": 1, "started_at": 0.0}
+    # another boot: not counted; this boot, or a guard written before boots were recorded: one death
+    for boot, counted in (("another-boot", False), (_boot_id(), True), (None, True)):
+        state.load_guard_path.write_text(json.dumps({"loading": {**loading, "boot_id": boot}, "crashes": {}}))
+        assert state.note_unfinished_load() == (("digits", "1.0.0", 1) if counted else None)
+        assert state.load_crashes("digits", "1.0.0") == int(counted)
+        assert json.loads(state.load_guard_path.read_text())["loading"] is None
+        state.load_guard_path.unlink()
+    # the same boot twice in a row: the second death is counted on the first
+    for expected in (1, 2):
+        state.begin_load("digits", "1.0.0")
+        assert state.note_unfinished_load() == ("digits", "1.0.0", expected)
 
 
 def test_a_full_disk_leaves_the_guard_off_and_the_start_serves(agent_config_file, make_package, monkeypatch):

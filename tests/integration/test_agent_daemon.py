@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from agent_support import Broker, Subscriber, agent_test_fixtures, free_port, infer, wait_for
 from edgeopt.agent.config import render_config
+from edgeopt.agent.daemon import POINTER_POLL_S
 from edgeopt.agent.outbox import Outbox
 from edgeopt.sdk.telemetry import parse_payload
 
@@ -189,3 +191,52 @@ def test_check_validates_without_starting(tmp_path, agent_keys):
     assert out.returncode == 0
     assert out.stdout.strip() == f"{path}: ok (device daemon-1, fleet itest, broker mqtt://127.0.0.1:1883)"
     assert not (tmp_path / "state").exists()  # nothing was created
+
+
+def test_a_version_that_kills_the_daemon_at_start_is_skipped_and_not_reloaded(tmp_path, agent_keys, make_package,
+                                                                             digits_heldout):
+    """The real daemon, killed twice by SIGKILL inside the load of 2.0.0 (a native crash in a runtime; seen with
+    an AOTInductor .pt2 on an H200): the third start serves 1.0.0, says why in an error event, and its pointer
+    watcher does not load 2.0.0 behind the guard's back (the pointer still names it)."""
+    from edgeopt.agent.config import load_config
+    from edgeopt.agent.installer import Installer
+    from edgeopt.agent.store import CRASH_ENV, Store
+
+    api_port = free_port()
+    config_path = _write_config(tmp_path, agent_keys, free_port(), api_port)
+    config = load_config(config_path)
+    store = Store(config.state_dir)
+    for version in ("1.0.0", "2.0.0"):
+        Installer(store, config).install_file(make_package(version))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", CRASH_ENV: "start_load digits 2.0.0"}
+    for _ in range(2):
+        died = subprocess.run(AGENT + ["--config", str(config_path)], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert store.load_crashes("digits", "2.0.0") == 1  # the second death is counted by the next start
+    images = np.load(digits_heldout)["images"][:1]
+    proc = subprocess.Popen(AGENT + ["--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def serving():
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                return infer(("127.0.0.1", api_port), images)
+            except OSError:
+                return None
+
+        code, body = wait_for(serving, 60, what="the agent's API")
+        assert code == 200 and body["model_version"] == "1.0.0"
+        # three pointer-watch rounds later: still alive, still 1.0.0 (an unguarded reload would serve 2.0.0)
+        time.sleep(3 * POINTER_POLL_S + 1)
+        assert serving()[1]["model_version"] == "1.0.0"
+        assert store.read_pointer("digits")["version"] == "2.0.0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    errors = [p for p in _outbox_payloads(config.state_dir) if p.kind == "event" and p.event == "error"]
+    assert [(p.version, "died while loading it at its last 2 starts" in p.message) for p in errors] == [
+        ("2.0.0", True)], [p.message for p in errors]
+    assert store.load_crashes("digits", "2.0.0") == 2
