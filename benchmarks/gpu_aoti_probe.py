@@ -15,10 +15,15 @@ This script builds one small CUDA .pt2 (no autotuning, about a minute) unless --
 fresh process per variant, each printing the C++ runtimes mapped in it before and after the load and whether a
 CUDA graph of the loaded runner captures (``run_single_threaded=True``, as the agent loads runners it captures):
 
-  plain              python3 -c: import torch, load
-  onnxruntime-first  import onnxruntime before torch (what `edgeopt agent install` did)
-  preload-libstdc++  LD_PRELOAD of the system libstdc++.so.6
-  regex-first        a std::regex compiled through ctypes-loaded libstdc++ before the load
+  plain                python3 -c: import torch, load
+  onnxruntime-first    import onnxruntime before torch (what `edgeopt agent install` did)
+  onnxruntime-after    import torch, then onnxruntime, then load
+  preload-libstdc++    LD_PRELOAD of the system libstdc++.so.6
+  libstdc++-global     the system libstdc++ loaded with RTLD_GLOBAL (ctypes) before torch
+
+Before the variants it prints what the package's wrapper .so links against (NEEDED), whether it defines its own
+copy of the C++ runtime's locale facet ids (``std::collate<char>::id``: a copy of its own would be looked up in
+the process's one locale at the wrong index, which is the crash's signature), and the compiler that built it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ pre = sys.argv[2]
 if pre == "onnxruntime-first":
     import onnxruntime  # noqa: F401
 import torch
+if pre == "onnxruntime-after":
+    import onnxruntime  # noqa: F401,F811
 def cxx():
     return sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l or "libc++" in l})
 print("  C++ runtimes before load:", cxx(), flush=True)
@@ -61,11 +68,37 @@ with torch.inference_mode():
         print(f"  CUDA graph capture FAILED: {' '.join(str(exc).split())[:200]}", flush=True)
 '''
 
-REGEX_FIRST = r'''
+LIBSTDCXX_GLOBAL = r'''
 import ctypes, ctypes.util
-# std::regex needs C++; compile nothing: load the system libstdc++ globally first, as a library that uses it would
+# the system libstdc++ loaded globally first, as a library that links it would
 ctypes.CDLL(ctypes.util.find_library("stdc++"), mode=ctypes.RTLD_GLOBAL)
 '''
+
+
+def elf_report(pt2: Path) -> None:
+    """What the .pt2's shared objects link against, and whether they carry C++ runtime symbols of their own."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    tool = shutil.which("readelf")
+    print(f"compiler: {subprocess.run(['c++', '--version'], capture_output=True, text=True).stdout.splitlines()[:1]}")
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(pt2) as zf:
+        for name in (n for n in zf.namelist() if n.endswith(".so")):
+            path = Path(zf.extract(name, tmp))
+            print(f"{name}: {path.stat().st_size / 1e6:.1f} MB")
+            if tool is None:
+                print("  (no readelf here)")
+                continue
+            dyn = subprocess.run([tool, "-dW", str(path)], capture_output=True, text=True).stdout
+            print("  NEEDED:", [ln.split("[")[-1].rstrip("]") for ln in dyn.splitlines() if "(NEEDED)" in ln])
+            syms = subprocess.run([tool, "--dyn-syms", "-W", str(path)], capture_output=True, text=True).stdout
+            rows = [ln.split() for ln in syms.splitlines() if "_ZNSt7collateIcE2idE" in ln or "_ZNSt6locale" in ln]
+            defined = sorted({r[-1] for r in rows if len(r) > 6 and r[6] != "UND"})
+            undefined = sorted({r[-1] for r in rows if len(r) > 6 and r[6] == "UND"})
+            print(f"  locale symbols defined here: {len(defined)} {defined[:6]}; imported: {len(undefined)}")
+            comment = subprocess.run([tool, "-p", ".comment", str(path)], capture_output=True, text=True).stdout
+            print("  .comment:", sorted({ln.split("]", 1)[-1].strip() for ln in comment.splitlines() if "]" in ln})[:3])
 
 
 def build(path: Path) -> None:
@@ -97,9 +130,14 @@ def main() -> int:
                        check=True)
     libstdcxx = next((p for p in ("/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/lib/x86_64-linux-gnu/libstdc++.so.6")
                       if os.path.exists(p)), "")
+    try:
+        elf_report(pt2)
+    except Exception as exc:  # noqa: BLE001 - the diagnosis goes on without it
+        print(f"ELF report failed: {exc}")
     variants = {"plain": ({}, "plain", ""), "onnxruntime-first": ({}, "onnxruntime-first", ""),
+                "onnxruntime-after": ({}, "onnxruntime-after", ""),
                 "preload-libstdc++": ({"LD_PRELOAD": libstdcxx}, "plain", ""),
-                "regex-first": ({}, "plain", REGEX_FIRST)}
+                "libstdc++-global": ({}, "plain", LIBSTDCXX_GLOBAL)}
     rows = []
     for name, (env, pre, prefix) in variants.items():
         t0 = time.perf_counter()
