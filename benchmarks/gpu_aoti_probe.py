@@ -20,6 +20,7 @@ CUDA graph of the loaded runner captures (``run_single_threaded=True``, as the a
   onnxruntime-after    import torch, then onnxruntime, then load
   preload-libstdc++    LD_PRELOAD of the system libstdc++.so.6
   libstdc++-global     the system libstdc++ loaded with RTLD_GLOBAL (ctypes) before torch
+  no-LD_LIBRARY_PATH   plain, with LD_LIBRARY_PATH emptied
 
 Before the variants it prints what the package's wrapper .so links against (NEEDED), whether it defines its own
 copy of the C++ runtime's locale facet ids (``std::collate<char>::id``: a copy of its own would be looked up in
@@ -137,7 +138,10 @@ def main() -> int:
     variants = {"plain": ({}, "plain", ""), "onnxruntime-first": ({}, "onnxruntime-first", ""),
                 "onnxruntime-after": ({}, "onnxruntime-after", ""),
                 "preload-libstdc++": ({"LD_PRELOAD": libstdcxx}, "plain", ""),
-                "libstdc++-global": ({}, "plain", LIBSTDCXX_GLOBAL)}
+                "libstdc++-global": ({}, "plain", LIBSTDCXX_GLOBAL),
+                # scripts/gpu-aoti.sh puts the nvidia wheels' lib folders on LD_LIBRARY_PATH (for onnxruntime-gpu):
+                # a C++ runtime in one of them would be found before the system's
+                "no-LD_LIBRARY_PATH": ({"LD_LIBRARY_PATH": ""}, "plain", "")}
     rows = []
     for name, (env, pre, prefix) in variants.items():
         t0 = time.perf_counter()
