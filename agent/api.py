@@ -189,14 +189,21 @@ class Api:
                                     f"({', '.join(p.input for p in seqs.pairs)})") from None
             check_requested_outputs(request, entry.loaded.outputs)
             return request, None
-        params = sequence_params(request.parameters)
+        # The sequence parameters and requested outputs are in the header: a client's steps of one kind share
+        # one (the binary plan's memo), so they are checked once per header, not once per step.
+        memo = request.memo
+        params = memo.get("sequence") if memo is not None else None
         if params is None:
-            raise ApiError(400, f"model {entry.name!r} is stateful: send parameters sequence_id (and "
-                                f"sequence_start on a stream's first request), or every input including the "
-                                f"state ({', '.join(p.input for p in seqs.pairs)})")
-        check_requested_outputs(request, seqs.outputs)
+            params = sequence_params(request.parameters)
+            if params is None:
+                raise ApiError(400, f"model {entry.name!r} is stateful: send parameters sequence_id (and "
+                                    f"sequence_start on a stream's first request), or every input including the "
+                                    f"state ({', '.join(p.input for p in seqs.pairs)})")
+            check_requested_outputs(request, seqs.outputs)
+            if memo is not None:  # the plan is this batcher's (parsed against seqs.inputs): so is its memo
+                memo["sequence"] = params
         seq_id, start, end = params
-        return request, lambda: seqs.submit(request.inputs, seq_id, start, end)
+        return request, lambda: seqs.submit(request.inputs, seq_id, start, end, request.batch_signature)
 
     def _infer_done(self, entry: ModelEntry, name: str, request: Any, pending: Any, mm: Any,
                     start: float) -> Response:

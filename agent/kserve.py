@@ -68,6 +68,9 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # Which requests may share a batch (same input names, dtypes and per-sample shapes); see the batcher.
     batch_signature: tuple | None = None
+    # Shared by every request with the same binary-tensor header (see _BinaryPlan): what a caller derives
+    # from the header alone (its checks, its sequence parameters) is kept here and done once. None: not planned.
+    memo: dict | None = None
 
     @property
     def batch(self) -> int:
@@ -108,25 +111,26 @@ class _BinaryPlan:
     request of one shape, so the next request with the same header bytes skips JSON decoding and every
     check, and only slices its tensors out of the body."""
 
-    __slots__ = ("specs", "layout", "size", "outputs", "binary_default", "parameters", "batch_signature")
+    __slots__ = ("specs", "layout", "size", "outputs", "binary_default", "parameters", "batch_signature", "memo")
 
     def __init__(self, specs: list[TensorSpec], layout: list[tuple[str, np.dtype, tuple, int, int]],
                  request: InferRequest):
         self.specs = specs  # holding it keeps id(specs) in the cache key from being reused
-        self.layout = layout  # (name, dtype, shape, offset, size) in body order
-        self.size = sum(item[4] for item in layout)
+        self.layout = layout  # (name, dtype, shape, offset, element count) in body order
+        self.size = sum(item[4] * item[1].itemsize for item in layout)
         self.outputs = request.outputs
         self.binary_default = request.binary_default
         self.parameters = request.parameters
         self.batch_signature = request.batch_signature
+        self.memo: dict = {}
 
     def build(self, binary: memoryview) -> InferRequest | None:
         if len(binary) != self.size:
             return None  # let the full parser name what is wrong
-        arrays = {name: np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
-                  for name, dtype, shape, offset, size in self.layout}
+        arrays = {name: np.frombuffer(binary, dtype, count, offset).reshape(shape)
+                  for name, dtype, shape, offset, count in self.layout}
         return InferRequest(inputs=arrays, outputs=self.outputs, binary_default=self.binary_default,
-                            parameters=self.parameters, batch_signature=self.batch_signature)
+                            parameters=self.parameters, batch_signature=self.batch_signature, memo=self.memo)
 
 
 _BINARY_PLANS = BoundedCache(512)  # (id(specs), JSON header bytes) -> _BinaryPlan
@@ -155,7 +159,9 @@ def parse_infer_request(body: bytes | bytearray, header_length: int | None,
         # Only short headers without an id are remembered: an id changes with every request, and a client
         # must not be able to pin large headers in memory.
         if layout is not None and request.id is None and header_length <= _MAX_PLANNED_HEADER:
-            _BINARY_PLANS.put((id(specs), header), _BinaryPlan(specs, layout, request))
+            plan = _BinaryPlan(specs, layout, request)
+            _BINARY_PLANS.put((id(specs), header), plan)
+            request.memo = plan.memo
         return request
     return _parse_full(body, memoryview(b""), specs, same_batch)[0]
 
@@ -250,7 +256,7 @@ def _parse_full(header: bytes, binary: memoryview, specs: list[TensorSpec],
                 raise _bad(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
             arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
             if layout is not None:
-                layout.append((name, dtype, tuple(shape), offset, size))
+                layout.append((name, dtype, tuple(shape), offset, count))
             offset += size
         else:
             layout = None
@@ -319,8 +325,10 @@ def encode_infer_response(model: str, version: str | None, request: InferRequest
     if request.id is None and wanted and all(wanted.values()):
         # Every output binary: the JSON header depends only on names, dtypes and shapes, so it is built
         # once per model version and shape instead of once per request.
-        arrays = [np.ascontiguousarray(results[name]) for name in wanted]
-        key = (model, version, tuple((name, a.dtype.str, a.shape) for name, a in zip(wanted, arrays)))
+        # (tobytes() writes C order whatever the layout, so a sliced output needs no contiguous copy first;
+        # dtype objects hash and compare by value, so they key the cache as they are.)
+        arrays = [results[name] for name in wanted]
+        key = (model, version, tuple((name, a.dtype, a.shape) for name, a in zip(wanted, arrays)))
         header = _RESPONSE_HEADERS.get(key)
         if header is None:
             body, json_len = _encode_full(model, version, request, wanted, results)

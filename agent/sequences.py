@@ -10,6 +10,13 @@ Requests of different sequences run in one batch: their inputs are stacked along
 gathered along the state's batch axis (``state`` [2, ?, 128] -> axis 1); after the call outputs and new states
 are scattered back. Two requests of one sequence never share a batch, and run in the order they came.
 
+Streams are closed loops (a client sends its next chunk once it has the answer to the last), so the worker
+waits, up to ``max_delay_ms`` from the first queued step, for the sequences of its previous batch that have not
+sent their next step yet ("awaited"), and is woken once all of them have, not by each one: every wake-up is a
+thread switch and a GIL hand-off. Sequences nobody waits for (a lone stream, streams that went quiet) are served
+at once. The bookkeeping after a batch (in-flight counts, ended sequences, who is awaited) takes the lock once
+per batch, and each sequence's new state is a view of the batched output, not a copy.
+
 Bounds: a sequence idle for ``idle_timeout_s`` is ended; at ``max_sequences`` live sequences a new one evicts
 the longest-idle sequence (never one with a request in flight). The next request of an ended or evicted
 sequence is answered with an error saying so (400), not with a silently fresh state.
@@ -26,11 +33,13 @@ import numpy as np
 
 from ..sdk.stateful import StatePair
 from .batcher import BusyError, ClosedError, Pending, batch_signature, run_worker
+from .caches import BoundedCache
 from .runtimes.base import LoadedModel
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 4096  # ended/evicted sequence ids remembered for their next request's error
+COMPACT_AFTER_S = 1.0  # a sequence idle this long gets its own copy of its state (see _expire)
 
 
 class SequenceError(Exception):
@@ -87,6 +96,7 @@ class SequenceBatcher:
         self.inputs = [s for s in model.inputs if s.name not in state_in]  # what a sequence request carries
         self.outputs = [s for s in model.outputs if s.name not in state_out]  # what it gets back
         self._specs = {s.name: s for s in model.inputs}
+        self._state_outputs = {p.output: p for p in self.pairs}
         # Without a batch axis on every state, sequences run one at a time.
         self.batchable = all(p.batch_axis is not None for p in self.pairs)
         self.max_batch = max(1, int(max_batch)) if self.batchable else 1
@@ -98,11 +108,18 @@ class SequenceBatcher:
         self._gone: collections.OrderedDict[Any, str] = collections.OrderedDict()
         self.evicted = self.expired = 0
         self._queue: collections.deque[_Step] = collections.deque()
-        self._cond = threading.Condition()
+        # A plain lock, not the default RLock: it is taken on every request.
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
-        self._last_batch = 1
-        self._wake_at: int | None = None  # queued requests at which submit() wakes the waiting worker
+        # Ids of the previous batch's sequences that have not sent their next step yet (see the module doc).
+        self._awaited: set[Any] = set()
+        # While the worker waits: submit() wakes it once this many steps are queued, or (``_wake_on_awaited``)
+        # once the last awaited sequence has sent its step. None while it runs a batch.
+        self._wake_at: int | None = None
+        self._wake_on_awaited = False
         self._next_sweep = 0.0
+        # batch_signature -> (names of the scalar inputs, name of an input with a batch axis), per request kind
+        self._kinds = BoundedCache(256)
         self._thread = threading.Thread(target=self._run, name=f"sequences-{name}", daemon=True)
         self._thread.start()
 
@@ -115,12 +132,21 @@ class SequenceBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, feeds: dict[str, np.ndarray], seq_id: Any, start: bool, end: bool) -> Pending:
-        """Queue one step of sequence ``seq_id``. Raises SequenceError, BusyError or ClosedError."""
-        first = next((a for a in feeds.values() if a.ndim), None)
-        n = int(first.shape[0]) if first is not None else 1
-        # Scalars (a sample rate) must be equal to share a batch: their value is part of the signature.
-        signature = batch_signature(feeds) + tuple((k, v.tobytes()) for k, v in sorted(feeds.items()) if not v.ndim)
+    def submit(self, feeds: dict[str, np.ndarray], seq_id: Any, start: bool, end: bool,
+               signature: tuple | None = None) -> Pending:
+        """Queue one step of sequence ``seq_id``. Raises SequenceError, BusyError or ClosedError.
+        ``signature`` is :func:`batch_signature` of ``feeds`` when the caller already has it."""
+        if signature is None:
+            signature = batch_signature(feeds)
+        kind = self._kinds.get(signature)
+        if kind is None:
+            names = sorted(feeds)
+            kind = (tuple(k for k in names if not feeds[k].ndim), next((k for k in names if feeds[k].ndim), None))
+            self._kinds.put(signature, kind)
+        scalars, batched = kind
+        n = int(feeds[batched].shape[0]) if batched is not None else 1
+        if scalars:  # scalars (a sample rate) must be equal to share a batch: their value joins the signature
+            signature = (signature, tuple(feeds[k].tobytes() for k in scalars))
         now = self._clock()
         with self._cond:
             if self._closed:
@@ -147,22 +173,37 @@ class SequenceBatcher:
             stream.last_used = now
             step = _Step(feeds, n, signature, stream, end)
             self._queue.append(step)
+            awaited = self._awaited
+            if awaited and seq_id in awaited:
+                awaited.discard(seq_id)
+                if not awaited and self._wake_on_awaited:
+                    self._cond.notify()
+                    return step
             if self._wake_at is not None and len(self._queue) >= self._wake_at:
                 self._cond.notify()
         return step
 
     def _forget(self, seq_id: Any, why: str) -> None:
         self._streams.pop(seq_id, None)
+        self._awaited.discard(seq_id)  # an expired or evicted sequence is not waited for
         self._gone[seq_id] = why
         while len(self._gone) > MAX_REMEMBERED:
             self._gone.popitem(last=False)
 
     def _expire(self, now: float) -> None:
-        """End sequences idle longer than the timeout (called under the lock, about once a second)."""
+        """End sequences idle longer than the timeout, compact the state of sequences idle for a second
+        (called under the lock, about once a second)."""
         self._next_sweep = now + min(1.0, self.idle_timeout / 4)
         for s in [s for s in self._streams.values() if not s.in_flight and now - s.last_used > self.idle_timeout]:
             self._forget(s.id, f"was ended by the agent after {self.idle_timeout:g} s without a request")
             self.expired += 1
+        # A state scattered from a batch is a view that keeps the whole batch's output alive: copy it once the
+        # sequence is idle, so idle sequences hold their own state only. Safe here: with nothing in flight
+        # the worker does not touch the state, and a new step needs this lock to be queued.
+        for s in self._streams.values():
+            if s.state is not None and not s.in_flight and now - s.last_used > COMPACT_AFTER_S \
+                    and any(a.base is not None for a in s.state.values()):
+                s.state = {k: a.copy() for k, a in s.state.items()}
 
     def _evict_for(self, newcomer: Any) -> None:
         idle = [s for s in self._streams.values() if not s.in_flight]
@@ -212,31 +253,38 @@ class SequenceBatcher:
 
     def _collect(self) -> list[_Step] | None:
         with self._cond:
+            waited = False
             while not self._queue:
                 if self._closed:
                     return None
-                self._wake_at = 1
-                self._cond.wait()
-            self._wake_at = None
+                if self._awaited and not waited and self.max_batch > 1:
+                    # The previous batch's sequences will be back soon: sleep until all of them are (or the
+                    # batch would be full), not until the first one is.
+                    self._wake_at, self._wake_on_awaited = self.max_batch, True
+                    self._cond.wait(self.max_delay)
+                    waited = True
+                else:
+                    # Idle, or the awaited sequences did not come back within max_delay: they went quiet.
+                    self._awaited.clear()
+                    self._wake_at, self._wake_on_awaited = 1, False
+                    self._cond.wait()
             first = self._queue.popleft()
             batch, total = [first], first.n
             if self.max_batch > 1:
                 deadline = first.enqueued + self.max_delay
                 while True:
                     total = self._take(first, batch, total)
-                    # Wait only when more sequences are likely (the previous batch was bigger): a lone
-                    # stream is served at once.
-                    if total >= self.max_batch or total >= self._last_batch or self._closed:
+                    # Wait only for sequences expected soon (served in the previous batch, no step sent yet):
+                    # a lone stream is served at once.
+                    if total >= self.max_batch or not self._awaited or self._closed:
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    # Woken once enough requests to fill the batch are queued (or at the deadline), not by
-                    # each one: every wake-up is a thread switch and a GIL hand-off.
-                    self._wake_at = len(self._queue) + min(self.max_batch, self._last_batch) - total
+                    self._wake_at = len(self._queue) + self.max_batch - total
+                    self._wake_on_awaited = True
                     self._cond.wait(remaining)
-                    self._wake_at = None
-            self._last_batch = total
+            self._wake_at, self._wake_on_awaited = None, False
             return batch
 
     def _run(self) -> None:
@@ -258,7 +306,7 @@ class SequenceBatcher:
         start = time.monotonic()
         total = sum(p.n for p in batch)
         if len(batch) == 1:
-            self._run_one(batch[0])
+            self._run_one(batch[0], whole_batch=True)
         else:
             try:
                 feeds = self._gather(batch)
@@ -267,22 +315,27 @@ class SequenceBatcher:
             except Exception:
                 for p in batch:  # one request may be the culprit: run them one by one so only it fails
                     self._run_one(p)
+                with self._cond:
+                    self._awaited = set()  # after a failure, wait for nobody
             else:
-                for p, (public, state) in zip(batch, parts):
+                for p, (_, state) in zip(batch, parts):
                     p.stream.state = state
-                    self._finish(p, outputs=public)
+                self._settle(batch, [public for public, _ in parts], whole_batch=True)
         if self.metrics is not None:
             self.metrics.batch(total)
         log.debug("sequences %s: batch of %d in %.2f ms", self.name, total, (time.monotonic() - start) * 1e3)
 
-    def _run_one(self, step: _Step) -> None:
+    def _run_one(self, step: _Step, whole_batch: bool = False) -> None:
+        # A state scattered from a batch is a view of it: contiguous for runtimes that want their buffers so.
+        state = {k: np.ascontiguousarray(v) for k, v in self._state_of(step).items()}
         try:
-            outputs = self.model.infer({**step.feeds, **self._state_of(step)})
+            outputs = self.model.infer({**step.feeds, **state})
         except Exception as exc:
-            self._finish(step, error=exc)  # the sequence keeps the state it had
+            self._settle([step], error=exc, whole_batch=whole_batch)  # the sequence keeps its state
             return
         step.stream.state = {p.input: outputs[p.output] for p in self.pairs}
-        self._finish(step, outputs={k: v for k, v in outputs.items() if k not in {p.output for p in self.pairs}})
+        self._settle([step], [{k: v for k, v in outputs.items() if k not in self._state_outputs}],
+                     whole_batch=whole_batch)
 
     def _gather(self, batch: list[_Step]) -> dict[str, np.ndarray]:
         feeds = {}
@@ -294,31 +347,56 @@ class SequenceBatcher:
         return feeds
 
     def _scatter(self, batch: list[_Step], outputs: dict[str, np.ndarray]):
+        """Each step's public outputs and new state, as views of the batched outputs (nothing is copied: the
+        next batch's gather copies the states it concatenates, and a view keeps its batch alive only until
+        the sequence's next step replaces it)."""
         total = sum(p.n for p in batch)
-        state_out = {p.output: p for p in self.pairs}
+        state_out = self._state_outputs
         for name, arr in outputs.items():
             axis = state_out[name].batch_axis if name in state_out else 0
             if arr.ndim <= axis or arr.shape[axis] != total:
                 raise ValueError(f"output {name!r} has no batch of {total} on axis {axis}")
+        public_items = [(k, v) for k, v in outputs.items() if k not in state_out]
+        # (state input, batched state output, the index before the batch axis)
+        states = [(p.input, outputs[p.output], (slice(None),) * p.batch_axis) for p in self.pairs]
         parts, offset = [], 0
         for p in batch:
-            public = {k: v[offset:offset + p.n] for k, v in outputs.items() if k not in state_out}
-            state = {}
-            for pair in self.pairs:
-                index = [slice(None)] * outputs[pair.output].ndim
-                index[pair.batch_axis] = slice(offset, offset + p.n)
-                state[pair.input] = np.ascontiguousarray(outputs[pair.output][tuple(index)])
-            parts.append((public, state))
+            rows = slice(offset, offset + p.n)
+            parts.append(({k: v[rows] for k, v in public_items},
+                          {name: arr[lead + (rows,)] for name, arr, lead in states}))
             offset += p.n
         return parts
 
-    def _finish(self, step: _Step, outputs=None, error=None) -> None:
+    def _settle(self, steps: list[_Step], outputs: list[dict] | None = None, error=None,
+                whole_batch: bool = False) -> None:
+        """Account for finished steps under one lock acquisition (in flight, last use, sequence_end and, when
+        ``steps`` is a whole batch, which sequences the next batch waits for), then answer them outside it."""
         with self._cond:
-            step.stream.in_flight -= 1
-            step.stream.last_used = self._clock()
-            if step.end and self._streams.get(step.stream.id) is step.stream:
-                del self._streams[step.stream.id]
-                self._gone[step.stream.id] = "has ended (sequence_end was sent)"
-                while len(self._gone) > MAX_REMEMBERED:
-                    self._gone.popitem(last=False)
-        step.finish(outputs=outputs, error=error)
+            now = self._clock()
+            awaited = set()
+            for step in steps:
+                stream = step.stream
+                stream.in_flight -= 1
+                stream.last_used = now
+                live = self._streams.get(stream.id) is stream
+                if step.end and live:
+                    del self._streams[stream.id]
+                    self._gone[stream.id] = "has ended (sequence_end was sent)"
+                    while len(self._gone) > MAX_REMEMBERED:
+                        self._gone.popitem(last=False)
+                if not stream.in_flight and (live or step.end):
+                    # Its next step is not queued yet: expect it (an ended stream is often started again at
+                    # once under the same id; the wait is bounded by max_delay either way).
+                    awaited.add(stream.id)
+            if whole_batch and self.max_batch > 1:
+                self._awaited = awaited
+        if outputs is None:
+            for step in steps:
+                step.finish(error=error)
+        else:
+            for step, out in zip(steps, outputs):
+                step.finish(outputs=out)
+
+    def _finish(self, step: _Step, outputs=None, error=None) -> None:
+        """One step, finished outside a batch (run_worker's fallback for a failure)."""
+        self._settle([step], None if outputs is None else [outputs], error)

@@ -216,3 +216,171 @@ def test_http_sequence_parameters_config_metrics_and_telemetry():
     finally:
         server.stop()
         registry.close()
+
+
+def _steps_alone(seqs, pending_by_seq, sent):
+    """Each sequence's answers equal the model run alone on its inputs."""
+    for sid, values in sent.items():
+        for want, p in zip(_alone([_x(v) for v in values]), pending_by_seq[sid]):
+            np.testing.assert_array_equal(p.result(30)["y"], want)
+
+
+def test_next_batch_waits_for_the_sequences_of_the_previous_one():
+    # The wait is bounded by max_delay (a minute here, so only arrivals decide): the worker holds a batch
+    # until every sequence of the previous batch has sent its next step, whatever else is queued.
+    gate = threading.Event()
+    model, metrics = Accumulator(gate), Metrics()
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, max_delay_ms=60_000, metrics=metrics)
+    try:
+        got = {"a": [seqs.submit({"x": _x(1)}, "a", True, False)]}
+        assert model.entered.wait(30)
+        got["b"] = [seqs.submit({"x": _x(2)}, "b", True, False)]  # queued behind a's first step
+        gate.set()
+        got["a"][0].result(30)
+        # b's step is queued, a (served in the previous batch) is awaited: b waits for it instead of running alone
+        got["a"].append(seqs.submit({"x": _x(3)}, "a", False, False))
+        got["b"][0].result(30)
+        # a newcomer and a's next step do not complete the batch: b is still awaited
+        got["c"] = [seqs.submit({"x": _x(4)}, "c", True, False)]
+        got["a"].append(seqs.submit({"x": _x(5)}, "a", False, False))
+        got["b"].append(seqs.submit({"x": _x(6)}, "b", False, False))
+        _steps_alone(seqs, got, {"a": [1, 3, 5], "b": [2, 6], "c": [4]})
+        assert metrics.sizes == [1, 2, 3]
+    finally:
+        seqs.close()
+
+
+def test_sequences_that_went_quiet_are_not_waited_for_again():
+    seqs = SequenceBatcher(Accumulator(), "acc", PAIRS, max_batch=8, max_delay_ms=20)
+    try:
+        seqs.submit({"x": _x(1)}, "a", True, False).result(30)
+        for v in (2, 3, 4):  # b never comes back: a is served after at most one max_delay, then alone
+            np.testing.assert_array_equal(seqs.submit({"x": _x(v)}, "a", False, False).result(30)["y"],
+                                          _alone([_x(u) for u in range(1, v + 1)])[-1])
+        assert seqs._awaited <= {"a"}
+    finally:
+        seqs.close()
+
+
+def test_states_are_views_of_the_batch_until_the_sequence_goes_idle():
+    gate = threading.Event()
+    now = [100.0]
+    model = Accumulator(gate)
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, clock=lambda: now[0])
+    try:
+        first = seqs.submit({"x": _x(1)}, "z", True, False)
+        assert model.entered.wait(30)
+        a = seqs.submit({"x": _x(2)}, "a", True, False)
+        b = seqs.submit({"x": _x(3)}, "b", True, False)
+        gate.set()
+        first.result(30), a.result(30), b.result(30)
+        state_a, state_b = seqs._streams["a"].state["state"], seqs._streams["b"].state["state"]
+        assert model.calls == [1, 2]
+        # both views of the one batched output, not copies
+        assert state_a.base is not None and state_a.base is state_b.base
+        now[0] += 2  # idle past COMPACT_AFTER_S: the next sweep gives each its own copy
+        seqs.submit({"x": _x(9)}, "c", True, False).result(30)
+        compact = seqs._streams["a"].state["state"]
+        assert compact.base is None
+        np.testing.assert_array_equal(compact, state_a)
+        np.testing.assert_array_equal(seqs.submit({"x": _x(5)}, "a", False, False).result(30)["y"],
+                                      _alone([_x(2), _x(5)])[1])
+    finally:
+        seqs.close()
+
+
+def test_a_batch_is_accounted_for_before_any_of_its_answers():
+    # One lock acquisition settles the whole batch: when the first client hears back, the ended sequence of
+    # its batch neighbour is already gone and nothing of the batch is counted in flight.
+    gate = threading.Event()
+    model = Accumulator(gate)
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8)
+    try:
+        first = seqs.submit({"x": _x(1)}, "z", True, False)
+        assert model.entered.wait(30)
+        a = seqs.submit({"x": _x(2)}, "a", True, False)
+        b = seqs.submit({"x": _x(3)}, "b", True, True)  # b starts and ends in one step
+        seen = []
+        a.on_done(lambda: seen.append((seqs.live, seqs._streams["a"].in_flight)))
+        gate.set()
+        first.result(30), a.result(30), b.result(30)
+        assert seen == [(2, 0)]  # z and a live; b already ended; a not in flight
+    finally:
+        seqs.close()
+
+
+class ScaledAccumulator(Accumulator):
+    """The accumulator with a scalar input ``k`` (like a sample rate): y = k * x + state[0] + 10 * state[1]."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        super().__init__(gate)
+        self.inputs = self.inputs + [TensorSpec(name="k", dtype="int64", shape=[])]
+
+    def infer(self, feeds):
+        self.check_feeds(feeds)
+        self.calls.append(len(feeds["x"]))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+            self.gate = None
+        x, s, k = feeds["x"], feeds["state"], feeds["k"]
+        return {"y": int(k) * x + s[0] + 10 * s[1], "stateN": np.stack([s[0] + x, s[1] + 1])}
+
+
+def test_steps_with_different_scalar_inputs_never_share_a_batch():
+    from edgeopt.agent.batcher import batch_signature
+
+    gate = threading.Event()
+    model, metrics = ScaledAccumulator(gate), Metrics()
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, metrics=metrics)
+    try:
+        first = seqs.submit({"x": _x(1), "k": np.array(1, np.int64)}, "z", True, False)
+        assert model.entered.wait(30)
+        steps = []
+        for sid, k in (("a", 2), ("b", 3), ("c", 2)):
+            feeds = {"x": _x(1), "k": np.array(k, np.int64)}
+            steps.append((k, seqs.submit(feeds, sid, True, False, batch_signature(feeds))))
+        gate.set()
+        first.result(30)
+        for k, p in steps:
+            np.testing.assert_array_equal(p.result(30)["y"], _x(k))
+        assert sorted(metrics.sizes) == [1, 1, 2]  # a and c (k=2) together, b (k=3) alone
+    finally:
+        seqs.close()
+
+
+def test_binary_sequence_steps_check_their_header_once_and_keep_their_own_ids(monkeypatch):
+    from edgeopt.agent import api as api_module
+
+    calls = []
+    real = api_module.sequence_params
+    monkeypatch.setattr(api_module, "sequence_params", lambda params: calls.append(1) or real(params))
+    registry = ModelRegistry(limits=BatchLimits(max_batch=4, max_sequences=8))
+    registry.swap("acc", "1.0.0", Accumulator())
+    server = InferenceServer(registry, "127.0.0.1", 0).start()
+
+    def step(seq_id, start, value):
+        x = np.full((1, 3), value, np.float32)
+        head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+                           "parameters": {"sequence_id": seq_id, "sequence_start": start}}).encode()
+        req = urllib.request.Request(f"{server.url}/v2/models/acc/infer", head + x.tobytes(),
+                                     {"Inference-Header-Content-Length": str(len(head))})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            n = int(resp.headers["Inference-Header-Content-Length"])
+            return np.frombuffer(resp.read()[n:], np.float32)
+
+    try:
+        for seq_id in (1, 2):
+            step(seq_id, True, seq_id)
+        for _ in range(4):
+            for seq_id in (1, 2):
+                step(seq_id, False, seq_id)
+        # each sequence's answers are its own (x + 5 earlier x + 10 * 5 steps)
+        np.testing.assert_array_equal(step(1, False, 1), np.full(3, 1 + 5 + 50, np.float32))
+        np.testing.assert_array_equal(step(2, False, 2), np.full(3, 2 + 10 + 50, np.float32))
+        assert len(calls) == 4  # one per distinct header: (1, start), (2, start), (1, next), (2, next)
+    finally:
+        server.stop()
+        registry.close()
