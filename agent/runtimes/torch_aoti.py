@@ -13,8 +13,10 @@ compiled for: :meth:`TorchAotiRuntime.load` refuses any other, naming both.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,27 @@ class TorchAotiModel(LoadedModel):
         self._runners.clear()
 
 
+def cxx_runtime_global() -> bool:
+    """Put the process's C++ runtime (libstdc++) in the global symbol scope before a .pt2 is loaded.
+
+    AOTInductor's CUDA wrapper .so, as PyTorch 2.11 builds it with g++ 13 (Ubuntu 24.04, the lent H200), carries
+    61 of libstdc++'s locale symbols of its own and imports none (benchmarks/gpu_aoti_probe.py's ELF report).
+    PyTorch loads libstdc++ as a dependency in a local scope, so nothing interposes those copies: the model's
+    ``std::regex`` (``parse_device_str``) then looks a facet up in the real locale at its own copy's index and
+    calls ``codecvt<char16_t>::do_unshift`` as if it were ``collate::transform``: SIGSEGV in every fresh process.
+    With the library global first (what ``LD_PRELOAD=libstdc++.so.6``, or importing ONNX Runtime first, did by
+    accident), the wrapper's references bind to the one real runtime: the probe loaded, ran and captured a CUDA
+    graph in 4 of 4 such variants and crashed in 2 of 2 without. Returns whether it is global (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)  # already mapped by PyTorch: promotes it
+    except OSError as exc:  # a libc++ or static build: nothing to promote
+        log.debug("torch-aoti: libstdc++ not promoted to the global scope: %s", exc)
+        return False
+    return True
+
+
 def _dtype(torch, name: str):
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
@@ -254,6 +277,7 @@ class TorchAotiRuntime(Runtime):
         if threads and device == "cpu":
             torch.set_num_threads(int(threads))
         graphs = bool(options.get("cuda_graph", False)) and device == "cuda"
+        cxx_runtime_global()
         runners = {}
         for b, name in sorted(io["batch_files"].items()):
             path = Path(model_path).with_name(name)

@@ -261,3 +261,36 @@ def test_runners_captured_into_cuda_graphs_are_loaded_single_threaded(tmp_path, 
     get_runtime("torch-aoti").load(tmp_path / "model-b1.pt2", device=device, options={"cuda_graph": graphs})
     assert calls == [single]
     assert built[0][-1] is (graphs and device == "cuda")  # the model captures exactly when loaded single-threaded
+
+
+def test_loading_puts_the_cxx_runtime_in_the_global_scope_first():
+    """A CUDA .pt2's wrapper carries its own copies of libstdc++'s locale symbols; unless libstdc++ is global
+    when it is loaded, std::regex inside it crashes every fresh process (H200, PyTorch 2.11: section "Session 9"
+    of BENCHMARKS.md). In a fresh interpreter: after `import torch` libstdc++ is not global, after the runtime's
+    load path it is (what the crash needs fixed; the CUDA load itself is measured on the GPU)."""
+    code = r"""
+import ctypes, json, sys, tempfile
+from pathlib import Path
+import torch
+from edgeopt.agent.runtimes import get_runtime
+from edgeopt.sdk.errors import UnsupportedError
+def is_global():
+    return hasattr(ctypes.CDLL(None), "_ZNSt6locale7classicEv")
+before = is_global()
+d = Path(tempfile.mkdtemp())
+(d / "model-b1.pt2").write_bytes(b"not a zip")
+(d / "aoti-io.json").write_text(json.dumps({
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}],
+    "batch_files": {"1": "model-b1.pt2"}, "torch": torch.__version__, "device": "cpu", "arch": None}))
+try:
+    get_runtime("torch-aoti").load(d / "model-b1.pt2", device="cpu", options={})
+except UnsupportedError as exc:
+    refused = str(exc)
+print(json.dumps([before, is_global(), refused]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, refused = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (before, after) == (False, True)
+    assert refused.startswith("torch-aoti: cannot load model-b1.pt2")  # the corrupt file is still one line
