@@ -3,7 +3,8 @@
 # (AOTInductor compiles for the GPU it runs on), then benchmarks/gpu_aoti.py against torch.compile and the ONNX
 # Runtime package. onnxruntime-gpu comes from the chunks ../shared/tools/gpu-wheel-chunks made (assembled in
 # /tmp/gw); edgeopt's own dependencies, a signing key and the ONNX Runtime package from .whl/.
-#   scripts/gpu-aoti.sh package     # build /tmp/r18/resnet18-aoti.eopkg (the summary JSON goes to $OUT)
+#   scripts/gpu-aoti.sh package     # build /tmp/r18/resnet18-aoti.eopkg (the summary JSON goes to $OUT);
+#                                   # AOTI_BATCHES=1 (or 1,8) builds only those batch sizes
 #   scripts/gpu-aoti.sh bench       # measure against torch.compile; figures to $OUT
 #   scripts/gpu-aoti.sh http        # 16 HTTP clients, two agents serving the package: batching on vs off
 #   scripts/gpu-aoti.sh probe       # which fresh processes can load a CUDA .pt2 (benchmarks/gpu_aoti_probe.py)
@@ -27,9 +28,16 @@ export LD_LIBRARY_PATH
 edgeopt() { python3 -m edgeopt.sdk.cli "$@"; }
 case "${1:-}" in
   package)
+    # AOTI_BATCHES=1 builds only those sizes (max-autotune per size costs minutes of a short device lease)
+    profile=hardware_profiles/gpu.toml
+    if [[ -n "${AOTI_BATCHES:-}" ]]; then
+      profile=/tmp/r18/gpu.toml
+      awk -v b="[${AOTI_BATCHES}]" '/^runtime = "torch-aoti"/ {a = 1} a && /^batch_sizes/ {$0 = "batch_sizes = " b; a = 0} 1' \
+        hardware_profiles/gpu.toml > "$profile"
+    fi
     [[ -f /tmp/r18/resnet18.onnx ]] || python3 tests/assets/make_resnet18.py /tmp/r18/resnet18.onnx --inputs /tmp/r18/in
     [[ -f /tmp/r18/resnet18.pt ]] || python3 benchmarks/resnet18_torch.py weights /tmp/r18/resnet18.onnx /tmp/r18/resnet18.pt
-    edgeopt package benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt --profile gpu \
+    edgeopt package benchmarks/resnet18_torch.py:build --weights /tmp/r18/resnet18.pt --profile "$profile" \
       --runtime torch-aoti --task generic --input-shape images:1,3,224,224 --heldout /tmp/r18/in/resnet18_v1_heldout.npz \
       --sign-key .whl/keys/edgeopt.key --name resnet18 --iterations 50 -o /tmp/r18/resnet18-aoti.eopkg --json \
       > "$OUT/package-aoti.json" 2> >(tee "$OUT/package-aoti.log" >&2)
