@@ -13,9 +13,13 @@ are scattered back. Two requests of one sequence never share a batch, and run in
 Streams are closed loops (a client sends its next chunk once it has the answer to the last), so the worker
 waits, up to ``max_delay_ms`` from the first queued step, for the sequences of its previous batch that have not
 sent their next step yet ("awaited"), and is woken once all of them have, not by each one: every wake-up is a
-thread switch and a GIL hand-off. Sequences nobody waits for (a lone stream, streams that went quiet) are served
-at once. The bookkeeping after a batch (in-flight counts, ended sequences, who is awaited) takes the lock once
-per batch, and each sequence's new state is a view of the batched output, not a copy.
+thread switch and a GIL hand-off. From ``max_batch`` 4 on it goes as soon as half a batch is queued, so with
+many streams two half batches are in flight: one in the model while the event loop answers the other and parses
+its next steps (the model call releases the GIL; lock-step, each waited for the other). The submit that wakes
+the worker also hands it the GIL (see :meth:`SequenceBatcher._wake_worker`). Sequences nobody waits for (a lone
+stream, streams that went quiet) are served at once. The bookkeeping after a batch (in-flight counts, ended
+sequences, who is awaited) takes the lock once per batch, and each sequence's new state is a view of the batched
+output, not a copy.
 
 Bounds: a sequence idle for ``idle_timeout_s`` is ended; at ``max_sequences`` live sequences a new one evicts
 the longest-idle sequence (never one with a request in flight). The next request of an ended or evicted
@@ -39,6 +43,7 @@ from .runtimes.base import LoadedModel
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 4096  # ended/evicted sequence ids remembered for their next request's error
+OVERLAP_MIN_BATCH = 4  # from this max_batch on, half a batch goes while the other half is being answered
 COMPACT_AFTER_S = 1.0  # a sequence idle this long gets its own copy of its state (see _expire)
 
 
@@ -62,6 +67,11 @@ class _Step(Pending):
     def __init__(self, feeds, n, signature, stream: _Stream, end: bool):
         super().__init__(feeds, n, signature)
         self.stream, self.end = stream, end
+
+
+def _overlap_at(max_batch: int) -> int:
+    """Queued steps at which a batch goes while other sequences of the previous one are still being answered."""
+    return max_batch // 2 if max_batch >= OVERLAP_MIN_BATCH else max_batch
 
 
 def sequence_params(parameters: dict) -> tuple[Any, bool, bool] | None:
@@ -100,6 +110,7 @@ class SequenceBatcher:
         # Without a batch axis on every state, sequences run one at a time.
         self.batchable = all(p.batch_axis is not None for p in self.pairs)
         self.max_batch = max(1, int(max_batch)) if self.batchable else 1
+        self._overlap_at = _overlap_at(self.max_batch)
         self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.idle_timeout = float(idle_timeout_s)
@@ -109,7 +120,8 @@ class SequenceBatcher:
         self.evicted = self.expired = 0
         self._queue: collections.deque[_Step] = collections.deque()
         # A plain lock, not the default RLock: it is taken on every request.
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
         self._closed = False
         # Ids of the previous batch's sequences that have not sent their next step yet (see the module doc).
         self._awaited: set[Any] = set()
@@ -117,6 +129,9 @@ class SequenceBatcher:
         # once the last awaited sequence has sent its step. None while it runs a batch.
         self._wake_at: int | None = None
         self._wake_on_awaited = False
+        # A submitter waits on this (same lock) until the worker it woke is inside the model call.
+        self._dispatching = threading.Condition(lock)
+        self._handoff = False
         self._next_sweep = 0.0
         # batch_signature -> (names of the scalar inputs, name of an input with a batch axis), per request kind
         self._kinds = BoundedCache(256)
@@ -177,11 +192,37 @@ class SequenceBatcher:
             if awaited and seq_id in awaited:
                 awaited.discard(seq_id)
                 if not awaited and self._wake_on_awaited:
-                    self._cond.notify()
+                    self._wake_worker()
                     return step
             if self._wake_at is not None and len(self._queue) >= self._wake_at:
-                self._cond.notify()
+                self._wake_worker()
         return step
+
+    def _wake_worker(self) -> None:
+        """Wake the waiting worker (under the lock). While it waits for a batch's sequences, hand it the GIL too:
+        the caller (the API's event loop) sleeps until the worker is inside the model call (which releases the
+        GIL), bounded by max_delay. Without the hand-off the loop, which releases the GIL only for short
+        syscalls and takes it straight back, keeps it until it has parsed every request it has read, and the
+        batch meant to overlap with that work starts after it (measured: batches stayed whole)."""
+        self._cond.notify()
+        if self._wake_on_awaited:
+            self._wake_at, self._wake_on_awaited = None, False
+            self._handoff = True
+            self._dispatching.wait_for(lambda: not self._handoff, self.max_delay)
+            self._handoff = False
+
+    def _dispatched(self) -> None:
+        """The worker is about to call the model: a submitter waiting in :meth:`_wake_worker` goes on."""
+        if self._handoff:
+            with self._cond:
+                self._release_submitter()
+
+    def _release_submitter(self) -> None:
+        # Under the lock. Also when the woken worker goes back to waiting (the step that woke it could not
+        # join its batch): the submitter must not sleep through that wait.
+        if self._handoff:
+            self._handoff = False
+            self._dispatching.notify_all()
 
     def _forget(self, seq_id: Any, why: str) -> None:
         self._streams.pop(seq_id, None)
@@ -222,6 +263,7 @@ class SequenceBatcher:
         with self._cond:
             if max_batch is not None:
                 self.max_batch = max(1, int(max_batch)) if self.batchable else 1
+                self._overlap_at = _overlap_at(self.max_batch)
             if max_delay_ms is not None:
                 self.max_delay = max(0.0, float(max_delay_ms)) / 1000.0
             if max_queue is not None:
@@ -232,6 +274,7 @@ class SequenceBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._dispatching.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -258,9 +301,10 @@ class SequenceBatcher:
                 if self._closed:
                     return None
                 if self._awaited and not waited and self.max_batch > 1:
-                    # The previous batch's sequences will be back soon: sleep until all of them are (or the
-                    # batch would be full), not until the first one is.
-                    self._wake_at, self._wake_on_awaited = self.max_batch, True
+                    # The previous batch's sequences will be back soon: sleep until all of them are (or half
+                    # a batch is queued, see _overlap_at), not until the first one is.
+                    self._wake_at, self._wake_on_awaited = self._overlap_at, True
+                    self._release_submitter()
                     self._cond.wait(self.max_delay)
                     waited = True
                 else:
@@ -276,13 +320,14 @@ class SequenceBatcher:
                     total = self._take(first, batch, total)
                     # Wait only for sequences expected soon (served in the previous batch, no step sent yet):
                     # a lone stream is served at once.
-                    if total >= self.max_batch or not self._awaited or self._closed:
+                    if total >= self._overlap_at or not self._awaited or self._closed:
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._wake_at = len(self._queue) + self.max_batch - total
+                    self._wake_at = len(self._queue) + self._overlap_at - total
                     self._wake_on_awaited = True
+                    self._release_submitter()
                     self._cond.wait(remaining)
             self._wake_at, self._wake_on_awaited = None, False
             return batch
@@ -310,9 +355,11 @@ class SequenceBatcher:
         else:
             try:
                 feeds = self._gather(batch)
+                self._dispatched()
                 outputs = self.model.infer(feeds)
                 parts = self._scatter(batch, outputs)
             except Exception:
+                self._dispatched()
                 for p in batch:  # one request may be the culprit: run them one by one so only it fails
                     self._run_one(p)
                 with self._cond:
@@ -328,6 +375,7 @@ class SequenceBatcher:
     def _run_one(self, step: _Step, whole_batch: bool = False) -> None:
         # A state scattered from a batch is a view of it: contiguous for runtimes that want their buffers so.
         state = {k: np.ascontiguousarray(v) for k, v in self._state_of(step).items()}
+        self._dispatched()
         try:
             outputs = self.model.infer({**step.feeds, **state})
         except Exception as exc:

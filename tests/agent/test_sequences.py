@@ -227,7 +227,8 @@ def _steps_alone(seqs, pending_by_seq, sent):
 
 def test_next_batch_waits_for_the_sequences_of_the_previous_one():
     # The wait is bounded by max_delay (a minute here, so only arrivals decide): the worker holds a batch
-    # until every sequence of the previous batch has sent its next step, whatever else is queued.
+    # until every sequence of the previous batch has sent its next step, whatever else is queued (short of
+    # half a batch: see the next test).
     gate = threading.Event()
     model, metrics = Accumulator(gate), Metrics()
     seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, max_delay_ms=60_000, metrics=metrics)
@@ -246,6 +247,54 @@ def test_next_batch_waits_for_the_sequences_of_the_previous_one():
         got["b"].append(seqs.submit({"x": _x(6)}, "b", False, False))
         _steps_alone(seqs, got, {"a": [1, 3, 5], "b": [2, 6], "c": [4]})
         assert metrics.sizes == [1, 2, 3]
+    finally:
+        seqs.close()
+
+
+def test_half_a_batch_goes_while_the_rest_of_the_previous_batch_is_still_being_answered():
+    # max_batch 8: once 4 steps are queued the batch goes without a's step (a is still being answered), so
+    # with many streams one half batch is in the model while the other half is answered; a's step is in the
+    # next batch, never in two at once.
+    model, metrics = Accumulator(), Metrics()
+    seqs = SequenceBatcher(model, "acc", PAIRS, max_batch=8, max_delay_ms=60_000, metrics=metrics)
+    try:
+        got = {"a": [seqs.submit({"x": _x(1)}, "a", True, False)]}
+        got["a"][0].result(30)
+        assert seqs._awaited == {"a"}
+        for sid, v in (("b", 2), ("c", 3), ("d", 4), ("e", 5)):
+            got[sid] = [seqs.submit({"x": _x(v)}, sid, True, False)]
+        for sid in "bcde":
+            got[sid][0].result(10)  # lock-step would hold them for a (a minute)
+        assert metrics.sizes == [1, 4]
+        seqs.reconfigure(max_delay_ms=0)  # a's next step would wait for b..e (up to a minute)
+        got["a"].append(seqs.submit({"x": _x(6)}, "a", False, False))
+        _steps_alone(seqs, got, {"a": [1, 6], "b": [2], "c": [3], "d": [4], "e": [5]})
+    finally:
+        seqs.close()
+
+
+class SlowGather(SequenceBatcher):
+    """Gathering takes a while, so a worker that has been woken is visibly not yet in the model."""
+
+    def _gather(self, batch):
+        threading.Event().wait(0.2)
+        return super()._gather(batch)
+
+
+def test_the_submit_that_completes_a_batch_returns_once_the_worker_is_in_the_model():
+    # The event loop hands the GIL to the worker it wakes: otherwise it keeps the GIL (it releases it only for
+    # short syscalls) until it has parsed every request it read, and the half batch meant to overlap with that
+    # work starts after it.
+    model = Accumulator()
+    seqs = SlowGather(model, "acc", PAIRS, max_batch=8, max_delay_ms=60_000)
+    try:
+        seqs.submit({"x": _x(1)}, "a", True, False).result(30)
+        pending = [seqs.submit({"x": _x(v)}, sid, True, False) for sid, v in (("b", 2), ("c", 3))]
+        assert model.calls == [1]  # b and c wait for a
+        pending.append(seqs.submit({"x": _x(4)}, "a", False, False))  # the last awaited one: the batch goes
+        assert model.calls == [1, 3]  # already inside the model call when submit returned
+        for p, want in zip(pending, (_x(2), _x(3), _alone([_x(1), _x(4)])[1])):
+            np.testing.assert_array_equal(p.result(30)["y"], want)
     finally:
         seqs.close()
 
