@@ -179,6 +179,12 @@ class PrecisionSpec(_Strict):
         True, description="With --accuracy-aware, layers may stay in float to meet the budget."
     )
     per_channel: bool = Field(True, description="Per-channel weight quantization (int8).")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="ONNX Runtime int8: weights in 7 bits, so x86-64 CPUs without VNNI cannot saturate their "
+                    "16-bit u8s8 sums. auto: on where the profile admits x86-64 devices without a VNNI flag in "
+                    "[target] cpu_flags, or where this host's CPU lacks VNNI (so the gate measures what ships).",
+    )
     calibration_samples: int = Field(
         300, ge=1, le=100_000, description="Maximum calibration samples used for int8."
     )

@@ -156,14 +156,20 @@ class OnnxRuntimeBackend(Backend):
         if not job.calibration:
             raise UnsupportedError("int8 static quantization needs calibration data")
         reader = _Reader(job.calibration)
+        from ..cpu import reduce_range_for
+
+        target = job.profile.target
+        reduce, why = reduce_range_for(job.profile.precision.reduce_range, tuple(target.arch),
+                                       tuple(target.cpu_flags))
         quantize_static(
             str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=job.profile.precision.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=list(job.float_layers) or None, op_types_to_quantize=None,
+            nodes_to_exclude=list(job.float_layers) or None, op_types_to_quantize=None, reduce_range=reduce,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
         notes.append(f"QDQ int8 ({'per-channel' if job.profile.precision.per_channel else 'per-tensor'}), "
                      f"{len(job.calibration)} calibration samples")
+        notes.append(("weights in 7 bits (reduce_range): " if reduce else "weights in full 8 bits: ") + why)
         quantized, sub_graphs = _count_quantizers(out)
         if quantized == 0:
             # Said, not hidden: the quantizer does not enter If/Loop/Scan bodies, so a model whose work sits in
