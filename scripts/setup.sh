@@ -50,6 +50,14 @@ fi
 if [[ "${EDGEOPT_SETUP_ARM:-0}" == 1 ]]; then
   scripts/arm-sysroot.sh
 fi
+# Language models (package --task text-generation) need the [llm] extra and optimum-intel without its
+# dependencies (they name torchvision, whose PyPI wheel is a CUDA build that fails beside the CPU torch).
+if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import optimum.intel, openvino_genai, gguf" \
+    >/dev/null 2>&1; then
+  echo "setup: installing the [llm] extra and optimum-intel (--no-deps)"
+  .venv/bin/python -m pip install -q -e '.[llm]'
+  .venv/bin/python -m pip install -q --no-deps "optimum-intel==2.2.0"
+fi
 # Pruning (edgeopt prune, package --prune) needs the [prune] extra; with torch already there it adds only
 # torch-pruning (pip keeps the CPU build of torch installed above).
 if [[ "${EDGEOPT_SETUP_TORCH:-0}" == 1 ]] && ! .venv/bin/python -c "import torch_pruning" >/dev/null 2>&1; then

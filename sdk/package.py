@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import PackageError, SecurityError
 
 FORMAT_VERSION = "1.1"  # 1.1 (all optional): validation.ran_on/target (--validate-on), host_profile, state, pruning
+TEXT_FORMAT_VERSION = "1.2"  # language-model packages: 1.1 plus `text` (runtime openvino-genai)
 SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -196,6 +197,27 @@ class PruningInfo(_Model):
     torch_pruning_version: str = ""
 
 
+class TextGenerationInfo(_Model):
+    """A language-model package (task text-generation, format 1.2): how it was compressed, how the text gate
+    judged it, and the golden prompts the agent's self-test replays."""
+
+    architecture: str
+    context_length: int = Field(0, ge=0, description="The model's maximum positions (config.json).")
+    weights: str = Field(description="int4 or int8 weight compression (NNCF); activations stay float.")
+    group_size: int | None = Field(None, description="int4 group size; -1 per channel; None for int8.")
+    symmetric: bool = False
+    int4_ratio: float | None = Field(None, description="Share of layers in int4, the rest in int8 (int4 only).")
+    data_aware: bool = Field(False, description="AWQ and scale estimation on calibration text.")
+    kv_cache_precision: str = Field("u8", description="KV cache element type the runtime is set to.")
+    budget: dict[str, float] = Field(default_factory=dict)
+    figures: dict[str, Any] = Field(default_factory=dict, description="edgeopt.sdk.llm.gate.TextFigures.")
+    golden: list[dict[str, Any]] = Field(default_factory=list,
+                                         description="{prompt, max_new_tokens, expected}: greedy continuations.")
+    host_perf: dict[str, Any] = Field(default_factory=dict, description="TTFT / TPOT / tokens/s on the build host.")
+    chat_template: bool = False
+    eos_token_id: int | None = None
+
+
 class Manifest(_Model):
     """Everything the agent and the dashboard need to know about a package."""
 
@@ -228,6 +250,7 @@ class Manifest(_Model):
         None, description="Per-layer profile summary of the packaged model on the build host (edgeopt.sdk.layers."
                           "summary): the reference a device's profile is compared with. None where the runtime "
                           "exposes no per-layer times (LiteRT).")
+    text: TextGenerationInfo | None = Field(None, description="Language-model packages (format 1.2).")
     state: list[StatePair] = Field(
         default_factory=list,
         description="Stateful models: state inputs fed the state outputs of the previous call (the agent keeps "

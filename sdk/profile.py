@@ -218,6 +218,19 @@ class PruningSpec(_Strict):
                     "8, 16 or 32 channels); none keeps exact counts.")
 
 
+class LlmSpec(_Strict):
+    """How language models (--task text-generation) are packaged for this profile (OpenVINO GenAI)."""
+
+    device: Literal["CPU", "GPU", "NPU"] = Field("CPU", description="OpenVINO device the package is served on.")
+    weights: Literal["int4", "int8"] = Field("int4", description="Default weight compression.")
+    group_size: int | Literal["auto"] = Field(
+        "auto", description="int4 group size: auto picks the largest of 128/64/32 dividing every layer; -1 per "
+                            "channel.")
+    kv_cache_precision: Literal["u8", "f16", "f32", "bf16"] = Field(
+        "u8", description="KV cache element type (OpenVINO KV_CACHE_PRECISION).")
+    kv_cache_gb: float = Field(1.0, gt=0, le=1024, description="KV cache memory budget of the serving pipeline.")
+
+
 class AccuracyBudget(_Strict):
     """How far the optimized model may move from fp32, judged by the model's task (see edgeopt.sdk.pipeline.tasks)."""
 
@@ -272,6 +285,16 @@ class AccuracyBudget(_Strict):
     held_out_samples: int = Field(
         64, ge=1, le=100_000, description="Held-out samples used for the accuracy check."
     )
+    min_token_agreement: float = Field(
+        0.85, ge=0.0, le=1.0,
+        description="text-generation: least share of held-out positions where the compressed model's most likely "
+                    "next token is the original's.")
+    max_kl: float = Field(
+        0.1, ge=0.0, le=100.0,
+        description="text-generation: largest mean KL divergence (nats) of the next-token distributions, "
+                    "original || compressed.")
+    max_ppl_increase_pct: float = Field(
+        10.0, ge=0.0, le=10_000.0, description="text-generation: largest perplexity increase on held-out text, %.")
 
 
 class HardwareProfile(_Strict):
@@ -297,6 +320,7 @@ class HardwareProfile(_Strict):
                             "(nodes off the device, compute layers in another precision): 'warn' raises an event "
                             "and a dashboard alert and switches; 'strict' also refuses to switch.")
     pruning: PruningSpec = Field(default_factory=PruningSpec, description="Channel rounding for pruning.")
+    llm: LlmSpec | None = Field(None, description="Language models (--task text-generation); none: not offered.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "HardwareProfile":

@@ -26,7 +26,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 # The extras that may serve each part's imports (besides the core dependencies).
 PART_EXTRAS = {
-    "sdk": ["sdk", "tflite", "torch", "prune"],
+    "sdk": ["sdk", "tflite", "torch", "prune", "llm"],
     "agent": ["agent", "agent-openvino", "agent-onnxruntime", "agent-tflite", "agent-torch"],
     "dashboard": ["dashboard"],
 }
@@ -130,7 +130,8 @@ def test_the_agent_extra_has_no_runtime_and_each_agent_runtime_extra_exactly_one
 def test_all_installs_every_extra():
     every = set().union(*(_extra_dists(e) for e in PYPROJECT["optional-dependencies"] if e not in ("all", "test",
                                                                                                    "torch", "prune",
-                                                                                                   "agent-torch")))
+                                                                                                   "agent-torch",
+                                                                                                   "llm")))
     assert every <= _extra_dists("all"), sorted(every - _extra_dists("all"))
 
 

@@ -27,7 +27,7 @@ def conflicting(flag_a: str, flag_b: str) -> click.UsageError:
     return click.UsageError(f"{flag_a} and {flag_b} cannot be used together")
 
 
-TASK_CHOICES = ["auto", "classify", "detect", "segment", "embed", "vad", "generic"]
+TASK_CHOICES = ["auto", "classify", "detect", "segment", "embed", "vad", "generic", "text-generation"]
 DETECT_FORMATS = ["auto", "yolov8", "yolov8t", "yolov5", "nms", "tuple", "ssd"]
 
 
@@ -37,7 +37,8 @@ def accuracy_options(fn):
         click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True,
                      help="How accuracy is judged: auto reads the model's metadata and outputs; classify (top-1 "
                           "agreement), detect (mAP@0.5 and F1 vs fp32's detections), segment (mask IoU), embed "
-                          "(recall@1), generic (each output's cosine)."),
+                          "(recall@1), generic (each output's cosine), text-generation (a language model: next-token "
+                          "agreement, KL and perplexity on held-out text; package only, see docs/llm.md)."),
         click.option("--metric", metavar="MODULE:FUNCTION",
                      help="Your own metric: fn(fp32_outputs, optimized_outputs, labels) -> number, higher is "
                           "better; it decides the gate (the task's figures are still reported)."),
@@ -58,6 +59,9 @@ def accuracy_options(fn):
 
 
 def accuracy_request(task, metric, max_metric_drop, labels, detect_format) -> dict:
+    if task == "text-generation":
+        raise click.UsageError("--task text-generation is built by `edgeopt package` (a .gguf file or a Hugging "
+                               "Face folder); this command takes vision and signal models")
     """PackageRequest fields from the accuracy options."""
     if max_metric_drop is not None and metric is None:
         raise click.UsageError("--max-metric-drop is the budget of --metric; pass --metric MODULE:FUNCTION too")

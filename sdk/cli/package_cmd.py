@@ -77,6 +77,15 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--arm-cpu", metavar="MODEL",
               help="The CPU QEMU emulates for --validate-on aarch64 [default: $EDGEOPT_ARM_CPU or max: SVE, "
                    "i8mm, dot product]: cortex-a72 (Raspberry Pi 4), cortex-a53, cortex-a76, neoverse-n1, a64fx.")
+@click.option("--calib-text", type=click.Path(dir_okay=False, path_type=Path),
+              help="text-generation: UTF-8 text for data-aware int4 compression (AWQ and scale estimation).")
+@click.option("--heldout-text", type=click.Path(dir_okay=False, path_type=Path),
+              help="text-generation: UTF-8 text the gate judges on (default: text edgeopt ships).")
+@click.option("--group-size", type=click.IntRange(min=-1), metavar="N",
+              help="text-generation: int4 group size; -1 per channel (default: the profile's, auto).")
+@click.option("--sym", is_flag=True, help="text-generation: symmetric weights (default asymmetric).")
+@click.option("--ratio", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="text-generation: share of layers in int4, the rest in int8.")
 @torch_model_options
 @click.option("--prune", "prune_ratio", type=float, metavar="RATIO",
               help="PyTorch MODEL (MODULE:FACTORY): remove this fraction of channels first and recover by "
@@ -95,7 +104,8 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             as_json: bool, weights: Path | None = None, prune_ratio: float | None = None, importance: str = "l2",
             global_pruning: bool = False, layer_ratios=(), ignore=(), round_to: int | None = None, steps: int = 300,
             no_recover: bool = False, train_fn: str | None = None, lr: float = 1e-3, batch_size: int = 32,
-            device: str | None = None) -> None:
+            device: str | None = None, calib_text: Path | None = None, heldout_text: Path | None = None,
+            group_size: int | None = None, sym: bool = False, ratio: float = 1.0) -> None:
     """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
 
     \b
@@ -109,6 +119,13 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
     from ..pipeline import ImagePreprocessing, PackageRequest, RichProgress, build_package
     from ..pipeline.shapes import parse_input_shape
 
+    if task == "text-generation" or (task == "auto" and _llm_source(model)):
+        return _package_llm(locals())
+    for flag, value in (("--calib-text", calib_text), ("--heldout-text", heldout_text),
+                        ("--group-size", group_size), ("--sym", sym or None), ("--ratio", None if ratio == 1.0
+                                                                                else ratio)):
+        if value is not None:
+            raise click.UsageError(f"{flag} is for --task text-generation (a language model)")
     if sign_key and no_sign:
         raise conflicting("--sign-key", "--no-sign")
     if not sign_key and not no_sign:
@@ -182,6 +199,51 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
         emit_json(result.summary())
         return
     print_summary(result)
+
+
+def _llm_source(model) -> bool:
+    from ..llm.source import looks_like_llm
+
+    return looks_like_llm(Path(model))
+
+
+def _package_llm(a: dict) -> None:
+    """A language model: weight compression, the text gate, golden prompts (edgeopt.sdk.llm.build)."""
+    from ..llm.build import LlmRequest, build_llm_package
+    from ..pipeline import RichProgress
+    from ..profile import load_profile
+
+    if a["sign_key"] and a["no_sign"]:
+        raise conflicting("--sign-key", "--no-sign")
+    if not a["sign_key"] and not a["no_sign"]:
+        raise click.UsageError("--sign-key KEY is required (create one with: edgeopt keygen --out keys/); "
+                               "pass --no-sign to write an unsigned package on purpose")
+    vision_only = {"--calib": a["calib"], "--heldout": a["heldout"], "--input-shape": a["input_shapes"] or None,
+                   "--state": a["states"] or None, "--runtime": a["runtime"], "--precision": a["precision"],
+                   "--prune": a["prune_ratio"], "--metric": a["metric"], "--labels": a["labels"],
+                   "--weight-only": a["weight_only"] or None, "--image-size": a["image_size"]}
+    for flag, value in vision_only.items():
+        if value is not None:
+            raise click.UsageError(f"{flag} is not used with --task text-generation "
+                                   f"(see edgeopt package --help: --calib-text, --heldout-text, --weights)")
+    profile = load_profile(a["profile"])
+    weights = str(a["weights"]) if a["weights"] is not None else (profile.llm.weights if profile.llm else "int4")
+    req = LlmRequest(model=Path(a["model"]), profile=a["profile"], output=a["output"], weights=weights,
+                     group_size=a["group_size"], sym=a["sym"], ratio=a["ratio"], calib_text=a["calib_text"],
+                     heldout_text=a["heldout_text"], accuracy_aware=a["accuracy_aware"], name=a["name"],
+                     version=a["version_"], sign_key=a["sign_key"], unsigned=a["no_sign"])
+    result = build_llm_package(req, RichProgress())
+    if a["as_json"]:
+        emit_json(result.summary())
+        return
+    t = result.manifest.text
+    f = t.figures
+    click.echo(f"wrote {result.output} ({result.output.stat().st_size / 1e6:.1f} MB): {t.weights} weights"
+               + (f", group {t.group_size}, int4 ratio {t.int4_ratio:g}" if t.weights == "int4" else "")
+               + f"; top-1 agreement {f['token_agreement']:.4f}, KL {f['mean_kl']:.4f}, perplexity "
+               f"{f['ppl_original']:.2f} -> {f['ppl_compressed']:.2f} ({f['ppl_increase_pct']:+.1f}%); host "
+               f"TTFT {t.host_perf['ttft_ms']} ms, {t.host_perf['tokens_per_s']} tokens/s"
+               + ("" if result.signed else "; UNSIGNED"))
 
 
 def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequest, RichProgress) -> None:

@@ -17,7 +17,8 @@ def torch_model_options(fn):
     options = [
         click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
                      help="PyTorch state_dict for the factory's module (torch.save(model.state_dict(), path)); "
-                          "read with weights_only=True."),
+                          "read with weights_only=True. With --task text-generation: int4 or int8 (weight "
+                          "compression; default: the profile's [llm] weights)."),
     ]
     for option in reversed(options):
         fn = option(fn)
