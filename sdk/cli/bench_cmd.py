@@ -42,11 +42,20 @@ def _write_atomic(path: Path, text: str) -> None:
 @click.option("--html", type=click.Path(dir_okay=False, path_type=Path),
               help="--layers: write an HTML report (top layers bar chart, roofline-style plot).")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="--layers: rows shown.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Language models: prompt length in tokens "
+              "(default 512).")
+@click.option("--new-tokens", type=click.IntRange(min=1), help="Language models: tokens generated per request "
+              "(default 128).")
+@click.option("--streams", help="Language models: concurrent requests to measure, e.g. 1,8 (default 1,8); the "
+              "first should be 1, the baseline of the scaling ratios.")
+@click.option("--rounds", type=click.IntRange(min=1, max=50), default=3, show_default=True,
+              help="Language models: repeats per stream count (medians are reported).")
 @click.option("--no-peak", is_flag=True, help="--layers: skip measuring this machine's peak GOP/s (saves ~2 s).")
 @json_option
 def bench(package: Path, iterations: int, batch_size: int | None, warmup: int, public_keys: tuple[str, ...],
           layers: bool, runs: int, against: Path | None, trace: Path | None, html: Path | None, top: int,
-          no_peak: bool, as_json: bool) -> None:
+          no_peak: bool, as_json: bool, prompt_tokens: int | None = None, new_tokens: int | None = None,
+          streams: str | None = None, rounds: int = 3) -> None:
     """Verify PACKAGE's hashes, load it with its runtime and print p50/p90/p99 latency and throughput.
 
     With --layers, profile it layer by layer with the runtime's own profiler (ONNX Runtime's profiler,
@@ -54,6 +63,15 @@ def bench(package: Path, iterations: int, batch_size: int | None, warmup: int, p
 
       edgeopt bench model-cpu.eopkg --layers --against model-fp32.eopkg --html report.html --trace trace.json
     """
+    if _is_text_package(package):
+        if layers:
+            raise click.UsageError("--layers is for vision and signal models; a language model is measured by "
+                                   "--prompt-tokens / --new-tokens / --streams")
+        return _bench_text(package, prompt_tokens or 512, new_tokens or 128, _streams(streams), rounds,
+                           public_keys, as_json)
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens), ("--streams", streams)):
+        if value is not None:
+            raise click.UsageError(f"{flag} is for language-model packages (edgeopt package --task text-generation)")
     if not layers:
         for flag, value in (("--against", against), ("--trace", trace), ("--html", html)):
             if value is not None:
@@ -86,6 +104,53 @@ def bench(package: Path, iterations: int, batch_size: int | None, warmup: int, p
         emit_json(doc)
         return
     _print_layers(doc, top, trace, html)
+
+
+def _is_text_package(package: Path) -> bool:
+    from ..package import PackageReader
+
+    try:
+        with PackageReader(package) as pkg:
+            return pkg.manifest.text is not None
+    except Exception:  # noqa: BLE001  the vision path reports a broken package in its own words
+        return False
+
+
+def _streams(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return (1, 8)
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of counts", param_hint="--streams") from None
+    if not vals or min(vals) < 1 or max(vals) > 256:
+        raise click.BadParameter(f"{text!r}: each count is 1 to 256", param_hint="--streams")
+    return vals
+
+
+def _bench_text(package, prompt_tokens, new_tokens, streams, rounds, public_keys, as_json) -> None:
+    from ..llm.bench import bench_llm
+
+    report = bench_llm(package, streams, prompt_tokens, new_tokens, rounds=rounds, public_keys=list(public_keys))
+    if as_json:
+        emit_json(report)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    table = Table(title=f"{report['name']} {report['version']} ({report['runtime']} {report['precision']}): "
+                        f"{prompt_tokens}-token prompts, {new_tokens} new tokens, median of {rounds}")
+    cols = ("streams", "TTFT ms", "TPOT ms", "TPOT p95 ms", "tokens/s", "x 1 stream", "decode tokens/s",
+            "decode x 1", "KV cache peak %")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in report["rows"]:
+        table.add_row(str(r["streams"]), f"{r['ttft_ms']:.1f}", f"{r['tpot_ms']:.1f}", f"{r['tpot_p95_ms']:.1f}",
+                      f"{r['tokens_per_s']:.1f}", str(r["x_one_stream"] or "-"), f"{r['decode_tokens_per_s']:.1f}",
+                      str(r["decode_x_one_stream"] or "-"), f"{r['kv_cache_peak_pct']:.1f}")
+    con.print(table)
+    con.print(report["where"], highlight=False)
 
 
 def _bench(package, iterations, batch_size, warmup, public_keys, as_json) -> None:

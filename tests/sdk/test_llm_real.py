@@ -137,3 +137,24 @@ def test_the_gate_catches_one_damaged_layer(int8_package, tmp_path, smollm2_gguf
     assert compare(good, good, chunks, budget).passed
     fig = compare(good, bad, chunks, budget)
     assert not fig.passed, fig.line()
+
+
+def test_bench_serves_streams_with_continuous_batching(int8_package, keypair):
+    """edgeopt bench on the package: TTFT, TPOT and tokens/s at 1 and 2 streams through the continuous-batching
+    pipeline, every token accounted for (figures are not asserted: timing belongs to benchmarks/)."""
+    path = int8_package[0]
+    done = subprocess.run(EDGEOPT + ["bench", str(path), "--prompt-tokens", "64", "--new-tokens", "8", "--streams",
+                                     "1,2", "--rounds", "1", "--public-key", str(keypair[1]), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert [r["streams"] for r in doc["rows"]] == [1, 2]
+    assert [r["tokens"] for r in doc["rows"]] == [8, 16]  # exactly new_tokens per request, EOS ignored
+    assert all(r["ttft_ms"] > 0 and r["tokens_per_s"] > 0 for r in doc["rows"]) and doc["signer_key_id"]
+
+
+def test_bench_refuses_a_request_longer_than_the_context(int8_package):
+    done = subprocess.run(EDGEOPT + ["bench", str(int8_package[0]), "--prompt-tokens", "9000", "--new-tokens", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "exceed the model's context of 8192 tokens" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
