@@ -97,7 +97,7 @@ def bench_llm(path: Path, streams: tuple[int, ...], prompt_tokens: int, new_toke
         sched.max_num_seqs = max(max(streams), 1)
         sched.enable_prefix_caching = False  # every prompt differs; the figure is the model's, not the cache's
         sched.dynamic_split_fuse = True
-        props = {"KV_CACHE_PRECISION": m.text.kv_cache_precision}
+        props = dict(m.runtime_options or {}) or {"KV_CACHE_PRECISION": m.text.kv_cache_precision}
         if threads:
             props["INFERENCE_NUM_THREADS"] = int(threads)
         pipe = genai.ContinuousBatchingPipeline(str(root), sched, "CPU", props)

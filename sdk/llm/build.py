@@ -74,6 +74,12 @@ class LlmResult:
                 "decisions": list(m.decisions), "signed": self.signed, "size_bytes": self.output.stat().st_size}
 
 
+def runtime_options(kv_precision: str) -> dict:
+    """What the package is served with: the KV cache type from the profile, and f32 compute, the precision the
+    gate judged (the CPU plugin would otherwise run bf16 on avx512_bf16/AMX CPUs, which the gate never saw)."""
+    return {"KV_CACHE_PRECISION": kv_precision, "INFERENCE_PRECISION_HINT": "f32"}
+
+
 def _require():
     try:
         import nncf  # noqa: F401
@@ -173,7 +179,7 @@ def _golden(model_dir: Path, prompts, new_tokens: int, kv_precision: str) -> tup
     import openvino_genai as genai
 
     with quiet("openvino-genai"):
-        pipe = genai.LLMPipeline(str(model_dir), "CPU", KV_CACHE_PRECISION=kv_precision)
+        pipe = genai.LLMPipeline(str(model_dir), "CPU", **runtime_options(kv_precision))
     cfg = genai.GenerationConfig()
     cfg.max_new_tokens, cfg.do_sample = new_tokens, False
     out, ttft, tpot, tps = [], [], [], []
@@ -314,7 +320,7 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
             toolchain={"openvino": ov.__version__.split("-")[0], "openvino-genai": genai.__version__,
                        "nncf": _version("nncf"), "optimum-intel": _version("optimum-intel"),
                        "transformers": _version("transformers")},
-            decisions=decisions, runtime_options={"KV_CACHE_PRECISION": llm.kv_cache_precision}, text=info)
+            decisions=decisions, runtime_options=runtime_options(llm.kv_cache_precision), text=info)
         artifacts = {p.name: p for p in sorted(out_dir.iterdir()) if p.is_file()}
         with progress.stage("sign and write"):
             written = write_package(req.output, manifest, artifacts, private_key)

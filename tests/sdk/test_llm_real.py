@@ -61,6 +61,8 @@ def test_the_package_verifies_and_holds_what_openvino_genai_reads(int8_package, 
         assert reader.verify([load_public_key(keypair[1])])  # the signature and every file's hash
         m = reader.manifest
         assert m.format_version == "1.2" and m.text is not None and m.model_file == "openvino_model.xml"
+        # served as judged: f32 compute (not the CPU plugin's silent bf16), the profile's KV cache type
+        assert m.runtime_options == {"KV_CACHE_PRECISION": "u8", "INFERENCE_PRECISION_HINT": "f32"}
         names = set(m.files)
     for need in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml",
                  "config.json"):
