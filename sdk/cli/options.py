@@ -59,10 +59,10 @@ def accuracy_options(fn):
 
 
 def accuracy_request(task, metric, max_metric_drop, labels, detect_format) -> dict:
+    """PackageRequest fields from the accuracy options."""
     if task == "text-generation":
         raise click.UsageError("--task text-generation is built by `edgeopt package` (a .gguf file or a Hugging "
                                "Face folder); this command takes vision and signal models")
-    """PackageRequest fields from the accuracy options."""
     if max_metric_drop is not None and metric is None:
         raise click.UsageError("--max-metric-drop is the budget of --metric; pass --metric MODULE:FUNCTION too")
     return {"task": task, "metric": metric, "max_metric_drop": max_metric_drop, "labels": labels,

@@ -211,7 +211,6 @@ def _package_llm(a: dict) -> None:
     """A language model: weight compression, the text gate, golden prompts (edgeopt.sdk.llm.build)."""
     from ..llm.build import LlmRequest, build_llm_package
     from ..pipeline import RichProgress
-    from ..profile import load_profile
 
     if a["sign_key"] and a["no_sign"]:
         raise conflicting("--sign-key", "--no-sign")
@@ -226,8 +225,7 @@ def _package_llm(a: dict) -> None:
         if value is not None:
             raise click.UsageError(f"{flag} is not used with --task text-generation "
                                    f"(see edgeopt package --help: --calib-text, --heldout-text, --weights)")
-    profile = load_profile(a["profile"])
-    weights = str(a["weights"]) if a["weights"] is not None else (profile.llm.weights if profile.llm else "int4")
+    weights = str(a["weights"]) if a["weights"] is not None else None
     req = LlmRequest(model=Path(a["model"]), profile=a["profile"], output=a["output"], weights=weights,
                      group_size=a["group_size"], sym=a["sym"], ratio=a["ratio"], calib_text=a["calib_text"],
                      heldout_text=a["heldout_text"], accuracy_aware=a["accuracy_aware"], name=a["name"],

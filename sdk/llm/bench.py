@@ -57,7 +57,7 @@ def _run(pipe, prompts, new_tokens: int) -> dict:
     wall = time.perf_counter() - start
     gaps = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
     # Steady state: from the moment the last request had its first token (every stream decoding) to the end.
-    all_in = start + max(first.values()) if first else wall
+    all_in = start + max(first.values()) if first else start
     steady = sum(1 for s in stamps.values() for t in s if t > all_in)
     last = max((s[-1] for s in stamps.values() if s), default=all_in)
     return {"wall_s": wall, "tokens": sum(counts), "tokens_per_s": sum(counts) / wall,
@@ -70,19 +70,14 @@ def _run(pipe, prompts, new_tokens: int) -> dict:
 
 def bench_llm(path: Path, streams: tuple[int, ...], prompt_tokens: int, new_tokens: int, rounds: int = 3,
               public_keys: list | None = None, threads: int | None = None) -> dict:
-    from ..package import PackageReader, load_public_key
     from ..pipeline import benchmark
+    from ..pipeline.hostbench import verified_extract
 
     if prompt_tokens < 1 or new_tokens < 1 or not streams or min(streams) < 1:
         raise InputError("--prompt-tokens, --new-tokens and every --streams value must be 1 or more")
     tmp = Path(tempfile.mkdtemp(prefix="edgeopt-llm-bench-"))
     try:
-        with PackageReader(path) as pkg:
-            signer = pkg.verify([load_public_key(k) for k in public_keys]) if public_keys else None
-            if not public_keys:
-                pkg.verify_hashes()
-            m = pkg.manifest
-            root = pkg.extract_to(tmp / "pkg")
+        m, root, signer = verified_extract(path, tmp / "pkg", public_keys)
         if m.text is None:
             raise InputError(f"{path}: not a language-model package (its task is not text-generation)")
         ctx = m.text.context_length

@@ -106,12 +106,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(original, compressed, chunks: list[np.ndarray], budget: TextBudget) -> TextFigures:
-    """Run both models (callables ids -> logits [T, V]) over ``chunks`` and judge the compressed one."""
+    """Run both models (callables ids -> logits [T, V]) over ``chunks`` and judge the compressed one.
+    ``original`` may also be the original's logits already computed, one array per chunk (the build runs the
+    float model once and judges every compression attempt against them)."""
     agree = positions = 0
     nll_o = nll_c = 0.0
     kls: list[np.ndarray] = []
-    for ids in chunks:
-        lo, lc = _log_softmax(original(ids)[:-1]), _log_softmax(compressed(ids)[:-1])
+    for i, ids in enumerate(chunks):
+        ref = original(ids) if callable(original) else original[i]
+        lo, lc = _log_softmax(ref[:-1]), _log_softmax(compressed(ids)[:-1])
         target = ids[1:]
         agree += int((lo.argmax(-1) == lc.argmax(-1)).sum())
         positions += len(target)

@@ -15,6 +15,18 @@ from .golden import GOLDEN_FILE, read_golden
 _CPU = {"openvino": "CPU", "onnxruntime": "CPUExecutionProvider", "tflite": "CPU"}
 
 
+def verified_extract(path: str | Path, dest: Path, public_keys: list | None = None):
+    """(manifest, extracted folder, signer key id or None): hashes always verified, the signature too when
+    keys are given."""
+    with PackageReader(path) as pkg:
+        if public_keys:
+            signer = pkg.verify([load_public_key(k) for k in public_keys])
+        else:
+            pkg.verify_hashes()
+            signer = None
+        return pkg.manifest, pkg.extract_to(dest), signer
+
+
 def open_package(path: str | Path, tmp: Path, public_keys: list | None = None) -> dict[str, Any]:
     """Verify hashes (and the signature when keys are given), extract into ``tmp`` and work out how to load
     the package here: ``manifest``, ``root``, ``runtime`` class, ``device``, ``proxy``, ``load_kwargs``.
@@ -23,14 +35,7 @@ def open_package(path: str | Path, tmp: Path, public_keys: list | None = None) -
     """
     from ...agent.runtimes import get_runtime
 
-    with PackageReader(path) as pkg:
-        if public_keys:
-            signer = pkg.verify([load_public_key(k) for k in public_keys])
-        else:
-            pkg.verify_hashes()
-            signer = None
-        m = pkg.manifest
-        root = pkg.extract_to(tmp / "pkg")
+    m, root, signer = verified_extract(path, tmp / "pkg", public_keys)
     runtime = get_runtime(m.runtime)
     devices = runtime.devices()
     proxy = m.device not in devices
