@@ -10,8 +10,10 @@ of ``chunk_tokens``. At every position the gate compares the two next-token dist
 * **perplexity** of each model on the text's real next tokens, and the compressed model's increase in percent.
 
 The runs use OpenVINO alone (the exported stateful IR: input_ids, attention_mask, position_ids, beam_idx ->
-logits), never torch, so what is judged is what the device runs. Memory is bounded: one chunk's logits at a time
-([chunk_tokens, vocab] float32, 48 MB for 256 x 49152) and running sums.
+logits), never torch, so what is judged is what the device runs. Memory is bounded: :func:`compare` holds one
+chunk's logits at a time ([chunk_tokens, vocab] float32, 48 MB for 256 x 49152) and running sums; the package build
+keeps the float model's logits of every chunk (at most max_chunks of them) so each compression attempt is judged
+without running the float model again.
 """
 from __future__ import annotations
 
