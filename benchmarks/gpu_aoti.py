@@ -68,9 +68,13 @@ def worker(pkg_dir: str, iters: int) -> int:
     pkg = Path(pkg_dir)
     manifest = Manifest.model_validate(json.loads((pkg / "manifest.json").read_text()))
     t0 = time.perf_counter()
+    import torch
+
+    torch.cuda.init()
+    t1 = time.perf_counter()
     loaded = get_runtime(manifest.runtime).load(pkg / manifest.model_file, **load_options(manifest, pkg / "cache"))
-    torch = loaded._torch
-    hello = {"load_s": time.perf_counter() - t0, "describe": loaded.describe(), "torch": torch.__version__}
+    hello = {"load_s": time.perf_counter() - t0, "import_torch_and_cuda_init_s": t1 - t0,
+             "describe": loaded.describe(), "torch": torch.__version__}
     print(json.dumps(hello, default=str), flush=True)
     name = loaded.inputs[0].name
     for line in sys.stdin:
@@ -88,7 +92,35 @@ def worker(pkg_dir: str, iters: int) -> int:
         def host(x32=x32):
             return next(iter(loaded.infer({name: x32}).values()))
 
-        reply = {"device_ms": _median_ms(dev, iters), "host_ms": _median_ms(host, iters)}
+        x16 = x32.astype(np.float16)
+
+        def host16(x16=x16):  # what an HTTP client of the package sends (its input is float16)
+            return next(iter(loaded.infer({name: x16}).values()))
+
+        slot = loaded._slots[size]
+        wide = slot["wide"][0]
+
+        def stage():  # numpy float32 into the pinned staging buffer
+            wide[0].numpy()[:b] = x32
+
+        def h2d():  # the float32 rows to the GPU and the cast there
+            with torch.inference_mode():
+                wide[1][:b].copy_(wide[0][:b], non_blocking=True)
+                slot["in"][0][:b].copy_(wide[1][:b])
+            torch.cuda.synchronize()
+
+        def d2h():
+            with torch.inference_mode():
+                for d, h in zip(slot["out"], slot["host_out"]):
+                    h[:b].copy_(d[:b], non_blocking=True)
+            torch.cuda.synchronize()
+
+        reply = {"device_ms": _median_ms(dev, iters), "host_ms": _median_ms(host, iters),
+                 "host_fp16_in_ms": _median_ms(host16, iters)}
+        if req.get("stages") and wide is not None:
+            reply["stages_ms"] = {"numpy_cast_fp16": _median_ms(lambda: x32.astype(np.float16), iters),
+                                  "stage_fp32_pinned": _median_ms(stage, iters), "h2d_and_gpu_cast": _median_ms(h2d, iters),
+                                  "run_resident": reply["device_ms"], "d2h": _median_ms(d2h, iters)}
         if req.get("output"):
             np.save(req["output"], host())
         print(json.dumps(reply), flush=True)
@@ -214,7 +246,8 @@ def timing(args, batches: list[int], work: Path, figures: dict) -> None:
             out_file = work / f"aoti_b{b}.npy"
             wk.ask(batch=b, output=str(out_file))
             cos = {base: _cos(tc_host(), ref), pkg: _cos(np.load(out_file), ref)}
-            paths[b] = {"tc": (tc_dev, tc_host), "cos": cos, "dev": {base: [], pkg: []}, "host": {base: [], pkg: []}}
+            paths[b] = {"tc": (tc_dev, tc_host), "cos": cos, "dev": {base: [], pkg: []}, "host": {base: [], pkg: []},
+                        "host16": []}
             print(f"batch {b}: torch.compile built in {compiled_at[b]:.0f} s; cosine vs fp32 eager "
                   + ", ".join(f"{n} {c:.5f}" for n, c in cos.items()), flush=True)
         for r in range(args.rounds):
@@ -222,9 +255,13 @@ def timing(args, batches: list[int], work: Path, figures: dict) -> None:
                 tc_dev, tc_host = paths[b]["tc"]
                 paths[b]["dev"][base].append(_median_ms(tc_dev, args.iters))
                 paths[b]["host"][base].append(_median_ms(tc_host, args.iters))
-                rep = wk.ask(batch=b)
+                rep = wk.ask(batch=b, stages=r == 0)
                 paths[b]["dev"][pkg].append(rep["device_ms"])
                 paths[b]["host"][pkg].append(rep["host_ms"])
+                paths[b]["host16"].append(rep["host_fp16_in_ms"])
+                if "stages_ms" in rep:
+                    paths[b]["stages_ms"] = rep["stages_ms"]
+                    print(f"batch {b} host path stages (ms): {rep['stages_ms']}", flush=True)
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     wk.close()
     out = {}
@@ -233,6 +270,8 @@ def timing(args, batches: list[int], work: Path, figures: dict) -> None:
                          "host_ms": float(np.median(paths[b]["host"][name])), "cosine": paths[b]["cos"][name],
                          "rounds_device_ms": paths[b]["dev"][name], "rounds_host_ms": paths[b]["host"][name]}
                   for name in (base, pkg)}
+        out[b][pkg]["host_fp16_in_ms"] = float(np.median(paths[b]["host16"]))
+        out[b][pkg]["stages_ms"] = paths[b].get("stages_ms")
     figures["paths"] = out
     figures["compile_s"] = compiled_at
     report(out, batches)
@@ -298,6 +337,9 @@ def report(out: dict, batches: list[int]) -> None:
         for name, r in out[b].items():
             print(f"{b:>5} {name:<34} {r['device_ms']:>10.3f} {r['device_ms'] / tc['device_ms']:>9.2f}x "
                   f"{r['host_ms']:>9.3f} {r['host_ms'] / tc['host_ms']:>9.2f}x {r['cosine']:>8.5f}")
+            if "host_fp16_in_ms" in r:
+                print(f"{b:>5} {'  same, the client sends float16':<34} {'':>10} {'':>10} {r['host_fp16_in_ms']:>9.3f} "
+                      f"{r['host_fp16_in_ms'] / tc['host_ms']:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ class LoadedModel(abc.ABC):
         (the host interleaves a plain inference there; a device pauses to leave the CPU to service)."""
         raise UnsupportedError(f"{type(self).__name__} does not expose per-layer times")
 
-    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        """Refuse wrong names, dtypes or ranks with a message naming input, expected and found."""
+    def check_feeds(self, feeds: dict[str, np.ndarray], widen: dict[str, str] | None = None) -> None:
+        """Refuse wrong names, dtypes or ranks with a message naming input, expected and found. ``widen`` maps an
+        input dtype to one more dtype the runtime converts itself (``{"float16": "float32"}``: cast on the GPU)."""
         expected = {t.name: t for t in self.inputs}
         missing = sorted(set(expected) - set(feeds))
         extra = sorted(set(feeds) - set(expected))
@@ -50,7 +51,7 @@ class LoadedModel(abc.ABC):
                              f"expected {sorted(expected)}")
         for name, arr in feeds.items():
             spec = expected[name]
-            if str(arr.dtype) != spec.dtype:
+            if str(arr.dtype) != spec.dtype and not (widen and widen.get(spec.dtype) == str(arr.dtype)):
                 raise InputError(f"input {name!r}: expected dtype {spec.dtype}, found {arr.dtype}")
             if arr.ndim != len(spec.shape):
                 raise InputError(f"input {name!r}: expected shape {spec.shape}, found {list(arr.shape)}")
