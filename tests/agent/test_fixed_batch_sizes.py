@@ -189,3 +189,22 @@ def test_cli_package_with_fixed_sizes_and_fp16_inputs_installs_self_tests_and_se
     logits = loaded.infer({"images": data["images"][:11]})["logits"]  # 8 + 3 padded to 4
     assert logits.shape == (11, 10) and logits.dtype == np.float32
     assert (logits.argmax(1) == data["labels"][:11]).mean() >= 0.9
+
+
+def test_check_feeds_widens_only_the_named_dtype():
+    """torch-aoti takes float32 for a float16 input (cast on the GPU); nothing else gets through."""
+    from edgeopt.agent.runtimes.base import LoadedModel
+
+    class Model(LoadedModel):
+        inputs = [TensorSpec(name="x", dtype="float16", shape=["batch", 3])]
+        outputs = []
+
+        def infer(self, feeds):  # pragma: no cover - only check_feeds is asked
+            raise NotImplementedError
+
+    m = Model()
+    m.check_feeds({"x": np.zeros((2, 3), np.float32)}, widen={"float16": "float32"})
+    with pytest.raises(InputError, match="expected dtype float16, found float32"):
+        m.check_feeds({"x": np.zeros((2, 3), np.float32)})
+    with pytest.raises(InputError, match="expected dtype float16, found float64"):
+        m.check_feeds({"x": np.zeros((2, 3), np.float64)}, widen={"float16": "float32"})
