@@ -26,7 +26,8 @@ from pydantic import (AwareDatetime, BaseModel, ConfigDict, Discriminator, Field
 from .errors import InputError
 
 # 1.1: latency travels as a LatencySketch (DDSketch layout; 1.0's fixed buckets are converted on read); events
-# placement and profile (issue 12); ModelStats.live_sequences (issue 16).
+# placement and profile (issue 12); ModelStats.live_sequences (issue 16); ModelStats.text (issue 14: optional,
+# so 1.1 readers that predate it ignore it).
 SCHEMA_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 # Commands went to 2.0 when they became signed: a 1.x (unsigned) command is refused by every agent that
@@ -342,6 +343,33 @@ LatencyModel = Annotated[Union[Annotated[LatencySketch, Tag("sketch")], Annotate
                          Discriminator(_latency_layout)]
 
 
+class TextStats(BaseModel):
+    """A text-generation model's interval figures (issue 14). The two sketches use the latency layout, so
+    readers merge devices the same way; the token counts add up across devices and intervals."""
+
+    model_config = ConfigDict(extra="ignore")
+    ttft: LatencySketch = Field(default_factory=LatencySketch,
+                                description="Time to first token (ms) of each request that produced one.")
+    tpot: LatencySketch = Field(default_factory=LatencySketch,
+                                description="Time per output token after the first (ms), one value per finished "
+                                            "request: (last token time - first token time) / (tokens - 1).")
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p95_ms: float | None = None
+    prompt_tokens: int = Field(0, ge=0, description="Prompt tokens of the requests admitted in the interval.")
+    generated_tokens: int = Field(0, ge=0, description="Tokens generated (streamed or not) in the interval.")
+    tokens_per_s: float = Field(0.0, ge=0, description="generated_tokens / the interval's length.")
+    kv_cache_usage: float | None = Field(None, ge=0, le=1, description="KV cache blocks in use at the end of the "
+                                                                       "interval, as a share of the cache.")
+    kv_cache_peak: float | None = Field(None, ge=0, le=1, description="The most of the KV cache in use at once.")
+    running: int = Field(0, ge=0, description="Requests generating at the end of the interval.")
+    waiting: int = Field(0, ge=0, description="Requests admitted and not yet scheduled at the end of the interval.")
+    cancelled: int = Field(0, ge=0, description="Requests ended early: the client went away or asked to stop.")
+    preemptions: int | None = Field(None, ge=0, description="Requests the scheduler evicted from the KV cache "
+                                                            "to make room (None: the runtime does not say).")
+
+
 class ModelStats(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -357,6 +385,8 @@ class ModelStats(BaseModel):
     batch_sizes: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     live_sequences: int | None = Field(None, ge=0, description="Stateful models: sequences (streams) with state "
                                                                "kept on the device at the end of the interval.")
+    text: TextStats | None = Field(None, description="Text-generation models only: TTFT, time per output token, "
+                                                     "tokens, KV cache.")
 
 
 class SystemStats(BaseModel):
