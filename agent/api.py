@@ -12,6 +12,10 @@ Endpoints (``{v}`` parts optional)::
     POST /v2/models/{name}[/versions/{v}]/infer      JSON tensors or the binary tensor data extension
     POST /v2/repository/index                        loaded models
     GET  /metrics                                    Prometheus text
+
+Language-model packages add the KServe generate extension (``/v2/models/{name}/generate`` and
+``generate_stream``) and OpenAI's ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``
+(:mod:`edgeopt.agent.text_api`).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ except Exception:  # not installed as a distribution (source checkout)
     AGENT_VERSION = "0.1.0"
 
 _HEADER_LENGTH_LOWER = HEADER_LENGTH.lower()
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
+_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z_]+)?$")
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Api:
         self.registry = registry
         self.metrics = registry.metrics
         self.ready = threading.Event()
+        from .text_api import TextApi
+
+        self.text = TextApi(registry, self.metrics)
 
     def handle(self, method: str, path: str, headers: Mapping[str, str],
                body: bytes | bytearray) -> "Response | Deferred":
@@ -73,6 +80,8 @@ class Api:
         undoes ``Content-Encoding``, bounded, see :mod:`edgeopt.agent.inflate`)."""
         path = path.split("?", 1)[0]
         try:
+            if path.startswith("/v1/"):
+                return self.text.handle(method, path, body)
             if path.startswith("/v2/models/"):
                 m = _MODEL_PATH.match(path)
                 if not m:
@@ -85,7 +94,7 @@ class Api:
                 return _json(200 if ready else 503, {"ready": ready})
             if method == "GET" and path in ("/v2", "/v2/"):
                 return _json(200, {"name": "edgeopt-agent", "version": AGENT_VERSION,
-                                   "extensions": ["binary_tensor_data", "model_repository"]})
+                                   "extensions": ["binary_tensor_data", "model_repository", "generate"]})
             if method == "POST" and path == "/v2/repository/index":
                 return _json(200, [{"name": e.name, "version": e.version, "state": "READY", "reason": ""}
                                    for e in self.registry.entries()])
@@ -109,8 +118,14 @@ class Api:
         if method == "POST" and rest == "/infer":
             entry = self._entry(name, version)
             return self._infer(entry, name, version, headers, body)
+        if method == "POST" and rest in ("/generate", "/generate_stream"):
+            entry = self._entry(name, version)
+            if getattr(entry.loaded, "task", None) != "text-generation":
+                raise ApiError(400, f"model {name!r} does not generate text: use /v2/models/{name}/infer")
+            return self.text.generate(entry, body, stream=rest == "/generate_stream")
         if method != "GET" or rest not in ("", "/ready", "/config"):
-            raise ApiError(404 if rest not in ("", "/ready", "/config", "/infer") else 405,
+            raise ApiError(404 if rest not in ("", "/ready", "/config", "/infer", "/generate", "/generate_stream")
+                           else 405,
                            f"{method} /v2/models/{name}{rest} is not supported")
         entry = self._entry(name, version)
         if rest == "":
@@ -231,8 +246,9 @@ class Deferred:
     """An accepted inference: ``pending`` completes in the batcher's thread, then ``finish()`` builds the
     response (call it from the transport's own thread)."""
 
-    __slots__ = ("pending", "finish")
+    __slots__ = ("pending", "finish", "cancel")
 
-    def __init__(self, pending: Any, finish: Callable[[], Response]):
+    def __init__(self, pending: Any, finish: Callable[[], Response], cancel: Callable[[], None] | None = None):
         self.pending = pending
         self.finish = finish
+        self.cancel = cancel  # called if the client goes away first (a generation stops; an inference cannot)

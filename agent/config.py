@@ -142,6 +142,26 @@ class BatchingConfig(_Strict):
         description="Stateful models: live sequences per model; a new one evicts the longest-idle sequence.")
 
 
+class TextGenerationConfig(_Strict):
+    """Language-model packages (runtime openvino-genai): the continuous-batching engine and its limits."""
+
+    max_running: int = Field(8, ge=1, le=1024, title="Max running",
+                             description="Requests generating at once (the engine's max_num_seqs).")
+    max_queue: int = Field(64, ge=1, le=100_000, title="Max queue",
+                           description="Requests admitted (running + waiting) before answering 503 busy.")
+    default_max_tokens: int = Field(256, ge=1, le=1_000_000, title="Default max tokens",
+                                    description="Tokens generated when a request does not say (capped by the "
+                                                "model's context).")
+    kv_cache_gb: float | None = Field(None, gt=0, le=1024, title="KV cache budget",
+                                      description="Paged KV cache memory (GB); unset uses the package profile's.")
+    prefix_caching: bool = Field(True, title="Prefix caching",
+                                 description="Reuse KV cache blocks of a prompt prefix seen before (a shared "
+                                             "system prompt is computed once).")
+    max_prompt_chars: int = Field(1_000_000, ge=1, le=100_000_000, title="Max prompt characters",
+                                  description="Longest prompt text accepted before tokenizing (bounds work per "
+                                              "request; the context length is checked after).")
+
+
 class DownloadConfig(_Strict):
     """Package downloads for deploy commands."""
 
@@ -198,6 +218,8 @@ class AgentConfig(_Strict):
                                         description="Seconds between telemetry messages.")
     api: ApiConfig = Field(default_factory=ApiConfig, title="Local API", description="Inference API.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, title="Batching", description="Batcher.")
+    text_generation: TextGenerationConfig = Field(default_factory=TextGenerationConfig, title="Text generation",
+                                                  description="Language-model serving.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, title="Download", description="Downloads.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, title="Outbox", description="Offline outbox.")
     control: ControlConfig = Field(default_factory=ControlConfig, title="Control",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -30,6 +31,7 @@ from .api import AGENT_VERSION, Response, error_response
 from .caches import BoundedCache
 from .inflate import INLINE_BYTES, content_coding, inflate
 from .kserve import ApiError
+from .text_api import Stream
 
 if TYPE_CHECKING:
     from .server import InferenceServer
@@ -115,6 +117,13 @@ class HttpConnection(asyncio.Protocol):
         self.mark = self.closed_at = time.monotonic()
         self.sweep_key: tuple = ()
         self.transport: asyncio.Transport | None = None
+        # A request in progress that can be stopped when the client goes away (a text generation), and a
+        # streamed answer being written (server-sent events).
+        self.inflight_cancel = None
+        self.stream: Stream | None = None
+        self.stream_keep = False
+        self._pump_pending = False
+        self._pump_lock = threading.Lock()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -127,6 +136,12 @@ class HttpConnection(asyncio.Protocol):
         self.closing = True
         self.server.connections.discard(self)
         self.server.released()
+        # The client went away: a generation it was waiting for (streamed or not) stops, freeing its KV cache.
+        cancel, self.inflight_cancel = self.inflight_cancel, None
+        if self.stream is not None:
+            self.stream.cancel()
+        elif cancel is not None:
+            cancel()
 
     # A client that sends requests but does not read the answers must not grow our write buffer without
     # bound: stop reading from it until it has drained.
@@ -254,7 +269,11 @@ class HttpConnection(asyncio.Protocol):
                 result = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
             if isinstance(result, Response):
                 self._respond(result, keep)
+            elif isinstance(result, Stream):
+                self._stream_start(result, keep)
+                return
             else:
+                self.inflight_cancel = getattr(result, "cancel", None)
                 self.server._await(self, result, keep)
                 return
 
@@ -268,6 +287,10 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(result, Response):
             self._respond(result, keep)
             return True
+        if isinstance(result, Stream):
+            self._stream_start(result, keep)
+            return False
+        self.inflight_cancel = getattr(result, "cancel", None)
         self.server._await(self, result, keep)
         return False
 
@@ -291,6 +314,7 @@ class HttpConnection(asyncio.Protocol):
 
     def finished(self, deferred: Any, keep: bool) -> None:
         """The batcher has run this connection's request: answer it, then read the next one."""
+        self.inflight_cancel = None
         try:
             response = deferred.finish()
         except Exception as exc:
@@ -321,6 +345,55 @@ class HttpConnection(asyncio.Protocol):
         self.busy = False
         if not keep:
             self.close()
+
+    # ------------------------------------------------------------------ streamed answers (server-sent events)
+    def _stream_start(self, st: Stream, keep: bool) -> None:
+        """Write the head of a chunked answer, then each batch of events as the generation produces them."""
+        if self.closing or self.transport is None:
+            st.cancel()
+            self.busy = False
+            return
+        parts = [f"HTTP/1.1 {st.status} {_REASONS.get(st.status, '')}\r\n".encode(), _SERVER,
+                 f"Content-Type: {st.content_type}\r\nTransfer-Encoding: chunked\r\n".encode()]
+        parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in st.headers.items()]
+        if not keep:
+            parts.append(b"Connection: close\r\n")
+        self.transport.write(b"".join(parts) + b"\r\n")
+        self.stream, self.stream_keep = st, keep
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:  # the engine thread: one wake-up of the loop per batch of events
+            with self._pump_lock:
+                if self._pump_pending:
+                    return
+                self._pump_pending = True
+            loop.call_soon_threadsafe(self._pump)
+
+        st.subscribe(notify)
+        self._pump()  # what is already there (the first event of a chat stream)
+
+    def _pump(self) -> None:
+        with self._pump_lock:
+            self._pump_pending = False
+        st = self.stream
+        if st is None:
+            return
+        data, done = st.pull()
+        if self.closing or self.transport is None:
+            st.cancel()
+            if done:
+                self.stream = None
+            return
+        if data:
+            self.transport.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        if done:
+            self.transport.write(b"0\r\n\r\n")
+            self.stream = None
+            self.busy = False
+            if not self.stream_keep:
+                self.close()
+            elif not self.closing:
+                self._process()
 
     def _fail(self, status: int, message: str) -> None:
         """A framing error: answer and close (the stream position can no longer be trusted)."""

@@ -80,6 +80,8 @@ def self_test(loaded: LoadedModel, package_dir: Path, manifest: Manifest) -> dic
     Every output of every sample must be ``allclose(atol, rtol)`` to the expected one or have cosine >=
     ``min_cosine`` (the rule the SDK documents in ``edgeopt.sdk.pipeline.golden``).
     """
+    if getattr(loaded, "task", None) == "text-generation":  # golden prompts and their greedy answers
+        return loaded.self_test(list(manifest.text.golden) if manifest.text else [])
     spec = manifest.golden
     if spec is None:
         return {"samples": 0, "skipped": "the package has no golden samples"}
@@ -158,6 +160,14 @@ def load_options(manifest: Manifest, cache_root: Path) -> dict[str, Any]:
         for key in ("batch_sizes", "cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search"):
             if key in block:
                 kwargs["options"][key] = block[key]
+    if manifest.runtime == "openvino-genai":
+        # A language model: the validated KV cache and compute precisions, the profile's KV cache budget.
+        text = manifest.text
+        kwargs["options"] = {"runtime_options": dict(manifest.runtime_options or {}),
+                             "kv_cache_gb": ((profile.get("llm") or {}).get("kv_cache_gb")),
+                             "context_length": text.context_length if text else 0,
+                             "eos_token_id": text.eos_token_id if text else None,
+                             "name": manifest.name, "version": manifest.version}
     if manifest.runtime == "torch-aoti":
         # The batch sizes are the package's own (aoti-io.json); whether to replay CUDA graphs is the profile's.
         kwargs["options"] = {"cuda_graph": block.get("cuda_graph", True) is True}
@@ -172,6 +182,8 @@ def load_installed(installed: InstalledModel, config: AgentConfig) -> LoadedMode
         raise PackageError(f"{installed.name} {installed.version}: model file {manifest.model_file} is missing")
     runtime = get_runtime(manifest.runtime)
     kwargs = load_options(manifest, Path(config.state_dir) / "cache")
+    if manifest.runtime == "openvino-genai":
+        kwargs["options"]["serving"] = config.text_generation.model_dump()
     log.info("loading %s %s with %s on %s (threads %s)", installed.name, installed.version, manifest.runtime,
              manifest.device, kwargs["threads"] or "auto")
     return runtime.load(model_path, **kwargs)
@@ -208,6 +220,9 @@ def warm_up(loaded: LoadedModel, runs: int = 2, package_dir: Path | None = None,
     """A few inferences, so the first real request does not pay for lazy initialisation: on the package's first
     golden input when it has one (its shapes are ones the model runs: a voice-activity model refuses a
     1-sample input), else on zeros with dynamic dims set to 1."""
+    if getattr(loaded, "task", None) == "text-generation":
+        loaded.warm_up()
+        return
     feeds = None
     if package_dir is not None and manifest is not None and manifest.golden is not None:
         try:

@@ -17,9 +17,74 @@ import threading
 import time
 from typing import Callable
 
-from ..sdk.telemetry import LEGACY_BUCKETS_MS, Histogram, ModelStats, SystemStats
+from ..sdk.telemetry import LEGACY_BUCKETS_MS, Histogram, ModelStats, SystemStats, TextStats
 
 PROMETHEUS_BUCKETS_MS = LEGACY_BUCKETS_MS
+
+
+class TextMetrics:
+    """A text-generation model's figures (:class:`~edgeopt.sdk.telemetry.TextStats`): time to first token and
+    time per output token in the latency layout, token counts, KV cache use. Fed by the text engine's thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ttft, self.tpot = Histogram(), Histogram()
+        self.prompt_tokens = self.generated_tokens = self.cancelled = 0
+        self.kv_peak = 0.0
+        self.engine = None  # the TextEngine: running, waiting and KV use at snapshot time
+        self.total_prompt = self.total_generated = self.total_cancelled = self.total_requests = 0
+        self.total_ttft_ms = self.total_tpot_ms = 0.0
+        self.total_ttft_n = self.total_tpot_n = 0
+
+    def admitted(self, prompt_tokens: int) -> None:
+        with self.lock:
+            self.prompt_tokens += prompt_tokens
+            self.total_prompt += prompt_tokens
+
+    def first_token(self, ms: float) -> None:
+        with self.lock:
+            self.ttft.observe(ms)
+            self.total_ttft_ms += ms
+            self.total_ttft_n += 1
+
+    def tokens(self, n: int) -> None:
+        with self.lock:
+            self.generated_tokens += n
+            self.total_generated += n
+
+    def finished(self, tpot_ms: float | None, cancelled: bool = False) -> None:
+        with self.lock:
+            self.total_requests += 1
+            if tpot_ms is not None:
+                self.tpot.observe(tpot_ms)
+                self.total_tpot_ms += tpot_ms
+                self.total_tpot_n += 1
+            if cancelled:
+                self.cancelled += 1
+                self.total_cancelled += 1
+
+    def kv(self, usage: float) -> None:
+        if usage > self.kv_peak:  # one writer (the engine thread); a torn read only shows a step late
+            self.kv_peak = usage
+
+    def snapshot(self, elapsed_s: float) -> TextStats:
+        eng = self.engine
+        usage = float(eng.kv_usage) if eng is not None else None
+        with self.lock:
+            ttft, self.ttft = self.ttft, Histogram()
+            tpot, self.tpot = self.tpot, Histogram()
+            prompt, gen, cancelled = self.prompt_tokens, self.generated_tokens, self.cancelled
+            self.prompt_tokens = self.generated_tokens = self.cancelled = 0
+            peak, self.kv_peak = max(self.kv_peak, usage or 0.0), usage or 0.0
+        t50, t95 = ttft.quantiles((0.50, 0.95))
+        p50, p95 = tpot.quantiles((0.50, 0.95))
+        return TextStats(ttft=ttft.to_model(), tpot=tpot.to_model(), ttft_p50_ms=t50, ttft_p95_ms=t95,
+                         tpot_p50_ms=p50, tpot_p95_ms=p95, prompt_tokens=prompt, generated_tokens=gen,
+                         tokens_per_s=gen / max(elapsed_s, 1e-6), kv_cache_usage=usage,
+                         kv_cache_peak=min(1.0, peak) if eng is not None else None,
+                         running=int(eng.running) if eng is not None else 0,
+                         waiting=int(eng.queue_depth) if eng is not None else 0, cancelled=cancelled,
+                         preemptions=None)  # OpenVINO GenAI 2026.4 does not report them
 
 
 class ModelMetrics:
@@ -31,6 +96,7 @@ class ModelMetrics:
         self.lock = threading.Lock()
         self.queue_depth: Callable[[], int] = lambda: 0
         self.sequences = None  # the model's SequenceBatcher when it is stateful (live, evicted, expired)
+        self.text: TextMetrics | None = None  # a text-generation model's token figures
         # Interval figures (reset by each telemetry snapshot) and totals (for Prometheus).
         self.hist = Histogram()
         self.requests = self.errors = self.samples = 0
@@ -83,6 +149,7 @@ class ModelMetrics:
             queue_depth=max(0, int(self.queue_depth())),
             batch_sizes={str(k): v for k, v in sorted(sizes.items())},
             live_sequences=self.sequences.live if self.sequences is not None else None,
+            text=self.text.snapshot(elapsed) if self.text is not None else None,
         )
 
 
@@ -178,6 +245,27 @@ class Metrics:
             lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="+Inf"}} {count}')
             lines.append(f'edgeopt_request_latency_ms_sum{{model="{label}"}} {total:.6f}')
             lines.append(f'edgeopt_request_latency_ms_count{{model="{label}"}} {count}')
+        texts = [(m, m.text) for m in models if m.text is not None]
+        for name, kind, text, value in (
+                ("edgeopt_text_prompt_tokens_total", "counter", "Prompt tokens admitted.", lambda t: t.total_prompt),
+                ("edgeopt_text_generated_tokens_total", "counter", "Tokens generated.", lambda t: t.total_generated),
+                ("edgeopt_text_requests_total", "counter", "Text requests ended (any reason).",
+                 lambda t: t.total_requests),
+                ("edgeopt_text_cancelled_total", "counter", "Text requests cancelled (client gone).",
+                 lambda t: t.total_cancelled),
+                ("edgeopt_text_ttft_ms_sum", "counter", "Sum of times to first token (ms).", lambda t: t.total_ttft_ms),
+                ("edgeopt_text_ttft_ms_count", "counter", "Requests with a first token.", lambda t: t.total_ttft_n),
+                ("edgeopt_text_tpot_ms_sum", "counter", "Sum of per-request times per output token (ms).",
+                 lambda t: t.total_tpot_ms),
+                ("edgeopt_text_tpot_ms_count", "counter", "Requests with a time per output token.",
+                 lambda t: t.total_tpot_n),
+                ("edgeopt_text_kv_cache_usage", "gauge", "Share of the KV cache in use.",
+                 lambda t: t.engine.kv_usage if t.engine is not None else 0),
+                ("edgeopt_text_requests_running", "gauge", "Requests generating now.",
+                 lambda t: t.engine.running if t.engine is not None else 0)):
+            if texts:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+                lines += [f'{name}{{model="{_esc(m.name)}"}} {value(t):g}' for m, t in texts]
         lines += ["# HELP edgeopt_model_info The version each model serves.", "# TYPE edgeopt_model_info gauge"]
         for m in models:
             lines.append(f'edgeopt_model_info{{model="{_esc(m.name)}",version="{_esc(m.version or "")}"}} 1')

@@ -92,11 +92,17 @@ class ModelRegistry:
     def swap(self, name: str, version: str, loaded: LoadedModel, manifest: Any = None) -> ModelEntry:
         """Serve ``loaded`` for ``name`` from now on; the previous version drains in the background."""
         mm = self.metrics.model(name)
-        batcher = Batcher(loaded, name, max_batch=self.max_batch_for(loaded, manifest),
-                          max_delay_ms=self.limits.max_delay_ms, max_queue=self.limits.max_queue, metrics=mm)
+        text = getattr(loaded, "task", None) == "text-generation"
+        if text:  # a language model: its continuous-batching engine stands in for the batcher
+            batcher = loaded.engine
+            mm.text = loaded.fresh_metrics()
+        else:
+            batcher = Batcher(loaded, name, max_batch=self.max_batch_for(loaded, manifest),
+                              max_delay_ms=self.limits.max_delay_ms, max_queue=self.limits.max_queue, metrics=mm)
+            mm.text = None
         entry = ModelEntry(name, version, loaded, batcher, manifest)
         entry.metrics = mm
-        entry.sequences = self._sequences_for(name, loaded, manifest, mm)
+        entry.sequences = None if text else self._sequences_for(name, loaded, manifest, mm)
         with self._lock:
             old = self._entries.get(name)
             self._entries[name] = entry

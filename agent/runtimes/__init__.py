@@ -18,6 +18,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "tflite": ("edgeopt.agent.runtimes.tflite:TFLiteRuntime", "agent-tflite"),
     # PyTorch AOTInductor packages, for devices that have PyTorch (the device brings its own build of it).
     "torch-aoti": ("edgeopt.agent.runtimes.torch_aoti:TorchAotiRuntime", "agent-torch"),
+    # Language models (task text-generation): OpenVINO GenAI's continuous-batching pipeline.
+    "openvino-genai": ("edgeopt.agent.runtimes.openvino_genai:OpenVinoGenAiRuntime", "agent-llm"),
 }
 
 
