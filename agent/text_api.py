@@ -118,6 +118,10 @@ def _options(doc: Mapping) -> tuple[int | None, list[str], dict[str, Any]]:
         raise InputError("'n' must be 1: one choice per request")
     sampling = {"temperature": _opt_float(doc, "temperature", 0.0, 2.0), "top_p": _opt_float(doc, "top_p", 0.0, 1.0),
                 "seed": _opt_int(doc, "seed", -(1 << 63), (1 << 63) - 1)}
+    ignore_eos = doc.get("ignore_eos", False)  # vLLM's extension: generate max_tokens whatever the model says
+    if not isinstance(ignore_eos, bool):
+        raise InputError("'ignore_eos' must be true or false")
+    sampling["ignore_eos"] = ignore_eos
     return max_tokens, stop, sampling
 
 

