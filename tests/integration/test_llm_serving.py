@@ -80,7 +80,7 @@ def served(slm_int8_package, keypair, tmp_path_factory):
 
     wait_for(ready, 180, 0.2, "the daemon to serve slm")
     try:
-        yield {"url": url, "install": json.loads(install.stdout), "sub": sub, "log": d / "daemon.log"}
+        yield {"url": url, "install": json.loads(install.stdout), "sub": sub, "log": d / "daemon.log", "config": cfg}
     finally:
         daemon.terminate()
         daemon.wait(30)
@@ -229,3 +229,58 @@ def test_telemetry_carries_ttft_tokens_and_kv_cache(served):
     assert t.ttft_p50_ms > 0 and t.tokens_per_s > 0 and t.prompt_tokens > 0
     assert t.kv_cache_peak is not None and 0 < t.kv_cache_peak <= 1
     assert m.requests >= 1 and m.latency.keys  # whole-request latency in the usual histogram too
+
+
+def _bump(src: Path, dst: Path, version: str, private_key: Path) -> Path:
+    """The same package as another version, signed again (what a rebuild with --version would give)."""
+    import io
+    import tarfile
+
+    from edgeopt.sdk.package import load_private_key, sign_manifest
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        members = {m.name: tin.extractfile(m).read() for m in tin.getmembers() if m.isfile()}
+        doc = json.loads(members["manifest.json"])
+        doc["version"] = version
+        members["manifest.json"] = json.dumps(doc, indent=1).encode()
+        members["manifest.sig"] = sign_manifest(members["manifest.json"], load_private_key(private_key))
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tout.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def test_an_update_is_hot_swapped_and_rolled_back_like_any_package(served, slm_int8_package, keypair, tmp_path):
+    """`edgeopt agent install` of 1.1.0 from another process while the daemon serves (it swaps, a stream in
+    flight on 1.0.0 finishes), then `edgeopt agent rollback`: the daemon serves 1.0.0 again."""
+    url, cfg = served["url"], served["config"]
+    newer = _bump(slm_int8_package[0], tmp_path / "slm-1.1.0.eopkg", "1.1.0", keypair[0])
+    models = lambda: json.loads(  # noqa: E731
+        subprocess.run(["curl", "-s", url + "/v1/models"], capture_output=True, text=True).stdout)["data"][0]
+    assert models()["version"] == "1.0.0"
+    long = {}
+
+    def stream_on_old():
+        long["r"] = _post(url, "/v2/models/slm/generate_stream",
+                          {"text_input": "Once", "parameters": {"max_tokens": 300, "ignore_eos": True}})
+
+    t = threading.Thread(target=stream_on_old)
+    t.start()
+    cli = [sys.executable, "-m", "edgeopt.sdk.cli", "agent"]
+    done = subprocess.run(cli + ["install", str(newer), "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wait_for(lambda: models()["version"] == "1.1.0", 60, 0.5, "the daemon to serve 1.1.0")
+    t.join(120)
+    status, _, body = long["r"]
+    events = [json.loads(x[6:]) for x in body.decode().split("\n\n") if x.startswith("data: ")]
+    assert status == 200 and events[-1]["finish_reason"] == "length" and events[-1]["model_version"] == "1.0.0"
+    done = subprocess.run(cli + ["rollback", "slm", "--config", str(cfg), "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wait_for(lambda: models()["version"] == "1.0.0", 60, 0.5, "the daemon to serve 1.0.0 again")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="slm", max_tokens=12,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
