@@ -202,3 +202,23 @@ def agent_config(state_dir: Path, keys, broker_url: str, device_id: str | None =
            "api": {"host": "127.0.0.1", "port": 0}, "batching": {"max_batch": 8, "max_delay_ms": 2}}
     doc.update(overrides)
     return AgentConfig.model_validate(doc)
+
+
+def package_as_version(src: Path, dst: Path, version: str, private_key: Path) -> Path:
+    """The same package as another version, signed again (what a rebuild with --version would give)."""
+    import io
+    import tarfile
+
+    from edgeopt.sdk.package import load_private_key, sign_manifest
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        members = {m.name: tin.extractfile(m).read() for m in tin.getmembers() if m.isfile()}
+        doc = json.loads(members["manifest.json"])
+        doc["version"] = version
+        members["manifest.json"] = json.dumps(doc, indent=1).encode()
+        members["manifest.sig"] = sign_manifest(members["manifest.json"], load_private_key(private_key))
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tout.addfile(info, io.BytesIO(data))
+    return dst

@@ -17,12 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
-from agent_support import Broker, Subscriber, free_port, wait_for
+from agent_support import Broker, Subscriber, free_port, package_as_version, wait_for
 from edgeopt.agent.config import render_config
 
 pytestmark = pytest.mark.slow
@@ -231,31 +230,11 @@ def test_telemetry_carries_ttft_tokens_and_kv_cache(served):
     assert m.requests >= 1 and m.latency.keys  # whole-request latency in the usual histogram too
 
 
-def _bump(src: Path, dst: Path, version: str, private_key: Path) -> Path:
-    """The same package as another version, signed again (what a rebuild with --version would give)."""
-    import io
-    import tarfile
-
-    from edgeopt.sdk.package import load_private_key, sign_manifest
-
-    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
-        members = {m.name: tin.extractfile(m).read() for m in tin.getmembers() if m.isfile()}
-        doc = json.loads(members["manifest.json"])
-        doc["version"] = version
-        members["manifest.json"] = json.dumps(doc, indent=1).encode()
-        members["manifest.sig"] = sign_manifest(members["manifest.json"], load_private_key(private_key))
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tout.addfile(info, io.BytesIO(data))
-    return dst
-
-
 def test_an_update_is_hot_swapped_and_rolled_back_like_any_package(served, slm_int8_package, keypair, tmp_path):
     """`edgeopt agent install` of 1.1.0 from another process while the daemon serves (it swaps, a stream in
     flight on 1.0.0 finishes), then `edgeopt agent rollback`: the daemon serves 1.0.0 again."""
     url, cfg = served["url"], served["config"]
-    newer = _bump(slm_int8_package[0], tmp_path / "slm-1.1.0.eopkg", "1.1.0", keypair[0])
+    newer = package_as_version(slm_int8_package[0], tmp_path / "slm-1.1.0.eopkg", "1.1.0", keypair[0])
     models = lambda: json.loads(  # noqa: E731
         subprocess.run(["curl", "-s", url + "/v1/models"], capture_output=True, text=True).stdout)["data"][0]
     assert models()["version"] == "1.0.0"
