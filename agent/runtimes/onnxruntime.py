@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
