@@ -157,6 +157,10 @@ class TextGenerationConfig(_Strict):
     prefix_caching: bool = Field(True, title="Prefix caching",
                                  description="Reuse KV cache blocks of a prompt prefix seen before (a shared "
                                              "system prompt is computed once).")
+    pipeline: Literal["auto", "continuous", "stateful"] = Field(
+        "auto", title="Pipeline", description="continuous: OpenVINO GenAI's continuous batching (CPU, GPU); "
+                                              "stateful: its LLMPipeline, one request at a time (what an NPU runs); "
+                                              "auto: stateful on NPU, continuous elsewhere.")
     max_prompt_chars: int = Field(1_000_000, ge=1, le=100_000_000, title="Max prompt characters",
                                   description="Longest prompt text accepted before tokenizing (bounds work per "
                                               "request; the context length is checked after).")

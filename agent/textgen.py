@@ -287,6 +287,11 @@ class TextEngine:
                 gen._advance(self.decode(gen.ids), final=False)
             status = str(handle.get_status()).rsplit(".", 1)[-1].upper()
             done = status not in ("RUNNING", "WAITING")
+            if done and handle.can_read():  # tokens written between the read above and the end
+                late = [int(t) for out in handle.read().values() for t in out.generated_ids]
+                gen.ids.extend(late)
+                if late and self.metrics is not None:
+                    self.metrics.tokens(len(late))
             if gen.finish_reason == STOP and not done:  # our stop string matched: drop it from the pipeline
                 self._drop(handle)
                 done = True
@@ -295,7 +300,8 @@ class TextEngine:
                 if reason is None:
                     reason = LENGTH if len(gen.ids) >= gen.max_tokens else STOP
                 if status in ("IGNORED", "DROPPED_BY_PIPELINE"):
-                    self._finish(gen, ERROR, f"the runtime dropped the request ({status.lower()}): out of KV cache?")
+                    self._finish(gen, ERROR, getattr(handle, "error", None)
+                                 or f"the runtime dropped the request ({status.lower()}): out of KV cache?")
                 else:
                     if gen.finish_reason != STOP:  # flush what was held back for a stop string
                         gen._advance(self.decode(gen.ids), final=True)
@@ -332,3 +338,114 @@ class TextEngine:
                 tpot = (gen.t_last - gen.t_first) * 1e3 / (len(gen.ids) - 1)
             self.metrics.finished(tpot, cancelled=reason == CANCELLED)
         gen._end(reason, error)
+
+
+class _SerialHandle:
+    """One request of :class:`StatefulPipeline`, read like a continuous-batching handle."""
+
+    def __init__(self, prompt: Any, config: Any):
+        self.prompt, self.config = prompt, config
+        self.tokens: list[int] = []
+        self.read_to = 0
+        self.status = "WAITING"
+        self.error: str | None = None
+        self.cancelled = False
+
+    def can_read(self) -> bool:
+        return len(self.tokens) > self.read_to
+
+    def read(self) -> dict:
+        class Out:
+            pass
+
+        out = Out()
+        out.generated_ids, self.read_to = self.tokens[self.read_to:], len(self.tokens)
+        out.finish_reason = "NONE"
+        return {0: out}
+
+    def get_status(self) -> str:
+        return self.status
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.status == "WAITING":
+            self.status = "DROPPED_BY_HANDLE"
+
+
+class StatefulPipeline:
+    """OpenVINO GenAI's stateful ``LLMPipeline`` behind the continuous-batching interface the engine steps,
+    one request at a time: what an NPU runs (OpenVINO serves NPUs only with the stateful pipeline, static
+    shapes). The generation runs in a thread of its own with a token streamer; :meth:`step` returns when it has
+    at least one new token (or ended), so the engine streams, cancels and counts exactly as with continuous
+    batching; the other requests wait their turn (``WAITING``)."""
+
+    def __init__(self, llm: Any, streamer_base: Any, status_enum: Any):
+        self.llm = llm
+        self._streamer_base, self._status = streamer_base, status_enum
+        self.queue: collections.deque[_SerialHandle] = collections.deque()
+        self.current: _SerialHandle | None = None
+        self.cond = threading.Condition()
+
+    def add_request(self, request_id: int, prompt: Any, config: Any) -> _SerialHandle:
+        h = _SerialHandle(prompt, config)
+        with self.cond:
+            self.queue.append(h)
+        return h
+
+    def has_non_finished_requests(self) -> bool:
+        with self.cond:
+            return self.current is not None or any(h.status == "WAITING" for h in self.queue)
+
+    def _start(self) -> None:
+        while self.queue and self.queue[0].status != "WAITING":
+            self.queue.popleft()
+        if not self.queue:
+            return
+        h = self.current = self.queue.popleft()
+        h.status = "RUNNING"
+        pipeline = self
+
+        class Streamer(self._streamer_base):
+            def write(self, token):
+                with pipeline.cond:
+                    h.tokens.extend(int(t) for t in (token if isinstance(token, (list, tuple)) else [token]))
+                    pipeline.cond.notify_all()
+                return pipeline._status.CANCEL if h.cancelled else pipeline._status.RUNNING
+
+            def end(self):
+                pass
+
+        def run() -> None:
+            try:
+                self.llm.generate(h.prompt, h.config, Streamer())
+                final = "DROPPED_BY_HANDLE" if h.cancelled else "FINISHED"
+            except Exception as exc:  # noqa: BLE001 - reported on the request, the engine goes on
+                h.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                final = "DROPPED_BY_PIPELINE"
+            with self.cond:
+                h.status = final
+                self.cond.notify_all()
+
+        threading.Thread(target=run, name="textgen-stateful", daemon=True).start()
+
+    def step(self) -> None:
+        with self.cond:
+            if self.current is None or self.current.status != "RUNNING":
+                self.current = None
+                self._start()
+            h = self.current
+            if h is None:
+                return
+            self.cond.wait_for(lambda: h.can_read() or h.status != "RUNNING" or h.cancelled, timeout=60.0)
+            if h.status != "RUNNING":
+                self.current = None
+
+    def get_metrics(self) -> Any:
+        class Metrics:
+            cache_usage = 0.0  # the stateful pipeline's KV cache is sized at compile time, not paged
+
+        m = Metrics()
+        with self.cond:
+            m.scheduled_requests = 1 if self.current is not None else 0
+            m.requests = m.scheduled_requests + sum(h.status == "WAITING" for h in self.queue)
+        return m

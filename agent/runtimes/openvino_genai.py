@@ -214,6 +214,7 @@ class TextGenerationModel(LoadedModel):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(runtime="openvino-genai", device=self.device, task=self.task, context_length=self.context_length,
+                   pipeline=getattr(self, "pipeline", "continuous"),
                    max_running=self.engine.max_running, max_queue=self.engine.max_queue)
         return out
 
@@ -254,13 +255,28 @@ class OpenVinoGenAiRuntime(Runtime):
         props = {str(k): v for k, v in (options.get("runtime_options") or {}).items()}
         if threads and device == "CPU":
             props["INFERENCE_NUM_THREADS"] = int(threads)
+        mode = str(serving.get("pipeline", "auto"))
+        stateful = mode == "stateful" or (mode == "auto" and device == "NPU")
+        context = int(options.get("context_length") or 0)
         try:
-            pipe = genai.ContinuousBatchingPipeline(str(folder), sched, device, props)
-            tokenizer = pipe.get_tokenizer()
+            if stateful:
+                from ..textgen import StatefulPipeline
+
+                llm = genai.LLMPipeline(str(folder), device, **props)
+                tokenizer = llm.get_tokenizer()
+                pipe = StatefulPipeline(llm, genai.StreamerBase, genai.StreamingStatus)
+                serving["max_running"] = 1
+                if "MAX_PROMPT_LEN" in props:  # an NPU compiles for this prompt length and answer length
+                    context = min(context or 1 << 30, int(props["MAX_PROMPT_LEN"]) +
+                                  int(props.get("MIN_RESPONSE_LEN", 128)))
+            else:
+                pipe = genai.ContinuousBatchingPipeline(str(folder), sched, device, props)
+                tokenizer = pipe.get_tokenizer()
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign model: one line
             raise UnsupportedError(f"openvino-genai: cannot load {folder.name} on {device}: {type(exc).__name__}: "
                                    f"{' '.join(str(exc).split())[:300]}") from None
-        return TextGenerationModel(pipe, tokenizer, name=str(options.get("name", folder.name)),
-                                   context_length=int(options.get("context_length") or 0),
-                                   eos_token_id=options.get("eos_token_id"), serving=serving, device=device,
-                                   version=str(options.get("version", "")))
+        model = TextGenerationModel(pipe, tokenizer, name=str(options.get("name", folder.name)), context_length=context,
+                                    eos_token_id=options.get("eos_token_id"), serving=serving, device=device,
+                                    version=str(options.get("version", "")))
+        model.pipeline = "stateful" if stateful else "continuous"
+        return model
