@@ -400,9 +400,12 @@ def seed_demo(devices, hours, interval, fleet, database_url, as_json) -> None:
     now = datetime.now(timezone.utc)
     start = now - timedelta(hours=hours)
     profiles = ["cpu", "npu", "igpu", "gpu", "arm"]
-    sims = [SimDevice(f"{fleet}-{i:03d}", fleet=fleet, models=("digits",) if i % 3 else ("digits", "detector"),
+    # every fifth device (the second first) also serves a small language model, "chat", with text figures
+    sims = [SimDevice(f"{fleet}-{i:03d}", fleet=fleet,
+                      models=(("digits",) if i % 3 else ("digits", "detector")) + (("chat",) if i % 5 == 1 else ()),
                       median_ms=2.0 + (i % 7), profile=profiles[i % len(profiles)], groups=(f"line-{i % 3 + 1}",),
-                      tags=("canary",) if i % 10 == 0 else (), seed=i) for i in range(devices)]
+                      tags=("canary",) if i % 10 == 0 else (), seed=i, text=("chat",) if i % 5 == 1 else ())
+            for i in range(devices)]
     writer = BatchWriter(engine)
     items = []
     for d in sims:

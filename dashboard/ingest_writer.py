@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 
 from edgeopt.sdk import topics
 from edgeopt.sdk.telemetry import (MAX_PAYLOAD_BYTES, PAYLOAD_BY_KIND, CommandResultPayload,
-                                   EventPayload, PayloadError, StatusPayload, TelemetryPayload, json_too_deep,
-                                   parse_payload)
+                                   EventPayload, PayloadError, StatusPayload, TelemetryPayload, TextStats,
+                                   json_too_deep, parse_payload)
 
 from . import dead_letters, histograms
 from . import models as m
@@ -106,7 +106,7 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
     if not p.models:
         return [dict(base, model="", model_version=None, requests=0, errors=0, throughput_ips=0.0,
                      hist_counts=b"", hist_sum_ms=0.0, p50_ms=None,
-                     p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={}, live_sequences=None)]
+                     p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={}, live_sequences=None, **NO_TEXT)]
     rows = []
     for s in p.models:
         h = s.latency.to_histogram()
@@ -114,11 +114,28 @@ def _telemetry_rows(p: TelemetryPayload) -> list[dict[str, Any]]:
         rows.append(dict(base, model=s.model, model_version=s.version, requests=s.requests, errors=s.errors,
                          throughput_ips=s.throughput_ips, hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms,
                          p50_ms=p50, p95_ms=p95, p99_ms=p99, queue_depth=s.queue_depth,
-                         batch_sizes=dict(s.batch_sizes), live_sequences=s.live_sequences))
+                         batch_sizes=dict(s.batch_sizes), live_sequences=s.live_sequences,
+                         **_text_columns(s.text)))
     return rows
 
 
 _QS = (0.5, 0.95, 0.99)
+# The text-generation columns of a row whose model sent no ``text`` (every other model).
+NO_TEXT: dict[str, Any] = dict(ttft_counts=None, ttft_sum_ms=None, tpot_counts=None, tpot_sum_ms=None,
+                               prompt_tokens=None, generated_tokens=None, kv_cache_usage=None, kv_cache_peak=None,
+                               running_requests=None, waiting_requests=None, cancelled=None, preemptions=None)
+
+
+def _text_columns(t: TextStats | None) -> dict[str, Any]:
+    """A text-generation model's figures as raw columns: the two sketches packed like the latency histogram
+    (the device's own ttft/tpot percentiles are not kept: pages compute them from the merged sketches)."""
+    if t is None:
+        return NO_TEXT
+    ttft, tpot = t.ttft.to_histogram(), t.tpot.to_histogram()
+    return dict(ttft_counts=histograms.pack(ttft), ttft_sum_ms=ttft.sum_ms, tpot_counts=histograms.pack(tpot),
+                tpot_sum_ms=tpot.sum_ms, prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
+                kv_cache_usage=t.kv_cache_usage, kv_cache_peak=t.kv_cache_peak, running_requests=t.running,
+                waiting_requests=t.waiting, cancelled=t.cancelled, preemptions=t.preemptions)
 
 
 def _parse(kind: str, data: bytes, max_bytes: int):
@@ -452,7 +469,11 @@ _TEL_COLS = (("device_pk", "int"), ("model", "text"), ("model_version", "text"),
              ("errors", "bigint"), ("throughput_ips", "float8"), ("hist_counts", "bytea"),
              ("hist_sum_ms", "float8"), ("p50_ms", "float8"), ("p95_ms", "float8"), ("p99_ms", "float8"),
              ("queue_depth", "int"), ("batch_sizes", "json"), ("cpu_percent", "float8"), ("rss_bytes", "bigint"),
-             ("temperature_c", "float8"), ("live_sequences", "int"))
+             ("temperature_c", "float8"), ("live_sequences", "int"), ("ttft_counts", "bytea"),
+             ("ttft_sum_ms", "float8"), ("tpot_counts", "bytea"), ("tpot_sum_ms", "float8"),
+             ("prompt_tokens", "bigint"), ("generated_tokens", "bigint"), ("kv_cache_usage", "float8"),
+             ("kv_cache_peak", "float8"), ("running_requests", "int"), ("waiting_requests", "int"),
+             ("cancelled", "bigint"), ("preemptions", "bigint"))
 _STAGE_SQL = ("CREATE TEMP TABLE IF NOT EXISTS telemetry_stage "
               "(LIKE telemetry_raw INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COLS = ", ".join(c for c, _ in _TEL_COLS)

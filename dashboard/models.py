@@ -279,6 +279,20 @@ class TelemetryRaw(Base):
     batch_sizes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Stateful models: sequences (streams) with state on the device at the end of the interval (schema 1.1).
     live_sequences: Mapped[Optional[int]] = mapped_column(Integer)
+    # Text-generation models (schema 1.1 ``ModelStats.text``, issue 14); all None on other models' rows.
+    # The two sketches are packed like hist_counts; generated_tokens IS NOT NULL marks a row that had text.
+    ttft_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed time-to-first-token sketch.")
+    ttft_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    tpot_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed time-per-output-token sketch.")
+    tpot_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    prompt_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    generated_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    kv_cache_usage: Mapped[Optional[float]] = mapped_column(Float, doc="Share of the KV cache in use at the end.")
+    kv_cache_peak: Mapped[Optional[float]] = mapped_column(Float, doc="Most of the KV cache in use at once.")
+    running_requests: Mapped[Optional[int]] = mapped_column(Integer)
+    waiting_requests: Mapped[Optional[int]] = mapped_column(Integer)
+    cancelled: Mapped[Optional[int]] = mapped_column(BigInteger)
+    preemptions: Mapped[Optional[int]] = mapped_column(BigInteger, doc="None: the runtime does not say.")
     cpu_percent: Mapped[Optional[float]] = mapped_column(Float)
     rss_bytes: Mapped[Optional[int]] = mapped_column(BigInteger)
     temperature_c: Mapped[Optional[float]] = mapped_column(Float)
@@ -303,6 +317,19 @@ class _RollupMixin:
     queue_depth_max: Mapped[int] = mapped_column(Integer, default=0)
     batch_sizes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     live_sequences_max: Mapped[Optional[int]] = mapped_column(Integer, doc="Most live sequences reported.")
+    # Text-generation figures merged (rollup._TextAgg); generated_tokens IS NULL: no row of the bucket had text.
+    ttft_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed TTFT sketch (counts added).")
+    ttft_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    tpot_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed TPOT sketch (counts added).")
+    tpot_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    prompt_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    generated_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    kv_cache_usage_avg: Mapped[Optional[float]] = mapped_column(Float, doc="Mean of the end-of-interval usages.")
+    kv_cache_peak_max: Mapped[Optional[float]] = mapped_column(Float, doc="Highest peak reported.")
+    running_max: Mapped[Optional[int]] = mapped_column(Integer)
+    waiting_max: Mapped[Optional[int]] = mapped_column(Integer)
+    cancelled: Mapped[Optional[int]] = mapped_column(BigInteger)
+    preemptions: Mapped[Optional[int]] = mapped_column(BigInteger, doc="None: no row said.")
 
 
 class Rollup1m(_RollupMixin, Base):
@@ -347,6 +374,17 @@ class FleetRollup(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     hist_counts: Mapped[bytes] = mapped_column(LargeBinary, doc="Packed histogram (dashboard.histograms).")
     hist_sum_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    # Text-generation figures of every device merged; kv_cache_usage_avg is the mean over the devices.
+    ttft_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed TTFT sketch (counts added).")
+    ttft_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    tpot_counts: Mapped[Optional[bytes]] = mapped_column(LargeBinary, doc="Packed TPOT sketch (counts added).")
+    tpot_sum_ms: Mapped[Optional[float]] = mapped_column(Float)
+    prompt_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    generated_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    kv_cache_usage_avg: Mapped[Optional[float]] = mapped_column(Float)
+    kv_cache_peak_max: Mapped[Optional[float]] = mapped_column(Float)
+    cancelled: Mapped[Optional[int]] = mapped_column(BigInteger)
+    preemptions: Mapped[Optional[int]] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_fleet_rollup_res_bucket", "resolution", "bucket_start"),)
 

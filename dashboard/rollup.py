@@ -7,7 +7,9 @@ bit for bit, whatever order an update left the rows in on disk). Which buckets t
 the last run (a watermark on the raw id, rescanned with some overlap because concurrent transactions may
 commit ids out of order); late data (an agent draining its outbox) therefore lands in the right bucket.
 Histograms (the contract's DDSketch layout, stored packed: :mod:`.histograms`) are merged by adding
-the counts of equal keys, so percentiles of any rollup keep the sketch's 1% relative accuracy.
+the counts of equal keys, so percentiles of any rollup keep the sketch's 1% relative accuracy. The
+text-generation figures of language models (TTFT and time-per-output-token sketches, tokens, KV cache) go
+the same way, merged by :class:`_TextAgg`, which says how each one is combined.
 Run by the ingest process every ``--rollup-every`` seconds and by ``edgeopt-dashboard rollup``.
 
 No stored row can stop it: a row whose ts is more than :data:`MAX_AHEAD` ahead of now (written before
@@ -90,9 +92,97 @@ def _upsert(session: Session, model, rows: list[dict[str, Any]]) -> None:
         session.execute(stmt, rows[i:i + CHUNK])
 
 
+class _TextAgg:
+    """A bucket's text-generation figures (issue 14), merged from the rows below that had any:
+
+    - ``ttft`` / ``tpot`` sketches by adding the counts of equal keys (as the latency histogram), so every
+      rollup's TTFT and TPOT percentiles keep the sketch's 1% relative accuracy;
+    - ``prompt_tokens``, ``generated_tokens`` and ``cancelled`` summed; ``preemptions`` summed over the rows
+      that reported them (None when none did: the runtime does not count them);
+    - KV cache use: the AVERAGE of the end-of-interval values, weighted by the raw rows behind each (one
+      end-of-interval sample says little about a minute; the mean is what the cache held over it), and the
+      peak the MAX of the peaks; ``running`` / ``waiting``: the most reported (as queue depth).
+    """
+
+    __slots__ = ("ttft", "ttft_ms", "tpot", "tpot_ms", "prompt", "generated", "kv_sum", "kv_n", "kv_peak",
+                 "running", "waiting", "cancelled", "preemptions")
+
+    def __init__(self) -> None:
+        self.ttft: dict[int, int] = {}
+        self.tpot: dict[int, int] = {}
+        self.ttft_ms = self.tpot_ms = self.kv_sum = 0.0
+        self.prompt = self.generated = self.cancelled = self.kv_n = 0
+        self.kv_peak: float | None = None
+        self.running: int | None = None
+        self.waiting: int | None = None
+        self.preemptions: int | None = None
+
+    def add(self, ttft, ttft_ms, tpot, tpot_ms, prompt, generated, kv, kv_peak, running, waiting, cancelled,
+            preemptions, weight: int) -> None:
+        for pairs, bins in ((ttft, self.ttft), (tpot, self.tpot)):
+            for i in range(0, len(pairs), 2):
+                bins[pairs[i]] = bins.get(pairs[i], 0) + pairs[i + 1]
+        self.ttft_ms += ttft_ms
+        self.tpot_ms += tpot_ms
+        self.prompt += prompt
+        self.generated += generated
+        self.cancelled += cancelled
+        if kv is not None:
+            self.kv_sum += kv * weight
+            self.kv_n += weight
+        self.kv_peak = _most(self.kv_peak, kv_peak)
+        self.running = _most(self.running, running)
+        self.waiting = _most(self.waiting, waiting)
+        if preemptions is not None:
+            self.preemptions = (self.preemptions or 0) + preemptions
+
+    def columns(self, fleet: bool = False) -> dict[str, Any]:
+        out = dict(ttft_counts=histograms.pack_pairs(_pairs(self.ttft)), ttft_sum_ms=self.ttft_ms,
+                   tpot_counts=histograms.pack_pairs(_pairs(self.tpot)), tpot_sum_ms=self.tpot_ms,
+                   prompt_tokens=self.prompt, generated_tokens=self.generated,
+                   kv_cache_usage_avg=self.kv_sum / self.kv_n if self.kv_n else None,
+                   kv_cache_peak_max=self.kv_peak, cancelled=self.cancelled, preemptions=self.preemptions)
+        if not fleet:
+            out.update(running_max=self.running, waiting_max=self.waiting)
+        return out
+
+
+NO_TEXT_ROLLUP: dict[str, Any] = dict(ttft_counts=None, ttft_sum_ms=None, tpot_counts=None, tpot_sum_ms=None,
+                                      prompt_tokens=None, generated_tokens=None, kv_cache_usage_avg=None,
+                                      kv_cache_peak_max=None, running_max=None, waiting_max=None, cancelled=None,
+                                      preemptions=None)
+NO_TEXT_FLEET = {k: v for k, v in NO_TEXT_ROLLUP.items() if k not in ("running_max", "waiting_max")}
+
+
+def _most(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _pairs(bins: dict[int, int]) -> list[int]:
+    out: list[int] = []
+    for k in sorted(bins):
+        if bins[k]:
+            out += (k, bins[k])
+    return out
+
+
+def _clean_text(text):
+    """A row's text columns (the ``_TEXT_*`` selections below, in order) checked and converted, or None for a
+    row without text figures (``generated_tokens`` NULL). Raises like :func:`_clean_row` for malformed ones."""
+    if text is None or text[5] is None:
+        return None
+    ttft, ttft_ms, tpot, tpot_ms, prompt, generated, kv, kv_peak, running, waiting, cancelled, preempt = text
+
+    def opt(v, kind):
+        return None if v is None else kind(v)
+    return (histograms.unpack_pairs(ttft), float(ttft_ms or 0.0), histograms.unpack_pairs(tpot),
+            float(tpot_ms or 0.0), int(prompt or 0), int(generated), opt(kv, float), opt(kv_peak, float),
+            opt(running, int), opt(waiting, int), int(cancelled or 0), opt(preempt, int))
+
+
 class _Agg:
     __slots__ = ("requests", "errors", "samples", "counts", "sum_ms", "cpu_sum", "cpu_n", "rss_sum", "rss_n",
-                 "queue", "batch", "live")
+                 "queue", "batch", "live", "text")
 
     def __init__(self) -> None:
         self.requests = self.errors = self.samples = self.queue = 0
@@ -101,15 +191,22 @@ class _Agg:
         self.sum_ms = self.cpu_sum = self.rss_sum = 0.0
         self.cpu_n = self.rss_n = 0
         self.batch: dict[str, int] = defaultdict(int)
+        self.text: _TextAgg | None = None  # None while no row had text figures
 
-    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live=None,
+    def add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live=None, text=None,
             weight: int = 1) -> bool:
-        """Add one row; False (and nothing added) for a row whose values are malformed."""
+        """Add one row (``text``: its text-generation columns, see :func:`_clean_text`); False (and nothing
+        added) for a row whose values are malformed."""
         try:
             clean = _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight)
+            clean_text = _clean_text(text)
         except (TypeError, ValueError, AttributeError, OverflowError):
             return False
         self._add(*clean)
+        if clean_text is not None:
+            if self.text is None:
+                self.text = _TextAgg()
+            self.text.add(*clean_text, weight=clean[-1])
         return True
 
     def _add(self, requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight) -> None:
@@ -135,18 +232,19 @@ class _Agg:
             self.batch[str(k)] += int(v)
 
     def pairs(self) -> list[int]:
-        out: list[int] = []
-        for k in sorted(self.counts):
-            if self.counts[k]:
-                out += (k, self.counts[k])
-        return out
+        return _pairs(self.counts)
 
     def row(self, **keys) -> dict[str, Any]:
         return dict(keys, requests=self.requests, errors=self.errors, samples=self.samples,
                     hist_counts=histograms.pack_pairs(self.pairs()), hist_sum_ms=self.sum_ms,
                     cpu_avg=self.cpu_sum / self.cpu_n if self.cpu_n else None,
                     rss_avg=self.rss_sum / self.rss_n if self.rss_n else None,
-                    queue_depth_max=self.queue, batch_sizes=dict(self.batch), live_sequences_max=self.live)
+                    queue_depth_max=self.queue, batch_sizes=dict(self.batch), live_sequences_max=self.live,
+                    **(self.text.columns() if self.text else NO_TEXT_ROLLUP))
+
+    def text_columns(self) -> dict[str, Any]:
+        """The text columns of a fleet rollup row."""
+        return self.text.columns(fleet=True) if self.text else NO_TEXT_FLEET
 
 
 def _clean_row(requests, errors, samples, counts, sum_ms, cpu, rss, queue, batch, live, weight):
@@ -234,16 +332,33 @@ def run_rollup(engine: Engine, now: datetime | None = None, retention: Retention
     return stats
 
 
+def _text_cols(r) -> tuple:
+    """The text-generation columns of a table, in :func:`_clean_text`'s order."""
+    if r is m.TelemetryRaw:
+        kv, peak, running, waiting = r.kv_cache_usage, r.kv_cache_peak, r.running_requests, r.waiting_requests
+    elif r is m.FleetRollup:
+        raise ValueError("fleet rollups are read by the pages, never rolled up further")
+    else:
+        kv, peak, running, waiting = r.kv_cache_usage_avg, r.kv_cache_peak_max, r.running_max, r.waiting_max
+    return (r.ttft_counts, r.ttft_sum_ms, r.tpot_counts, r.tpot_sum_ms, r.prompt_tokens, r.generated_tokens,
+            kv, peak, running, waiting, r.cancelled, r.preemptions)
+
+
+_NT = 12  # len(_text_cols(...))
+
+
 def _recompute_minute(session: Session, minute: datetime, devices: list[int]) -> int:
     r = m.TelemetryRaw
     aggs: dict[tuple[int, str], _Agg] = {}
     end = minute + timedelta(minutes=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, r.cpu_percent,
-                   r.rss_bytes, r.queue_depth, r.batch_sizes, r.live_sequences).where(
+                   r.rss_bytes, r.queue_depth, r.batch_sizes, r.live_sequences, *_text_cols(r)).where(
             r.ts >= minute, r.ts < end, r.device_pk.in_(chunk)).order_by(r.id)
-        for dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch, live in session.execute(q):
-            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch, live):
+        for row in session.execute(q):
+            dpk, model, req, err, counts, sum_ms, cpu, rss, queue, batch, live = row[:-_NT]
+            if not _add(aggs, (dpk, model), req, err, 1, counts, sum_ms, cpu, rss, queue, batch, live,
+                        tuple(row[-_NT:])):
                 log.warning("rollup: malformed raw row of device %s model %r at %s skipped", dpk, model, minute)
     _upsert(session, m.Rollup1m, [a.row(device_pk=d, model=mo, bucket_start=minute)
                                   for (d, mo), a in aggs.items()])
@@ -256,11 +371,14 @@ def _recompute_hour(session: Session, hour: datetime, devices: list[int]) -> int
     end = hour + timedelta(hours=1)
     for chunk in _chunks(devices):
         q = select(r.device_pk, r.model, r.requests, r.errors, r.samples, r.hist_counts, r.hist_sum_ms,
-                   r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes, r.live_sequences_max).where(
+                   r.cpu_avg, r.rss_avg, r.queue_depth_max, r.batch_sizes, r.live_sequences_max,
+                   *_text_cols(r)).where(
             r.bucket_start >= hour, r.bucket_start < end, r.device_pk.in_(chunk)).order_by(
             r.device_pk, r.model, r.bucket_start)
-        for dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch, live in session.execute(q):
-            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, live, weight=n):
+        for row in session.execute(q):
+            dpk, model, req, err, n, counts, sum_ms, cpu, rss, queue, batch, live = row[:-_NT]
+            if not _add(aggs, (dpk, model), req, err, n, counts, sum_ms, cpu, rss, queue, batch, live,
+                        tuple(row[-_NT:]), weight=n):
                 log.warning("rollup: malformed 1-minute row of device %s model %r in %s skipped", dpk, model, hour)
     _upsert(session, m.Rollup1h, [a.row(device_pk=d, model=mo, bucket_start=hour)
                                   for (d, mo), a in aggs.items()])
@@ -271,15 +389,17 @@ def _recompute_fleet(session: Session, resolution: str, bucket: datetime) -> int
     r = m.Rollup1m if resolution == "1m" else m.Rollup1h
     aggs: dict[str, _Agg] = {}
     devices: dict[str, set[int]] = defaultdict(set)
-    q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms).where(
+    q = select(r.device_pk, r.model, r.requests, r.errors, r.hist_counts, r.hist_sum_ms, *_text_cols(r)).where(
         r.bucket_start == bucket, r.model != "").order_by(r.device_pk, r.model)
-    for dpk, model, req, err, counts, sum_ms in session.execute(q):
-        if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None):
+    for row in session.execute(q):
+        dpk, model, req, err, counts, sum_ms = row[:-_NT]
+        # weight 1 per device: the fleet's KV cache use is the mean over its devices
+        if _add(aggs, model, req, err, 0, counts, sum_ms, None, None, 0, None, None, tuple(row[-_NT:])):
             devices[model].add(dpk)
     _upsert(session, m.FleetRollup, [dict(resolution=resolution, model=mo, bucket_start=bucket,
                                           devices=len(devices[mo]), requests=a.requests, errors=a.errors,
                                           hist_counts=histograms.pack_pairs(a.pairs()),
-                                          hist_sum_ms=a.sum_ms)
+                                          hist_sum_ms=a.sum_ms, **a.text_columns())
                                      for mo, a in aggs.items()])
     return len(aggs)
 

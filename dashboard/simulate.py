@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeopt.sdk import topics
 from edgeopt.sdk.telemetry import (Histogram, InstalledPackage, ModelStats, StatusPayload, SystemStats,
-                                   TelemetryPayload)
+                                   TelemetryPayload, TextStats)
 
 
 class SimDevice:
@@ -26,11 +26,16 @@ class SimDevice:
     def __init__(self, device_id: str, fleet: str = "sim", models: tuple[str, ...] = ("digits",),
                  median_ms: float = 3.0, profile: str = "cpu", groups: tuple[str, ...] = (),
                  tags: tuple[str, ...] = (), seed: int = 0, session_id: str | None = None,
-                 stateful: tuple[str, ...] = ()):
+                 stateful: tuple[str, ...] = (), text: tuple[str, ...] = ()):
         self.device_id, self.fleet, self.models = device_id, fleet, models
         # models among ``models`` that serve streams: they report live sequences (a walk between 0 and 16)
         self.stateful = stateful
         self._live = {mo: 4 for mo in stateful}
+        # models among ``models`` that generate text: they report ``text`` figures (issue 14); the TTFT and
+        # TPOT samples (ms) behind the last payload are kept in ``text_samples`` for tests
+        self.text = text
+        self._kv = {mo: 0.3 for mo in text}
+        self.text_samples: dict[str, dict[str, np.ndarray]] = {}
         self.median_ms, self.profile, self.groups, self.tags = median_ms, profile, groups, tags
         self.rng = np.random.default_rng(seed)
         self.session_id = session_id or uuid.uuid4().hex[:16]
@@ -71,13 +76,38 @@ class SimDevice:
                                     throughput_ips=requests / interval_s, latency=h.to_model(), p50_ms=p50,
                                     p95_ms=p95, p99_ms=p99, queue_depth=int(self.rng.integers(0, 4)),
                                     batch_sizes={"1": requests // 2, "4": requests - requests // 2},
-                                    live_sequences=live))
+                                    live_sequences=live, text=self._text_stats(mo, requests, interval_s)))
         p = TelemetryPayload(device_id=self.device_id, session_id=self.session_id,
                              seq=self.next_seq() if seq is None else seq, ts=ts or datetime.now(timezone.utc),
                              interval_s=interval_s, models=stats,
                              system=SystemStats(cpu_percent=float(self.rng.uniform(5, 90)),
                                                 rss_bytes=int(self.rng.integers(50, 500)) * 2**20))
         return p, samples
+
+    def _text_stats(self, mo: str, requests: int, interval_s: float) -> TextStats | None:
+        """A text model's interval: TTFT around 20x the latency median, about 25 ms per output token, some
+        120 generated tokens a request, and a KV cache use that wanders between 5% and 95%."""
+        if mo not in self._kv:
+            return None
+        ttft = self.rng.lognormal(np.log(self.median_ms * 20), 0.4, size=requests)
+        tpot = self.rng.lognormal(np.log(25.0), 0.2, size=requests)
+        self.text_samples[mo] = {"ttft": ttft, "tpot": tpot}
+        sketches = []
+        for values in (ttft, tpot):
+            h = Histogram()
+            for v in values:
+                h.observe(float(v))
+            sketches.append(h)
+        generated = int(self.rng.integers(80, 160)) * requests
+        kv = self._kv[mo] = float(np.clip(self._kv[mo] + self.rng.uniform(-0.1, 0.1), 0.05, 0.95))
+        (t50, t95), (o50, o95) = (h.quantiles((0.5, 0.95)) for h in sketches)
+        return TextStats(ttft=sketches[0].to_model(), tpot=sketches[1].to_model(), ttft_p50_ms=t50,
+                         ttft_p95_ms=t95, tpot_p50_ms=o50, tpot_p95_ms=o95,
+                         prompt_tokens=int(self.rng.integers(100, 400)) * requests, generated_tokens=generated,
+                         tokens_per_s=generated / interval_s, kv_cache_usage=kv,
+                         kv_cache_peak=min(1.0, kv + float(self.rng.uniform(0, 0.05))),
+                         running=int(self.rng.integers(0, 8)), waiting=int(self.rng.integers(0, 3)),
+                         cancelled=requests // 20, preemptions=int(self.rng.integers(0, 2)))
 
 
 class Publisher:

@@ -10,19 +10,26 @@ API (all keyword arguments optional unless shown):
 ``fleet_summary(session, now=None, slowest=10) -> dict``
     ``{"devices", "online", "offline", "profiles": [{"profile", "devices"}],
     "package_versions": [{"name", "version", "devices"}], "slowest": [device row, ...],
-    "models": [str], "open_alerts": int}``
+    "models": [str], "text_models": [str], "open_alerts": int}``
 ``slowest_devices(session, limit=10) -> list[dict]``
     devices ordered by their latest reported p95 (``last_p95_ms``), largest first.
 ``fleet_latency_series(session, start, end, model=None, group=None, profile=None, resolution=None,
 max_points=300) -> dict``
     fleet p50/p95/p99 over time: ``{"resolution", "step_s", "model", "points": [{"t", "p50", "p95",
-    "p99", "requests", "errors", "throughput_ips", "devices"}]}``; without group/profile it reads the
-    fleet-wide rollups, otherwise the per-device rollups of the matching devices.
+    "p99", "requests", "errors", "throughput_ips", "devices", <text fields>}], "text_models": [str]}``;
+    without group/profile it reads the fleet-wide rollups, otherwise the per-device rollups of the matching
+    devices. The text fields (language models, issue 14: ``ttft_p50``, ``ttft_p95``, ``tpot_p50``,
+    ``tpot_p95``, ``tokens_per_s``, ``prompt_tokens``, ``generated_tokens``, ``kv_cache_usage``,
+    ``kv_cache_peak``, ``cancelled``, ``preemptions``) merge the text models' sketches and counts over every
+    device (:mod:`.text_series`); they are None at points where no text model reported.
 ``device_series(session, device_id, start, end, model=None, resolution=None, max_points=500) -> dict``
     ``{"device_id", "resolution", "step_s", "models": [str], "points": [{"t", "p50", "p95", "p99",
     "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes", "queue_depth",
-    "batch_sizes", "live_sequences"}]}``; ``live_sequences`` (stateful models: streams with state on the device,
-    the most each model reported in the bucket, summed over models) is None where no model reported it; raises :class:`LookupError` for an unknown device.
+    "batch_sizes", "live_sequences", <text fields>, "running", "waiting"}], "text_models": [str]}``;
+    ``live_sequences`` (stateful models: streams with state on the device, the most each model reported in
+    the bucket, summed over models) is None where no model reported it; the text fields are the fleet
+    series' over this device's text models, plus requests running and waiting (:mod:`.text_series`);
+    raises :class:`LookupError` for an unknown device.
 ``choose_resolution(start, end, kind="device", now=None) -> "raw" | "1m" | "1h"``
     raw only for a device range within the last hour, 1 min up to 7 days (fleet: 2 days), else 1 h.
 ``list_devices(session, search=None, status=None, profile=None, group=None, package=None,
@@ -30,7 +37,8 @@ sort="device_id", order="asc", page=1, per_page=50) -> dict``
     ``{"total", "page", "per_page", "pages", "items": [device row]}``; ``package`` is ``name`` or
     ``name@version``; sort keys: :data:`SORT_KEYS`.
 ``device_detail(session, device_id) -> dict | None``
-    device row plus ``capabilities``, ``packages``, ``session_id``, ``telemetry_interval_s``.
+    device row plus ``capabilities``, ``packages``, ``session_id``, ``telemetry_interval_s``,
+    ``text_models`` (models that sent text-generation figures: :func:`device_text_models`).
 ``device_events(session, device_id, limit=100, before_id=None) -> list[dict]``
     newest first (device time); the next page is ``before_id=<last id of this page>``.
 ``ingest_counters(session) -> dict[str, int]``
@@ -59,6 +67,7 @@ from edgeopt.sdk.telemetry import SKETCH_BINS, SKETCH_KEY_MIN, sketch_value
 
 from . import histograms
 from . import models as m
+from . import text_series
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +133,14 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
     fleetwide = group is None and profile is None
     if fleetwide:
         f = m.FleetRollup
-        q = select(f.bucket_start, f.hist_counts, f.requests, f.errors, f.devices).where(
+        q = select(f.bucket_start, f.hist_counts, f.requests, f.errors, f.devices, f.model,
+                   *text_series.columns(f)).where(
             f.resolution == res, f.bucket_start >= start, f.bucket_start < end)
         q = q.where(f.model == model) if model is not None else q.where(f.model != "")
     else:
         r = m.Rollup1m if res == "1m" else m.Rollup1h
-        q = (select(r.bucket_start, r.hist_counts, r.requests, r.errors, r.device_pk)
+        q = (select(r.bucket_start, r.hist_counts, r.requests, r.errors, r.device_pk, r.model,
+                    *text_series.columns(r))
              .where(r.bucket_start >= start, r.bucket_start < end))
         q = q.where(r.model == model) if model is not None else q.where(r.model != "")
         if profile is not None:
@@ -149,14 +160,17 @@ def fleet_latency_series(session: Session, start: datetime, end: datetime, *, mo
         devs[i].add(row[4])  # fleet-wide rows carry a device count, the others a device key
     qv = _plain(_sig(quantiles(H)), 12)
     req_l, err_l, tput = req.astype(np.int64).tolist(), err.astype(np.int64).tolist(), _plain(req / step)
+    text, text_models = text_series.points(idx.tolist(), [row[5] if fleetwide else (row[4], row[5]) for row in rows],
+                                           [row[6:] for row in rows], n_pts, step, fleet=True)
+    no_text = text_series.empty_point(fleet=True)
     points = []
     for i in sorted(devs):
         p50, p95, p99 = qv[i]
         points.append(dict(t=_iso(start + timedelta(seconds=i * step)), p50=p50, p95=p95, p99=p99,
                            requests=req_l[i], errors=err_l[i], throughput_ips=tput[i],
-                           devices=max(devs[i]) if fleetwide else len(devs[i])))
+                           devices=max(devs[i]) if fleetwide else len(devs[i]), **text.get(i, no_text)))
     return {"resolution": res, "step_s": step, "model": model, "group": group, "profile": profile,
-            "start": _iso(start), "end": _iso(end), "points": points,
+            "start": _iso(start), "end": _iso(end), "points": points, "text_models": text_models,
             "markers": _fleet_markers(session, start, end, model)}
 
 
@@ -245,7 +259,7 @@ def fleet_summary(session: Session, now: datetime | None = None, slowest: int = 
             "profiles": [{"profile": p, "devices": n} for p, n in profiles],
             "package_versions": [{"name": a, "version": v, "devices": n} for a, v, n in pkgs],
             "slowest": slowest_devices(session, slowest), "models": models_seen(session),
-            "open_alerts": open_alerts or 0, "generated_at": _iso(now or datetime.now(timezone.utc))}
+            "text_models": text_models_seen(session), "open_alerts": open_alerts or 0, "generated_at": _iso(now or datetime.now(timezone.utc))}
 
 
 def models_seen(session: Session) -> list[str]:
@@ -254,6 +268,27 @@ def models_seen(session: Session) -> list[str]:
     if not names:
         names = set(session.scalars(select(m.InstalledPackage.name).distinct()))
     return sorted(names)
+
+
+def text_models_seen(session: Session) -> list[str]:
+    """Model names whose fleet rollups hold text-generation figures (language models)."""
+    f = m.FleetRollup
+    return sorted(session.scalars(select(f.model).where(f.model != "", f.generated_tokens.is_not(None)).distinct()))
+
+
+TEXT_RAW_WINDOW = timedelta(hours=2)  # raw rows newer than the 1-hour rollups can be (rollups run every 30 s)
+
+
+def device_text_models(session: Session, pk: int, now: datetime | None = None) -> list[str]:
+    """The device's models that sent text-generation figures: in its 1-hour rollups, or in its raw rows of
+    the last two hours (not rolled up yet). Both reads use the (device, time) indexes."""
+    from sqlalchemy import union
+
+    now = now or datetime.now(timezone.utc)
+    r, h = m.TelemetryRaw, m.Rollup1h
+    q = union(select(h.model).where(h.device_pk == pk, h.generated_tokens.is_not(None)),
+              select(r.model).where(r.device_pk == pk, r.ts >= now - TEXT_RAW_WINDOW, r.generated_tokens.is_not(None)))
+    return sorted(session.scalars(q))
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -313,6 +348,7 @@ def device_detail(session: Session, device_id: str) -> dict[str, Any] | None:
     row = _device_row(d)
     row.update(capabilities=d.capabilities, session_id=d.session_id,
                telemetry_interval_s=d.telemetry_interval_s, first_seen=_iso(d.first_seen),
+               text_models=device_text_models(session, d.id),
                status_changed_at=_iso(d.status_changed_at),
                packages=[{"name": p.name, "version": p.version, "profile": p.profile, "runtime": p.runtime,
                           "precision": p.precision, "sha256": p.sha256,
@@ -414,7 +450,7 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
         tcol, cols = t.bucket_start, (t.cpu_avg, t.rss_avg, t.queue_depth_max, t.live_sequences_max)
     # JSON columns come back as text and are decoded in bulk below.
     q = (select(tcol, t.model, t.hist_counts, t.hist_sum_ms, t.requests, t.errors, *cols,
-                cast(t.batch_sizes, Text))
+                cast(t.batch_sizes, Text), *text_series.columns(t))
          .where(t.device_pk == pk, tcol >= start, tcol < end).order_by(tcol))
     if model is not None:
         q = q.where(t.model == model)
@@ -450,17 +486,20 @@ def device_series(session: Session, device_id: str, start: datetime, end: dateti
         cpu_l = _plain(cpu_s / cpu_n, 1)
         rss_l = [None if x is None else int(x) for x in _plain(rss_s / rss_n, 0)]
     queue_l = queue.tolist()
+    text, text_models = text_series.points(idx.tolist(), [r[1] for r in rows], [r[11:] for r in rows], n_pts, step)
+    no_text = text_series.empty_point()
     points = []
     for i in np.nonzero(seen)[0].tolist():
         p50, p95, p99 = qv[i]
         points.append(dict(t=_iso(start + timedelta(seconds=i * step)), p50=p50, p95=p95, p99=p99,
                            requests=req_l[i], errors=err_l[i], throughput_ips=tput[i], cpu_percent=cpu_l[i],
                            rss_bytes=rss_l[i], queue_depth=queue_l[i], batch_sizes=dict(batch.get(i, {})),
-                           live_sequences=sum(live[i].values()) if i in live else None))
+                           live_sequences=sum(live[i].values()) if i in live else None,
+                           **text.get(i, no_text)))
     models = sorted({r[1] for r, hm in zip(rows, has_model) if hm})
     return {"device_id": device_id, "resolution": res, "step_s": step, "model": model,
-            "models": models, "start": _iso(start), "end": _iso(end), "points": points,
-            "markers": _device_markers(session, pk, start, end, model)}
+            "models": models, "text_models": text_models, "start": _iso(start), "end": _iso(end),
+            "points": points, "markers": _device_markers(session, pk, start, end, model)}
 
 
 MARKER_KINDS = ("switch", "rollback")

@@ -6,14 +6,16 @@ from flask import abort, request
 from edgeopt.sdk.errors import InputError
 
 from .. import stats
+from ..text_series import DEVICE_FIELDS, FLEET_FIELDS
 from ..views import get_db, int_arg
 from ..views.devices import list_args
 from . import bp, ok
 from .serialize import csv_response, parse_format, parse_range
 
-FLEET_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "devices")
+# The text-generation columns (language models, issue 14) come last and are empty where no text model reported.
+FLEET_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "devices") + FLEET_FIELDS
 DEVICE_CSV = ("t", "p50", "p95", "p99", "requests", "errors", "throughput_ips", "cpu_percent", "rss_bytes",
-              "queue_depth", "live_sequences")
+              "queue_depth", "live_sequences") + DEVICE_FIELDS
 
 
 @bp.get("/fleet")
@@ -24,7 +26,8 @@ def fleet():
 
 @bp.get("/fleet/series")
 def fleet_series():
-    """Fleet p50/p95/p99 (merged histograms), requests, errors and throughput over a range
+    """Fleet p50/p95/p99 (merged histograms), requests, errors and throughput over a range, and for language
+    models TTFT / time-per-output-token percentiles (merged sketches), tokens and KV cache use
     (``format=csv``: the points as CSV)."""
     name, start, end = parse_range(request.args.get("range"))
     fmt = parse_format(request.args.get("format"))
@@ -56,8 +59,9 @@ def device(device_id: str):
 
 @bp.get("/devices/<device_id>/series")
 def device_series(device_id: str):
-    """A device's latency percentiles, throughput, errors, CPU, memory and batch sizes over a range
-    (``format=csv``: the points as CSV)."""
+    """A device's latency percentiles, throughput, errors, CPU, memory and batch sizes over a range, and for
+    its language models TTFT / time-per-output-token percentiles, tokens, KV cache use, running and waiting
+    requests (``format=csv``: the points as CSV)."""
     name, start, end = parse_range(request.args.get("range"))
     fmt = parse_format(request.args.get("format"))
     try:

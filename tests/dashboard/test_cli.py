@@ -107,7 +107,11 @@ def test_seed_demo(db_url, session):
     from edgeopt.dashboard import stats
 
     s = stats.fleet_summary(session)
-    assert s["devices"] == 4 and s["online"] == 4 and s["models"] == ["detector", "digits"]
+    assert s["devices"] == 4 and s["online"] == 4 and s["models"] == ["chat", "detector", "digits"]
+    # the demo's language model (on device 1) sends text figures, so the demo shows their charts
+    assert s["text_models"] == ["chat"]
+    assert stats.device_detail(session, "demo-001")["text_models"] == ["chat"]
+    assert stats.device_detail(session, "demo-000")["text_models"] == []
 
 
 def test_serve_on_a_busy_port_is_one_line(tmp_path):

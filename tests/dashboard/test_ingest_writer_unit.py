@@ -14,7 +14,8 @@ from sqlalchemy import select
 from edgeopt.dashboard import histograms
 from edgeopt.dashboard import ingest_writer as W
 from edgeopt.dashboard import models as m
-from edgeopt.dashboard.ingest_writer import BatchWriter, Incoming, Limits, mark_heartbeat_offline, prepare, status_applies
+from edgeopt.dashboard.ingest_writer import (NO_TEXT, BatchWriter, Incoming, Limits, mark_heartbeat_offline, prepare,
+                                           status_applies)
 from edgeopt.dashboard.simulate import SimDevice
 from edgeopt.dashboard.stats import ingest_counters
 from edgeopt.sdk.telemetry import (LATENCY_BUCKETS_MS, MAX_PAYLOAD_BYTES, CommandResultPayload, EventPayload,
@@ -140,7 +141,7 @@ def test_telemetry_rows_and_in_batch_duplicates():
                        rss_bytes=p.system.rss_bytes, temperature_c=None, model="a", model_version="1.0.0",
                        requests=s.requests, errors=s.errors, throughput_ips=s.throughput_ips,
                        hist_counts=histograms.pack(h), hist_sum_ms=h.sum_ms, p50_ms=p50, p95_ms=p95, p99_ms=p99,
-                       queue_depth=s.queue_depth, batch_sizes=s.batch_sizes, live_sequences=None)
+                       queue_depth=s.queue_depth, batch_sizes=s.batch_sizes, live_sequences=None, **NO_TEXT)
     # stored in the 1.1 layout, and every percentile recomputed from it (not the device's own figures)
     assert histograms.unpack(row["hist_counts"], row["hist_sum_ms"]).bins == h.bins and h.count > 0
     assert out.fleets == {"dev-1": "f1"}
@@ -158,6 +159,7 @@ def test_telemetry_without_models_is_one_empty_row():
                                 "p50_ms", "p95_ms", "p99_ms", "queue_depth", "batch_sizes", "live_sequences")} == dict(
         model="", model_version=None, requests=0, errors=0, throughput_ips=0.0, hist_sum_ms=0.0, p50_ms=None,
         p95_ms=None, p99_ms=None, queue_depth=0, batch_sizes={}, live_sequences=None)
+    assert {k: row[k] for k in NO_TEXT} == NO_TEXT
     assert row["hist_counts"] == b""
     assert out.touch["dev-1"]["p95"] is None
 
