@@ -32,7 +32,8 @@
     return u.pathname + u.search;
   }
 
-  /* <div class="chart" data-src="/api/v1/..." data-fields="p50_ms:p50,p95_ms:p95" data-unit="ms"> */
+  /* <div class="chart" data-src="/api/v1/..." data-fields="p50_ms:p50,p95_ms:p95" data-unit="ms">; a field may
+   * carry a factor, "kv_cache_usage:use:100", for a share (0..1) drawn as a percentage. */
   function loadChart(el, range) {
     var src = el.getAttribute("data-src");
     if (range) src = withParam(src, "range", range);
@@ -45,10 +46,13 @@
       } else {
         var fields = (el.getAttribute("data-fields") || "").split(",").filter(Boolean);
         var series = fields.map(function (spec, i) {
-          var parts = spec.split(":"), key = parts[0], name = parts[1] || key;
+          var parts = spec.split(":"), key = parts[0], name = parts[1] || key, factor = parts[2] ? +parts[2] : 1;
           return {
             name: name, color: COLORS[name] || PALETTE[i % PALETTE.length],
-            points: (body.points || []).map(function (p) { return [Date.parse(p.t), p[key] === undefined ? null : p[key]]; })
+            points: (body.points || []).map(function (p) {
+              var v = p[key];
+              return [Date.parse(p.t), v === undefined || v === null ? null : v * factor];
+            })
           };
         });
         var card = el.closest(".card"), h = card && card.querySelector("h2");

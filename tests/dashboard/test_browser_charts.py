@@ -16,7 +16,8 @@ pytestmark = pytest.mark.browser
 
 
 def _seed_day(app) -> datetime:
-    """Two devices with 24 h of telemetry every 5 minutes, rolled up, and a version switch 6 h ago."""
+    """Two devices with 24 h of telemetry every 5 minutes, rolled up, and a version switch 6 h ago; day-0 also
+    serves the language model 'chat' (text-generation figures, issue 14)."""
     from edgeopt.dashboard.rollup import run_rollup
     from edgeopt.dashboard.simulate import SimDevice, minute_series
     from edgeopt.sdk.telemetry import EventPayload
@@ -24,7 +25,8 @@ def _seed_day(app) -> datetime:
     engine = app.extensions["edgeopt_engine"]
     now = datetime.now(timezone.utc).replace(microsecond=0)
     start = now - timedelta(hours=24)
-    devices = [SimDevice(f"day-{i}", median_ms=4.0 * (i + 1), seed=i, stateful=("digits",) if i == 0 else ())
+    devices = [SimDevice(f"day-{i}", models=("digits", "chat") if i == 0 else ("digits",), median_ms=4.0 * (i + 1),
+                         seed=i, stateful=("digits",) if i == 0 else (), text=("chat",) if i == 0 else ())
                for i in range(2)]
     ingest(engine, [(d.topic("status"), d.status("online", ts=start - timedelta(seconds=1)).to_json())
                     for d in devices], start)
@@ -83,6 +85,22 @@ def test_24h_chart_hover_zoom_log_markers_and_table(app, server, browser, db_bac
     # The version switch 6 h ago is marked on the latency chart.
     assert chart.get_attribute("data-markers") == "1"
 
+    # The language model's charts (issue 14): TTFT p50/p95 from the merged sketches, time per output token,
+    # generated tokens/s and KV cache use, each drawn from the 'chat' series; none for a model without text.
+    assert page.locator(".card.text-model[data-model=chat]").count() == 4
+    for sel in ("#ttft-chart-1", "#tpot-chart-1", "#tokens-chart-1", "#kv-chart-1"):
+        page.wait_for_selector(f"{sel}[data-state=ready]")
+        assert page.locator(f"{sel} canvas").count() == 1, sel
+    ttft = page.locator("#ttft-chart-1")
+    assert int(ttft.get_attribute("data-points")) >= 2 * 250  # p50 and p95, 24 h of 3-minute points
+    label = ttft.get_attribute("aria-label")
+    assert label.startswith("Time to first token: chat") and all(f"{s}: min " in label for s in ("p50", "p95")), label
+    assert int(page.locator("#kv-chart-1").get_attribute("data-points")) >= 2 * 250
+    assert "%" in page.locator("#kv-chart-1").get_attribute("aria-label")  # shares drawn as percentages
+    ttft_csv = page.request.get(server + ttft.locator("a.csv-export").get_attribute("href"))
+    assert ttft_csv.ok and "model=chat" in ttft.locator("a.csv-export").get_attribute("href")
+    assert "ttft_p95" in ttft_csv.text().splitlines()[0].split(",")
+
     # Hover in the middle of the plot: the legend reads out p50, p95 and p99 in ms at that time...
     over = _box(page, "#latency-chart .u-over")
     page.mouse.move(over["x"] + over["width"] * 0.5, over["y"] + over["height"] * 0.5)
@@ -92,6 +110,9 @@ def test_24h_chart_hover_zoom_log_markers_and_table(app, server, browser, db_bac
     # ... and the throughput chart's cursor follows (shared cursor), with its own value.
     wait_until(lambda: re.search(r"inferences/s\s*[\d.]+", page.get_attribute("#throughput-chart", "data-readout") or ""),
                what="the shared cursor on the throughput chart")
+    # ... and so does the language model's TTFT chart, in ms
+    wait_until(lambda: re.search(r"p95\s*[\d.]+ ms", page.get_attribute("#ttft-chart-1", "data-readout") or ""),
+               what="the shared cursor on the TTFT chart")
     shot(page, f"chart-24h-hover-{db_backend}")
 
     # Drag from 30% to 60% of the width: the visible range shrinks to about that; reset restores it.
@@ -117,4 +138,12 @@ def test_24h_chart_hover_zoom_log_markers_and_table(app, server, browser, db_bac
     wait_until(lambda: chart.get_attribute("data-log") == "true", what="log scale")
     assert chart.locator("canvas").count() == 1
     shot(page, f"chart-24h-log-{db_backend}")
+
+    # The fleet page: fleet-wide TTFT (every device's sketches merged) and tokens/s of the language model.
+    page.goto(server + "/fleet")
+    for sel in ("#fleet-ttft-1", "#fleet-tokens-1"):
+        page.wait_for_selector(f"{sel}[data-state=ready]")
+        assert int(page.locator(sel).get_attribute("data-points")) >= 200, sel
+    assert page.locator("#fleet-ttft-1").get_attribute("aria-label").startswith("Time to first token: chat (fleet)")
+    shot(page, f"fleet-text-{db_backend}")
     assert problems == [], problems
