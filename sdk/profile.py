@@ -219,16 +219,48 @@ class PruningSpec(_Strict):
 
 
 class LlmSpec(_Strict):
-    """How language models (--task text-generation) are packaged for this profile (OpenVINO GenAI)."""
+    """How language models (--task text-generation) are packaged for this profile (OpenVINO GenAI).
+
+    The device keys say what the target's OpenVINO plugin runs: the NPU's LLM pipeline, for one, takes only
+    symmetric 4-bit weights with all layers in int4 and static prompt/response lengths (OpenVINO GenAI on NPU
+    guide); a request outside them is refused before anything is built."""
 
     device: Literal["CPU", "GPU", "NPU"] = Field("CPU", description="OpenVINO device the package is served on.")
     weights: Literal["int4", "int8"] = Field("int4", description="Default weight compression.")
     group_size: int | Literal["auto"] = Field(
-        "auto", description="int4 group size: auto picks the largest of 128/64/32 dividing every layer; -1 per "
-                            "channel.")
-    kv_cache_precision: Literal["u8", "f16", "f32", "bf16"] = Field(
-        "u8", description="KV cache element type (OpenVINO KV_CACHE_PRECISION).")
+        "auto", description="int4 group size: auto picks the largest of 128/64/32 (or of group_sizes) dividing "
+                            "every layer; -1 per channel.")
+    symmetric: bool = Field(False, description="Default weight symmetry (--sym / --asym override it).")
+    allow_asymmetric: bool = Field(True, description="false: asymmetric weights are refused (the NPU).")
+    group_sizes: tuple[int, ...] | None = Field(
+        None, description="The int4 group sizes the device runs (-1: per channel); none: any.")
+    mixed_int4: bool = Field(True, description="false: int4 needs every layer in int4 (ratio 1.0), so "
+                                               "--ratio < 1 and --accuracy-aware are refused (the NPU).")
+    inference_precision: Literal["f32", "f16", "bf16", "device"] = Field(
+        "f32", description="INFERENCE_PRECISION_HINT the device runs with; device: not set (the plugin's own).")
+    kv_cache_precision: Literal["u8", "u4", "f16", "f32", "bf16", "device"] = Field(
+        "u8", description="KV cache element type (OpenVINO KV_CACHE_PRECISION); device: not set (the plugin's "
+                          "own: the NPU's static pipeline has no such property).")
     kv_cache_gb: float = Field(1.0, gt=0, le=1024, description="KV cache memory budget of the serving pipeline.")
+    max_prompt_len: int | None = Field(None, ge=16, le=131072,
+                                       description="NPU MAX_PROMPT_LEN: the longest prompt the static pipeline "
+                                                   "takes, in tokens (OpenVINO's default 1024).")
+    min_response_len: int | None = Field(None, ge=1, le=131072,
+                                         description="NPU MIN_RESPONSE_LEN: tokens always left for the answer "
+                                                     "(OpenVINO's default 128).")
+
+    @model_validator(mode="after")
+    def _device_rules(self) -> "LlmSpec":
+        if self.device != "NPU" and (self.max_prompt_len is not None or self.min_response_len is not None):
+            raise ValueError("max_prompt_len / min_response_len are NPU properties (device = 'NPU')")
+        if self.device == "GPU" and self.kv_cache_precision not in ("u8", "u4", "f16", "device"):
+            raise ValueError(f"kv_cache_precision {self.kv_cache_precision!r}: the GPU plugin takes u8, u4 or f16")
+        if not self.allow_asymmetric and not self.symmetric:
+            raise ValueError("allow_asymmetric = false needs symmetric = true (the default must be runnable)")
+        if (self.group_sizes is not None and self.group_size != "auto"
+                and self.group_size not in self.group_sizes):
+            raise ValueError(f"group_size {self.group_size} is not one of group_sizes {list(self.group_sizes)}")
+        return self
 
 
 class AccuracyBudget(_Strict):

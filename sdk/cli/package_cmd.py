@@ -83,7 +83,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
               help="text-generation: UTF-8 text the gate judges on (default: text edgeopt ships).")
 @click.option("--group-size", type=click.IntRange(min=-1), metavar="N",
               help="text-generation: int4 group size; -1 per channel (default: the profile's, auto).")
-@click.option("--sym", is_flag=True, help="text-generation: symmetric weights (default asymmetric).")
+@click.option("--sym/--asym", default=None,
+              help="text-generation: symmetric or asymmetric weights (default: the profile's [llm] symmetric).")
 @click.option("--ratio", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
               help="text-generation: share of layers in int4, the rest in int8.")
 @torch_model_options
@@ -105,7 +106,7 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
             global_pruning: bool = False, layer_ratios=(), ignore=(), round_to: int | None = None, steps: int = 300,
             no_recover: bool = False, train_fn: str | None = None, lr: float = 1e-3, batch_size: int = 32,
             device: str | None = None, calib_text: Path | None = None, heldout_text: Path | None = None,
-            group_size: int | None = None, sym: bool = False, ratio: float = 1.0) -> None:
+            group_size: int | None = None, sym: bool | None = None, ratio: float = 1.0) -> None:
     """Optimize, quantize, validate, benchmark and sign MODEL for a hardware profile.
 
     \b
@@ -122,7 +123,7 @@ def package(model: Path, profile: str, output: Path, calib: str | None, heldout:
     if task == "text-generation" or (task == "auto" and _llm_source(model)):
         return _package_llm(locals())
     for flag, value in (("--calib-text", calib_text), ("--heldout-text", heldout_text),
-                        ("--group-size", group_size), ("--sym", sym or None), ("--ratio", None if ratio == 1.0
+                        ("--group-size", group_size), ("--sym/--asym", sym), ("--ratio", None if ratio == 1.0
                                                                                 else ratio)):
         if value is not None:
             raise click.UsageError(f"{flag} is for --task text-generation (a language model)")
@@ -242,6 +243,10 @@ def _package_llm(a: dict) -> None:
                f"{f['ppl_original']:.2f} -> {f['ppl_compressed']:.2f} ({f['ppl_increase_pct']:+.1f}%); host "
                f"TTFT {t.host_perf['ttft_ms']} ms, {t.host_perf['tokens_per_s']} tokens/s"
                + ("" if result.signed else "; UNSIGNED"))
+    if t.host_perf.get("host_proxy"):
+        # Not folded into the line above: a package for another device must say so on a line of its own.
+        click.echo(f"measured on the host CPU as a proxy for {result.manifest.device}: "
+                   f"{t.host_perf.get('proxy_note')}")
 
 
 def _package_torch(args: dict, shapes, preprocessing, build_package, PackageRequest, RichProgress) -> None:

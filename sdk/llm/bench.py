@@ -92,7 +92,12 @@ def bench_llm(path: Path, streams: tuple[int, ...], prompt_tokens: int, new_toke
         sched.max_num_seqs = max(max(streams), 1)
         sched.enable_prefix_caching = False  # every prompt differs; the figure is the model's, not the cache's
         sched.dynamic_split_fuse = True
-        props = dict(m.runtime_options or {}) or {"KV_CACHE_PRECISION": m.text.kv_cache_precision}
+        if m.device == "CPU":
+            props = dict(m.runtime_options or {}) or {"KV_CACHE_PRECISION": m.text.kv_cache_precision}
+        else:
+            # A GPU/NPU package's runtime_options are its device's (f16, MAX_PROMPT_LEN...), which the CPU plugin
+            # refuses or runs otherwise: run what its golden prompts ran on the build host.
+            props = dict(m.text.host_perf.get("host_options") or {"INFERENCE_PRECISION_HINT": "f32"})
         if threads:
             props["INFERENCE_NUM_THREADS"] = int(threads)
         pipe = genai.ContinuousBatchingPipeline(str(root), sched, "CPU", props)

@@ -12,6 +12,10 @@ Steps (each a progress stage):
    lowers the int4 share (NNCF keeps the most sensitive layers in int8) until the budget holds;
 5. golden prompts: greedy continuations through OpenVINO GenAI, the runtime the agent serves with, recorded for
    the agent's self-test, with the time to first token and per output token they took;
+   the gate and the golden prompts run on this host's CPU: a package for the GPU or the NPU (its
+   ``runtime_options`` the device's, see :func:`runtime_options`) says so in a ``host proxy:`` decision and in
+   ``text.host_perf`` (:func:`proxy_note`), and settings its device cannot run are refused first
+   (:func:`device_rules`);
 6. pack and sign.
 """
 from __future__ import annotations
@@ -46,7 +50,7 @@ class LlmRequest:
     output: Path
     weights: str | None = None  # int4 | int8; None: the profile's [llm] weights
     group_size: int | None = None  # None: auto (largest of 128/64/32 dividing every layer)
-    sym: bool = False
+    sym: bool | None = None  # None: the profile's [llm] symmetric
     ratio: float = 1.0
     calib_text: Path | None = None
     heldout_text: Path | None = None
@@ -73,13 +77,71 @@ class LlmResult:
         return {"output": str(self.output), "name": m.name, "version": m.version, "profile": m.profile_name,
                 "runtime": m.runtime, "runtime_version": m.runtime_version, "precision": m.precision,
                 "task": "text-generation", "text": m.text.model_dump(mode="json") if m.text else None,
-                "decisions": list(m.decisions), "signed": self.signed, "size_bytes": self.output.stat().st_size}
+                "decisions": list(m.decisions), "signed": self.signed, "size_bytes": self.output.stat().st_size,
+                "device": m.device, "runtime_options": dict(m.runtime_options),
+                "host_proxy": bool(m.text and m.text.host_perf.get("host_proxy")),
+                "proxy_note": (m.text.host_perf.get("proxy_note") if m.text else None)}
 
 
-def runtime_options(kv_precision: str) -> dict:
-    """What the package is served with: the KV cache type from the profile, and f32 compute, the precision the
-    gate judged (the CPU plugin would otherwise run bf16 on avx512_bf16/AMX CPUs, which the gate never saw)."""
-    return {"KV_CACHE_PRECISION": kv_precision, "INFERENCE_PRECISION_HINT": "f32"}
+def runtime_options(llm) -> dict:
+    """What the package is served with on its device, from the profile's [llm] keys. CPU: the KV cache type and f32
+    compute, the precision the gate judged (the CPU plugin would otherwise run bf16 on avx512_bf16/AMX CPUs, which
+    the gate never saw). GPU: its native f16 and the KV cache type. NPU: the static pipeline's prompt and response
+    lengths (OpenVINO GenAI on NPU guide); no precision keys, which its plugin sets itself."""
+    out: dict = {}
+    if llm.kv_cache_precision != "device":
+        out["KV_CACHE_PRECISION"] = llm.kv_cache_precision
+    if llm.inference_precision != "device":
+        out["INFERENCE_PRECISION_HINT"] = llm.inference_precision
+    if llm.max_prompt_len is not None:
+        out["MAX_PROMPT_LEN"] = llm.max_prompt_len
+    if llm.min_response_len is not None:
+        out["MIN_RESPONSE_LEN"] = llm.min_response_len
+    return out
+
+
+def host_options(llm) -> dict:
+    """What the golden prompts (and ``edgeopt bench``) run with on this host's CPU: f32 compute, as the gate, and
+    the profile's KV cache type where the CPU has it (f16 where the profile leaves it to the device)."""
+    kv = llm.kv_cache_precision if llm.kv_cache_precision in ("u8", "u4", "f16", "f32", "bf16") else "f16"
+    return {"KV_CACHE_PRECISION": kv, "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def device_rules(llm, device_kind: str, weights: str, sym: bool, group_size: int | None, ratio: float,
+                 accuracy_aware: bool) -> list[str]:
+    """Refuse what the profile's device cannot run (UnsupportedError, one line, before anything is built); return
+    notes for what it runs outside its vendor's recipe."""
+    where = f"the {llm.device} ({device_kind})"
+    if not sym and not llm.allow_asymmetric:
+        raise UnsupportedError(f"asymmetric {weights} weights: {where} runs symmetric weights only (OpenVINO GenAI "
+                               f"on NPU: export with --sym); drop --asym")
+    if weights == "int4" and not llm.mixed_int4:
+        if ratio != 1.0:
+            raise UnsupportedError(f"--ratio {ratio:g}: {where} needs every layer in int4 (ratio 1.0); use --ratio 1 "
+                                   f"or --weights int8")
+        if accuracy_aware:
+            raise UnsupportedError(f"--accuracy-aware lowers the int4 share, and {where} needs every layer in int4 "
+                                   f"(ratio 1.0); use --weights int8, or --calib-text for AWQ")
+    if weights == "int4" and group_size is not None and llm.group_sizes is not None \
+            and group_size not in llm.group_sizes:
+        raise UnsupportedError(f"--group-size {group_size}: {where} runs int4 in groups of "
+                               f"{' or '.join(str(g) for g in llm.group_sizes)} (-1: per channel)")
+    notes = []
+    if weights == "int8" and llm.device == "NPU":
+        notes.append("int8 symmetric per-channel weights for the NPU: Intel's NPU LLM guide (OpenVINO GenAI 2026.3) "
+                     "lists 4-bit formats only (int4/nf4, symmetric, per channel or group 128); not run on an NPU "
+                     "here")
+    return notes
+
+
+def proxy_note(llm, device_kind: str, options: dict, host: dict) -> str | None:
+    """The plain statement a package for another device carries: what ran on this host, and what did not."""
+    if llm.device == "CPU":
+        return None
+    return (f"host proxy: the text gate and golden prompts ran on this host's CPU (OpenVINO CPU, "
+            f"{', '.join(f'{k}={v}' for k, v in host.items())}) in place of the {llm.device} ({device_kind}); the "
+            f"package is built for {llm.device} with {options or 'no extra properties'}, and the {llm.device} path "
+            f"was not run")
 
 
 def _require():
@@ -107,14 +169,15 @@ def read_text(path: Path | None, what: str) -> str:
         raise InputError(f"{what} {path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def auto_group_size(cfg: dict) -> int:
-    """The largest of 128 / 64 / 32 that divides every linear layer's input width, else -1 (per channel)."""
+def auto_group_size(cfg: dict, allowed: tuple[int, ...] | None = None) -> int:
+    """The largest of 128 / 64 / 32 (or of ``allowed``, the device's group sizes) that divides every linear layer's
+    input width, else -1 (per channel)."""
     hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
     inter = int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden)
     heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 0)
     head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
     widths = [w for w in (hidden, inter, heads * head_dim) if w]
-    for g in (128, 64, 32):
+    for g in sorted((g for g in (allowed or (128, 64, 32)) if g > 0), reverse=True):
         if widths and all(w % g == 0 for w in widths):
             return g
     return -1
@@ -177,11 +240,11 @@ def _compress(fp_xml: Path, out_xml: Path, req: LlmRequest, group: int, ratio: f
                                  else ", data-free")]
 
 
-def _golden(model_dir: Path, prompts, new_tokens: int, kv_precision: str) -> tuple[list[dict], dict]:
+def _golden(model_dir: Path, prompts, new_tokens: int, options: dict) -> tuple[list[dict], dict]:
     import openvino_genai as genai
 
     with quiet("openvino-genai"):
-        pipe = genai.LLMPipeline(str(model_dir), "CPU", **runtime_options(kv_precision))
+        pipe = genai.LLMPipeline(str(model_dir), "CPU", **options)
     cfg = genai.GenerationConfig()
     cfg.max_new_tokens, cfg.do_sample = new_tokens, False
     out, ttft, tpot, tps = [], [], [], []
@@ -218,6 +281,10 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
         raise InputError(f"--group-size {req.group_size}: a group has 2 or more weights, or -1 (per channel)")
     if not 0.0 <= req.ratio <= 1.0:
         raise InputError(f"--ratio {req.ratio}: the share of int4 layers is between 0 and 1")
+    if req.sym is None:
+        req = dataclasses.replace(req, sym=llm.symmetric)
+    kind = profile.target.device.value
+    device_notes = device_rules(llm, kind, req.weights, req.sym, req.group_size, req.ratio, req.accuracy_aware)
     private_key = load_private_key(req.sign_key) if req.sign_key else None
     if private_key is None and not req.unsigned:
         raise InputError("--sign-key KEY is required (or --no-sign)")
@@ -225,7 +292,11 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
                         profile.accuracy.max_ppl_increase_pct)
     heldout = read_text(req.heldout_text, "--heldout-text")
     calib_text = read_text(req.calib_text, "--calib-text") if req.calib_text else None
-    decisions: list[str] = []
+    options, host = runtime_options(llm), host_options(llm)
+    note = proxy_note(llm, kind, options, host)
+    decisions: list[str] = list(device_notes)
+    for n in device_notes:
+        progress.warn(n)
     with tempfile.TemporaryDirectory(prefix="edgeopt-llm-") as tmp:
         work = Path(tmp)
         with progress.stage("load the language model"):
@@ -251,7 +322,7 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
             if not calib:
                 raise InputError("--calib-text is too short: it needs 16 tokens or more")
         group = req.group_size if req.group_size is not None else (
-            llm.group_size if llm.group_size != "auto" else auto_group_size(cfg))
+            llm.group_size if llm.group_size != "auto" else auto_group_size(cfg, llm.group_sizes))
         progress.note(f"held-out text: {sum(len(c) for c in held_chunks)} tokens in {len(held_chunks)} chunks"
                       + (f"; calibration text: {len(calib)} chunks" if calib else "; no calibration text "
                          "(data-free compression)"))
@@ -299,14 +370,28 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
             decisions.append(f"accuracy-aware: int4 ratio lowered from {ratios[0]:g} to {ratio:g} (NNCF keeps "
                              f"the most sensitive layers in int8)")
         with progress.stage("golden prompts through OpenVINO GenAI"):
-            golden, perf = _golden(out_dir, req.prompts, req.golden_tokens, llm.kv_cache_precision)
-            progress.note(f"host: time to first token {perf['ttft_ms']} ms, {perf['tpot_ms']} ms per output "
+            golden, perf = _golden(out_dir, req.prompts, req.golden_tokens, host)
+            progress.note(f"host CPU: time to first token {perf['ttft_ms']} ms, {perf['tpot_ms']} ms per output "
                           f"token ({perf['tokens_per_s']} tokens/s), median of {len(golden)} prompts")
+        perf.update(host_proxy=note is not None, run_device="CPU", target_device=llm.device, host_options=host,
+                    proxy_note=note)
+        if note is not None:
+            progress.warn(note)
+            decisions.append(note)
+        context = int(cfg.get("max_position_embeddings") or 0)
+        if llm.max_prompt_len is not None:
+            # The NPU's static pipeline holds MAX_PROMPT_LEN + MIN_RESPONSE_LEN tokens, not the model's context.
+            device_context = llm.max_prompt_len + (llm.min_response_len or 128)
+            if not context or device_context < context:
+                decisions.append(f"context {device_context} tokens on the {llm.device} (MAX_PROMPT_LEN "
+                                 f"{llm.max_prompt_len} + MIN_RESPONSE_LEN {llm.min_response_len or 128}), of the "
+                                 f"model's {context or 'unknown'}")
+                context = device_context
         import openvino as ov
         import openvino_genai as genai
 
         info = TextGenerationInfo(
-            architecture=src.architecture, context_length=int(cfg.get("max_position_embeddings") or 0),
+            architecture=src.architecture, context_length=context,
             weights=req.weights, group_size=group if req.weights == "int4" else None, symmetric=req.sym,
             int4_ratio=ratio if req.weights == "int4" else None, data_aware=calib is not None,
             kv_cache_precision=llm.kv_cache_precision, budget=vars(budget), figures=figures.to_dict(),
@@ -325,7 +410,7 @@ def build_llm_package(req: LlmRequest, progress) -> LlmResult:
             toolchain={"openvino": ov.__version__.split("-")[0], "openvino-genai": genai.__version__,
                        "nncf": _version("nncf"), "optimum-intel": _version("optimum-intel"),
                        "transformers": _version("transformers")},
-            decisions=decisions, runtime_options=runtime_options(llm.kv_cache_precision), text=info)
+            decisions=decisions, runtime_options=options, text=info)
         artifacts = {p.name: p for p in sorted(out_dir.iterdir()) if p.is_file()}
         with progress.stage("sign and write"):
             written = write_package(req.output, manifest, artifacts, private_key)

@@ -42,7 +42,8 @@ def test_bad_value_names_expected(tmp_path):
 def test_cross_field_check(tmp_path):
     src = builtin_profile_paths()["npu"].read_text()
     bad = tmp_path / "mine.toml"
-    bad.write_text(src.replace('device = "NPU"', 'device = "GPU"'))
+    # the [[runtimes]] device only (the first): [llm] has its own NPU-only keys, refused on a GPU
+    bad.write_text(src.replace('device = "NPU"', 'device = "GPU"', 1))
     with pytest.raises(ConfigError, match="does not match target device"):
         load_profile_file(bad)
 
