@@ -62,12 +62,15 @@ class TextGenerationModel(LoadedModel):
         self.text_metrics = TextMetrics()
         self.engine = TextEngine(pipe, self._config, self.decode, name, max_running=int(serving.get("max_running", 8)),
                                  max_queue=int(serving.get("max_queue", 64)), metrics=self.text_metrics,
-                                 make_prompt=self._tensor)
+                                 make_prompt=self._tensor, decode_many=self.decode_many)
         self.text_metrics.engine = self.engine
 
     # ------------------------------------------------------------------ prompts
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_many(self, seqs: list[list[int]]) -> list[str]:
+        return list(self.tokenizer.decode(seqs, skip_special_tokens=True)) if len(seqs) > 1 else [self.decode(seqs[0])]
 
     @staticmethod
     def _tensor(ids: list[int]):
