@@ -27,7 +27,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The extras that may serve each part's imports (besides the core dependencies).
 PART_EXTRAS = {
     "sdk": ["sdk", "tflite", "torch", "prune", "llm"],
-    "agent": ["agent", "agent-openvino", "agent-onnxruntime", "agent-tflite", "agent-torch"],
+    "agent": ["agent", "agent-openvino", "agent-onnxruntime", "agent-tflite", "agent-torch", "agent-llm"],
     "dashboard": ["dashboard"],
 }
 # Imports that are optional on purpose, each guarded by an ImportError that names what to install.
