@@ -222,3 +222,14 @@ def package_as_version(src: Path, dst: Path, version: str, private_key: Path) ->
             info.size, info.mode = len(data), 0o644
             tout.addfile(info, io.BytesIO(data))
     return dst
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
+    """SIGTERM every process, then wait for each (killing one that outlives ``grace_s``)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_support import MOSQUITTO, Broker, free_port, wait_for
+from agent_support import MOSQUITTO, Broker, free_port, stop_processes, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "tests" / "assets" / "digits"
@@ -243,11 +243,5 @@ def _staged_deployment_and_rollback(tmp_path, packages, database_url, acl: bool)
             wait_for(lambda: _served_version(port) == "1.0.0", 120, interval=0.5, what=f"{dev} rolled back")
         wait_for(lambda: deployment().get("state") == "rolled_back", 60, interval=0.5, what="rolled_back state")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         broker.stop()

@@ -19,19 +19,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from agent_support import Broker, free_port, package_as_version, wait_for
-from test_fleet_deploy import Api
+from agent_support import Broker, free_port, package_as_version, stop_processes, wait_for
+from test_fleet_deploy import Api, _run
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _run(*args, env=None):
-    out = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode:
-        raise AssertionError(f"{args[0]} {args[1] if len(args) > 1 else ''} failed ({out.returncode}): "
-                             f"{out.stderr[-2000:]}")
-    return out
 
 
 def _served(api_port: int) -> str | None:
@@ -116,13 +108,7 @@ def test_deploy_serve_watch_and_roll_back_a_language_model(tmp_path, slm_int8_pa
         wait_for(lambda: _served(api_port) == "1.0.0", 180, interval=0.5, what="edge-1 rolled back to 1.0.0")
         wait_for(lambda: deployment().get("state") == "rolled_back", 60, interval=0.5, what="rolled_back state")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         broker.stop()
 
 
