@@ -217,14 +217,12 @@ class Metrics:
         for name, kind, text, value in per_model:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{model="{_esc(m.name)}"}} {value(m)}' for m in models]
-        stateful = [m for m in models if m.sequences is not None]
-        for name, kind, text, attr in (
-                ("edgeopt_sequences_live", "gauge", "Live sequences (streams with state) of a stateful model.", "live"),
-                ("edgeopt_sequences_evicted_total", "counter", "Sequences evicted at max_sequences.", "evicted"),
-                ("edgeopt_sequences_expired_total", "counter", "Sequences ended after the idle timeout.", "expired")):
-            if stateful:
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                lines += [f'{name}{{model="{_esc(m.name)}"}} {getattr(m.sequences, attr)}' for m in stateful]
+        _families(lines, [(m.name, m.sequences) for m in models if m.sequences is not None], (
+            ("edgeopt_sequences_live", "gauge", "Live sequences (streams with state) of a stateful model.",
+             lambda q: q.live),
+            ("edgeopt_sequences_evicted_total", "counter", "Sequences evicted at max_sequences.", lambda q: q.evicted),
+            ("edgeopt_sequences_expired_total", "counter", "Sequences ended after the idle timeout.",
+             lambda q: q.expired)))
         lines += ["# HELP edgeopt_batches_total Batches run, by batch size.", "# TYPE edgeopt_batches_total counter"]
         for m in models:
             with m.lock:
@@ -245,8 +243,7 @@ class Metrics:
             lines.append(f'edgeopt_request_latency_ms_bucket{{model="{label}",le="+Inf"}} {count}')
             lines.append(f'edgeopt_request_latency_ms_sum{{model="{label}"}} {total:.6f}')
             lines.append(f'edgeopt_request_latency_ms_count{{model="{label}"}} {count}')
-        texts = [(m, m.text) for m in models if m.text is not None]
-        for name, kind, text, value in (
+        _families(lines, [(m.name, m.text) for m in models if m.text is not None], (
                 ("edgeopt_text_prompt_tokens_total", "counter", "Prompt tokens admitted.", lambda t: t.total_prompt),
                 ("edgeopt_text_generated_tokens_total", "counter", "Tokens generated.", lambda t: t.total_generated),
                 ("edgeopt_text_requests_total", "counter", "Text requests ended (any reason).",
@@ -262,16 +259,28 @@ class Metrics:
                 ("edgeopt_text_kv_cache_usage", "gauge", "Share of the KV cache in use.",
                  lambda t: t.engine.kv_usage if t.engine is not None else 0),
                 ("edgeopt_text_requests_running", "gauge", "Requests generating now.",
-                 lambda t: t.engine.running if t.engine is not None else 0)):
-            if texts:
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                lines += [f'{name}{{model="{_esc(m.name)}"}} {value(t):g}' for m, t in texts]
+                 lambda t: t.engine.running if t.engine is not None else 0)))
         lines += ["# HELP edgeopt_model_info The version each model serves.", "# TYPE edgeopt_model_info gauge"]
         for m in models:
             lines.append(f'edgeopt_model_info{{model="{_esc(m.name)}",version="{_esc(m.version or "")}"}} 1')
         for name, fn in sorted(self.extra_gauges.items()):
             lines += [f"# TYPE {name} gauge", f"{name} {float(fn()):g}"]
         return "\n".join(lines) + "\n"
+
+
+def _families(lines: list[str], items: list[tuple[str, object]], specs) -> None:
+    """One metric family per spec ``(name, type, help, value(item))`` with a sample per ``(model name, item)``;
+    nothing when there are no items."""
+    if not items:
+        return
+    for name, kind, text, value in specs:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{model="{_esc(model)}"}} {_number(value(item))}' for model, item in items]
+
+
+def _number(v: float) -> str:
+    """A sample value as Prometheus reads it, every digit kept (``:g`` would print 1234567 as 1.23457e+06)."""
+    return str(v) if isinstance(v, int) else repr(float(v))
 
 
 def _esc(value: str) -> str:
